@@ -1,0 +1,14 @@
+//! Pieces every Mooncake crate shares.
+//!
+//! Layout:
+//! - [`error`]: the one error type, with stable string codes and Mooncake's numeric codes;
+//! - [`handle`]: generational slab handles (batch ids, segment ids);
+//! - [`config`]: engine options with `MC_*` environment defaults.
+
+pub mod config;
+pub mod error;
+pub mod handle;
+
+pub use config::EngineConfig;
+pub use error::{Error, ErrorKind, Result};
+pub use handle::{Handle, HandleSlab};

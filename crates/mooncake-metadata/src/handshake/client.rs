@@ -1,0 +1,70 @@
+//! One handshake exchange with a peer.
+
+use std::time::Duration;
+
+use mooncake_common::{Error, ErrorKind, Result};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::frame::{self, MessageType};
+use super::server::read_frame;
+
+/// Mooncake's client receive timeout.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends `body` as a `kind` message to `addr` (`host:port`) and returns the reply's JSON.
+pub async fn request(
+    addr: &str,
+    kind: MessageType,
+    body: &str,
+    connect_timeout: Duration,
+    max_frame: usize,
+) -> Result<String> {
+    let targets: Vec<_> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Dns, format!("resolve {addr}: {e}")).with_source(e))?
+        .collect();
+    let mut last = Error::new(ErrorKind::Dns, format!("{addr} resolved to no address"));
+    let mut stream = None;
+    for target in targets {
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
+            Ok(Ok(s)) => {
+                stream = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last = Error::socket(format!("connect to {target}"), e),
+            Err(_) => {
+                last = Error::new(
+                    ErrorKind::Socket,
+                    format!("connect to {target} timed out after {connect_timeout:?}"),
+                )
+            }
+        }
+    }
+    let mut stream = stream.ok_or(last)?;
+    let _ = stream.set_nodelay(true);
+    let exchange = async {
+        stream
+            .write_all(&frame::encode(kind, body.as_bytes()))
+            .await
+            .map_err(|e| Error::socket(format!("send {kind:?} to {addr}"), e))?;
+        read_frame(&mut stream, max_frame)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Socket, format!("reply from {addr}: {e}")))
+    };
+    let reply = tokio::time::timeout(REPLY_TIMEOUT, exchange)
+        .await
+        .map_err(|_| Error::new(ErrorKind::Socket, format!("{addr} did not reply in time")))??;
+    if reply.kind != kind {
+        return Err(Error::new(
+            ErrorKind::Protocol,
+            format!("{addr} replied with {:?} to {kind:?}", reply.kind),
+        ));
+    }
+    String::from_utf8(reply.body).map_err(|_| {
+        Error::new(
+            ErrorKind::MalformedJson,
+            format!("reply from {addr} is not UTF-8"),
+        )
+    })
+}

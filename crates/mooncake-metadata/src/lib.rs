@@ -1,0 +1,20 @@
+//! Segment metadata: what a segment publishes, where it is kept, and the handshake protocol
+//! that carries it between peers.
+//!
+//! Layout:
+//! - [`keys`]: Mooncake's key scheme (`mooncake/[cluster/]ram/<name>`, `.../rpc_meta/<name>`);
+//! - [`segment`]: the segment descriptor JSON and the RPC address entry;
+//! - [`store`]: the [`MetadataStore`] trait and [`connect`], which picks a backend from a
+//!   connection string;
+//! - [`http`]: the HTTP backend (client) and the embedded HTTP metadata server;
+//! - [`handshake`]: Mooncake's handshake framing (sans-IO), its listener and its client.
+
+pub mod handshake;
+pub mod http;
+pub mod keys;
+pub mod segment;
+pub mod store;
+
+pub use keys::Keys;
+pub use segment::{BufferDesc, RpcMeta, SegmentDesc};
+pub use store::{connect, MetadataBackend, MetadataStore};

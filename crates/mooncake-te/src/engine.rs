@@ -1,0 +1,747 @@
+//! The engine.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mooncake_common::{EngineConfig, Error, ErrorKind, HandleSlab, Result};
+use mooncake_metadata::handshake::{
+    self, messages::NotifyMessage, HandshakeHandler, HandshakeServer, MessageType,
+};
+use mooncake_metadata::{BufferDesc, Keys, MetadataBackend, MetadataStore, RpcMeta, SegmentDesc};
+use mooncake_transport::tcp::{TcpClient, TcpClientConfig, TcpServer};
+use mooncake_transport::{Arena, BatchProgress, MemoryRegistry, Opcode, Region, Slice, Task};
+use tokio::sync::{Notify, OnceCell};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::address::{bind, bind_ip, join_host_port, split_host_port};
+use crate::batch::{Batch, BatchId, PendingNotify, TaskReport};
+use crate::segments::{RemoteSegment, Resolver, SegmentId, SegmentInfo, SegmentTable};
+use crate::slicing;
+
+/// One request of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferRequest {
+    /// Read (remote to local) or write (local to remote).
+    pub op: Opcode,
+    /// Target segment.
+    pub segment: SegmentId,
+    /// Start of the local range; must lie inside one registered buffer.
+    pub local_addr: usize,
+    /// Start of the remote range, an address in the target's memory.
+    pub remote_addr: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Options of one submission.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOptions {
+    /// Every request must finish within this long, or its task ends as TIMEOUT.
+    pub timeout: Option<Duration>,
+    /// Sent to the first request's segment once the whole batch completed.
+    pub notify: Option<String>,
+}
+
+/// A notification received from a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// The sender's segment name.
+    pub from: String,
+    /// The payload.
+    pub message: String,
+}
+
+type NotifyListener = Arc<dyn Fn(Notification) + Send + Sync>;
+
+/// Undelivered notifications kept when nobody listens.
+const NOTIFY_QUEUE_LIMIT: usize = 4096;
+
+/// What the handshake listener needs of this engine.
+struct Local {
+    name: String,
+    data_port: u16,
+    registry: Arc<MemoryRegistry>,
+    listener: Mutex<Option<NotifyListener>>,
+    queued: Mutex<Vec<Notification>>,
+}
+
+impl Local {
+    fn desc(&self) -> SegmentDesc {
+        let mut desc = SegmentDesc::tcp(&self.name, self.data_port);
+        desc.buffers = self
+            .registry
+            .regions()
+            .iter()
+            .map(|region| {
+                let mut extra = serde_json::Map::new();
+                extra.insert("location".to_owned(), region.location().into());
+                BufferDesc {
+                    name: self.name.clone(),
+                    addr: region.addr() as u64,
+                    length: region.len() as u64,
+                    extra,
+                }
+            })
+            .collect();
+        desc
+    }
+}
+
+impl HandshakeHandler for Local {
+    fn on_metadata(&self, _peer_desc: &str) -> Result<String> {
+        Ok(self.desc().encode())
+    }
+
+    fn on_notify(&self, message: NotifyMessage) {
+        let notification = Notification {
+            from: message.name,
+            message: message.notify_msg,
+        };
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match listener {
+            Some(listener) => listener(notification),
+            None => {
+                let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+                if queued.len() >= NOTIFY_QUEUE_LIMIT {
+                    tracing::warn!("notification queue full; dropping the oldest");
+                    queued.remove(0);
+                }
+                queued.push(notification);
+            }
+        }
+    }
+}
+
+/// Republishes the local descriptor whenever registrations change (store mode only).
+struct Publisher {
+    store: Arc<dyn MetadataStore>,
+    keys: Keys,
+    dirty: Notify,
+}
+
+impl Publisher {
+    async fn publish(&self, local: &Local) -> Result<()> {
+        self.store
+            .put(&self.keys.segment(&local.name), &local.desc().encode())
+            .await
+    }
+}
+
+/// A Mooncake transfer engine: one segment, its registered memory, and batched one-sided
+/// transfers to other segments.
+pub struct TransferEngine {
+    config: EngineConfig,
+    local: Arc<Local>,
+    resolver: Resolver,
+    handshake: HandshakeServer,
+    data: TcpServer,
+    tcp: TcpClient,
+    segments: Mutex<SegmentTable>,
+    batches: Mutex<HandleSlab<Arc<Batch>>>,
+    publisher: Option<Arc<Publisher>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    closed: AtomicBool,
+}
+
+impl TransferEngine {
+    /// Starts an engine: binds the handshake and data listeners, and in store mode publishes
+    /// its RPC address and descriptor. Must run inside a tokio runtime.
+    pub async fn start(config: EngineConfig) -> Result<Arc<Self>> {
+        config.validate()?;
+        let backend = mooncake_metadata::connect(&config.metadata)?;
+        let (host, named_port) = split_host_port(&config.local_server_name)?;
+        let advertised = config.advertised_host.clone().unwrap_or(host);
+        let ip = bind_ip(&advertised);
+        let p2p = matches!(backend, MetadataBackend::P2pHandshake);
+        let rpc_port = config.rpc_port.or(if p2p { named_port } else { None });
+        let rpc_listener = bind(&ip, rpc_port, &config.rpc_port_range).await?;
+        let data_listener = bind(&ip, config.tcp_data_port, &config.rpc_port_range).await?;
+        let rpc_port = rpc_listener
+            .local_addr()
+            .map_err(|e| Error::socket("handshake listener address", e))?
+            .port();
+        let data_port = data_listener
+            .local_addr()
+            .map_err(|e| Error::socket("data listener address", e))?
+            .port();
+        let name = if p2p {
+            join_host_port(&advertised, rpc_port)
+        } else {
+            config.local_server_name.clone()
+        };
+        let registry = Arc::new(MemoryRegistry::default());
+        let local = Arc::new(Local {
+            name: name.clone(),
+            data_port,
+            registry: registry.clone(),
+            listener: Mutex::new(None),
+            queued: Mutex::new(Vec::new()),
+        });
+        let handshake = HandshakeServer::start(
+            rpc_listener,
+            local.clone(),
+            config.handshake_max_length,
+            config.handshake_max_connections,
+        )?;
+        let data = TcpServer::start(data_listener, registry)?;
+        let tcp = TcpClient::new(TcpClientConfig {
+            lanes_per_peer: config.tcp_lanes_per_peer,
+            connect_timeout: config.connect_timeout,
+            io_timeout: config.io_timeout,
+        });
+        let keys = Keys::new(config.cluster_id.as_deref());
+        let publisher = match &backend {
+            MetadataBackend::Store(store) => Some(Arc::new(Publisher {
+                store: store.clone(),
+                keys: keys.clone(),
+                dirty: Notify::new(),
+            })),
+            MetadataBackend::P2pHandshake => None,
+        };
+        let engine = Arc::new(Self {
+            resolver: Resolver {
+                backend,
+                keys,
+                connect_timeout: config.connect_timeout,
+                max_frame: config.handshake_max_length,
+            },
+            config,
+            local,
+            handshake,
+            data,
+            tcp,
+            segments: Mutex::new(SegmentTable::default()),
+            batches: Mutex::new(HandleSlab::default()),
+            publisher,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            closed: AtomicBool::new(false),
+        });
+        if let Some(publisher) = &engine.publisher {
+            let rpc = RpcMeta {
+                ip_or_host_name: advertised.clone(),
+                rpc_port,
+            };
+            let published = async {
+                publisher
+                    .store
+                    .put(&publisher.keys.rpc_meta(&name), &rpc.encode())
+                    .await?;
+                engine.publish_now().await
+            };
+            if let Err(e) = published.await {
+                engine.close().await;
+                return Err(e);
+            }
+            engine.spawn_publisher();
+        }
+        tracing::info!(segment = %name, rpc_port, data_port, "transfer engine started");
+        Ok(engine)
+    }
+
+    /// The name peers open: `host:port` in P2P mode, `local_server_name` otherwise.
+    pub fn segment_name(&self) -> &str {
+        &self.local.name
+    }
+
+    /// The handshake (RPC) port.
+    pub fn rpc_port(&self) -> u16 {
+        self.handshake.local_addr().port()
+    }
+
+    /// The TCP data port.
+    pub fn data_port(&self) -> u16 {
+        self.data.local_addr().port()
+    }
+
+    /// The options the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// This engine's descriptor, as peers see it.
+    pub fn local_descriptor(&self) -> SegmentDesc {
+        self.local.desc()
+    }
+
+    // ----- memory -------------------------------------------------------------------------
+
+    /// Allocates and registers `len` bytes of engine memory.
+    pub fn allocate(&self, len: usize) -> Result<Arc<Arena>> {
+        self.ensure_open()?;
+        let arena = Arc::new(Arena::new("mooncake-segment", len)?);
+        self.local
+            .registry
+            .register(Region::arena(arena.clone(), "cpu:0"))?;
+        self.registrations_changed();
+        Ok(arena)
+    }
+
+    /// Registers caller memory, kept alive by `owner` until unregistered.
+    ///
+    /// # Safety
+    /// `[addr, addr+len)` must stay valid for reads and writes while `owner` lives.
+    pub unsafe fn register(
+        &self,
+        addr: usize,
+        len: usize,
+        location: &str,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<()> {
+        self.ensure_open()?;
+        if addr == 0 {
+            return Err(Error::invalid("cannot register a null address"));
+        }
+        // SAFETY: forwarded from the caller's contract.
+        let region = unsafe { Region::external(addr, len, location, owner) };
+        self.local.registry.register(region)?;
+        self.registrations_changed();
+        Ok(())
+    }
+
+    /// Unregisters the buffer that starts at `addr`.
+    pub fn unregister(&self, addr: usize) -> Result<()> {
+        self.local.registry.unregister(addr)?;
+        self.registrations_changed();
+        Ok(())
+    }
+
+    /// Whether `[addr, addr+len)` lies inside one registered buffer.
+    pub fn is_registered(&self, addr: usize, len: usize) -> bool {
+        self.local.registry.find(addr, len).is_some()
+    }
+
+    // ----- segments -----------------------------------------------------------------------
+
+    /// Opens a segment by name (cached after the first call).
+    pub async fn open_segment(&self, name: &str) -> Result<SegmentInfo> {
+        Ok(self.open(name).await?.info())
+    }
+
+    /// The cached view of an opened segment.
+    pub fn segment_info(&self, id: SegmentId) -> Option<SegmentInfo> {
+        self.segments().get(id).map(|s| s.info())
+    }
+
+    async fn open(&self, name: &str) -> Result<Arc<RemoteSegment>> {
+        self.ensure_open()?;
+        let name = name.trim_start_matches('/');
+        if name.is_empty() {
+            return Err(Error::invalid("segment name must not be empty"));
+        }
+        if let Some(segment) = self.segments().by_name(name) {
+            return Ok(segment);
+        }
+        let fetched = self
+            .resolver
+            .fetch(name, &self.local.desc().encode())
+            .await?;
+        if !fetched.desc.speaks("tcp") || fetched.desc.tcp_data_port == 0 {
+            return Err(Error::new(
+                ErrorKind::NotSupportedTransport,
+                format!(
+                    "segment '{name}' publishes no TCP data port (protocol {})",
+                    fetched.desc.protocol
+                ),
+            ));
+        }
+        Ok(self.segments().insert(fetched, self.config.tcp_force_v1))
+    }
+
+    fn segments(&self) -> std::sync::MutexGuard<'_, SegmentTable> {
+        self.segments.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ----- transfers ----------------------------------------------------------------------
+
+    /// Submits a batch. Local ranges and segment handles are checked here and the whole
+    /// submission is refused if one is wrong; remote ranges are checked against the target's
+    /// descriptor (refreshed once on a miss) and fail only their own task.
+    pub fn submit(
+        self: &Arc<Self>,
+        requests: &[TransferRequest],
+        options: SubmitOptions,
+    ) -> Result<BatchId> {
+        self.ensure_open()?;
+        if options.notify.is_some() && requests.is_empty() {
+            return Err(Error::invalid(
+                "a batch with a notification needs at least one request",
+            ));
+        }
+        let mut resolved = Vec::with_capacity(requests.len());
+        {
+            let segments = self.segments();
+            for (i, request) in requests.iter().enumerate() {
+                let segment = segments.get(request.segment).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "request {i}: unknown segment handle (open the segment first)"
+                    ))
+                })?;
+                let region = self
+                    .local
+                    .registry
+                    .find(request.local_addr, request.len)
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::AddressNotRegistered,
+                            format!(
+                                "request {i}: local range [{:#x}, +{}) is not inside one registered buffer",
+                                request.local_addr, request.len
+                            ),
+                        )
+                    })?;
+                resolved.push((segment, region));
+            }
+        }
+        let deadline = options.timeout.map(|t| Instant::now() + t);
+        let progress = BatchProgress::new(requests.len());
+        let mut tasks = Vec::with_capacity(requests.len());
+        for (request, (segment, region)) in requests.iter().zip(resolved.iter()) {
+            let count = slicing::slice_count(request.len, self.config.slice_size);
+            let task = Task::new(count as u32, progress.clone());
+            tasks.push(task.clone());
+            if count == 0 {
+                continue;
+            }
+            let job = Dispatch {
+                request: *request,
+                segment: segment.clone(),
+                region: region.clone(),
+                task,
+                deadline,
+            };
+            if segment
+                .desc()
+                .buffer_containing(request.remote_addr, request.len as u64)
+                .is_some()
+            {
+                self.dispatch(job);
+            } else {
+                self.dispatch_after_refresh(job);
+            }
+        }
+        let notify = match options.notify {
+            Some(message) => Some(PendingNotify {
+                target: resolved[0].0.name.clone(),
+                message,
+                sent: OnceCell::new(),
+            }),
+            None => None,
+        };
+        let has_notify = notify.is_some();
+        let batch = Arc::new(Batch {
+            tasks,
+            progress,
+            submitted_at: Instant::now(),
+            notify,
+        });
+        let id = self.batches().insert(batch.clone());
+        if has_notify {
+            // Sent at completion even if nobody awaits the batch.
+            let engine = self.clone();
+            self.tracker.spawn(async move {
+                if let Err(e) = engine.settle(&batch).await {
+                    tracing::debug!("batch with a notification did not complete: {e}");
+                }
+            });
+        }
+        Ok(id)
+    }
+
+    /// Waits for a batch to settle. Resolves when every task completed (and a requested
+    /// notification was delivered); otherwise fails with the first task's error.
+    pub async fn wait(&self, id: BatchId) -> Result<()> {
+        let batch = self.batch(id)?;
+        self.settle(&batch).await
+    }
+
+    /// Per-task status of a batch.
+    pub fn status(&self, id: BatchId) -> Result<Vec<TaskReport>> {
+        Ok(self.batch(id)?.reports())
+    }
+
+    /// When the batch was submitted, and when each task finished (for latency figures).
+    pub fn timings(&self, id: BatchId) -> Result<(Instant, Vec<Option<Instant>>)> {
+        let batch = self.batch(id)?;
+        Ok((
+            batch.submitted_at,
+            batch.tasks.iter().map(|t| t.finished_at()).collect(),
+        ))
+    }
+
+    /// Frees a settled batch; `ERR_BATCH_BUSY` while some task is unfinished.
+    pub fn free_batch(&self, id: BatchId) -> Result<()> {
+        let mut batches = self.batches();
+        let batch = batches
+            .get(id)
+            .ok_or_else(|| Error::invalid("unknown or freed batch id"))?;
+        if !batch.progress.is_settled() {
+            return Err(Error::new(
+                ErrorKind::BatchBusy,
+                "the batch still has unfinished tasks",
+            ));
+        }
+        batches.remove(id);
+        Ok(())
+    }
+
+    /// Frees the batch now if settled, or as soon as it settles.
+    pub fn release_batch(self: &Arc<Self>, id: BatchId) {
+        let Ok(batch) = self.batch(id) else { return };
+        if batch.progress.is_settled() {
+            self.batches().remove(id);
+            return;
+        }
+        let engine = self.clone();
+        self.tracker.spawn(async move {
+            batch.progress.settled().await;
+            engine.batches().remove(id);
+        });
+    }
+
+    /// Submits, waits and frees: the one-call transfer.
+    pub async fn transfer(
+        self: &Arc<Self>,
+        requests: &[TransferRequest],
+        options: SubmitOptions,
+    ) -> Result<()> {
+        let id = self.submit(requests, options)?;
+        let result = self.wait(id).await;
+        self.release_batch(id);
+        result
+    }
+
+    /// Live batches (submitted and not yet freed).
+    pub fn batch_count(&self) -> usize {
+        self.batches().len()
+    }
+
+    fn batch(&self, id: BatchId) -> Result<Arc<Batch>> {
+        self.batches()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::invalid("unknown or freed batch id"))
+    }
+
+    fn batches(&self) -> std::sync::MutexGuard<'_, HandleSlab<Arc<Batch>>> {
+        self.batches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn settle(&self, batch: &Batch) -> Result<()> {
+        batch.progress.settled().await;
+        if let Some(error) = batch.first_error() {
+            return Err(error);
+        }
+        match &batch.notify {
+            None => Ok(()),
+            Some(notify) => notify
+                .sent
+                .get_or_init(|| self.send_notify(&notify.target, &notify.message))
+                .await
+                .clone(),
+        }
+    }
+
+    fn dispatch(&self, job: Dispatch) {
+        let Dispatch {
+            request,
+            segment,
+            region,
+            task,
+            deadline,
+        } = job;
+        let slices =
+            slicing::slices(request.len, self.config.slice_size).map(|(offset, len)| Slice {
+                op: request.op,
+                local_addr: request.local_addr + offset,
+                len,
+                remote_addr: request.remote_addr + offset as u64,
+                region: region.clone(),
+                task: task.clone(),
+                deadline,
+            });
+        self.tcp.submit(&segment.data, slices);
+    }
+
+    fn dispatch_after_refresh(self: &Arc<Self>, job: Dispatch) {
+        let engine = self.clone();
+        self.tracker.spawn(async move {
+            let local_desc = engine.local.desc().encode();
+            let refreshed = tokio::select! {
+                _ = engine.shutdown.cancelled() => Err(Error::closed("the transfer engine")),
+                fetched = engine.resolver.fetch(&job.segment.name, &local_desc) => fetched,
+            };
+            let (addr, len) = (job.request.remote_addr, job.request.len);
+            let outcome = refreshed.and_then(|fetched| {
+                job.segment.set_desc(fetched.desc);
+                match job.segment.desc().buffer_containing(addr, len as u64) {
+                    Some(_) => Ok(()),
+                    None => Err(Error::new(
+                        ErrorKind::AddressNotRegistered,
+                        format!(
+                            "remote range [{addr:#x}, +{len}) is not inside one buffer of segment '{}'",
+                            job.segment.name
+                        ),
+                    )),
+                }
+            });
+            match outcome {
+                Ok(()) => engine.dispatch(job),
+                Err(error) => {
+                    for _ in 0..slicing::slice_count(len, engine.config.slice_size) {
+                        job.task.slice_failed(error.clone());
+                    }
+                }
+            }
+        });
+    }
+
+    // ----- notifications ------------------------------------------------------------------
+
+    /// Sends `message` to the segment named `target`.
+    pub async fn send_notify(&self, target: &str, message: &str) -> Result<()> {
+        let segment = self.open(target).await?;
+        let body = serde_json::to_string(&NotifyMessage {
+            name: self.local.name.clone(),
+            notify_msg: message.to_owned(),
+        })
+        .expect("notify messages serialize");
+        let reply = handshake::request(
+            &segment.rpc_addr,
+            MessageType::Notify,
+            &body,
+            self.config.connect_timeout,
+            self.config.handshake_max_length,
+        )
+        .await?;
+        let reply: NotifyMessage = serde_json::from_str(&reply).map_err(|e| {
+            Error::new(
+                ErrorKind::MalformedJson,
+                format!("notify reply from {target}: {e}"),
+            )
+        })?;
+        if reply.notify_msg.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Metadata,
+                format!("{target} rejected the notification"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Delivers incoming notifications to `listener` instead of queueing them; `None` goes
+    /// back to queueing. Queued notifications are handed to a new listener at once.
+    pub fn set_notify_listener(&self, listener: Option<Arc<dyn Fn(Notification) + Send + Sync>>) {
+        let backlog = listener
+            .as_ref()
+            .map(|_| self.take_notifies())
+            .unwrap_or_default();
+        *self
+            .local
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = listener.clone();
+        if let Some(listener) = listener {
+            backlog.into_iter().for_each(|n| listener(n));
+        }
+    }
+
+    /// Drains queued notifications (Mooncake's `getNotifies`).
+    pub fn take_notifies(&self) -> Vec<Notification> {
+        std::mem::take(&mut *self.local.queued.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    // ----- lifecycle ----------------------------------------------------------------------
+
+    /// Closes the engine: stops both listeners, fails every pending transfer with
+    /// `ERR_CLOSED`, removes published metadata and joins every background task. Registered
+    /// memory is released once the last transfer that used it is gone. Idempotent.
+    pub async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            self.tracker.wait().await;
+            return;
+        }
+        self.shutdown.cancel();
+        self.handshake.close().await;
+        self.data.close().await;
+        self.tcp.close().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+        if let Some(publisher) = &self.publisher {
+            for key in [
+                publisher.keys.segment(&self.local.name),
+                publisher.keys.rpc_meta(&self.local.name),
+            ] {
+                if let Err(e) = publisher.store.delete(&key).await {
+                    tracing::warn!("could not remove {key} on close: {e}");
+                }
+            }
+        }
+        self.local.registry.clear();
+        self.set_notify_listener(None);
+        tracing::info!(segment = %self.local.name, "transfer engine closed");
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Publishes the descriptor now and waits for the store to take it (store mode; a no-op
+    /// in P2P mode, where peers ask for it directly).
+    pub async fn publish_now(&self) -> Result<()> {
+        match &self.publisher {
+            Some(publisher) => publisher.publish(&self.local).await,
+            None => Ok(()),
+        }
+    }
+
+    fn spawn_publisher(&self) {
+        let Some(publisher) = self.publisher.clone() else {
+            return;
+        };
+        let (local, stop) = (self.local.clone(), self.shutdown.clone());
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = publisher.dirty.notified() => {}
+                }
+                if let Err(e) = publisher.publish(&local).await {
+                    tracing::warn!("could not publish the segment descriptor: {e}");
+                }
+            }
+        });
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::closed("the transfer engine"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn registrations_changed(&self) {
+        if let Some(publisher) = &self.publisher {
+            publisher.dirty.notify_one();
+        }
+    }
+}
+
+/// One request on its way to a transport.
+struct Dispatch {
+    request: TransferRequest,
+    segment: Arc<RemoteSegment>,
+    region: Arc<Region>,
+    task: Arc<Task>,
+    deadline: Option<Instant>,
+}

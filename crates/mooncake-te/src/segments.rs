@@ -1,0 +1,199 @@
+//! Remote segments: opening them, and caching what they publish.
+//!
+//! A segment is opened once and cached by name, as Mooncake does. Its descriptor is refreshed
+//! when a request targets a range the cached copy does not cover (the peer may have registered
+//! more memory since), at most once per request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use mooncake_common::{Error, ErrorKind, Handle, HandleSlab, Result};
+use mooncake_metadata::handshake::{self, MessageType};
+use mooncake_metadata::{Keys, MetadataBackend, RpcMeta, SegmentDesc};
+use mooncake_transport::tcp::{wire::Version, PeerAddr};
+
+use crate::address::{join_host_port, split_host_port};
+
+/// Handle of an opened segment.
+pub type SegmentId = Handle;
+
+/// A public view of a segment: its name and buffers.
+#[derive(Debug, Clone)]
+pub struct SegmentInfo {
+    /// Handle for requests.
+    pub id: SegmentId,
+    /// Name.
+    pub name: String,
+    /// `(address, length, location)` of each buffer.
+    pub buffers: Vec<(u64, u64, String)>,
+}
+
+/// An opened remote segment.
+pub(crate) struct RemoteSegment {
+    pub(crate) id: SegmentId,
+    pub(crate) name: String,
+    /// Handshake address (`host:port`).
+    pub(crate) rpc_addr: String,
+    desc: RwLock<Arc<SegmentDesc>>,
+    pub(crate) data: PeerAddr,
+}
+
+impl RemoteSegment {
+    pub(crate) fn desc(&self) -> Arc<SegmentDesc> {
+        self.desc.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_desc(&self, desc: SegmentDesc) {
+        *self.desc.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(desc);
+    }
+
+    pub(crate) fn info(&self) -> SegmentInfo {
+        let desc = self.desc();
+        SegmentInfo {
+            id: self.id,
+            name: self.name.clone(),
+            buffers: desc
+                .buffers
+                .iter()
+                .map(|b| {
+                    let location = b
+                        .extra
+                        .get("location")
+                        .and_then(|l| l.as_str())
+                        .unwrap_or(&b.name)
+                        .to_owned();
+                    (b.addr, b.length, location)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Opened segments, by handle and by name.
+#[derive(Default)]
+pub(crate) struct SegmentTable {
+    by_id: HandleSlab<Arc<RemoteSegment>>,
+    by_name: HashMap<String, SegmentId>,
+}
+
+impl SegmentTable {
+    pub(crate) fn by_name(&self, name: &str) -> Option<Arc<RemoteSegment>> {
+        self.by_name
+            .get(name)
+            .and_then(|id| self.by_id.get(*id))
+            .cloned()
+    }
+
+    pub(crate) fn get(&self, id: SegmentId) -> Option<Arc<RemoteSegment>> {
+        self.by_id.get(id).cloned()
+    }
+
+    /// Inserts a freshly fetched segment, unless a concurrent open got there first.
+    pub(crate) fn insert(&mut self, fetched: Fetched, force_v1: bool) -> Arc<RemoteSegment> {
+        if let Some(existing) = self.by_name(&fetched.name) {
+            existing.set_desc(fetched.desc);
+            return existing;
+        }
+        let version = if fetched.desc.tcp_proto_version >= 2 && !force_v1 {
+            Version::V2
+        } else {
+            Version::V1
+        };
+        let data = PeerAddr {
+            host: fetched.host.clone(),
+            port: fetched.desc.tcp_data_port,
+            version,
+        };
+        let name = fetched.name.clone();
+        let id = self.by_id.insert_with(|id| {
+            Arc::new(RemoteSegment {
+                id,
+                name: fetched.name,
+                rpc_addr: fetched.rpc_addr,
+                desc: RwLock::new(Arc::new(fetched.desc)),
+                data,
+            })
+        });
+        self.by_name.insert(name, id);
+        self.by_id.get(id).cloned().expect("just inserted")
+    }
+}
+
+/// What fetching a segment yields.
+pub(crate) struct Fetched {
+    pub(crate) name: String,
+    pub(crate) host: String,
+    pub(crate) rpc_addr: String,
+    pub(crate) desc: SegmentDesc,
+}
+
+/// How to reach metadata, shared by every fetch.
+pub(crate) struct Resolver {
+    pub(crate) backend: MetadataBackend,
+    pub(crate) keys: Keys,
+    pub(crate) connect_timeout: std::time::Duration,
+    pub(crate) max_frame: usize,
+}
+
+impl Resolver {
+    /// Fetches `name`'s descriptor and handshake address. In P2P mode `local_desc` is sent
+    /// along, as Mooncake's Metadata message requires.
+    pub(crate) async fn fetch(&self, name: &str, local_desc: &str) -> Result<Fetched> {
+        match &self.backend {
+            MetadataBackend::P2pHandshake => {
+                let (host, port) = split_host_port(name)?;
+                let port = port.ok_or_else(|| {
+                    Error::invalid(format!(
+                        "P2P segment names are host:port, as the peer prints them; got '{name}'"
+                    ))
+                })?;
+                let rpc_addr = join_host_port(&host, port);
+                let reply = handshake::request(
+                    &rpc_addr,
+                    MessageType::Metadata,
+                    local_desc,
+                    self.connect_timeout,
+                    self.max_frame,
+                )
+                .await?;
+                if reply.is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::Metadata,
+                        format!("{name} refused to describe itself"),
+                    ));
+                }
+                let desc = SegmentDesc::decode(&reply)?;
+                Ok(Fetched {
+                    name: name.to_owned(),
+                    host,
+                    rpc_addr,
+                    desc,
+                })
+            }
+            MetadataBackend::Store(store) => {
+                let missing = |what: &str| {
+                    Error::new(
+                        ErrorKind::Metadata,
+                        format!("no {what} published for segment '{name}'"),
+                    )
+                };
+                let desc = store
+                    .get(&self.keys.segment(name))
+                    .await?
+                    .ok_or_else(|| missing("descriptor"))?;
+                let desc = SegmentDesc::decode(&desc)?;
+                let rpc = store
+                    .get(&self.keys.rpc_meta(name))
+                    .await?
+                    .ok_or_else(|| missing("rpc_meta entry"))?;
+                let rpc = RpcMeta::decode(&rpc)?;
+                Ok(Fetched {
+                    name: name.to_owned(),
+                    rpc_addr: join_host_port(&rpc.ip_or_host_name, rpc.rpc_port),
+                    host: rpc.ip_or_host_name,
+                    desc,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Registered memory.
+//!
+//! An [`Arena`] is engine-owned memory: a memfd, sealed against shrinking so that a peer that
+//! maps it can never fault on a truncated file, mapped shared into this process. A [`Region`]
+//! is any registered range (an arena, or caller memory kept alive by an owner object), and the
+//! [`MemoryRegistry`] answers the one question every transport asks: does `[addr, addr+len)`
+//! lie inside one registered region?
+//!
+//! Lifetime rule: a lookup hands out an `Arc<Region>`, which keeps the memory mapped (and a
+//! caller's buffer referenced) until the transfer that uses it drops it. Unregistering a
+//! region that a transfer still holds fails with `ERR_BUFFER_BUSY` instead of pulling memory
+//! from under it.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::{Arc, RwLock};
+
+use mooncake_common::{Error, ErrorKind, Result};
+
+/// Engine-owned shared memory: a sealed memfd mapped read-write.
+pub struct Arena {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; any thread may read or
+// write it, and access discipline is the transfer rule documented on the module.
+unsafe impl Send for Arena {}
+// SAFETY: as above; the struct itself is immutable after creation.
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    /// Creates and maps `len` zeroed bytes named `name` (visible in `/proc/<pid>/fd`).
+    pub fn new(name: &str, len: usize) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::invalid("cannot allocate 0 bytes"));
+        }
+        let cname = CString::new(name).map_err(|_| Error::invalid("arena name contains NUL"))?;
+        // SAFETY: FFI call with a valid NUL-terminated name; the result is checked.
+        let raw = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        if raw < 0 {
+            return Err(os_error("memfd_create"));
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let size =
+            libc::off_t::try_from(len).map_err(|_| Error::invalid("allocation too large"))?;
+        // SAFETY: FFI calls on a descriptor we own; results are checked.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
+            return Err(os_error("ftruncate"));
+        }
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(os_error("seal memfd"));
+        }
+        // SAFETY: maps `len` bytes of a file that is exactly `len` long and can no longer
+        // shrink; the mapping is unmapped only in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(os_error("mmap"));
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| os_error("mmap"))?;
+        Ok(Self { ptr, len, fd })
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: arenas are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The memfd, for passing to a same-host peer.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`; no reference into it outlives
+        // the last `Arc<Arena>`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+fn os_error(what: &str) -> Error {
+    let io = std::io::Error::last_os_error();
+    Error::new(ErrorKind::Memory, format!("{what}: {io}")).with_source(io)
+}
+
+/// What keeps a region's memory alive.
+pub enum Backing {
+    /// Engine-owned.
+    Arena(Arc<Arena>),
+    /// Caller-owned memory, kept alive by this owner (a reference to a JavaScript buffer).
+    External(Box<dyn Any + Send + Sync>),
+}
+
+/// A registered range.
+pub struct Region {
+    addr: usize,
+    len: usize,
+    location: String,
+    backing: Backing,
+}
+
+impl Region {
+    /// The whole of `arena`.
+    pub fn arena(arena: Arc<Arena>, location: &str) -> Self {
+        Self {
+            addr: arena.as_ptr() as usize,
+            len: arena.len(),
+            location: location.to_owned(),
+            backing: Backing::Arena(arena),
+        }
+    }
+
+    /// Caller memory at `addr..addr+len`, kept alive by `owner`.
+    ///
+    /// # Safety
+    /// The range must be valid for reads and writes for as long as `owner` lives.
+    pub unsafe fn external(
+        addr: usize,
+        len: usize,
+        location: &str,
+        owner: Box<dyn Any + Send + Sync>,
+    ) -> Self {
+        Self {
+            addr,
+            len,
+            location: location.to_owned(),
+            backing: Backing::External(owner),
+        }
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty (never, once registered).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `cpu:N`, `*`, ...
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// What keeps the memory alive.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// Whether `[addr, addr+len)` lies inside this region.
+    pub fn contains(&self, addr: usize, len: usize) -> bool {
+        addr >= self.addr
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.addr + self.len)
+    }
+
+    /// The bytes at `[addr, addr+len)`, for a transport to send.
+    ///
+    /// # Safety
+    /// The range must lie inside this region, and no one may write it meanwhile (the transfer
+    /// rule: JavaScript leaves buffers alone while a transfer that uses them is pending).
+    pub unsafe fn bytes(&self, addr: usize, len: usize) -> &[u8] {
+        debug_assert!(self.contains(addr, len));
+        // SAFETY: in bounds of a live mapping, per the caller's contract.
+        unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
+    }
+
+    /// The bytes at `[addr, addr+len)`, for a transport to fill.
+    ///
+    /// # Safety
+    /// As for [`bytes`](Self::bytes), and no one may read or write the range meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, addr: usize, len: usize) -> &mut [u8] {
+        debug_assert!(self.contains(addr, len));
+        // SAFETY: in bounds of a live mapping, per the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) }
+    }
+}
+
+/// Every registered range of one engine, keyed by start address.
+#[derive(Default)]
+pub struct MemoryRegistry {
+    regions: RwLock<BTreeMap<usize, Arc<Region>>>,
+}
+
+impl MemoryRegistry {
+    /// Registers `region`, refusing zero length and overlaps.
+    pub fn register(&self, region: Region) -> Result<Arc<Region>> {
+        if region.len == 0 {
+            return Err(Error::invalid("cannot register an empty buffer"));
+        }
+        let end = region
+            .addr
+            .checked_add(region.len)
+            .ok_or_else(|| Error::invalid("buffer wraps the address space"))?;
+        let mut regions = self.write();
+        let before = regions.range(..end).next_back();
+        if let Some((_, prev)) = before {
+            if prev.addr + prev.len > region.addr {
+                return Err(Error::new(
+                    ErrorKind::AddressOverlapped,
+                    format!(
+                        "[{:#x}, {end:#x}) overlaps the registered buffer at {:#x} ({} bytes)",
+                        region.addr, prev.addr, prev.len
+                    ),
+                ));
+            }
+        }
+        let region = Arc::new(region);
+        regions.insert(region.addr, region.clone());
+        Ok(region)
+    }
+
+    /// The region that holds `[addr, addr+len)` whole.
+    pub fn find(&self, addr: usize, len: usize) -> Option<Arc<Region>> {
+        let regions = self.read();
+        let (_, region) = regions.range(..=addr).next_back()?;
+        region.contains(addr, len).then(|| region.clone())
+    }
+
+    /// Unregisters the region starting at `addr`. Fails with `ERR_BUFFER_BUSY` while a
+    /// transfer holds it, and `ERR_ADDRESS_NOT_REGISTERED` if nothing starts there.
+    pub fn unregister(&self, addr: usize) -> Result<Arc<Region>> {
+        let mut regions = self.write();
+        let Some(region) = regions.get(&addr) else {
+            return Err(Error::new(
+                ErrorKind::AddressNotRegistered,
+                format!("no registered buffer starts at {addr:#x}"),
+            ));
+        };
+        // Lookups clone under the read lock, so with the write lock held this count is exact.
+        if Arc::strong_count(region) > 1 {
+            return Err(Error::new(
+                ErrorKind::BufferBusy,
+                format!("the buffer at {addr:#x} is in use by a pending transfer"),
+            ));
+        }
+        Ok(regions.remove(&addr).expect("present under the same lock"))
+    }
+
+    /// Every registered region, in address order.
+    pub fn regions(&self) -> Vec<Arc<Region>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Drops every registration (transfers that hold a region keep it alive).
+    pub fn clear(&self) {
+        self.write().clear();
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<usize, Arc<Region>>> {
+        // The map is never left half-updated, so a poisoned lock is still consistent.
+        self.regions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<usize, Arc<Region>>> {
+        self.regions.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(addr: usize, len: usize) -> Region {
+        // SAFETY: these regions are only looked up, never read or written.
+        unsafe { Region::external(addr, len, "*", Box::new(())) }
+    }
+
+    #[test]
+    fn overlaps_are_refused_and_lookups_need_one_region() {
+        let registry = MemoryRegistry::default();
+        registry.register(fake(0x1000, 0x1000)).unwrap();
+        registry.register(fake(0x2000, 0x1000)).unwrap();
+        let err = registry.register(fake(0x1800, 0x100)).err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::AddressOverlapped);
+        assert_eq!(
+            registry.register(fake(0xf00, 0x101)).err().unwrap().kind(),
+            ErrorKind::AddressOverlapped
+        );
+        assert!(registry.find(0x1000, 0x1000).is_some());
+        assert!(registry.find(0x1800, 0x1000).is_none(), "spans two regions");
+        assert!(registry.find(0x3000, 1).is_none());
+        assert!(registry.find(usize::MAX, 2).is_none());
+    }
+
+    #[test]
+    fn busy_regions_stay_registered() {
+        let registry = MemoryRegistry::default();
+        registry.register(fake(0x1000, 0x1000)).unwrap();
+        let held = registry.find(0x1100, 16).unwrap();
+        assert_eq!(
+            registry.unregister(0x1000).err().unwrap().kind(),
+            ErrorKind::BufferBusy
+        );
+        drop(held);
+        registry.unregister(0x1000).unwrap();
+        assert_eq!(
+            registry.unregister(0x1000).err().unwrap().kind(),
+            ErrorKind::AddressNotRegistered
+        );
+    }
+
+    #[test]
+    fn arenas_are_sealed_against_shrinking() {
+        let arena = Arena::new("test", 1 << 16).unwrap();
+        // SAFETY: writes inside the fresh mapping.
+        unsafe { arena.as_ptr().add(100).write(7) };
+        // SAFETY: FFI call on our own descriptor.
+        let rc = unsafe { libc::ftruncate(arena.fd().as_raw_fd(), 4096) };
+        assert_ne!(rc, 0, "shrinking a sealed arena must fail");
+        // SAFETY: reads inside the mapping.
+        assert_eq!(unsafe { arena.as_ptr().add(100).read() }, 7);
+        assert!(Arena::new("zero", 0).is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! Mooncake's TCP data protocol.
+//!
+//! - [`wire`]: the 24-byte request header and the v2 "MCTV" status frames, sans-IO;
+//! - [`server`]: serves registered memory to peers, one persistent session per connection;
+//! - [`client`]: persistent lanes per peer that carry slices, several in flight.
+
+pub mod client;
+pub mod server;
+pub mod wire;
+
+pub use client::{PeerAddr, TcpClient, TcpClientConfig};
+pub use server::TcpServer;

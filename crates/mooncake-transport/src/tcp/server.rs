@@ -1,0 +1,135 @@
+//! Serves registered memory over Mooncake's TCP data protocol.
+//!
+//! Sessions are persistent: after a request the server reads the next header on the same
+//! connection. A request is served only when its whole range lies inside one registered
+//! region; anything else is answered with a reject (v2) or a close (v1) without touching
+//! memory. A garbage header closes only its own connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mooncake_common::{Error, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::wire::{Header, Op, Status, Version, HEADER_LEN};
+use crate::memory::MemoryRegistry;
+
+/// A running data server.
+pub struct TcpServer {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl TcpServer {
+    /// Serves `registry` on `listener` until [`close`](Self::close).
+    pub fn start(listener: TcpListener, registry: Arc<MemoryRegistry>) -> Result<Self> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::socket("TCP data listener address", e))?;
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (stop, sessions) = (shutdown.clone(), tracker.clone());
+        tracker.spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            tracing::warn!("TCP data accept failed: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let registry = registry.clone();
+                let stop = stop.clone();
+                sessions.spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        result = session(stream, &registry) => match result {
+                            Ok(()) => tracing::trace!(%peer, "TCP data session ended"),
+                            Err(e) => tracing::debug!(%peer, "TCP data session closed: {e}"),
+                        }
+                    }
+                });
+            }
+        });
+        tracker.close();
+        Ok(Self {
+            addr,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, drops every session and waits for their tasks.
+    pub async fn close(&self) {
+        self.shutdown.cancel();
+        self.tracker.wait().await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Opcode(#[from] super::wire::BadOpcode),
+    #[error("rejected {size} bytes at {addr:#x}: not inside one registered buffer")]
+    Rejected { addr: u64, size: u64 },
+}
+
+async fn session(mut stream: TcpStream, registry: &MemoryRegistry) -> Result<(), SessionError> {
+    let _ = stream.set_nodelay(true);
+    let mut header = [0u8; HEADER_LEN];
+    loop {
+        // A clean EOF between requests ends the session quietly.
+        match stream.read(&mut header[..1]).await? {
+            0 => return Ok(()),
+            _ => stream.read_exact(&mut header[1..]).await?,
+        };
+        let request = Header::decode(&header)?;
+        let range = usize::try_from(request.addr)
+            .ok()
+            .zip(usize::try_from(request.size).ok());
+        let Some(region) = range.and_then(|(addr, len)| registry.find(addr, len)) else {
+            if request.version == Version::V2 {
+                stream.write_all(&Status::AddressRejected.encode()).await?;
+            }
+            return Err(SessionError::Rejected {
+                addr: request.addr,
+                size: request.size,
+            });
+        };
+        let (addr, len) = (request.addr as usize, request.size as usize);
+        match request.op {
+            Op::Write => {
+                // SAFETY: `find` proved the range lies inside `region`, which stays mapped
+                // while we hold it; peers writing registered memory is the engine's contract.
+                let target = unsafe { region.bytes_mut(addr, len) };
+                stream.read_exact(target).await?;
+                if request.version == Version::V2 {
+                    stream.write_all(&Status::Ok.encode()).await?;
+                }
+            }
+            Op::Read => {
+                if request.version == Version::V2 {
+                    stream.write_all(&Status::Ok.encode()).await?;
+                }
+                // SAFETY: as above, for reading.
+                let source = unsafe { region.bytes(addr, len) };
+                stream.write_all(source).await?;
+            }
+        }
+    }
+}
