@@ -46,6 +46,58 @@ fn parse_port(port: &str, name: &str) -> Result<u16> {
         .ok_or_else(|| Error::invalid(format!("bad port '{port}' in '{name}'")))
 }
 
+/// The host peers are told to reach: an IP literal as given; a name that resolves, as given;
+/// otherwise the first non-loopback IPv4 interface that is up (Mooncake's default).
+pub async fn advertised_host(host: &str) -> Result<String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(host.to_owned());
+    }
+    if !host.is_empty() && tokio::net::lookup_host((host, 0)).await.is_ok() {
+        return Ok(host.to_owned());
+    }
+    first_interface_ip()
+        .map(|ip| ip.to_string())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Dns,
+                format!(
+                    "'{host}' does not resolve and no network interface is up; set ipOrHostName"
+                ),
+            )
+        })
+}
+
+fn first_interface_ip() -> Option<std::net::Ipv4Addr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: `cursor` walks the list getifaddrs returned, which stays valid until freed.
+        let entry = unsafe { &*cursor };
+        let flags = entry.ifa_flags;
+        let up = flags & libc::IFF_UP as u32 != 0 && flags & libc::IFF_RUNNING as u32 != 0;
+        let loopback = flags & libc::IFF_LOOPBACK as u32 != 0;
+        if up && !loopback && !entry.ifa_addr.is_null() {
+            // SAFETY: a non-null ifa_addr points to a sockaddr whose family says its type.
+            let family = unsafe { (*entry.ifa_addr).sa_family };
+            if i32::from(family) == libc::AF_INET {
+                // SAFETY: AF_INET entries are sockaddr_in.
+                let addr = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
+                found = Some(std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)));
+                break;
+            }
+        }
+        cursor = entry.ifa_next;
+    }
+    // SAFETY: frees the list from getifaddrs exactly once.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
 /// The address to listen on for `host`: the host itself when it is an IP literal (so a
 /// loopback engine stays on loopback), every interface otherwise.
 pub fn bind_ip(host: &str) -> String {

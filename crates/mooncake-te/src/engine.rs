@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::address::{bind, bind_ip, join_host_port, split_host_port};
+use crate::address::{advertised_host, bind, bind_ip, join_host_port, split_host_port};
 use crate::batch::{Batch, BatchId, PendingNotify, TaskReport};
 use crate::segments::{RemoteSegment, Resolver, SegmentId, SegmentInfo, SegmentTable};
 use crate::slicing;
@@ -158,7 +158,10 @@ impl TransferEngine {
         config.validate()?;
         let backend = mooncake_metadata::connect(&config.metadata)?;
         let (host, named_port) = split_host_port(&config.local_server_name)?;
-        let advertised = config.advertised_host.clone().unwrap_or(host);
+        let advertised = match &config.advertised_host {
+            Some(host) => host.clone(),
+            None => advertised_host(&host).await?,
+        };
         let ip = bind_ip(&advertised);
         let p2p = matches!(backend, MetadataBackend::P2pHandshake);
         let rpc_port = config.rpc_port.or(if p2p { named_port } else { None });

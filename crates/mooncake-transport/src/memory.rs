@@ -100,6 +100,15 @@ impl Arena {
     }
 }
 
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena")
+            .field("addr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 impl Drop for Arena {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping created in `new`; no reference into it outlives

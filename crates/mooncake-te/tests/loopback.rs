@@ -1,0 +1,182 @@
+//! Two engines in one process, over loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_common::EngineConfig;
+use mooncake_metadata::http::MetadataServer;
+use mooncake_te::engine::SubmitOptions;
+use mooncake_te::{ErrorKind, Opcode, TaskStatus, TransferEngine, TransferRequest};
+
+async fn engine(metadata: &str, name: &str) -> Arc<TransferEngine> {
+    let mut config = EngineConfig::from_env(name, metadata);
+    config.advertised_host = Some("127.0.0.1".into());
+    TransferEngine::start(config).await.unwrap()
+}
+
+fn fill(ptr: *mut u8, len: usize, seed: u8) {
+    // SAFETY: test buffers come from `allocate` and are `len` long.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
+    }
+}
+
+fn bytes<'a>(ptr: *mut u8, len: usize) -> &'a [u8] {
+    // SAFETY: as above.
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_then_read_back_over_p2p() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let len = 8 << 20;
+    let remote = target.allocate(len).unwrap();
+    let local = initiator.allocate(2 * len).unwrap();
+    fill(local.as_ptr(), len, 7);
+
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    assert_eq!(segment.buffers.len(), 1);
+    assert_eq!(segment.buffers[0].0, remote.as_ptr() as u64);
+    let write = TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64 + 3,
+        len: len - 3,
+    };
+    initiator
+        .transfer(&[write], SubmitOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        &bytes(remote.as_ptr(), len)[3..],
+        &bytes(local.as_ptr(), len)[..len - 3]
+    );
+
+    let read = TransferRequest {
+        op: Opcode::Read,
+        local_addr: local.as_ptr() as usize + len,
+        ..write
+    };
+    initiator
+        .transfer(&[read], SubmitOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        bytes(local.as_ptr(), len)[..len - 3],
+        bytes(local.as_ptr(), 2 * len)[len..2 * len - 3]
+    );
+    assert_eq!(initiator.batch_count(), 0, "transfer() frees its batch");
+    initiator.close().await;
+    target.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unregistered_remote_ranges_fail_their_task_only() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let remote = target.allocate(1 << 16).unwrap();
+    let local = initiator.allocate(1 << 16).unwrap();
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    let good = TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64,
+        len: 4096,
+    };
+    let bad = TransferRequest {
+        remote_addr: remote.as_ptr() as u64 + (1 << 16) - 10,
+        ..good
+    };
+    let id = initiator
+        .submit(&[good, bad], SubmitOptions::default())
+        .unwrap();
+    let err = initiator.wait(id).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AddressNotRegistered);
+    let status = initiator.status(id).unwrap();
+    assert_eq!(status[0].status, TaskStatus::Completed);
+    assert_eq!(status[1].status, TaskStatus::Failed);
+    initiator.free_batch(id).unwrap();
+
+    let unknown_local = TransferRequest {
+        local_addr: 0x10,
+        ..good
+    };
+    let err = initiator
+        .submit(&[unknown_local], SubmitOptions::default())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AddressNotRegistered);
+    initiator.close().await;
+    target.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_metadata_and_notifications() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let target = engine(&url, "node-target").await;
+    let initiator = engine(&url, "node-initiator").await;
+    assert_eq!(target.segment_name(), "node-target");
+    let remote = target.allocate(1 << 20).unwrap();
+    target.publish_now().await.unwrap();
+    let local = initiator.allocate(1 << 20).unwrap();
+    fill(local.as_ptr(), 1 << 20, 1);
+    let segment = initiator.open_segment("node-target").await.unwrap();
+    let request = TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64,
+        len: 1 << 20,
+    };
+    let options = SubmitOptions {
+        notify: Some("kv-ready".into()),
+        timeout: Some(Duration::from_secs(10)),
+    };
+    initiator.transfer(&[request], options).await.unwrap();
+    let received = target.take_notifies();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].from, "node-initiator");
+    assert_eq!(received[0].message, "kv-ready");
+    assert_eq!(
+        bytes(remote.as_ptr(), 1 << 20),
+        bytes(local.as_ptr(), 1 << 20)
+    );
+
+    initiator.close().await;
+    target.close().await;
+    assert!(server.store().is_empty(), "close removes published keys");
+    server.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_settles_pending_work_and_refuses_more() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let remote = target.allocate(64 << 20).unwrap();
+    let local = initiator.allocate(64 << 20).unwrap();
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    let request = TransferRequest {
+        op: Opcode::Read,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64,
+        len: 64 << 20,
+    };
+    let id = initiator
+        .submit(&[request; 8], SubmitOptions::default())
+        .unwrap();
+    target.close().await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), initiator.wait(id)).await;
+    assert!(outcome
+        .expect("a dead peer must not hang the batch")
+        .is_err());
+    initiator.close().await;
+    assert_eq!(
+        initiator.allocate(10).unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+}
