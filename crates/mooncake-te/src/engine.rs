@@ -148,6 +148,7 @@ pub struct TransferEngine {
     publisher: Option<Arc<Publisher>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    runtime: tokio::runtime::Handle,
     closed: AtomicBool,
 }
 
@@ -195,11 +196,14 @@ impl TransferEngine {
             config.handshake_max_connections,
         )?;
         let data = TcpServer::start(data_listener, registry)?;
-        let tcp = TcpClient::new(TcpClientConfig {
-            lanes_per_peer: config.tcp_lanes_per_peer,
-            connect_timeout: config.connect_timeout,
-            io_timeout: config.io_timeout,
-        });
+        let tcp = TcpClient::new(
+            TcpClientConfig {
+                lanes_per_peer: config.tcp_lanes_per_peer,
+                connect_timeout: config.connect_timeout,
+                io_timeout: config.io_timeout,
+            },
+            tokio::runtime::Handle::current(),
+        );
         let keys = Keys::new(config.cluster_id.as_deref());
         let publisher = match &backend {
             MetadataBackend::Store(store) => Some(Arc::new(Publisher {
@@ -226,6 +230,7 @@ impl TransferEngine {
             publisher,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
             closed: AtomicBool::new(false),
         });
         if let Some(publisher) = &engine.publisher {
@@ -450,7 +455,7 @@ impl TransferEngine {
         if has_notify {
             // Sent at completion even if nobody awaits the batch.
             let engine = self.clone();
-            self.tracker.spawn(async move {
+            self.spawn(async move {
                 if let Err(e) = engine.settle(&batch).await {
                     tracing::debug!("batch with a notification did not complete: {e}");
                 }
@@ -504,7 +509,7 @@ impl TransferEngine {
             return;
         }
         let engine = self.clone();
-        self.tracker.spawn(async move {
+        self.spawn(async move {
             batch.progress.settled().await;
             engine.batches().remove(id);
         });
@@ -576,7 +581,7 @@ impl TransferEngine {
 
     fn dispatch_after_refresh(self: &Arc<Self>, job: Dispatch) {
         let engine = self.clone();
-        self.tracker.spawn(async move {
+        self.spawn(async move {
             let local_desc = engine.local.desc().encode();
             let refreshed = tokio::select! {
                 _ = engine.shutdown.cancelled() => Err(Error::closed("the transfer engine")),
@@ -712,7 +717,7 @@ impl TransferEngine {
             return;
         };
         let (local, stop) = (self.local.clone(), self.shutdown.clone());
-        self.tracker.spawn(async move {
+        self.spawn(async move {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -723,6 +728,11 @@ impl TransferEngine {
                 }
             }
         });
+    }
+
+    /// Runs a background task on the engine's runtime; `close` joins it.
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn_on(task, &self.runtime);
     }
 
     fn ensure_open(&self) -> Result<()> {

@@ -63,16 +63,19 @@ const RECONNECT_COOLDOWN: Duration = Duration::from_secs(1);
 /// Sends slices to peers.
 pub struct TcpClient {
     config: TcpClientConfig,
+    runtime: tokio::runtime::Handle,
     peers: Mutex<HashMap<PeerAddr, async_channel::Sender<Slice>>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl TcpClient {
-    /// A client with no connections yet.
-    pub fn new(config: TcpClientConfig) -> Self {
+    /// A client with no connections yet; its lanes run on `runtime`, so slices may be
+    /// submitted from any thread.
+    pub fn new(config: TcpClientConfig, runtime: tokio::runtime::Handle) -> Self {
         Self {
             config,
+            runtime,
             peers: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -123,7 +126,7 @@ impl TcpClient {
                 conn: None,
                 down_until: None,
             };
-            self.tracker.spawn(lane.run());
+            self.tracker.spawn_on(lane.run(), &self.runtime);
         }
         peers.insert(peer.clone(), tx.clone());
         Some(tx)

@@ -2,6 +2,10 @@
 //! `transfer_engine_bench`: `threads` submitters each loop over batches of `batch_size`
 //! requests of `block_size` bytes for `duration`, request *i* of submitter *t* at offset
 //! `block_size * (i * threads + t)` (wrapping) in both buffers.
+//!
+//! [`raw`] is the baseline it is compared with: a plain TCP socket pump.
+
+pub mod raw;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,141 @@
+//! `mooncake bench`: the engine load and the raw socket baseline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_common::Handle;
+use mooncake_te::{bench, Opcode, TransferEngine};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+
+use crate::engine::{bigint_u64, to_len};
+use crate::error::{invalid, IntoNapi};
+
+/// What to run.
+#[napi(object)]
+pub struct BenchOptions {
+    /// Target segment handle.
+    pub segment: BigInt,
+    /// Remote buffer base.
+    pub remote_address: BigInt,
+    /// Remote buffer length.
+    pub remote_length: f64,
+    /// Local registered buffer.
+    pub local: Uint8Array,
+    /// `read` or `write`.
+    pub op: String,
+    /// Bytes per request.
+    pub block_size: f64,
+    /// Requests per batch.
+    pub batch_size: u32,
+    /// Concurrent submitters.
+    pub threads: u32,
+    /// Seconds to run.
+    pub duration_sec: f64,
+    /// Print a progress line to stderr.
+    pub progress: bool,
+}
+
+/// What it measured.
+#[napi(object)]
+pub struct BenchReport {
+    /// Bytes moved.
+    pub bytes: f64,
+    /// Requests completed.
+    pub requests: f64,
+    /// Seconds measured.
+    pub seconds: f64,
+    /// GB/s (10^9 bytes per second).
+    pub gbps: f64,
+    /// Requests per second.
+    pub requests_per_sec: f64,
+    /// Median request latency, µs.
+    pub p50_us: f64,
+    /// 99th-percentile request latency, µs.
+    pub p99_us: f64,
+}
+
+impl From<bench::BenchReport> for BenchReport {
+    fn from(r: bench::BenchReport) -> Self {
+        Self {
+            bytes: r.bytes as f64,
+            requests: r.requests as f64,
+            seconds: r.seconds,
+            gbps: r.gbps,
+            requests_per_sec: r.requests_per_sec,
+            p50_us: r.p50_us,
+            p99_us: r.p99_us,
+        }
+    }
+}
+
+fn opcode(op: &str) -> Result<Opcode> {
+    match op {
+        "read" => Ok(Opcode::Read),
+        "write" => Ok(Opcode::Write),
+        other => Err(invalid(format!(
+            "op must be 'read' or 'write', not '{other}'"
+        ))),
+    }
+}
+
+fn duration(seconds: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| invalid("duration must be a positive number of seconds"))
+}
+
+pub(crate) async fn run(
+    engine: &Arc<TransferEngine>,
+    options: BenchOptions,
+) -> Result<BenchReport> {
+    let local = (options.local.as_ptr() as usize, options.local.len());
+    let options = bench::BenchOptions {
+        segment: Handle::from_u64(bigint_u64(&options.segment, "segment")?),
+        remote: (
+            bigint_u64(&options.remote_address, "remoteAddress")?,
+            to_len(options.remote_length, "remoteLength")? as u64,
+        ),
+        local,
+        op: opcode(&options.op)?,
+        block_size: to_len(options.block_size, "blockSize")?,
+        batch_size: options.batch_size as usize,
+        threads: options.threads as usize,
+        duration: duration(options.duration_sec)?,
+        progress: options.progress,
+    };
+    if !engine.is_registered(options.local.0, options.local.1) {
+        return Err(invalid("the bench's local buffer must be registered"));
+    }
+    bench::run(engine, &options).await.napi().map(Into::into)
+}
+
+/// Starts the raw socket pump server on its own thread; returns its port.
+#[napi]
+pub fn raw_pump_serve(host: String, port: u32, buffer_size: f64) -> Result<u32> {
+    let port = u16::try_from(port).map_err(|_| invalid("port must be within 0-65535"))?;
+    bench::raw::serve(&host, port, to_len(buffer_size, "bufferSize")?)
+        .napi()
+        .map(u32::from)
+}
+
+/// Runs the raw socket pump against `addr` (`host:port`).
+#[napi]
+pub async fn raw_pump_run(
+    addr: String,
+    op: String,
+    block_size: f64,
+    buffer_size: f64,
+    duration_sec: f64,
+) -> Result<BenchReport> {
+    let op = opcode(&op)?;
+    let (block, buffer, duration) = (
+        to_len(block_size, "blockSize")?,
+        to_len(buffer_size, "bufferSize")?,
+        duration(duration_sec)?,
+    );
+    tokio::task::spawn_blocking(move || bench::raw::run(&addr, op, block, buffer, duration))
+        .await
+        .map_err(|e| invalid(format!("raw pump thread: {e}")))?
+        .napi()
+        .map(Into::into)
+}

@@ -1,0 +1,268 @@
+#!/usr/bin/env node
+/**
+ * The `mooncake` command line.
+ *
+ *   mooncake demo                     two engines in two processes move 1 GiB over loopback
+ *   mooncake metadata-server          an HTTP metadata server
+ *   mooncake bench --mode target|initiator ...   Mooncake's transfer_engine_bench
+ *   mooncake bench-raw --mode target|initiator ...   the raw TCP socket baseline
+ */
+import { spawn } from 'node:child_process'
+import { createInterface } from 'node:readline'
+import { parseArgs } from 'node:util'
+
+import { rawPumpRun, rawPumpServe, type BenchReport } from './binding'
+import { nativeAsync, native, MooncakeError } from './errors'
+import { TransferEngine, type TransferRequest } from './engine'
+import { startMetadataServer } from './metadata-server'
+
+const USAGE = `usage: mooncake <command> [options]
+
+commands:
+  demo              two engines in two processes move 1 GiB over loopback and report throughput
+  metadata-server   run an HTTP metadata server   [--host 127.0.0.1] [--port 8080]
+  bench             Mooncake's transfer_engine_bench
+                      --mode target|initiator   --metadata P2PHANDSHAKE|http://host:port/metadata
+                      --local-server-name 127.0.0.1   --segment <target name>   --protocol auto|tcp
+                      --op read|write   --block-size 65536   --batch-size 128   --threads 4
+                      --duration 10   --buffer-size 256MiB   --json   --via-js
+  bench-raw         raw TCP socket pump, the baseline
+                      --mode target|initiator   --host 127.0.0.1   --port N   --op read|write
+                      --block-size 65536   --duration 10   --buffer-size 256MiB   --json
+`
+
+function parseSize(text: string): number {
+  const match = /^(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?$/i.exec(text.trim())
+  if (!match) throw new MooncakeError('ERR_INVALID_ARGUMENT', `not a size: '${text}'`)
+  const unit = (match[2] ?? '').toLowerCase()[0]
+  const scale = unit === 'k' ? 2 ** 10 : unit === 'm' ? 2 ** 20 : unit === 'g' ? 2 ** 30 : unit === 't' ? 2 ** 40 : 1
+  return Math.round(Number(match[1]) * scale)
+}
+
+function untilSignal(): Promise<void> {
+  return new Promise((resolve) => {
+    process.once('SIGINT', resolve)
+    process.once('SIGTERM', resolve)
+  })
+}
+
+function printReport(label: string, report: BenchReport, json: boolean, extra: Record<string, unknown>): void {
+  if (json) {
+    console.log(JSON.stringify({ label, ...extra, ...report }))
+    return
+  }
+  console.log(
+    `${label}: ${report.gbps.toFixed(2)} GB/s, ${Math.round(report.requestsPerSec)} requests/s, ` +
+      `latency p50 ${report.p50Us.toFixed(0)} µs, p99 ${report.p99Us.toFixed(0)} µs ` +
+      `(${(report.bytes / 1e9).toFixed(2)} GB in ${report.seconds.toFixed(2)} s)`,
+  )
+}
+
+const BENCH_OPTIONS = {
+  mode: { type: 'string', default: 'initiator' },
+  metadata: { type: 'string', default: 'P2PHANDSHAKE' },
+  'local-server-name': { type: 'string', default: '127.0.0.1' },
+  segment: { type: 'string' },
+  protocol: { type: 'string', default: 'auto' },
+  op: { type: 'string', default: 'read' },
+  'block-size': { type: 'string', default: '65536' },
+  'batch-size': { type: 'string', default: '128' },
+  threads: { type: 'string', default: '4' },
+  duration: { type: 'string', default: '10' },
+  'buffer-size': { type: 'string', default: '256MiB' },
+  'tcp-lanes': { type: 'string' },
+  json: { type: 'boolean', default: false },
+  'via-js': { type: 'boolean', default: false },
+  host: { type: 'string', default: '127.0.0.1' },
+  port: { type: 'string', default: '0' },
+} as const
+
+async function bench(argv: string[]): Promise<void> {
+  const { values: o } = parseArgs({ args: argv, options: BENCH_OPTIONS, strict: true })
+  const engine = await TransferEngine.create({
+    localServerName: o['local-server-name'],
+    metadata: o.metadata,
+    protocol: o.protocol as 'auto' | 'tcp',
+    ...(o['tcp-lanes'] ? { tcpLanesPerPeer: Number(o['tcp-lanes']) } : {}),
+  })
+  try {
+    const bufferSize = parseSize(o['buffer-size'])
+    const buffer = engine.allocate(bufferSize)
+    if (o.mode === 'target') {
+      console.log(o.json ? JSON.stringify({ segment: engine.segmentName }) : `segment: ${engine.segmentName}`)
+      await untilSignal()
+      return
+    }
+    if (o.mode !== 'initiator') throw new MooncakeError('ERR_INVALID_ARGUMENT', `--mode must be target or initiator`)
+    if (!o.segment) throw new MooncakeError('ERR_INVALID_ARGUMENT', '--segment is required in initiator mode')
+    const segment = await engine.openSegment(o.segment)
+    const remote = segment.buffers.reduce((a, b) => (b.length > a.length ? b : a))
+    const op = o.op === 'write' ? 'write' : o.op === 'read' ? 'read' : undefined
+    if (!op) throw new MooncakeError('ERR_INVALID_ARGUMENT', '--op must be read or write')
+    const blockSize = parseSize(o['block-size'])
+    const batchSize = Number(o['batch-size'])
+    const threads = Number(o.threads)
+    const duration = Number(o.duration)
+    const progress = !o.json && process.stderr.isTTY
+    const report = o['via-js']
+      ? await benchViaJs(engine, { segment, remote, buffer, op, blockSize, batchSize, threads, duration })
+      : await nativeAsync(() =>
+          engine.native.bench({
+            segment: segment.id,
+            remoteAddress: remote.address,
+            remoteLength: remote.length,
+            local: buffer,
+            op,
+            blockSize,
+            batchSize,
+            threads,
+            durationSec: duration,
+            progress,
+          }),
+        )
+    printReport(o['via-js'] ? 'engine (via js)' : 'engine', report, o.json, { op, blockSize, batchSize, threads })
+  } finally {
+    await engine.close()
+  }
+}
+
+interface JsLoad {
+  segment: Awaited<ReturnType<TransferEngine['openSegment']>>
+  remote: { address: bigint; length: number }
+  buffer: Buffer
+  op: 'read' | 'write'
+  blockSize: number
+  batchSize: number
+  threads: number
+  duration: number
+}
+
+/** The same load as the native bench, driven through the TypeScript facade. */
+async function benchViaJs(engine: TransferEngine, load: JsLoad): Promise<BenchReport> {
+  const slots = Math.min(Math.floor(load.remote.length / load.blockSize), Math.floor(load.buffer.length / load.blockSize))
+  if (slots === 0) throw new MooncakeError('ERR_INVALID_ARGUMENT', 'buffers are smaller than one block')
+  const latencies: number[] = []
+  let bytes = 0
+  const start = process.hrtime.bigint()
+  const stopAt = start + BigInt(Math.round(load.duration * 1e9))
+  const worker = async (tid: number): Promise<void> => {
+    for (let round = 0; process.hrtime.bigint() < stopAt; round++) {
+      const requests: TransferRequest[] = []
+      for (let i = 0; i < load.batchSize; i++) {
+        const slot = ((round * load.batchSize + i) * load.threads + tid) % slots
+        requests.push({
+          op: load.op,
+          segment: load.segment,
+          local: load.buffer,
+          localOffset: slot * load.blockSize,
+          remoteAddress: load.remote.address + BigInt(slot * load.blockSize),
+          length: load.blockSize,
+        })
+      }
+      const began = process.hrtime.bigint()
+      await engine.transfer(requests)
+      latencies.push(Number(process.hrtime.bigint() - began) / 1e3)
+      bytes += load.blockSize * load.batchSize
+    }
+  }
+  await Promise.all(Array.from({ length: load.threads }, (_, tid) => worker(tid)))
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9
+  latencies.sort((a, b) => a - b)
+  const pct = (p: number) => (latencies.length ? latencies[Math.round((latencies.length - 1) * p)] : 0)
+  const requests = latencies.length * load.batchSize
+  return { bytes, requests, seconds, gbps: bytes / seconds / 1e9, requestsPerSec: requests / seconds, p50Us: pct(0.5), p99Us: pct(0.99) }
+}
+
+async function benchRaw(argv: string[]): Promise<void> {
+  const { values: o } = parseArgs({ args: argv, options: BENCH_OPTIONS, strict: true })
+  const bufferSize = parseSize(o['buffer-size'])
+  if (o.mode === 'target') {
+    const port = native(() => rawPumpServe(o.host, Number(o.port), bufferSize))
+    const address = `${o.host}:${port}`
+    console.log(o.json ? JSON.stringify({ segment: address }) : `segment: ${address}`)
+    await untilSignal()
+    process.exit(0)
+  }
+  if (!o.segment) throw new MooncakeError('ERR_INVALID_ARGUMENT', '--segment host:port is required in initiator mode')
+  const blockSize = parseSize(o['block-size'])
+  const report = await nativeAsync(() => rawPumpRun(o.segment!, o.op, blockSize, bufferSize, Number(o.duration)))
+  printReport('raw tcp', report, o.json, { op: o.op, blockSize })
+}
+
+async function metadataServer(argv: string[]): Promise<void> {
+  const { values: o } = parseArgs({
+    args: argv,
+    options: { host: { type: 'string', default: '127.0.0.1' }, port: { type: 'string', default: '8080' } },
+  })
+  const server = await startMetadataServer({ host: o.host, port: Number(o.port) })
+  console.log(`metadata server: ${server.url}`)
+  await untilSignal()
+  await server.close()
+}
+
+/** The main job: a target process and this one move 1 GiB each way and verify it. */
+async function demo(): Promise<void> {
+  const size = 1 << 30
+  const target = spawn(process.execPath, [__filename, 'bench', '--mode', 'target', '--buffer-size', String(size), '--json'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  })
+  try {
+    const line = await new Promise<string>((resolve, reject) => {
+      createInterface({ input: target.stdout! }).once('line', resolve)
+      target.once('exit', (code) => reject(new MooncakeError('ERR_SOCKET', `target exited with ${code}`)))
+    })
+    const segmentName = (JSON.parse(line) as { segment: string }).segment
+    console.log(`target process ${target.pid} serves segment ${segmentName}`)
+    const engine = await TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE' })
+    try {
+      const source = engine.allocate(size)
+      for (let i = 0; i < size; i += 4096) source.writeUInt32LE((i * 2654435761) >>> 0, i)
+      const back = engine.allocate(size)
+      const segment = await engine.openSegment(segmentName)
+      const remote = segment.buffers[0]
+      for (const op of ['write', 'read'] as const) {
+        const began = process.hrtime.bigint()
+        if (op === 'write') await engine.write(segment, source, remote.address)
+        else await engine.read(segment, back, remote.address)
+        const seconds = Number(process.hrtime.bigint() - began) / 1e9
+        console.log(`${op} 1 GiB in ${(seconds * 1e3).toFixed(0)} ms: ${(size / seconds / 1e9).toFixed(2)} GB/s`)
+      }
+      const same = source.equals(back)
+      console.log(same ? 'verified: the bytes read back equal the bytes written' : 'MISMATCH between written and read bytes')
+      if (!same) process.exitCode = 1
+    } finally {
+      await engine.close()
+    }
+  } finally {
+    target.kill('SIGTERM')
+  }
+}
+
+async function main(): Promise<void> {
+  const [command, ...rest] = process.argv.slice(2)
+  switch (command) {
+    case 'demo':
+      return demo()
+    case 'metadata-server':
+      return metadataServer(rest)
+    case 'bench':
+      return bench(rest)
+    case 'bench-raw':
+      return benchRaw(rest)
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE)
+      return
+    default:
+      process.stderr.write(`unknown command '${command}'\n\n${USAGE}`)
+      process.exitCode = 2
+  }
+}
+
+main().catch((error: unknown) => {
+  const e = error instanceof MooncakeError ? error : error instanceof Error ? error : new Error(String(error))
+  process.stderr.write(`mooncake: ${'code' in e ? `${e.code}: ` : ''}${e.message}\n`)
+  process.exitCode = 1
+})

@@ -1,0 +1,261 @@
+import { EventEmitter } from 'node:events'
+
+import { createEngine, type NativeBatch, type NativeEngine, type NativeRequest } from './binding'
+import { invalidArgument, MooncakeError, native, nativeAsync, toMooncakeError } from './errors'
+
+/** Options of {@link TransferEngine.create}. */
+export interface TransferEngineOptions {
+  /**
+   * This engine's name: a host (`'127.0.0.1'`, `'node01'`) or `host:port`. In P2P mode the
+   * published segment name becomes `host:<rpc port>`; read it from {@link TransferEngine.segmentName}.
+   */
+  localServerName: string
+  /** `'P2PHANDSHAKE'` (no metadata server) or `'http://host:port/metadata'`. */
+  metadata: string
+  /** Transport: `'auto'` (default) or `'tcp'`. */
+  protocol?: 'auto' | 'tcp'
+  /** Address peers use to reach this engine. Default: `MC_TCP_BIND_ADDRESS`, else the host of `localServerName` if it resolves, else the first network interface. */
+  ipOrHostName?: string
+  /** Handshake (RPC) port. Default: random in 15000-17000 (`MC_MIN_RPC_PORT`/`MC_MAX_RPC_PORT`). */
+  rpcPort?: number
+  /** TCP data port. Default: random in the same range. */
+  tcpDataPort?: number
+  /** Persistent connections per peer, 1-16. Default 4 (`MC_TCP_LANES_PER_PEER`). More lanes, more requests in flight. */
+  tcpLanesPerPeer?: number
+  /** Largest piece a request is cut into; pieces spread over the lanes. Default 1 MiB. */
+  sliceSize?: number
+  /** Connect timeout for handshakes and data lanes, ms. Default 5000 (`MC_HANDSHAKE_CONNECT_TIMEOUT`). */
+  connectTimeoutMs?: number
+  /** A data exchange that makes no progress for this long fails, ms. Default 30000 (`MC_TCP_STATUS_TIMEOUT_SEC`). */
+  ioTimeoutMs?: number
+  /** Metadata key namespace (`MC_METADATA_CLUSTER_ID`). */
+  clusterId?: string
+}
+
+/** One registered buffer of a remote segment. */
+export interface BufferDescriptor {
+  /** Address of its first byte in the owner's memory: what requests target. */
+  readonly address: bigint
+  /** Length in bytes. */
+  readonly length: number
+  /** Memory location (`cpu:0`, `*`); Mooncake TCP peers publish their segment name here. */
+  readonly location: string
+}
+
+/** An opened remote segment. */
+export interface Segment {
+  /** The name it was opened by. */
+  readonly name: string
+  /** Its registered buffers, as of the last refresh. */
+  readonly buffers: readonly BufferDescriptor[]
+  /** Engine-internal handle. */
+  readonly id: bigint
+}
+
+/** A one-sided request. */
+export interface TransferRequest {
+  /** `'read'`: remote to local. `'write'`: local to remote. */
+  op: 'read' | 'write'
+  /** Target segment, from {@link TransferEngine.openSegment}. */
+  segment: Segment
+  /** Local memory: a Buffer from {@link TransferEngine.allocate}, or one passed to {@link TransferEngine.register}. */
+  local: Uint8Array
+  /** Offset into `local`. Default 0. */
+  localOffset?: number
+  /** Address in the target's memory (a buffer's `address` plus an offset). */
+  remoteAddress: bigint
+  /** Bytes to move. Default: the rest of `local` after `localOffset`. */
+  length?: number
+}
+
+/** Options of a submission. */
+export interface TransferOptions {
+  /** Sent to the first request's segment once the whole batch has completed. */
+  notify?: string
+  /** Every request must finish within this many ms, or its task ends as `TIMEOUT`. */
+  timeoutMs?: number
+}
+
+/** Mooncake's task states; `code` in {@link TaskStatus} carries its numbering (0-6). */
+export type TaskStatusName = 'WAITING' | 'PENDING' | 'INVALID' | 'CANCELED' | 'COMPLETED' | 'TIMEOUT' | 'FAILED'
+
+/** The state of one request of a batch. */
+export interface TaskStatus {
+  /** State name. */
+  status: TaskStatusName
+  /** Mooncake's numeric state: WAITING 0, PENDING 1, INVALID 2, CANCELED 3, COMPLETED 4, TIMEOUT 5, FAILED 6. */
+  code: number
+  /** Bytes that arrived (a lower bound while `WAITING`). */
+  transferredBytes: number
+  /** Why the task did not complete. */
+  error?: MooncakeError
+}
+
+/** A notification from a peer. */
+export interface NotifyEvent {
+  /** The sender's segment name. */
+  from: string
+  /** The payload. */
+  message: string
+}
+
+/**
+ * A submitted batch. Its requests run concurrently; {@link Batch.done} settles when all have.
+ *
+ * The memory of every request belongs to the engine until the batch settles: do not read or
+ * write those bytes from JavaScript meanwhile.
+ */
+export class Batch {
+  /** @hideconstructor */
+  constructor(private readonly inner: NativeBatch) {}
+
+  /** Resolves when every request completed; rejects with the first failure (a {@link MooncakeError}). Never stays pending: dead peers, timeouts and `close()` settle it. */
+  done(): Promise<void> {
+    return nativeAsync(() => this.inner.done())
+  }
+
+  /** Per-request state, in request order. */
+  status(): TaskStatus[] {
+    return native(() => this.inner.status()).map((task) => ({
+      status: task.status as TaskStatusName,
+      code: task.code,
+      transferredBytes: task.transferredBytes,
+      ...(task.error === undefined || task.error === null ? {} : { error: toMooncakeError(task.error) }),
+    }))
+  }
+}
+
+/**
+ * A Mooncake transfer engine: one segment of registered memory that peers read and write, and
+ * batched one-sided reads and writes of other segments, over Mooncake's wire protocols.
+ *
+ * Rule of registered memory: while a transfer that uses a buffer is pending, JavaScript must
+ * not touch those bytes; peers may read and write registered memory at any time.
+ *
+ * An open engine keeps the process alive (like a listening server); {@link close} releases it.
+ *
+ * @example
+ * ```ts
+ * const engine = await TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE' })
+ * const buf = engine.allocate(1 << 20)
+ * const peer = await engine.openSegment('127.0.0.1:15123')
+ * await engine.read(peer, buf, peer.buffers[0].address)
+ * await engine.close()
+ * ```
+ */
+export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
+  private constructor(private readonly inner: NativeEngine) {
+    super()
+  }
+
+  /** Starts an engine: binds its handshake and data ports and publishes its metadata. */
+  static async create(options: TransferEngineOptions): Promise<TransferEngine> {
+    if (typeof options !== 'object' || options === null) throw invalidArgument('options are required')
+    let engine: TransferEngine | undefined
+    const inner = await nativeAsync(() =>
+      createEngine(options, (event) => {
+        engine?.emit('notify', event)
+      }),
+    )
+    engine = new TransferEngine(inner)
+    return engine
+  }
+
+  /** The name peers pass to {@link openSegment}: `host:port` in P2P mode. */
+  get segmentName(): string {
+    return this.inner.segmentName
+  }
+
+  /** The handshake (RPC) port. */
+  get rpcPort(): number {
+    return this.inner.rpcPort
+  }
+
+  /** The TCP data port. */
+  get dataPort(): number {
+    return this.inner.dataPort
+  }
+
+  /**
+   * Allocates `size` bytes of registered engine memory (shared memory owned by the engine),
+   * zero-filled. Peers can read and write it at once; it stays valid while the Buffer is
+   * reachable, even after {@link close}.
+   */
+  allocate(size: number): Buffer {
+    return native(() => this.inner.allocate(size))
+  }
+
+  /** Registers caller memory so transfers and peers can use it. It is referenced until {@link unregister}. Overlapping registrations fail with `ERR_ADDRESS_OVERLAPPED`. */
+  register(buffer: Uint8Array, location?: string): void {
+    native(() => this.inner.register(buffer, location))
+  }
+
+  /** Unregisters `buffer` (its first byte must be the start of a registration). Fails with `ERR_BUFFER_BUSY` while a transfer uses it. */
+  unregister(buffer: Uint8Array): void {
+    native(() => this.inner.unregister(buffer))
+  }
+
+  /** The address of `buffer`'s first byte, as a peer targets it. */
+  addressOf(buffer: Uint8Array): bigint {
+    return native(() => this.inner.addressOf(buffer))
+  }
+
+  /** Opens a segment by name (`host:port` in P2P mode). Cached after the first call. */
+  openSegment(name: string): Promise<Segment> {
+    return nativeAsync(() => this.inner.openSegment(name))
+  }
+
+  /** Writes `local[localOffset, localOffset + length)` to `remoteAddress` in `segment`. */
+  write(segment: Segment, local: Uint8Array, remoteAddress: bigint, length?: number, localOffset?: number): Promise<void> {
+    return this.transfer([{ op: 'write', segment, local, remoteAddress, length, localOffset }])
+  }
+
+  /** Reads `length` bytes at `remoteAddress` in `segment` into `local` at `localOffset`. */
+  read(segment: Segment, local: Uint8Array, remoteAddress: bigint, length?: number, localOffset?: number): Promise<void> {
+    return this.transfer([{ op: 'read', segment, local, remoteAddress, length, localOffset }])
+  }
+
+  /** Runs a batch and resolves when every request completed; rejects with the first failure. */
+  transfer(requests: readonly TransferRequest[], options?: TransferOptions): Promise<void> {
+    return nativeAsync(() => this.inner.transfer(toNative(requests), options))
+  }
+
+  /** Submits a batch and returns at once; await {@link Batch.done}. */
+  submit(requests: readonly TransferRequest[], options?: TransferOptions): Batch {
+    return new Batch(native(() => this.inner.submit(toNative(requests), options)))
+  }
+
+  /** Sends a notification to a segment; its engine emits `'notify'`. */
+  sendNotify(segmentName: string, message: string): Promise<void> {
+    return nativeAsync(() => this.inner.sendNotify(segmentName, message))
+  }
+
+  /**
+   * Closes the engine: stops serving peers, settles every pending batch with `ERR_CLOSED`,
+   * removes published metadata and joins every background task. Idempotent.
+   */
+  close(): Promise<void> {
+    return nativeAsync(() => this.inner.close())
+  }
+
+  /** @internal The native engine, for the bench. */
+  get native(): NativeEngine {
+    return this.inner
+  }
+}
+
+function toNative(requests: readonly TransferRequest[]): NativeRequest[] {
+  if (!Array.isArray(requests)) throw invalidArgument('requests must be an array')
+  return requests.map((request, i) => {
+    if (typeof request !== 'object' || request === null) throw invalidArgument(`request ${i} is not an object`)
+    const { op, segment, local, remoteAddress } = request
+    if (!(local instanceof Uint8Array)) throw invalidArgument(`request ${i}: local must be a Buffer or Uint8Array`)
+    if (typeof segment !== 'object' || segment === null || typeof segment.id !== 'bigint') {
+      throw invalidArgument(`request ${i}: segment must come from openSegment()`)
+    }
+    if (typeof remoteAddress !== 'bigint') throw invalidArgument(`request ${i}: remoteAddress must be a bigint`)
+    const localOffset = request.localOffset ?? 0
+    const length = request.length ?? local.byteLength - localOffset
+    return { op, segment: segment.id, local, localOffset, remoteAddress, length }
+  })
+}

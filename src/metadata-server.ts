@@ -1,0 +1,37 @@
+import { startMetadataServer as startNative, type NativeMetadataServer } from './binding'
+import { nativeAsync } from './errors'
+
+/** Options of {@link startMetadataServer}. */
+export interface MetadataServerOptions {
+  /** Interface to listen on. Default `127.0.0.1`. */
+  host?: string
+  /** Port; 0 (the default) picks a free one. */
+  port?: number
+}
+
+/** A running HTTP metadata server (Mooncake's `GET/PUT/DELETE /metadata?key=` protocol). */
+export class MetadataServer {
+  /** @hideconstructor */
+  constructor(private readonly inner: NativeMetadataServer) {}
+
+  /** The URL engines pass as `metadata`: `http://host:port/metadata`. */
+  get url(): string {
+    return this.inner.url
+  }
+
+  /** The bound port. */
+  get port(): number {
+    return this.inner.port
+  }
+
+  /** Stops the server. Idempotent. */
+  close(): Promise<void> {
+    return nativeAsync(() => this.inner.close())
+  }
+}
+
+/** Starts an HTTP metadata server in this process. */
+export async function startMetadataServer(options: MetadataServerOptions = {}): Promise<MetadataServer> {
+  const inner = await nativeAsync(() => startNative(options.host ?? '127.0.0.1', options.port ?? 0))
+  return new MetadataServer(inner)
+}
