@@ -1,0 +1,67 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { once } from 'node:events'
+import { createInterface } from 'node:readline'
+import { join } from 'node:path'
+
+/** What a peer process reports once it serves. */
+export interface PeerInfo {
+  segment: string
+  address: bigint
+  length: number
+  rpcPort: number
+  dataPort: number
+  child: ChildProcess
+}
+
+/** Options a peer process starts with. */
+export interface PeerOptions {
+  size: number
+  seed?: number
+  metadata?: string
+  localServerName?: string
+}
+
+const FIXTURES = join(__dirname, 'fixtures')
+
+/** Runs a TypeScript fixture in a child Node process. */
+export function runFixture(name: string, args: string[] = [], stdio: 'pipe' | 'inherit' = 'pipe'): ChildProcess {
+  return spawn(process.execPath, ['--import=tsx', join(FIXTURES, name), ...args], {
+    stdio: ['pipe', stdio, 'inherit'],
+  })
+}
+
+/** Starts a peer engine in its own process and waits until it serves. */
+export async function startPeer(options: PeerOptions): Promise<PeerInfo> {
+  const child = runFixture('peer.ts', [JSON.stringify(options)])
+  const lines = createInterface({ input: child.stdout! })
+  const exited = once(child, 'exit').then(([code]) => {
+    throw new Error(`peer exited early with ${code}`)
+  })
+  const [line] = (await Promise.race([once(lines, 'line'), exited])) as [string]
+  const info = JSON.parse(line) as Omit<PeerInfo, 'child' | 'address'> & { address: string }
+  return { ...info, address: BigInt(info.address), child }
+}
+
+/** Stops a peer and waits for its exit code. */
+export async function stopPeer(peer: PeerInfo, signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
+  if (peer.child.exitCode !== null || peer.child.signalCode !== null) return peer.child.exitCode
+  const exited = once(peer.child, 'exit')
+  peer.child.kill(signal)
+  const [code] = await exited
+  return code as number | null
+}
+
+/** Deterministic bytes: what a peer with `seed` holds at `offset`. */
+export function pattern(seed: number, offset: number, length: number): Buffer {
+  const out = Buffer.allocUnsafe(length)
+  fillPattern(out, seed, offset)
+  return out
+}
+
+/** Fills `buffer` with the pattern of `seed`, as if it started at `offset`. */
+export function fillPattern(buffer: Uint8Array, seed: number, offset = 0): void {
+  for (let i = 0; i < buffer.length; i++) {
+    const x = offset + i
+    buffer[i] = (x * 31 + seed + (x >>> 8) * 7) & 0xff
+  }
+}
