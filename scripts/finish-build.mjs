@@ -1,7 +1,6 @@
-// Completes `tsc`: puts the generated native loader and the .node beside the compiled facade,
-// adds the ESM entry point and makes the CLI executable.
+// Completes `tsc`: puts the generated native loader (and a locally built .node) beside the
+// compiled facade, adds the ESM entry point and makes the CLI executable.
 import { chmodSync, copyFileSync, readdirSync, writeFileSync } from 'node:fs'
-import { createRequire } from 'node:module'
 import { join } from 'node:path'
 
 const src = new URL('../src/', import.meta.url).pathname
@@ -13,10 +12,6 @@ for (const file of readdirSync(src)) {
   }
 }
 
-const require = createRequire(import.meta.url)
-const names = Object.keys(require(join(dist, 'index.js'))).filter((n) => n !== 'default')
-writeFileSync(
-  join(dist, 'index.mjs'),
-  `import facade from './index.js'\nexport const { ${names.join(', ')} } = facade\nexport default facade\n`,
-)
+// Node finds the CommonJS build's named exports statically, so ESM re-exports them as-is.
+writeFileSync(join(dist, 'index.mjs'), "export * from './index.js'\n")
 chmodSync(join(dist, 'cli.js'), 0o755)

@@ -39,21 +39,28 @@ function parseSize(text: string): number {
   return Math.round(Number(match[1]) * scale)
 }
 
+/** Resolves on SIGINT or SIGTERM, keeping the process alive until then. */
 function untilSignal(): Promise<void> {
+  const keepAlive = setInterval(() => undefined, 1 << 30)
   return new Promise((resolve) => {
-    process.once('SIGINT', resolve)
-    process.once('SIGTERM', resolve)
+    const stop = () => {
+      clearInterval(keepAlive)
+      resolve()
+    }
+    process.once('SIGINT', stop)
+    process.once('SIGTERM', stop)
   })
 }
 
+/** `latencyOf` says what p50/p99 time: one request (native loop) or one batch (via JS, where per-request completion is not observable). */
 function printReport(label: string, report: BenchReport, json: boolean, extra: Record<string, unknown>): void {
   if (json) {
     console.log(JSON.stringify({ label, ...extra, ...report }))
     return
   }
+  const latency = extra.latencyOf === undefined ? '' : ` ${String(extra.latencyOf)} latency p50 ${report.p50Us.toFixed(0)} µs, p99 ${report.p99Us.toFixed(0)} µs`
   console.log(
-    `${label}: ${report.gbps.toFixed(2)} GB/s, ${Math.round(report.requestsPerSec)} requests/s, ` +
-      `latency p50 ${report.p50Us.toFixed(0)} µs, p99 ${report.p99Us.toFixed(0)} µs ` +
+    `${label}: ${report.gbps.toFixed(2)} GB/s, ${Math.round(report.requestsPerSec)} requests/s,${latency} ` +
       `(${(report.bytes / 1e9).toFixed(2)} GB in ${report.seconds.toFixed(2)} s)`,
   )
 }
@@ -103,7 +110,7 @@ async function bench(argv: string[]): Promise<void> {
     const batchSize = Number(o['batch-size'])
     const threads = Number(o.threads)
     const duration = Number(o.duration)
-    const progress = !o.json && process.stderr.isTTY
+    const progress = !o.json && process.stderr.isTTY === true
     const report = o['via-js']
       ? await benchViaJs(engine, { segment, remote, buffer, op, blockSize, batchSize, threads, duration })
       : await nativeAsync(() =>
@@ -120,7 +127,13 @@ async function bench(argv: string[]): Promise<void> {
             progress,
           }),
         )
-    printReport(o['via-js'] ? 'engine (via js)' : 'engine', report, o.json, { op, blockSize, batchSize, threads })
+    printReport(o['via-js'] ? 'engine (via js)' : 'engine', report, o.json, {
+      op,
+      blockSize,
+      batchSize,
+      threads,
+      latencyOf: o['via-js'] ? 'batch' : 'request',
+    })
   } finally {
     await engine.close()
   }
