@@ -216,7 +216,18 @@ impl NativeEngine {
         let ptr = arena.as_ptr();
         // SAFETY: the arena stays mapped while the finalizer hint (an Arc of it) lives, and
         // that hint is dropped only when V8 collects the Buffer.
-        unsafe { BufferSlice::from_external(env, ptr, size, arena, |_, arena| drop(arena)) }
+        let buffer =
+            unsafe { BufferSlice::from_external(env, ptr, size, arena, |_, arena| drop(arena)) }?;
+        if buffer.as_ptr() != ptr.cast_const() {
+            // The runtime refuses external buffers and handed back a copy, which is not
+            // registered memory.
+            let _ = self.inner.unregister(ptr as usize);
+            return Err(to_napi(mooncake_common::Error::new(
+                mooncake_common::ErrorKind::Memory,
+                "this JavaScript runtime does not allow external buffers; use register() on your own buffers",
+            )));
+        }
+        Ok(buffer)
     }
 
     /// Registers caller memory; it is referenced until `unregister`.

@@ -14,9 +14,15 @@ fn slicing(c: &mut Criterion) {
     let mut group = c.benchmark_group("slicing");
     group.throughput(Throughput::Elements(1));
     group.bench_function("64 MiB request into 1 MiB slices", |b| {
-        b.iter(|| slicing::slices(black_box(64 << 20), black_box(1 << 20)).map(|(_, l)| l).sum::<usize>())
+        b.iter(|| {
+            slicing::slices(black_box(64 << 20), black_box(1 << 20))
+                .map(|(_, l)| l)
+                .sum::<usize>()
+        })
     });
-    group.bench_function("slice_count", |b| b.iter(|| slicing::slice_count(black_box(10 << 20 | 12345), black_box(1 << 20))));
+    group.bench_function("slice_count", |b| {
+        b.iter(|| slicing::slice_count(black_box(10 << 20 | 12345), black_box(1 << 20)))
+    });
     group.finish();
 }
 
@@ -31,8 +37,13 @@ fn codecs(c: &mut Criterion) {
     group.bench_function("tcp header encode+decode", |b| {
         b.iter(|| Header::decode(&black_box(header).encode()).ok())
     });
-    group.bench_function("tcp status decode", |b| b.iter(|| Status::decode(black_box(&Status::Ok.encode()))));
-    let notify = frame::encode(MessageType::Notify, br#"{"name":"127.0.0.1:15001","notify_msg":"kv-ready"}"#);
+    group.bench_function("tcp status decode", |b| {
+        b.iter(|| Status::decode(black_box(&Status::Ok.encode())))
+    });
+    let notify = frame::encode(
+        MessageType::Notify,
+        br#"{"name":"127.0.0.1:15001","notify_msg":"kv-ready"}"#,
+    );
     group.bench_function("handshake frame check+parse", |b| {
         b.iter(|| {
             let total = frame::check(black_box(&notify), 1 << 20).ok()?;
@@ -66,11 +77,17 @@ fn registry(c: &mut Criterion) {
     let registry = MemoryRegistry::default();
     for i in 0..1024usize {
         // SAFETY: these regions are only looked up, never read or written.
-        let region = unsafe { Region::external(0x1000_0000 + i * 0x10_0000, 0x8_0000, "*", Box::new(())) };
+        let region =
+            unsafe { Region::external(0x1000_0000 + i * 0x10_0000, 0x8_0000, "*", Box::new(())) };
         registry.register(region).expect("disjoint");
     }
     c.bench_function("registry lookup among 1024 regions", |b| {
-        b.iter(|| registry.find(black_box(0x1000_0000 + 517 * 0x10_0000 + 4096), black_box(65536)))
+        b.iter(|| {
+            registry.find(
+                black_box(0x1000_0000 + 517 * 0x10_0000 + 4096),
+                black_box(65536),
+            )
+        })
     });
 }
 

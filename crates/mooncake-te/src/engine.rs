@@ -436,14 +436,11 @@ impl TransferEngine {
                 self.dispatch_after_refresh(job);
             }
         }
-        let notify = match options.notify {
-            Some(message) => Some(PendingNotify {
-                target: resolved[0].0.name.clone(),
-                message,
-                sent: OnceCell::new(),
-            }),
-            None => None,
-        };
+        let notify = options.notify.map(|message| PendingNotify {
+            target: resolved[0].0.name.clone(),
+            message,
+            sent: OnceCell::new(),
+        });
         let has_notify = notify.is_some();
         let batch = Arc::new(Batch {
             tasks,
@@ -747,6 +744,19 @@ impl TransferEngine {
         if let Some(publisher) = &self.publisher {
             publisher.dirty.notify_one();
         }
+    }
+}
+
+impl Drop for TransferEngine {
+    /// An engine dropped without `close` stops its tasks and lets go of its notification
+    /// listener (which may be what keeps a Node process alive); published metadata stays.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        *self
+            .local
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

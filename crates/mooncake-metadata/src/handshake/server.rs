@@ -46,6 +46,13 @@ pub struct HandshakeServer {
     tracker: TaskTracker,
 }
 
+impl Drop for HandshakeServer {
+    /// Dropping without `close` still stops every task; it just does not wait for them.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 impl HandshakeServer {
     /// Serves `listener` until [`close`](Self::close).
     pub fn start(

@@ -69,6 +69,13 @@ pub struct TcpClient {
     tracker: TaskTracker,
 }
 
+impl Drop for TcpClient {
+    /// Dropping without `close` still stops every task; it just does not wait for them.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 impl TcpClient {
     /// A client with no connections yet; its lanes run on `runtime`, so slices may be
     /// submitted from any thread.

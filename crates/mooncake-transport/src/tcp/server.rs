@@ -24,6 +24,13 @@ pub struct TcpServer {
     tracker: TaskTracker,
 }
 
+impl Drop for TcpServer {
+    /// Dropping without `close` still stops every task; it just does not wait for them.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 impl TcpServer {
     /// Serves `registry` on `listener` until [`close`](Self::close).
     pub fn start(listener: TcpListener, registry: Arc<MemoryRegistry>) -> Result<Self> {
