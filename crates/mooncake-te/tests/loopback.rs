@@ -180,3 +180,44 @@ async fn close_settles_pending_work_and_refuses_more() {
         ErrorKind::Closed
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speaks_tcp_data_protocol_v1_when_asked() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let mut config = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
+    config.advertised_host = Some("127.0.0.1".into());
+    config.tcp_force_v1 = true;
+    config.slice_size = 64 << 10;
+    let initiator = TransferEngine::start(config).await.unwrap();
+    let len = 3 << 20;
+    let remote = target.allocate(len).unwrap();
+    let local = initiator.allocate(2 * len).unwrap();
+    fill(local.as_ptr(), len, 42);
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    let write = TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64,
+        len,
+    };
+    let read = TransferRequest {
+        op: Opcode::Read,
+        local_addr: local.as_ptr() as usize + len,
+        ..write
+    };
+    initiator.transfer(&[write], SubmitOptions::default()).await.unwrap();
+    initiator.transfer(&[read], SubmitOptions::default()).await.unwrap();
+    assert_eq!(bytes(local.as_ptr(), len), &bytes(local.as_ptr(), 2 * len)[len..]);
+    assert_eq!(bytes(remote.as_ptr(), len), bytes(local.as_ptr(), len));
+    // v1 has no reject status: the server closes, and the slice fails instead of hanging.
+    let outside = TransferRequest {
+        remote_addr: remote.as_ptr() as u64 + len as u64 - 1,
+        len: 2,
+        ..write
+    };
+    let err = initiator.transfer(&[outside], SubmitOptions::default()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AddressNotRegistered, "caught by the descriptor check first");
+    initiator.close().await;
+    target.close().await;
+}
