@@ -3,12 +3,15 @@
 //! Layout:
 //! - [`error`]: the one error type, with stable string codes and Mooncake's numeric codes;
 //! - [`handle`]: generational slab handles (batch ids, segment ids);
-//! - [`config`]: engine options with `MC_*` environment defaults.
+//! - [`config`]: engine options with `MC_*` environment defaults;
+//! - [`service`]: the accept loop every TCP listener runs, with a real close.
 
 pub mod config;
 pub mod error;
 pub mod handle;
+pub mod service;
 
 pub use config::EngineConfig;
 pub use error::{Error, ErrorKind, Result};
 pub use handle::{Handle, HandleSlab};
+pub use service::Service;

@@ -206,9 +206,18 @@ async fn speaks_tcp_data_protocol_v1_when_asked() {
         local_addr: local.as_ptr() as usize + len,
         ..write
     };
-    initiator.transfer(&[write], SubmitOptions::default()).await.unwrap();
-    initiator.transfer(&[read], SubmitOptions::default()).await.unwrap();
-    assert_eq!(bytes(local.as_ptr(), len), &bytes(local.as_ptr(), 2 * len)[len..]);
+    initiator
+        .transfer(&[write], SubmitOptions::default())
+        .await
+        .unwrap();
+    initiator
+        .transfer(&[read], SubmitOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        bytes(local.as_ptr(), len),
+        &bytes(local.as_ptr(), 2 * len)[len..]
+    );
     assert_eq!(bytes(remote.as_ptr(), len), bytes(local.as_ptr(), len));
     // v1 has no reject status: the server closes, and the slice fails instead of hanging.
     let outside = TransferRequest {
@@ -216,8 +225,15 @@ async fn speaks_tcp_data_protocol_v1_when_asked() {
         len: 2,
         ..write
     };
-    let err = initiator.transfer(&[outside], SubmitOptions::default()).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::AddressNotRegistered, "caught by the descriptor check first");
+    let err = initiator
+        .transfer(&[outside], SubmitOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::AddressNotRegistered,
+        "caught by the descriptor check first"
+    );
     initiator.close().await;
     target.close().await;
 }

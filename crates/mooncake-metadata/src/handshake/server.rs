@@ -9,12 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_common::{Error, Result};
+use mooncake_common::{Result, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::frame::{self, FrameError, MessageType};
 use super::messages::{ConnectionMessage, NotifyMessage, ProbeReply};
@@ -41,16 +38,7 @@ pub trait HandshakeHandler: Send + Sync + 'static {
 
 /// A running listener.
 pub struct HandshakeServer {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-}
-
-impl Drop for HandshakeServer {
-    /// Dropping without `close` still stops every task; it just does not wait for them.
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+    service: Service,
 }
 
 impl HandshakeServer {
@@ -61,66 +49,25 @@ impl HandshakeServer {
         max_frame: usize,
         max_connections: usize,
     ) -> Result<Self> {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::socket("handshake listener address", e))?;
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(max_connections.max(1)));
-        let (stop, conns) = (shutdown.clone(), tracker.clone());
-        tracker.spawn(async move {
-            loop {
-                let permit = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    permit = limit.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
-                };
-                let (stream, peer) = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            // Out of descriptors and the like: back off instead of spinning.
-                            tracing::warn!("handshake accept failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let handler = handler.clone();
-                let stop = stop.clone();
-                conns.spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        result = serve(stream, handler.as_ref(), max_frame) => {
-                            if let Err(e) = result {
-                                tracing::debug!(%peer, "handshake connection dropped: {e}");
-                            }
-                        }
-                    }
-                    drop(permit);
-                });
+        let service = Service::start(listener, max_connections, move |stream, peer| {
+            let handler = handler.clone();
+            async move {
+                if let Err(e) = serve(stream, handler.as_ref(), max_frame).await {
+                    tracing::debug!(%peer, "handshake connection dropped: {e}");
+                }
             }
-        });
-        tracker.close();
-        Ok(Self {
-            addr,
-            shutdown,
-            tracker,
-        })
+        })?;
+        Ok(Self { service })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.service.local_addr()
     }
 
     /// Stops accepting, drops open connections and waits for every task.
     pub async fn close(&self) {
-        self.shutdown.cancel();
-        self.tracker.wait().await;
+        self.service.close().await;
     }
 }
 
@@ -143,7 +90,6 @@ async fn serve(
     handler: &dyn HandshakeHandler,
     max_frame: usize,
 ) -> Result<(), ServeError> {
-    let _ = stream.set_nodelay(true);
     let request = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut stream, max_frame))
         .await
         .map_err(|_| ServeError::Stalled(PEER_TIMEOUT))??;

@@ -8,81 +8,44 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mooncake_common::{Error, Result};
+use mooncake_common::{Result, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::wire::{Header, Op, Status, Version, HEADER_LEN};
 use crate::memory::MemoryRegistry;
 
 /// A running data server.
 pub struct TcpServer {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    service: Service,
 }
 
-impl Drop for TcpServer {
-    /// Dropping without `close` still stops every task; it just does not wait for them.
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
+/// Data sessions served at once; more wait in the listen backlog.
+const MAX_SESSIONS: usize = 1024;
 
 impl TcpServer {
     /// Serves `registry` on `listener` until [`close`](Self::close).
     pub fn start(listener: TcpListener, registry: Arc<MemoryRegistry>) -> Result<Self> {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::socket("TCP data listener address", e))?;
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let (stop, sessions) = (shutdown.clone(), tracker.clone());
-        tracker.spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(pair) => pair,
-                        Err(e) => {
-                            tracing::warn!("TCP data accept failed: {e}");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let registry = registry.clone();
-                let stop = stop.clone();
-                sessions.spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        result = session(stream, &registry) => match result {
-                            Ok(()) => tracing::trace!(%peer, "TCP data session ended"),
-                            Err(e) => tracing::debug!(%peer, "TCP data session closed: {e}"),
-                        }
-                    }
-                });
+        let service = Service::start(listener, MAX_SESSIONS, move |stream, peer| {
+            let registry = registry.clone();
+            async move {
+                match session(stream, &registry).await {
+                    Ok(()) => tracing::trace!(%peer, "TCP data session ended"),
+                    Err(e) => tracing::debug!(%peer, "TCP data session closed: {e}"),
+                }
             }
-        });
-        tracker.close();
-        Ok(Self {
-            addr,
-            shutdown,
-            tracker,
-        })
+        })?;
+        Ok(Self { service })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.service.local_addr()
     }
 
     /// Stops accepting, drops every session and waits for their tasks.
     pub async fn close(&self) {
-        self.shutdown.cancel();
-        self.tracker.wait().await;
+        self.service.close().await;
     }
 }
 
@@ -97,7 +60,6 @@ enum SessionError {
 }
 
 async fn session(mut stream: TcpStream, registry: &MemoryRegistry) -> Result<(), SessionError> {
-    let _ = stream.set_nodelay(true);
     let mut header = [0u8; HEADER_LEN];
     loop {
         // A clean EOF between requests ends the session quietly.
