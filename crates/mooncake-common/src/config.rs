@@ -12,6 +12,8 @@ pub enum Protocol {
     Auto,
     /// Mooncake's TCP data protocol.
     Tcp,
+    /// Shared memory with engines on the same host; other targets are refused.
+    Shm,
 }
 
 impl Protocol {
@@ -20,12 +22,13 @@ impl Protocol {
         match text {
             "auto" => Ok(Self::Auto),
             "tcp" => Ok(Self::Tcp),
-            "shm" | "rdma" => Err(crate::Error::new(
+            "shm" => Ok(Self::Shm),
+            "rdma" => Err(crate::Error::new(
                 crate::ErrorKind::NotSupportedTransport,
                 format!("protocol '{text}' is not available in this build"),
             )),
             other => Err(crate::Error::invalid(format!(
-                "unknown protocol '{other}' (expected 'auto' or 'tcp')"
+                "unknown protocol '{other}' (expected 'auto', 'tcp' or 'shm')"
             ))),
         }
     }
@@ -69,6 +72,8 @@ pub struct EngineConfig {
     pub cluster_id: Option<String>,
     /// Concurrent handshake connections served at once. Default 256.
     pub handshake_max_connections: usize,
+    /// Offer our memory to same-host peers and map theirs. Default true.
+    pub shared_memory: bool,
 }
 
 impl EngineConfig {
@@ -91,6 +96,7 @@ impl EngineConfig {
             tcp_force_v1: env("MC_TCP_PROTO").as_deref() == Some("1"),
             cluster_id: env("MC_METADATA_CLUSTER_ID"),
             handshake_max_connections: 256,
+            shared_memory: true,
         };
         let min = ranged("MC_MIN_RPC_PORT", 1024..=65535)
             .or_else(|| ranged("MC_MIN_PRC_PORT", 1024..=65535));

@@ -1,4 +1,4 @@
-//! The accept loop every TCP listener of the project runs.
+//! The accept loop every listener of the project runs (TCP and Unix sockets).
 //!
 //! A [`Service`] accepts connections until closed, runs a handler per connection, caps how many
 //! run at once, and on [`Service::close`] stops accepting, cancels every handler and waits for
@@ -6,20 +6,48 @@
 //! peer that stalls never holds up a close. Dropping a service cancels it without waiting.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::{Error, Result};
+/// A listener the accept loop can drive.
+pub trait Listener: Send + 'static {
+    /// An accepted connection.
+    type Stream: Send + 'static;
+    /// Accepts the next connection, with a description of the peer for logs.
+    fn accept_one(&self) -> impl Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+
+    async fn accept_one(&self) -> std::io::Result<(TcpStream, String)> {
+        let (stream, peer) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer.to_string()))
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+
+    async fn accept_one(&self) -> std::io::Result<(UnixStream, String)> {
+        let (stream, _) = self.accept().await?;
+        let peer = stream
+            .peer_cred()
+            .ok()
+            .and_then(|cred| cred.pid())
+            .map_or_else(|| "unix peer".to_owned(), |pid| format!("pid {pid}"));
+        Ok((stream, peer))
+    }
+}
 
 /// A running accept loop.
 pub struct Service {
-    addr: SocketAddr,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -27,14 +55,12 @@ pub struct Service {
 impl Service {
     /// Serves `listener`, running `handler` for each connection, at most `max_connections` at
     /// once (further connections wait in the listen backlog).
-    pub fn start<H, F>(listener: TcpListener, max_connections: usize, handler: H) -> Result<Self>
+    pub fn start<L, H, F>(listener: L, max_connections: usize, handler: H) -> Self
     where
-        H: Fn(TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+        L: Listener,
+        H: Fn(L::Stream, String) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::socket("listener address", e))?;
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(max_connections.max(1)));
@@ -50,17 +76,16 @@ impl Service {
                 };
                 let (stream, peer) = tokio::select! {
                     _ = stop.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
+                    accepted = listener.accept_one() => match accepted {
                         Ok(pair) => pair,
                         Err(e) => {
                             // Out of descriptors and the like: back off instead of spinning.
-                            tracing::warn!(%addr, "accept failed: {e}");
+                            tracing::warn!("accept failed: {e}");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
                     },
                 };
-                let _ = stream.set_nodelay(true);
                 let (stop, handled) = (stop.clone(), handler(stream, peer));
                 connections.spawn(async move {
                     tokio::select! {
@@ -72,16 +97,7 @@ impl Service {
             }
         });
         tracker.close();
-        Ok(Self {
-            addr,
-            shutdown,
-            tracker,
-        })
-    }
-
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        Self { shutdown, tracker }
     }
 
     /// Stops accepting, cancels every handler and waits for them.
@@ -105,19 +121,19 @@ mod tests {
     #[tokio::test]
     async fn serves_until_closed_even_with_stalled_peers() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let service = Service::start(listener, 4, |mut stream, _| async move {
+        let addr = listener.local_addr().unwrap();
+        let service = Service::start(listener, 4, |mut stream: TcpStream, _| async move {
             let mut byte = [0u8; 1];
             while stream.read_exact(&mut byte).await.is_ok() {
                 let _ = stream.write_all(&byte).await;
             }
-        })
-        .unwrap();
-        let mut echo = TcpStream::connect(service.local_addr()).await.unwrap();
+        });
+        let mut echo = TcpStream::connect(addr).await.unwrap();
         echo.write_all(b"x").await.unwrap();
         let mut back = [0u8; 1];
         echo.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"x");
-        let _stalled = TcpStream::connect(service.local_addr()).await.unwrap();
+        let _stalled = TcpStream::connect(addr).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), service.close())
             .await
             .expect("close must not wait for peers");

@@ -4,11 +4,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mooncake_common::config::Protocol;
 use mooncake_common::{EngineConfig, Error, ErrorKind, HandleSlab, Result};
 use mooncake_metadata::handshake::{
     self, messages::NotifyMessage, HandshakeHandler, HandshakeServer, MessageType,
 };
 use mooncake_metadata::{BufferDesc, Keys, MetadataBackend, MetadataStore, RpcMeta, SegmentDesc};
+use mooncake_transport::shm::{
+    self, ControlTable, RemoteRange, ShmPeer, ShmServer, ShmSlice, ShmTarget, ShmTransport,
+};
 use mooncake_transport::tcp::{TcpClient, TcpClientConfig, TcpServer};
 use mooncake_transport::{Arena, BatchProgress, MemoryRegistry, Opcode, Region, Slice, Task};
 use tokio::sync::{Notify, OnceCell};
@@ -18,8 +22,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::address::{advertised_host, bind, bind_ip, join_host_port, split_host_port};
 use crate::batch::{Batch, BatchId, PendingNotify, TaskReport};
-use crate::segments::{RemoteSegment, Resolver, SegmentId, SegmentInfo, SegmentTable};
+use crate::segments::{shm_buffer, RemoteSegment, Resolver, SegmentId, SegmentInfo, SegmentTable};
 use crate::slicing;
+use crate::stats::{TransportKind, TransportStats};
 
 /// One request of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -59,11 +64,16 @@ type NotifyListener = Arc<dyn Fn(Notification) + Send + Sync>;
 /// Undelivered notifications kept when nobody listens.
 const NOTIFY_QUEUE_LIMIT: usize = 4096;
 
+/// How long an unregister waits for same-host copies in progress.
+const SHM_DRAIN: Duration = Duration::from_secs(1);
+
 /// What the handshake listener needs of this engine.
 struct Local {
     name: String,
     data_port: u16,
     registry: Arc<MemoryRegistry>,
+    /// The control table and what same-host peers need to reach us, when offered.
+    shm: Option<(Arc<ControlTable>, ShmTarget)>,
     listener: Mutex<Option<NotifyListener>>,
     queued: Mutex<Vec<Notification>>,
 }
@@ -71,6 +81,12 @@ struct Local {
 impl Local {
     fn desc(&self) -> SegmentDesc {
         let mut desc = SegmentDesc::tcp(&self.name, self.data_port);
+        if let Some((_, target)) = &self.shm {
+            desc.extra.insert(
+                "shm".to_owned(),
+                serde_json::to_value(target).expect("shm target serializes"),
+            );
+        }
         desc.buffers = self
             .registry
             .regions()
@@ -78,6 +94,14 @@ impl Local {
             .map(|region| {
                 let mut extra = serde_json::Map::new();
                 extra.insert("location".to_owned(), region.location().into());
+                if let Some(slot) = region.slot() {
+                    let mut shm = serde_json::Map::new();
+                    shm.insert("slot".to_owned(), slot.into());
+                    if let Some(arena) = region.backing_arena() {
+                        shm.insert("arena".to_owned(), arena.id().into());
+                    }
+                    extra.insert("shm".to_owned(), shm.into());
+                }
                 BufferDesc {
                     name: self.name.clone(),
                     addr: region.addr() as u64,
@@ -143,6 +167,9 @@ pub struct TransferEngine {
     handshake: HandshakeServer,
     data: TcpServer,
     tcp: TcpClient,
+    shm_server: Option<ShmServer>,
+    shm: Option<ShmTransport>,
+    stats: TransportStats,
     segments: Mutex<SegmentTable>,
     batches: Mutex<HandleSlab<Arc<Batch>>>,
     publisher: Option<Arc<Publisher>>,
@@ -182,10 +209,27 @@ impl TransferEngine {
             config.local_server_name.clone()
         };
         let registry = Arc::new(MemoryRegistry::default());
+        let (shm_server, shm_offer, shm) =
+            match shm::host::host_id().filter(|_| config.shared_memory) {
+                Some(host) => {
+                    let control = Arc::new(ControlTable::new()?);
+                    let server = ShmServer::start(control.clone(), registry.clone())?;
+                    let target = ShmTarget {
+                        host: host.to_owned(),
+                        socket: server.name().to_owned(),
+                        pid: std::process::id(),
+                        probe: control.addr() as u64,
+                    };
+                    let transport = ShmTransport::new(tokio::runtime::Handle::current())?;
+                    (Some(server), Some((control, target)), Some(transport))
+                }
+                None => (None, None, None),
+            };
         let local = Arc::new(Local {
             name: name.clone(),
             data_port,
             registry: registry.clone(),
+            shm: shm_offer,
             listener: Mutex::new(None),
             queued: Mutex::new(Vec::new()),
         });
@@ -225,6 +269,9 @@ impl TransferEngine {
             handshake,
             data,
             tcp,
+            shm_server,
+            shm,
+            stats: TransportStats::default(),
             segments: Mutex::new(SegmentTable::default()),
             batches: Mutex::new(HandleSlab::default()),
             publisher,
@@ -286,10 +333,7 @@ impl TransferEngine {
     pub fn allocate(&self, len: usize) -> Result<Arc<Arena>> {
         self.ensure_open()?;
         let arena = Arc::new(Arena::new("mooncake-segment", len)?);
-        self.local
-            .registry
-            .register(Region::arena(arena.clone(), "cpu:0"))?;
-        self.registrations_changed();
+        self.register_region(Region::arena(arena.clone(), "cpu:0"))?;
         Ok(arena)
     }
 
@@ -310,14 +354,54 @@ impl TransferEngine {
         }
         // SAFETY: forwarded from the caller's contract.
         let region = unsafe { Region::external(addr, len, location, owner) };
-        self.local.registry.register(region)?;
+        self.register_region(region)
+    }
+
+    fn register_region(&self, region: Region) -> Result<()> {
+        let control = self.local.shm.as_ref().map(|(control, _)| control);
+        let slot = control.and_then(|c| c.claim());
+        if let Err(e) = self.local.registry.register(region.with_slot(slot)) {
+            if let (Some(control), Some(slot)) = (control, slot) {
+                control.retire(slot, Duration::ZERO);
+                control.release(slot);
+            }
+            return Err(e);
+        }
         self.registrations_changed();
         Ok(())
     }
 
-    /// Unregisters the buffer that starts at `addr`.
+    /// Unregisters the buffer that starts at `addr`. Fails with `ERR_BUFFER_BUSY` while a
+    /// transfer (ours, or a peer's over TCP or shared memory) is using it.
     pub fn unregister(&self, addr: usize) -> Result<()> {
-        self.local.registry.unregister(addr)?;
+        let shared = self
+            .local
+            .registry
+            .starting_at(addr)
+            .and_then(|region| Some((region.slot()?, region.backing_arena().is_none())));
+        let control = self.local.shm.as_ref().map(|(control, _)| control);
+        let mut drained = true;
+        if let (Some(control), Some((slot, external))) = (control, shared) {
+            drained = control.retire(slot, SHM_DRAIN);
+            // A peer still copying into caller memory could outlive that memory: refuse. An
+            // arena stays mapped in the peer whatever we do, so it may go.
+            if !drained && external {
+                control.restore(slot);
+                return Err(Error::new(
+                    ErrorKind::BufferBusy,
+                    format!("a same-host peer is still copying at {addr:#x}"),
+                ));
+            }
+        }
+        if let Err(e) = self.local.registry.unregister(addr) {
+            if let (Some(control), Some((slot, _))) = (control, shared) {
+                control.restore(slot);
+            }
+            return Err(e);
+        }
+        if let (Some(control), Some((slot, _)), true) = (control, shared, drained) {
+            control.release(slot);
+        }
         self.registrations_changed();
         Ok(())
     }
@@ -393,6 +477,17 @@ impl TransferEngine {
                         "request {i}: unknown segment handle (open the segment first)"
                     ))
                 })?;
+                if self.config.protocol == Protocol::Shm
+                    && (self.shm.is_none() || segment.same_host().is_none())
+                {
+                    return Err(Error::new(
+                        ErrorKind::NotSupportedTransport,
+                        format!(
+                            "protocol 'shm' needs a target on this host with shared memory enabled; '{}' is not",
+                            segment.name
+                        ),
+                    ));
+                }
                 let region = self
                     .local
                     .registry
@@ -563,17 +658,98 @@ impl TransferEngine {
             task,
             deadline,
         } = job;
-        let slices =
-            slicing::slices(request.len, self.config.slice_size).map(|(offset, len)| Slice {
-                op: request.op,
-                local_addr: request.local_addr + offset,
-                len,
-                remote_addr: request.remote_addr + offset as u64,
-                region: region.clone(),
-                task: task.clone(),
-                deadline,
-            });
-        self.tcp.submit(&segment.data, slices);
+        let pieces = slicing::slices(request.len, self.config.slice_size);
+        match self.route(&segment, &request) {
+            Ok(Route::Tcp) => {
+                self.stats.record(TransportKind::Tcp, request.len);
+                tracing::trace!(segment = %segment.name, len = request.len, "request via tcp");
+                self.tcp.submit(
+                    &segment.data,
+                    pieces.map(|(offset, len)| Slice {
+                        op: request.op,
+                        local_addr: request.local_addr + offset,
+                        len,
+                        remote_addr: request.remote_addr + offset as u64,
+                        region: region.clone(),
+                        task: task.clone(),
+                        deadline,
+                    }),
+                );
+            }
+            Ok(Route::Shm(transport, peer, remote)) => {
+                self.stats.record(TransportKind::Shm, request.len);
+                tracing::trace!(segment = %segment.name, len = request.len, path = ?peer.path(&remote.buffer), "request via shared memory");
+                let slices = pieces
+                    .map(|(offset, len)| ShmSlice {
+                        op: request.op,
+                        region: region.clone(),
+                        local_addr: request.local_addr + offset,
+                        len,
+                        remote: RemoteRange {
+                            addr: remote.addr + offset as u64,
+                            ..remote
+                        },
+                        task: task.clone(),
+                        deadline,
+                    })
+                    .collect();
+                transport.submit(&peer, slices);
+            }
+            Err(error) => {
+                for _ in pieces {
+                    task.slice_failed(error.clone());
+                }
+            }
+        }
+    }
+
+    /// Shared memory when the target is on this host and the buffer is reachable that way
+    /// (unless TCP is forced); TCP otherwise (unless shared memory is forced).
+    fn route(&self, segment: &RemoteSegment, request: &TransferRequest) -> Result<Route<'_>> {
+        let mut unreachable = None;
+        if self.config.protocol != Protocol::Tcp {
+            if let (Some(transport), Some(target)) = (&self.shm, segment.same_host()) {
+                let desc = segment.desc();
+                let buffer = desc.buffer_containing(request.remote_addr, request.len as u64);
+                let shared = buffer.and_then(|b| Some((b.addr, shm_buffer(b)?)));
+                if let Some((buffer_addr, buffer)) = shared {
+                    match transport.peer(&target) {
+                        Ok(peer) if peer.path(&buffer).is_some() => {
+                            let remote = RemoteRange {
+                                buffer,
+                                buffer_addr,
+                                addr: request.remote_addr,
+                            };
+                            return Ok(Route::Shm(transport, peer, remote));
+                        }
+                        Ok(_) => {
+                            tracing::debug!(segment = %segment.name, "buffer outside arenas and process_vm not permitted; using tcp")
+                        }
+                        Err(e) => {
+                            tracing::debug!(segment = %segment.name, "same-host peer unreachable ({e}); using tcp");
+                            unreachable = Some(e);
+                        }
+                    }
+                }
+            }
+            if self.config.protocol == Protocol::Shm {
+                return Err(unreachable.unwrap_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotSupportedTransport,
+                        format!(
+                            "no shared-memory path to [{:#x}, +{}) in '{}'",
+                            request.remote_addr, request.len, segment.name
+                        ),
+                    )
+                }));
+            }
+        }
+        Ok(Route::Tcp)
+    }
+
+    /// Requests and bytes submitted through each transport since start.
+    pub fn stats(&self) -> Vec<(TransportKind, u64, u64)> {
+        self.stats.snapshot()
     }
 
     fn dispatch_after_refresh(self: &Arc<Self>, job: Dispatch) {
@@ -675,9 +851,18 @@ impl TransferEngine {
             return;
         }
         self.shutdown.cancel();
+        if let Some((control, _)) = &self.local.shm {
+            control.retire_all();
+        }
+        if let Some(server) = &self.shm_server {
+            server.close().await;
+        }
         self.handshake.close().await;
         self.data.close().await;
         self.tcp.close().await;
+        if let Some(shm) = &self.shm {
+            shm.close().await;
+        }
         self.tracker.close();
         self.tracker.wait().await;
         if let Some(publisher) = &self.publisher {
@@ -758,6 +943,12 @@ impl Drop for TransferEngine {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
     }
+}
+
+/// Where a request goes.
+enum Route<'a> {
+    Tcp,
+    Shm(&'a ShmTransport, Arc<ShmPeer>, RemoteRange),
 }
 
 /// One request on its way to a transport.

@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use mooncake_common::{Error, ErrorKind, Handle, HandleSlab, Result};
 use mooncake_metadata::handshake::{self, MessageType};
 use mooncake_metadata::{Keys, MetadataBackend, RpcMeta, SegmentDesc};
+use mooncake_transport::shm::{self, ShmBuffer, ShmTarget};
 use mooncake_transport::tcp::{wire::Version, PeerAddr};
 
 use crate::address::{join_host_port, split_host_port};
@@ -34,17 +35,30 @@ pub(crate) struct RemoteSegment {
     pub(crate) name: String,
     /// Handshake address (`host:port`).
     pub(crate) rpc_addr: String,
-    desc: RwLock<Arc<SegmentDesc>>,
+    desc: RwLock<(Arc<SegmentDesc>, Option<ShmTarget>)>,
     pub(crate) data: PeerAddr,
 }
 
 impl RemoteSegment {
     pub(crate) fn desc(&self) -> Arc<SegmentDesc> {
-        self.desc.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.desc
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// How to reach the segment through shared memory, when it runs on this host.
+    pub(crate) fn same_host(&self) -> Option<ShmTarget> {
+        self.desc
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
     }
 
     pub(crate) fn set_desc(&self, desc: SegmentDesc) {
-        *self.desc.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(desc);
+        *self.desc.write().unwrap_or_else(|p| p.into_inner()) = with_target(desc);
     }
 
     pub(crate) fn info(&self) -> SegmentInfo {
@@ -110,13 +124,31 @@ impl SegmentTable {
                 id,
                 name: fetched.name,
                 rpc_addr: fetched.rpc_addr,
-                desc: RwLock::new(Arc::new(fetched.desc)),
+                desc: RwLock::new(with_target(fetched.desc)),
                 data,
             })
         });
         self.by_name.insert(name, id);
         self.by_id.get(id).cloned().expect("just inserted")
     }
+}
+
+fn with_target(desc: SegmentDesc) -> (Arc<SegmentDesc>, Option<ShmTarget>) {
+    let target = desc
+        .extra
+        .get("shm")
+        .and_then(|v| serde_json::from_value::<ShmTarget>(v.clone()).ok())
+        .filter(|t| Some(t.host.as_str()) == shm::host::host_id());
+    (Arc::new(desc), target)
+}
+
+/// The shared-memory description of a buffer, if its owner published one.
+pub(crate) fn shm_buffer(buffer: &mooncake_metadata::BufferDesc) -> Option<ShmBuffer> {
+    let shm = buffer.extra.get("shm")?;
+    Some(ShmBuffer {
+        slot: u32::try_from(shm.get("slot")?.as_u64()?).ok()?,
+        arena: shm.get("arena").and_then(|a| a.as_u64()),
+    })
 }
 
 /// What fetching a segment yields.

@@ -3,15 +3,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mooncake_common::config::Protocol;
 use mooncake_common::EngineConfig;
 use mooncake_metadata::http::MetadataServer;
 use mooncake_te::engine::SubmitOptions;
+use mooncake_te::stats::TransportKind;
 use mooncake_te::{ErrorKind, Opcode, TaskStatus, TransferEngine, TransferRequest};
 
 async fn engine(metadata: &str, name: &str) -> Arc<TransferEngine> {
+    engine_over(metadata, name, Protocol::Auto).await
+}
+
+async fn engine_over(metadata: &str, name: &str, protocol: Protocol) -> Arc<TransferEngine> {
     let mut config = EngineConfig::from_env(name, metadata);
     config.advertised_host = Some("127.0.0.1".into());
+    config.protocol = protocol;
     TransferEngine::start(config).await.unwrap()
+}
+
+fn sent_through(engine: &TransferEngine, kind: TransportKind) -> u64 {
+    engine
+        .stats()
+        .into_iter()
+        .find(|(k, _, _)| *k == kind)
+        .map_or(0, |(_, requests, _)| requests)
 }
 
 fn fill(ptr: *mut u8, len: usize, seed: u8) {
@@ -28,9 +43,18 @@ fn bytes<'a>(ptr: *mut u8, len: usize) -> &'a [u8] {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn write_then_read_back_over_p2p() {
+async fn write_then_read_back_over_tcp() {
+    write_then_read_back(Protocol::Tcp, TransportKind::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_then_read_back_over_shared_memory() {
+    write_then_read_back(Protocol::Auto, TransportKind::Shm).await;
+}
+
+async fn write_then_read_back(protocol: Protocol, expected: TransportKind) {
     let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
-    let initiator = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine_over("P2PHANDSHAKE", "127.0.0.1", protocol).await;
     let len = 8 << 20;
     let remote = target.allocate(len).unwrap();
     let local = initiator.allocate(2 * len).unwrap();
@@ -50,9 +74,9 @@ async fn write_then_read_back_over_p2p() {
         .transfer(&[write], SubmitOptions::default())
         .await
         .unwrap();
-    assert_eq!(
-        &bytes(remote.as_ptr(), len)[3..],
-        &bytes(local.as_ptr(), len)[..len - 3]
+    assert!(
+        bytes(remote.as_ptr(), len)[3..] == bytes(local.as_ptr(), len)[..len - 3],
+        "write landed wrong"
     );
 
     let read = TransferRequest {
@@ -64,11 +88,16 @@ async fn write_then_read_back_over_p2p() {
         .transfer(&[read], SubmitOptions::default())
         .await
         .unwrap();
-    assert_eq!(
-        bytes(local.as_ptr(), len)[..len - 3],
-        bytes(local.as_ptr(), 2 * len)[len..2 * len - 3]
+    assert!(
+        bytes(local.as_ptr(), len)[..len - 3] == bytes(local.as_ptr(), 2 * len)[len..2 * len - 3],
+        "read-back differs"
     );
     assert_eq!(initiator.batch_count(), 0, "transfer() frees its batch");
+    assert_eq!(
+        sent_through(&initiator, expected),
+        2,
+        "{expected:?} carried both requests"
+    );
     initiator.close().await;
     target.close().await;
 }
@@ -141,9 +170,9 @@ async fn http_metadata_and_notifications() {
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].from, "node-initiator");
     assert_eq!(received[0].message, "kv-ready");
-    assert_eq!(
-        bytes(remote.as_ptr(), 1 << 20),
-        bytes(local.as_ptr(), 1 << 20)
+    assert!(
+        bytes(remote.as_ptr(), 1 << 20) == bytes(local.as_ptr(), 1 << 20),
+        "write landed wrong"
     );
 
     initiator.close().await;
@@ -187,6 +216,7 @@ async fn speaks_tcp_data_protocol_v1_when_asked() {
     let mut config = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
     config.advertised_host = Some("127.0.0.1".into());
     config.tcp_force_v1 = true;
+    config.protocol = Protocol::Tcp;
     config.slice_size = 64 << 10;
     let initiator = TransferEngine::start(config).await.unwrap();
     let len = 3 << 20;
@@ -210,15 +240,24 @@ async fn speaks_tcp_data_protocol_v1_when_asked() {
         .transfer(&[write], SubmitOptions::default())
         .await
         .unwrap();
+    // v1 reports a write done once it left our socket, before the peer applied it (the
+    // reason v2 exists), so wait for the bytes to land before reading them back.
+    let landed = async {
+        while bytes(remote.as_ptr(), len) != bytes(local.as_ptr(), len) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), landed)
+        .await
+        .expect("v1 write never landed");
     initiator
         .transfer(&[read], SubmitOptions::default())
         .await
         .unwrap();
-    assert_eq!(
-        bytes(local.as_ptr(), len),
-        &bytes(local.as_ptr(), 2 * len)[len..]
+    assert!(
+        bytes(local.as_ptr(), len) == &bytes(local.as_ptr(), 2 * len)[len..],
+        "v1 read-back differs"
     );
-    assert_eq!(bytes(remote.as_ptr(), len), bytes(local.as_ptr(), len));
     // v1 has no reject status: the server closes, and the slice fails instead of hanging.
     let outside = TransferRequest {
         remote_addr: remote.as_ptr() as u64 + len as u64 - 1,
@@ -236,4 +275,88 @@ async fn speaks_tcp_data_protocol_v1_when_asked() {
     );
     initiator.close().await;
     target.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_respects_unregister_and_owner_close() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine_over("P2PHANDSHAKE", "127.0.0.1", Protocol::Shm).await;
+    let remote = target.allocate(1 << 20).unwrap();
+    let kept = target.allocate(1 << 20).unwrap();
+    let local = initiator.allocate(1 << 20).unwrap();
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    let write = |addr: *mut u8| TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: addr as u64,
+        len: 4096,
+    };
+    initiator
+        .transfer(&[write(remote.as_ptr())], SubmitOptions::default())
+        .await
+        .unwrap();
+    target.unregister(remote.as_ptr() as usize).unwrap();
+    let err = initiator
+        .transfer(&[write(remote.as_ptr())], SubmitOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AddressNotRegistered, "{err:?}");
+    initiator
+        .transfer(&[write(kept.as_ptr())], SubmitOptions::default())
+        .await
+        .unwrap();
+    target.close().await;
+    let err = initiator
+        .transfer(&[write(kept.as_ptr())], SubmitOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::AddressNotRegistered | ErrorKind::Socket
+        ),
+        "{err:?}"
+    );
+    assert_eq!(sent_through(&initiator, TransportKind::Tcp), 0);
+    initiator.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forcing_shared_memory_needs_a_same_host_target() {
+    let mut config = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
+    config.shared_memory = false;
+    let target = TransferEngine::start(config).await.unwrap();
+    let initiator = engine_over("P2PHANDSHAKE", "127.0.0.1", Protocol::Shm).await;
+    let remote = target.allocate(4096).unwrap();
+    let local = initiator.allocate(4096).unwrap();
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    let request = TransferRequest {
+        op: Opcode::Read,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64,
+        len: 4096,
+    };
+    let err = initiator
+        .submit(&[request], SubmitOptions::default())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotSupportedTransport);
+    // Auto falls back to TCP for the same target.
+    let fallback = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let local = fallback.allocate(4096).unwrap();
+    let segment = fallback.open_segment(target.segment_name()).await.unwrap();
+    let request = TransferRequest {
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        ..request
+    };
+    fallback
+        .transfer(&[request], SubmitOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(sent_through(&fallback, TransportKind::Tcp), 1);
+    for engine in [fallback, initiator, target] {
+        engine.close().await;
+    }
 }

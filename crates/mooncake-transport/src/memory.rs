@@ -14,28 +14,96 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use mooncake_common::{Error, ErrorKind, Result};
 
-/// Engine-owned shared memory: a sealed memfd mapped read-write.
-pub struct Arena {
+/// A shared read-write mapping of a file descriptor, unmapped on drop.
+pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
-    fd: OwnedFd,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; any thread may read or
 // write it, and access discipline is the transfer rule documented on the module.
-unsafe impl Send for Arena {}
+unsafe impl Send for Mapping {}
 // SAFETY: as above; the struct itself is immutable after creation.
-unsafe impl Sync for Arena {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `fd` shared, read-write.
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<Self> {
+        if len == 0 {
+            return Err(Error::invalid("cannot map 0 bytes"));
+        }
+        // SAFETY: maps `len` bytes of a descriptor the caller vouches for; the result is
+        // checked and unmapped only in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(os_error("mmap"));
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| os_error("mmap"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: mappings are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("addr", &self.ptr)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `map`; no reference into it outlives
+        // this value.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Engine-owned shared memory: a memfd sealed against shrinking (and growing), mapped
+/// read-write. A same-host peer that maps the same memfd can never fault on a truncated file.
+#[derive(Debug)]
+pub struct Arena {
+    id: u64,
+    mapping: Mapping,
+    fd: OwnedFd,
+}
 
 impl Arena {
     /// Creates and maps `len` zeroed bytes named `name` (visible in `/proc/<pid>/fd`).
     pub fn new(name: &str, len: usize) -> Result<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         if len == 0 {
             return Err(Error::invalid("cannot allocate 0 bytes"));
         }
@@ -60,33 +128,27 @@ impl Arena {
         if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(os_error("seal memfd"));
         }
-        // SAFETY: maps `len` bytes of a file that is exactly `len` long and can no longer
-        // shrink; the mapping is unmapped only in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(os_error("mmap"));
-        }
-        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| os_error("mmap"))?;
-        Ok(Self { ptr, len, fd })
+        let mapping = Mapping::map(fd.as_fd(), len)?;
+        Ok(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            mapping,
+            fd,
+        })
+    }
+
+    /// Process-unique id, by which same-host peers ask for this arena.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Start of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.mapping.as_ptr()
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.mapping.len()
     }
 
     /// Always false: arenas are never empty.
@@ -97,23 +159,6 @@ impl Arena {
     /// The memfd, for passing to a same-host peer.
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
-    }
-}
-
-impl std::fmt::Debug for Arena {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arena")
-            .field("addr", &self.ptr)
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-impl Drop for Arena {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`; no reference into it outlives
-        // the last `Arc<Arena>`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
@@ -136,6 +181,7 @@ pub struct Region {
     len: usize,
     location: String,
     backing: Backing,
+    slot: Option<u32>,
 }
 
 impl Region {
@@ -146,6 +192,7 @@ impl Region {
             len: arena.len(),
             location: location.to_owned(),
             backing: Backing::Arena(arena),
+            slot: None,
         }
     }
 
@@ -164,6 +211,26 @@ impl Region {
             len,
             location: location.to_owned(),
             backing: Backing::External(owner),
+            slot: None,
+        }
+    }
+
+    /// Tags the region with its slot in the shared-memory control table.
+    pub fn with_slot(mut self, slot: Option<u32>) -> Self {
+        self.slot = slot;
+        self
+    }
+
+    /// Its slot in the shared-memory control table, if same-host peers may reach it.
+    pub fn slot(&self) -> Option<u32> {
+        self.slot
+    }
+
+    /// The arena behind the region, if engine-owned.
+    pub fn backing_arena(&self) -> Option<&Arc<Arena>> {
+        match &self.backing {
+            Backing::Arena(arena) => Some(arena),
+            Backing::External(_) => None,
         }
     }
 
@@ -282,6 +349,18 @@ impl MemoryRegistry {
             ));
         }
         Ok(regions.remove(&addr).expect("present under the same lock"))
+    }
+
+    /// The region that starts at `addr`.
+    pub fn starting_at(&self, addr: usize) -> Option<Arc<Region>> {
+        self.read().get(&addr).cloned()
+    }
+
+    /// The registered arena with `id`.
+    pub fn arena(&self, id: u64) -> Option<Arc<Arena>> {
+        self.read()
+            .values()
+            .find_map(|region| region.backing_arena().filter(|a| a.id() == id).cloned())
     }
 
     /// Every registered region, in address order.

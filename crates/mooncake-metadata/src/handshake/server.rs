@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_common::{Result, Service};
+use mooncake_common::{Error, Result, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -38,6 +38,7 @@ pub trait HandshakeHandler: Send + Sync + 'static {
 
 /// A running listener.
 pub struct HandshakeServer {
+    addr: SocketAddr,
     service: Service,
 }
 
@@ -49,6 +50,9 @@ impl HandshakeServer {
         max_frame: usize,
         max_connections: usize,
     ) -> Result<Self> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::socket("handshake listener address", e))?;
         let service = Service::start(listener, max_connections, move |stream, peer| {
             let handler = handler.clone();
             async move {
@@ -56,13 +60,13 @@ impl HandshakeServer {
                     tracing::debug!(%peer, "handshake connection dropped: {e}");
                 }
             }
-        })?;
-        Ok(Self { service })
+        });
+        Ok(Self { addr, service })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.service.local_addr()
+        self.addr
     }
 
     /// Stops accepting, drops open connections and waits for every task.

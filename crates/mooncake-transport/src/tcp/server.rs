@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mooncake_common::{Result, Service};
+use mooncake_common::{Error, Result, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -17,6 +17,7 @@ use crate::memory::MemoryRegistry;
 
 /// A running data server.
 pub struct TcpServer {
+    addr: SocketAddr,
     service: Service,
 }
 
@@ -26,6 +27,9 @@ const MAX_SESSIONS: usize = 1024;
 impl TcpServer {
     /// Serves `registry` on `listener` until [`close`](Self::close).
     pub fn start(listener: TcpListener, registry: Arc<MemoryRegistry>) -> Result<Self> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::socket("TCP data listener address", e))?;
         let service = Service::start(listener, MAX_SESSIONS, move |stream, peer| {
             let registry = registry.clone();
             async move {
@@ -34,13 +38,13 @@ impl TcpServer {
                     Err(e) => tracing::debug!(%peer, "TCP data session closed: {e}"),
                 }
             }
-        })?;
-        Ok(Self { service })
+        });
+        Ok(Self { addr, service })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.service.local_addr()
+        self.addr
     }
 
     /// Stops accepting, drops every session and waits for their tasks.
