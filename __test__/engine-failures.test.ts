@@ -7,7 +7,7 @@ import { MooncakeError, TransferEngine } from '../src'
 import { pattern, runFixture, startPeer, stopPeer } from './helpers'
 
 async function localEngine(): Promise<TransferEngine> {
-  return TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE' })
+  return TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE', protocol: 'tcp' })
 }
 
 /** Sends `bytes` on a fresh connection, then collects what comes back until the peer closes (or 3 s pass). */

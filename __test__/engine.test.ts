@@ -6,7 +6,7 @@ import { MooncakeError, TransferEngine, type TransferRequest } from '../src'
 import { pattern, startPeer, stopPeer, type PeerInfo } from './helpers'
 
 async function localEngine(): Promise<TransferEngine> {
-  return TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE' })
+  return TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE', protocol: 'tcp' })
 }
 
 async function withPeer(size: number, seed: number, body: (peer: PeerInfo, engine: TransferEngine) => Promise<void>) {

@@ -11,6 +11,8 @@ export interface PeerInfo {
   rpcPort: number
   dataPort: number
   child: ChildProcess
+  /** Sends a command line to the peer and resolves with its one-line answer. */
+  command(line: string): Promise<string>
 }
 
 /** Options a peer process starts with. */
@@ -19,6 +21,10 @@ export interface PeerOptions {
   seed?: number
   metadata?: string
   localServerName?: string
+  /** Offer shared memory to same-host peers (default true). */
+  sharedMemory?: boolean
+  /** Serve a caller-registered Uint8Array instead of engine memory. */
+  external?: boolean
 }
 
 const FIXTURES = join(__dirname, 'fixtures')
@@ -38,8 +44,14 @@ export async function startPeer(options: PeerOptions): Promise<PeerInfo> {
     throw new Error(`peer exited early with ${code}`)
   })
   const [line] = (await Promise.race([once(lines, 'line'), exited])) as [string]
-  const info = JSON.parse(line) as Omit<PeerInfo, 'child' | 'address'> & { address: string }
-  return { ...info, address: BigInt(info.address), child }
+  const info = JSON.parse(line) as Omit<PeerInfo, 'child' | 'address' | 'command'> & { address: string }
+  const command = async (text: string): Promise<string> => {
+    const answer = once(lines, 'line')
+    child.stdin!.write(`${text}\n`)
+    const [reply] = (await answer) as [string]
+    return reply
+  }
+  return { ...info, address: BigInt(info.address), child, command }
 }
 
 /** Stops a peer and waits for its exit code. */

@@ -7,7 +7,7 @@ test('engines find each other through the HTTP metadata server', async (t) => {
   const server = await startMetadataServer()
   t.regex(server.url, /^http:\/\/127\.0\.0\.1:\d+\/metadata$/)
   const peer = await startPeer({ size: 1 << 20, seed: 2, metadata: server.url, localServerName: 'peer-node' })
-  const engine = await TransferEngine.create({ localServerName: 'local-node', metadata: server.url, ipOrHostName: '127.0.0.1' })
+  const engine = await TransferEngine.create({ localServerName: 'local-node', metadata: server.url, ipOrHostName: '127.0.0.1', protocol: 'tcp' })
   try {
     t.is(engine.segmentName, 'local-node')
     t.is(peer.segment, 'peer-node')

@@ -12,8 +12,16 @@ export interface TransferEngineOptions {
   localServerName: string
   /** `'P2PHANDSHAKE'` (no metadata server) or `'http://host:port/metadata'`. */
   metadata: string
-  /** Transport: `'auto'` (default) or `'tcp'`. */
-  protocol?: 'auto' | 'tcp'
+    /**
+   * Transport. `'auto'` (default): shared memory for engines on this host, TCP otherwise.
+   * `'tcp'`: always TCP. `'shm'`: shared memory only; other targets fail with `ERR_NOT_SUPPORTED_TRANSPORT`.
+   */
+  protocol?: 'auto' | 'tcp' | 'shm'
+  /**
+   * Offer this engine's memory to same-host peers and map theirs. Default true. With false,
+   * same-host traffic goes over TCP.
+   */
+  sharedMemory?: boolean
   /** Address peers use to reach this engine. Default: `MC_TCP_BIND_ADDRESS`, else the host of `localServerName` if it resolves, else the first network interface. */
   ipOrHostName?: string
   /** Handshake (RPC) port. Default: random in 15000-17000 (`MC_MIN_RPC_PORT`/`MC_MAX_RPC_PORT`). */
@@ -89,6 +97,14 @@ export interface TaskStatus {
   transferredBytes: number
   /** Why the task did not complete. */
   error?: MooncakeError
+}
+
+/** Traffic through one transport since the engine started. */
+export interface TransportStats {
+  /** Requests submitted through it. */
+  requests: number
+  /** Bytes submitted through it. */
+  bytes: number
 }
 
 /** A notification from a peer. */
@@ -228,6 +244,15 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
   /** Sends a notification to a segment; its engine emits `'notify'`. */
   sendNotify(segmentName: string, message: string): Promise<void> {
     return nativeAsync(() => this.inner.sendNotify(segmentName, message))
+  }
+
+    /** Requests and bytes submitted through each transport (`tcp`, `shm`) since start. */
+  stats(): Record<'tcp' | 'shm', TransportStats> {
+    const out = { tcp: { requests: 0, bytes: 0 }, shm: { requests: 0, bytes: 0 } }
+    for (const s of native(() => this.inner.stats())) {
+      if (s.transport === 'tcp' || s.transport === 'shm') out[s.transport] = { requests: s.requests, bytes: s.bytes }
+    }
+    return out
   }
 
   /**

@@ -15,6 +15,7 @@ export {
   type TransferEngineOptions,
   type TransferOptions,
   type TransferRequest,
+  type TransportStats,
 } from './engine'
 export { MooncakeError } from './errors'
 export { MetadataServer, startMetadataServer, type MetadataServerOptions } from './metadata-server'

@@ -20,8 +20,10 @@ pub struct EngineOptions {
     pub local_server_name: String,
     /// `P2PHANDSHAKE` or `http://host:port/metadata`.
     pub metadata: String,
-    /// `auto` or `tcp`.
+        /// `auto`, `tcp` or `shm`.
     pub protocol: Option<String>,
+    /// Offer memory to same-host peers and map theirs (default true).
+    pub shared_memory: Option<bool>,
     /// Address peers use to reach this engine.
     pub ip_or_host_name: Option<String>,
     /// Handshake port (default: random in 15000-17000).
@@ -74,8 +76,11 @@ impl EngineOptions {
         if let Some(ms) = self.io_timeout_ms {
             config.io_timeout = Duration::from_millis(u64::from(ms.max(1)));
         }
-        if let Some(id) = self.cluster_id {
+                if let Some(id) = self.cluster_id {
             config.cluster_id = Some(id);
+        }
+        if let Some(shared) = self.shared_memory {
+            config.shared_memory = shared;
         }
         config.validate().napi()?;
         Ok(config)
@@ -138,6 +143,17 @@ pub struct NativeSubmitOptions {
     pub notify: Option<String>,
     /// Deadline for every request, in ms.
     pub timeout_ms: Option<f64>,
+}
+
+/// Traffic through one transport.
+#[napi(object)]
+pub struct TransportStat {
+    /// `tcp` or `shm`.
+    pub transport: String,
+    /// Requests submitted through it.
+    pub requests: f64,
+    /// Bytes submitted through it.
+    pub bytes: f64,
 }
 
 /// Status of one task.
@@ -326,6 +342,20 @@ impl NativeEngine {
     #[napi]
     pub async fn send_notify(&self, segment_name: String, message: String) -> Result<()> {
         self.inner.send_notify(&segment_name, &message).await.napi()
+    }
+
+        /// Requests and bytes submitted through each transport since start.
+    #[napi]
+    pub fn stats(&self) -> Vec<TransportStat> {
+        self.inner
+            .stats()
+            .into_iter()
+            .map(|(kind, requests, bytes)| TransportStat {
+                transport: kind.name().to_owned(),
+                requests: requests as f64,
+                bytes: bytes as f64,
+            })
+            .collect()
     }
 
     /// Closes the engine; idempotent.
