@@ -1,5 +1,7 @@
-// `npm run bench`: the transfer engine against a raw TCP socket pump, same block sizes, same
-// machine, same run. Every figure is the median of BENCH_REPEAT runs of BENCH_SECONDS each.
+// `npm run bench`: the transfer engine against baselines measured in the same run, on the same
+// machine: TCP against a raw TCP socket pump between two processes, shared memory against a
+// single-threaded memcpy of the same blocks over DRAM-resident buffers. Every figure is the
+// median of BENCH_REPEAT runs of BENCH_SECONDS each.
 //
 //   BENCH_SECONDS=3 BENCH_REPEAT=3 npm run bench
 import { spawn, execFileSync } from 'node:child_process'
@@ -32,52 +34,64 @@ async function withTarget(command, body) {
   }
 }
 
-function initiator(command, args) {
-  const out = execFileSync(process.execPath, [cli, command, '--mode', 'initiator', '--json', '--buffer-size', bufferSize, '--duration', String(seconds), ...args], {
+function run(command, args) {
+  const out = execFileSync(process.execPath, [cli, command, '--json', '--buffer-size', bufferSize, '--duration', String(seconds), ...args], {
     encoding: 'utf8',
     stdio: ['ignore', 'pipe', 'inherit'],
   })
   return JSON.parse(out.trim().split('\n').pop())
 }
 
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b)
-  return s[Math.floor(s.length / 2)]
-}
+const initiator = (command, args) => run(command, ['--mode', 'initiator', ...args])
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 
-const runs = []
+const rows = []
 for (const op of ['write', 'read']) {
   for (const { block, batch, threads } of loads) {
     const load = ['--op', op, '--block-size', String(block), '--batch-size', String(batch), '--threads', String(threads)]
-    const row = { op, block, raw: [], engine: [], viaJs: [], p50: [], p99: [] }
+    const row = { op, block, raw: [], tcp: [], p50: [], p99: [], viaJs: [], memcpy: [], shm: [], shmP50: [] }
     for (let i = 0; i < repeat; i++) {
       row.raw.push((await withTarget('bench-raw', (addr) => initiator('bench-raw', ['--segment', addr, ...load]))).gbps)
-      const report = await withTarget('bench', (segment) => initiator('bench', ['--segment', segment, ...load]))
-      row.engine.push(report.gbps)
-      row.p50.push(report.p50Us)
-      row.p99.push(report.p99Us)
+      const tcp = await withTarget('bench', (segment) => initiator('bench', ['--segment', segment, '--protocol', 'tcp', ...load]))
+      row.tcp.push(tcp.gbps)
+      row.p50.push(tcp.p50Us)
+      row.p99.push(tcp.p99Us)
       if (block === MiB) {
-        row.viaJs.push((await withTarget('bench', (segment) => initiator('bench', ['--segment', segment, '--via-js', ...load]))).gbps)
+        const viaJs = await withTarget('bench', (segment) => initiator('bench', ['--segment', segment, '--protocol', 'tcp', '--via-js', ...load]))
+        row.viaJs.push(viaJs.gbps)
       }
+      row.memcpy.push(run('bench-memcpy', ['--block-size', String(block)]).gbps)
+      const shm = await withTarget('bench', (segment) => initiator('bench', ['--segment', segment, '--protocol', 'shm', ...load]))
+      row.shm.push(shm.gbps)
+      row.shmP50.push(shm.p50Us)
       process.stderr.write('.')
     }
-    runs.push(row)
+    rows.push(row)
   }
 }
 process.stderr.write('\n')
 
-const fmt = (x) => (x === undefined ? '   -  ' : x.toFixed(2).padStart(6))
+const gb = (x) => (x === undefined ? '    -' : x.toFixed(2).padStart(5))
+const ratio = (a, b) => (a === undefined || b === undefined ? '   -' : (a / b).toFixed(2).padStart(4))
 const size = (b) => (b >= MiB ? `${b / MiB} MiB` : `${b / KiB} KiB`)
-console.log(`transfer engine (tcp, loopback, two processes) vs raw TCP socket pump; median of ${repeat} x ${seconds}s, GB/s`)
-console.log('op     block    raw pump  engine  ratio   p50 µs   p99 µs   via-js  js/rust')
-for (const r of runs) {
-  const raw = median(r.raw)
-  const engine = median(r.engine)
-  const viaJs = r.viaJs.length ? median(r.viaJs) : undefined
+console.log(`loopback, two processes; median of ${repeat} x ${seconds}s; GB/s (10^9 B/s); buffers ${bufferSize}`)
+console.log('')
+console.log('TCP transport vs raw TCP socket pump')
+console.log('op     block    raw    tcp   tcp/raw  p50 µs  p99 µs  via-js  js/rust')
+for (const r of rows) {
+  const [raw, tcp, viaJs] = [median(r.raw), median(r.tcp), r.viaJs.length ? median(r.viaJs) : undefined]
   console.log(
-    `${r.op.padEnd(6)} ${size(r.block).padEnd(8)} ${fmt(raw)}   ${fmt(engine)}  ${(engine / raw).toFixed(2).padStart(5)}  ` +
-      `${median(r.p50).toFixed(0).padStart(7)}  ${median(r.p99).toFixed(0).padStart(7)}   ${fmt(viaJs)}  ` +
-      `${viaJs === undefined ? '   -' : (viaJs / engine).toFixed(2).padStart(5)}`,
+    `${r.op.padEnd(6)} ${size(r.block).padEnd(8)} ${gb(raw)}  ${gb(tcp)}   ${ratio(tcp, raw)}  ${median(r.p50).toFixed(0).padStart(6)}  ${median(r.p99).toFixed(0).padStart(6)}   ${gb(viaJs)}   ${ratio(viaJs, tcp)}`,
   )
 }
-console.log('targets: engine/raw >= 0.80 at 1 MiB and >= 0.60 at 64 KiB; via-js/rust >= 0.90 at 1 MiB')
+console.log('')
+console.log('shared-memory transport vs single-threaded memcpy (and vs the TCP transport)')
+console.log('op     block    memcpy  shm   shm/memcpy  shm/tcp  p50 µs')
+for (const r of rows) {
+  const [memcpy, shm, tcp] = [median(r.memcpy), median(r.shm), median(r.tcp)]
+  console.log(
+    `${r.op.padEnd(6)} ${size(r.block).padEnd(8)} ${gb(memcpy)}  ${gb(shm)}     ${ratio(shm, memcpy)}      ${ratio(shm, tcp)}  ${median(r.shmP50).toFixed(0).padStart(6)}`,
+  )
+}
+console.log('')
+console.log('targets: tcp/raw >= 0.80 at 1 MiB, >= 0.60 at 64 KiB; js/rust >= 0.90 at 1 MiB; shm/memcpy >= 0.85 and shm/tcp >= 2 at 1 MiB')

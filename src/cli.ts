@@ -11,7 +11,7 @@ import { spawn } from 'node:child_process'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
-import { rawPumpRun, rawPumpServe, type BenchReport } from './binding'
+import { memcpyBench, rawPumpRun, rawPumpServe, type BenchReport } from './binding'
 import { nativeAsync, native, MooncakeError } from './errors'
 import { TransferEngine, type TransferRequest } from './engine'
 import { startMetadataServer } from './metadata-server'
@@ -23,11 +23,13 @@ commands:
   metadata-server   run an HTTP metadata server   [--host 127.0.0.1] [--port 8080]
   bench             Mooncake's transfer_engine_bench
                       --mode target|initiator   --metadata P2PHANDSHAKE|http://host:port/metadata
-                      --local-server-name 127.0.0.1   --segment <target name>   --protocol auto|tcp
+                      --local-server-name 127.0.0.1   --segment <target name>   --protocol auto|tcp|shm
                       --op read|write   --block-size 65536   --batch-size 128   --threads 4
                       --duration 10   --buffer-size 256MiB   --json   --via-js
   bench-raw         raw TCP socket pump, the baseline
                       --mode target|initiator   --host 127.0.0.1   --port N   --op read|write
+                      --block-size 65536   --duration 10   --buffer-size 256MiB   --json
+  bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
 `
 
@@ -89,7 +91,7 @@ async function bench(argv: string[]): Promise<void> {
   const engine = await TransferEngine.create({
     localServerName: o['local-server-name'],
     metadata: o.metadata,
-    protocol: o.protocol as 'auto' | 'tcp',
+    protocol: o.protocol as 'auto' | 'tcp' | 'shm',
     ...(o['tcp-lanes'] ? { tcpLanesPerPeer: Number(o['tcp-lanes']) } : {}),
   })
   try {
@@ -202,6 +204,13 @@ async function benchRaw(argv: string[]): Promise<void> {
   printReport('raw tcp', report, o.json, { op: o.op, blockSize })
 }
 
+async function benchMemcpy(argv: string[]): Promise<void> {
+  const { values: o } = parseArgs({ args: argv, options: BENCH_OPTIONS, strict: true })
+  const blockSize = parseSize(o['block-size'])
+  const report = await nativeAsync(() => memcpyBench(blockSize, parseSize(o['buffer-size']), Number(o.duration)))
+  printReport('memcpy', report, o.json, { blockSize })
+}
+
 async function metadataServer(argv: string[]): Promise<void> {
   const { values: o } = parseArgs({
     args: argv,
@@ -266,6 +275,8 @@ async function main(): Promise<void> {
       return bench(rest)
     case 'bench-raw':
       return benchRaw(rest)
+    case 'bench-memcpy':
+      return benchMemcpy(rest)
     case undefined:
     case 'help':
     case '--help':

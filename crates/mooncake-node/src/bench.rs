@@ -139,3 +139,18 @@ pub async fn raw_pump_run(
         .napi()
         .map(Into::into)
 }
+
+/// Single-threaded memcpy of the same blocks over buffers of `buffer_size`: the shm ceiling.
+#[napi]
+pub async fn memcpy_bench(block_size: f64, buffer_size: f64, duration_sec: f64) -> Result<BenchReport> {
+    let (block, buffer, duration) = (
+        to_len(block_size, "blockSize")?,
+        to_len(buffer_size, "bufferSize")?,
+        duration(duration_sec)?,
+    );
+    tokio::task::spawn_blocking(move || bench::raw::memcpy(block, buffer, duration))
+        .await
+        .map_err(|e| invalid(format!("memcpy thread: {e}")))?
+        .napi()
+        .map(Into::into)
+}

@@ -504,7 +504,8 @@ impl TransferEngine {
                 resolved.push((segment, region));
             }
         }
-        let deadline = options.timeout.map(|t| Instant::now() + t);
+                let submitted_at = Instant::now();
+        let deadline = options.timeout.map(|t| submitted_at + t);
         let progress = BatchProgress::new(requests.len());
         let mut tasks = Vec::with_capacity(requests.len());
         for (request, (segment, region)) in requests.iter().zip(resolved.iter()) {
@@ -540,7 +541,7 @@ impl TransferEngine {
         let batch = Arc::new(Batch {
             tasks,
             progress,
-            submitted_at: Instant::now(),
+                        submitted_at,
             notify,
         });
         let id = self.batches().insert(batch.clone());
