@@ -142,7 +142,11 @@ pub async fn raw_pump_run(
 
 /// Single-threaded memcpy of the same blocks over buffers of `buffer_size`: the shm ceiling.
 #[napi]
-pub async fn memcpy_bench(block_size: f64, buffer_size: f64, duration_sec: f64) -> Result<BenchReport> {
+pub async fn memcpy_bench(
+    block_size: f64,
+    buffer_size: f64,
+    duration_sec: f64,
+) -> Result<BenchReport> {
     let (block, buffer, duration) = (
         to_len(block_size, "blockSize")?,
         to_len(buffer_size, "bufferSize")?,

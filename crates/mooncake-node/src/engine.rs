@@ -20,7 +20,7 @@ pub struct EngineOptions {
     pub local_server_name: String,
     /// `P2PHANDSHAKE` or `http://host:port/metadata`.
     pub metadata: String,
-        /// `auto`, `tcp` or `shm`.
+    /// `auto`, `tcp` or `shm`.
     pub protocol: Option<String>,
     /// Offer memory to same-host peers and map theirs (default true).
     pub shared_memory: Option<bool>,
@@ -76,7 +76,7 @@ impl EngineOptions {
         if let Some(ms) = self.io_timeout_ms {
             config.io_timeout = Duration::from_millis(u64::from(ms.max(1)));
         }
-                if let Some(id) = self.cluster_id {
+        if let Some(id) = self.cluster_id {
             config.cluster_id = Some(id);
         }
         if let Some(shared) = self.shared_memory {
@@ -344,7 +344,7 @@ impl NativeEngine {
         self.inner.send_notify(&segment_name, &message).await.napi()
     }
 
-        /// Requests and bytes submitted through each transport since start.
+    /// Requests and bytes submitted through each transport since start.
     #[napi]
     pub fn stats(&self) -> Vec<TransportStat> {
         self.inner

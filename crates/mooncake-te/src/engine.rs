@@ -504,7 +504,7 @@ impl TransferEngine {
                 resolved.push((segment, region));
             }
         }
-                let submitted_at = Instant::now();
+        let submitted_at = Instant::now();
         let deadline = options.timeout.map(|t| submitted_at + t);
         let progress = BatchProgress::new(requests.len());
         let mut tasks = Vec::with_capacity(requests.len());
@@ -541,7 +541,7 @@ impl TransferEngine {
         let batch = Arc::new(Batch {
             tasks,
             progress,
-                        submitted_at,
+            submitted_at,
             notify,
         });
         let id = self.batches().insert(batch.clone());
@@ -663,7 +663,7 @@ impl TransferEngine {
         match self.route(&segment, &request) {
             Ok(Route::Tcp) => {
                 self.stats.record(TransportKind::Tcp, request.len);
-                tracing::trace!(segment = %segment.name, len = request.len, "request via tcp");
+                tracing::debug!(segment = %segment.name, len = request.len, "request via tcp");
                 self.tcp.submit(
                     &segment.data,
                     pieces.map(|(offset, len)| Slice {
@@ -679,7 +679,7 @@ impl TransferEngine {
             }
             Ok(Route::Shm(transport, peer, remote)) => {
                 self.stats.record(TransportKind::Shm, request.len);
-                tracing::trace!(segment = %segment.name, len = request.len, path = ?peer.path(&remote.buffer), "request via shared memory");
+                tracing::debug!(segment = %segment.name, len = request.len, path = ?peer.path(&remote.buffer), "request via shared memory");
                 let slices = pieces
                     .map(|(offset, len)| ShmSlice {
                         op: request.op,

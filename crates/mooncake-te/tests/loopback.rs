@@ -360,3 +360,54 @@ async fn forcing_shared_memory_needs_a_same_host_target() {
         engine.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_on_another_host_never_goes_through_shared_memory() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let target = engine(&server.url(), "real-node").await;
+    let remote = target.allocate(4096).unwrap();
+    target.publish_now().await.unwrap();
+    // Publish the same segment as if it ran on another host.
+    let store = server.store();
+    let mut desc: serde_json::Value =
+        serde_json::from_str(&store.get_now("mooncake/ram/real-node").unwrap()).unwrap();
+    desc["name"] = "far-node".into();
+    desc["shm"]["host"] = "another-host-entirely".into();
+    store.put_now("mooncake/ram/far-node", desc.to_string());
+    store.put_now(
+        "mooncake/rpc_meta/far-node",
+        store.get_now("mooncake/rpc_meta/real-node").unwrap(),
+    );
+
+    let forced = engine_over(&server.url(), "forced", Protocol::Shm).await;
+    let local = forced.allocate(4096).unwrap();
+    let segment = forced.open_segment("far-node").await.unwrap();
+    let request = TransferRequest {
+        op: Opcode::Read,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64,
+        len: 4096,
+    };
+    let err = forced
+        .submit(&[request], SubmitOptions::default())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotSupportedTransport);
+
+    let auto = engine(&server.url(), "auto").await;
+    let local = auto.allocate(4096).unwrap();
+    let segment = auto.open_segment("far-node").await.unwrap();
+    let request = TransferRequest {
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        ..request
+    };
+    auto.transfer(&[request], SubmitOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(sent_through(&auto, TransportKind::Tcp), 1);
+    for engine in [auto, forced, target] {
+        engine.close().await;
+    }
+    server.close().await;
+}

@@ -169,6 +169,13 @@ impl ShmPeer {
             ));
         }
         let Some(_use) = self.control.acquire(remote.buffer.slot) else {
+            if let Some(id) = remote.buffer.arena {
+                // Unregistered for good: let go of our mapping of it.
+                self.arenas
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
             return Err(Error::new(
                 ErrorKind::AddressNotRegistered,
                 format!(
