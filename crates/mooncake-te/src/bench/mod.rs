@@ -61,6 +61,21 @@ pub struct BenchReport {
     pub p99_us: f64,
 }
 
+impl BenchReport {
+    /// A report of throughput alone (no per-request latency).
+    pub fn throughput(bytes: u64, requests: u64, seconds: f64) -> Self {
+        Self {
+            bytes,
+            requests,
+            seconds,
+            gbps: bytes as f64 / seconds / 1e9,
+            requests_per_sec: requests as f64 / seconds,
+            p50_us: 0.0,
+            p99_us: 0.0,
+        }
+    }
+}
+
 /// Runs the load and reports.
 pub async fn run(engine: &Arc<TransferEngine>, options: &BenchOptions) -> Result<BenchReport> {
     let span = options.block_size as u64;
@@ -165,14 +180,9 @@ pub async fn run(engine: &Arc<TransferEngine>, options: &BenchOptions) -> Result
             latencies[((latencies.len() - 1) as f64 * p).round() as usize]
         }
     };
-    let requests = latencies.len() as u64;
     Ok(BenchReport {
-        bytes,
-        requests,
-        seconds,
-        gbps: bytes as f64 / seconds / 1e9,
-        requests_per_sec: requests as f64 / seconds,
         p50_us: pct(0.5),
         p99_us: pct(0.99),
+        ..BenchReport::throughput(bytes, latencies.len() as u64, seconds)
     })
 }

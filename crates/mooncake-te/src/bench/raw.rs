@@ -102,15 +102,7 @@ pub fn run(
     }
     let seconds = start.elapsed().as_secs_f64();
     let _ = stream.shutdown(Shutdown::Both);
-    Ok(BenchReport {
-        bytes,
-        requests: blocks,
-        seconds,
-        gbps: bytes as f64 / seconds / 1e9,
-        requests_per_sec: blocks as f64 / seconds,
-        p50_us: 0.0,
-        p99_us: 0.0,
-    })
+    Ok(BenchReport::throughput(bytes, blocks, seconds))
 }
 
 /// Single-threaded `memcpy` of `block_size` pieces cycling through two `buffer_size` buffers
@@ -133,13 +125,5 @@ pub fn memcpy(block_size: usize, buffer_size: usize, duration: Duration) -> Resu
         blocks += 16;
     }
     let seconds = start.elapsed().as_secs_f64();
-    Ok(BenchReport {
-        bytes,
-        requests: blocks,
-        seconds,
-        gbps: bytes as f64 / seconds / 1e9,
-        requests_per_sec: blocks as f64 / seconds,
-        p50_us: 0.0,
-        p99_us: 0.0,
-    })
+    Ok(BenchReport::throughput(bytes, blocks, seconds))
 }
