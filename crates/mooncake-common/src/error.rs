@@ -54,6 +54,42 @@ pub enum ErrorKind {
     Protocol,
     /// A transfer failed for a reason the peer did not explain.
     TransferFailed,
+    /// Store: bad parameters (empty key, zero size, impossible replica count, ...).
+    InvalidParams,
+    /// Store: no segment has room for the object.
+    NoAvailableHandle,
+    /// Store: the key does not exist.
+    ObjectNotFound,
+    /// Store: the key already exists (or is being written).
+    ObjectAlreadyExists,
+    /// Store: the object is leased by a reader.
+    ObjectHasLease,
+    /// Store: a read finished after its lease ran out.
+    LeaseExpired,
+    /// Store: the object has no complete replica yet.
+    ReplicaIsNotReady,
+    /// Store: the operation comes from a client that did not start the write.
+    IllegalClient,
+    /// Store: no write is in progress for the key.
+    InvalidWrite,
+    /// Store: the segment is not mounted.
+    SegmentNotFound,
+    /// Store: a replica is in use by a master-side task.
+    ObjectReplicaBusy,
+    /// Store: moving object bytes failed.
+    TransferFail,
+    /// Store: the master could not be reached.
+    RpcFail,
+    /// Store: the master did not answer in time.
+    RpcTimeout,
+    /// Store: client and master versions differ.
+    InvalidVersion,
+    /// Store: the operation is not possible in the current state.
+    UnavailableInCurrentStatus,
+    /// Store: the buffer is too small for the object.
+    BufferOverflow,
+    /// Store: an internal invariant broke.
+    InternalError,
 }
 
 impl ErrorKind {
@@ -80,6 +116,24 @@ impl ErrorKind {
         Self::BufferBusy,
         Self::Protocol,
         Self::TransferFailed,
+        Self::InvalidParams,
+        Self::NoAvailableHandle,
+        Self::ObjectNotFound,
+        Self::ObjectAlreadyExists,
+        Self::ObjectHasLease,
+        Self::LeaseExpired,
+        Self::ReplicaIsNotReady,
+        Self::IllegalClient,
+        Self::InvalidWrite,
+        Self::SegmentNotFound,
+        Self::ObjectReplicaBusy,
+        Self::TransferFail,
+        Self::RpcFail,
+        Self::RpcTimeout,
+        Self::InvalidVersion,
+        Self::UnavailableInCurrentStatus,
+        Self::BufferOverflow,
+        Self::InternalError,
     ];
 
     /// The stable string code JavaScript sees as `error.code`.
@@ -106,10 +160,29 @@ impl ErrorKind {
             Self::BufferBusy => "ERR_BUFFER_BUSY",
             Self::Protocol => "ERR_PROTOCOL",
             Self::TransferFailed => "ERR_TRANSFER_FAILED",
+            Self::InvalidParams => "ERR_INVALID_PARAMS",
+            Self::NoAvailableHandle => "ERR_NO_AVAILABLE_HANDLE",
+            Self::ObjectNotFound => "ERR_OBJECT_NOT_FOUND",
+            Self::ObjectAlreadyExists => "ERR_OBJECT_ALREADY_EXISTS",
+            Self::ObjectHasLease => "ERR_OBJECT_HAS_LEASE",
+            Self::LeaseExpired => "ERR_LEASE_EXPIRED",
+            Self::ReplicaIsNotReady => "ERR_REPLICA_IS_NOT_READY",
+            Self::IllegalClient => "ERR_ILLEGAL_CLIENT",
+            Self::InvalidWrite => "ERR_INVALID_WRITE",
+            Self::SegmentNotFound => "ERR_SEGMENT_NOT_FOUND",
+            Self::ObjectReplicaBusy => "ERR_OBJECT_REPLICA_BUSY",
+            Self::TransferFail => "ERR_TRANSFER_FAIL",
+            Self::RpcFail => "ERR_RPC_FAIL",
+            Self::RpcTimeout => "ERR_RPC_TIMEOUT",
+            Self::InvalidVersion => "ERR_INVALID_VERSION",
+            Self::UnavailableInCurrentStatus => "ERR_UNAVAILABLE_IN_CURRENT_STATUS",
+            Self::BufferOverflow => "ERR_BUFFER_OVERFLOW",
+            Self::InternalError => "ERR_INTERNAL_ERROR",
         }
     }
 
-    /// Mooncake's numeric `ERR_*` value (`include/error.h`), where one exists.
+    /// Mooncake's numeric code, where one exists: the Transfer Engine's `ERR_*` values
+    /// (`include/error.h`) and the Store's `ErrorCode` values (`types.h`).
     pub const fn errno(self) -> Option<i32> {
         Some(match self {
             Self::InvalidArgument => -1,
@@ -128,6 +201,24 @@ impl ErrorKind {
             Self::Context => -202,
             Self::Memory => -302,
             Self::NotImplemented => -303,
+            Self::InternalError => -1,
+            Self::BufferOverflow => -10,
+            Self::SegmentNotFound => -101,
+            Self::NoAvailableHandle => -200,
+            Self::InvalidVersion => -300,
+            Self::InvalidParams => -600,
+            Self::IllegalClient => -601,
+            Self::InvalidWrite => -700,
+            Self::ReplicaIsNotReady => -703,
+            Self::ObjectNotFound => -704,
+            Self::ObjectAlreadyExists => -705,
+            Self::ObjectHasLease => -706,
+            Self::LeaseExpired => -707,
+            Self::ObjectReplicaBusy => -714,
+            Self::TransferFail => -800,
+            Self::RpcFail => -900,
+            Self::RpcTimeout => -901,
+            Self::UnavailableInCurrentStatus => -1010,
             _ => return None,
         })
     }

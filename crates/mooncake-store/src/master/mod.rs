@@ -1,0 +1,25 @@
+//! The master's state machine.
+//!
+//! [`Master`] holds everything the master knows and changes it only through its methods, each
+//! of which takes `now`. The gRPC service wraps it in a lock and calls the periodic
+//! [`Master::tick`] (eviction, abandoned writes, client liveness); tests call the same methods
+//! with a clock of their own.
+//!
+//! - [`allocator`]: one offset allocator per mounted segment;
+//! - [`placement`]: which segments receive the replicas of an object;
+//! - [`config`]: the master's knobs and Mooncake's defaults;
+//! - [`types`]: ids, replica descriptors, write configuration.
+
+pub mod allocator;
+pub mod config;
+pub mod placement;
+pub mod types;
+
+mod state;
+
+pub use config::{AllocationStrategy, MasterConfig};
+pub use state::{Master, MasterStats, SegmentReport};
+pub use types::{
+    ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,
+    WriteConfig,
+};

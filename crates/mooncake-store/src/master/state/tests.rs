@@ -1,0 +1,409 @@
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+
+struct World {
+    master: Master,
+    now: Instant,
+    clients: Vec<ClientId>,
+}
+
+impl World {
+    /// A master with `nodes` clients of one `size`-byte segment each.
+    fn new(nodes: usize, size: u64, config: MasterConfig) -> Self {
+        let mut world = Self {
+            master: Master::new(config).unwrap(),
+            now: Instant::now(),
+            clients: Vec::new(),
+        };
+        for i in 0..nodes {
+            let client = ClientId(i as u128 + 1);
+            world.clients.push(client);
+            world.mount(client, i, size);
+        }
+        world
+    }
+
+    fn mount(&mut self, client: ClientId, i: usize, size: u64) {
+        let spec = SegmentSpec {
+            id: SegmentId(1000 + i as u128),
+            name: format!("node-{i}"),
+            base: 0x1000_0000 * (i as u64 + 1),
+            size,
+            te_endpoint: format!("127.0.0.1:{}", 15000 + i),
+            protocol: "tcp".into(),
+            host_id: "host".into(),
+        };
+        self.master.mount_segment(self.now, client, spec).unwrap();
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+    }
+
+    fn put(&mut self, key: &str, size: u64, config: &WriteConfig) -> Result<Vec<ReplicaDesc>> {
+        let client = self.clients[0];
+        let descs = self.master.put_start(self.now, client, key, size, config)?;
+        self.master.put_end(self.now, client, key)?;
+        Ok(descs)
+    }
+}
+
+fn replicas(n: u32) -> WriteConfig {
+    WriteConfig {
+        replica_num: n,
+        ..WriteConfig::default()
+    }
+}
+
+fn code<T: std::fmt::Debug>(result: Result<T>) -> ErrorKind {
+    result.unwrap_err().kind()
+}
+
+#[test]
+fn two_phase_put_makes_objects_readable_only_at_the_end() {
+    let mut w = World::new(3, 64 * MIB, MasterConfig::default());
+    let client = w.clients[0];
+    let descs = w
+        .master
+        .put_start(w.now, client, "k", MIB, &replicas(2))
+        .unwrap();
+    assert_eq!(descs.len(), 2);
+    assert_ne!(
+        descs[0].segment_name, descs[1].segment_name,
+        "replicas on distinct segments"
+    );
+    assert!(descs
+        .iter()
+        .all(|d| d.status == ReplicaStatus::Processing && d.size == MIB));
+    assert_eq!(
+        code(w.master.get_replica_list(w.now, "k")),
+        ErrorKind::ReplicaIsNotReady
+    );
+    assert!(!w.master.exist_key(w.now, "k"));
+    assert_eq!(
+        code(w.master.put_end(w.now, w.clients[1], "k")),
+        ErrorKind::IllegalClient
+    );
+    w.master.put_end(w.now, client, "k").unwrap();
+    w.master.put_end(w.now, client, "k").unwrap();
+    let (readable, ttl) = w.master.get_replica_list(w.now, "k").unwrap();
+    assert_eq!(ttl, Duration::from_secs(10));
+    assert_eq!(readable.len(), 2);
+    assert!(readable.iter().all(|d| d.status == ReplicaStatus::Complete));
+    assert!(w.master.exist_key(w.now, "k"));
+    assert_eq!(
+        code(w.master.get_replica_list(w.now, "absent")),
+        ErrorKind::ObjectNotFound
+    );
+}
+
+#[test]
+fn bad_writes_get_clear_codes() {
+    let mut w = World::new(2, 4 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    assert_eq!(
+        code(w.master.put_start(w.now, c, "", 1, &replicas(1))),
+        ErrorKind::InvalidParams
+    );
+    assert_eq!(
+        code(w.master.put_start(w.now, c, "k", 0, &replicas(1))),
+        ErrorKind::InvalidParams
+    );
+    assert_eq!(
+        code(w.master.put_start(w.now, c, "k", 1, &replicas(0))),
+        ErrorKind::InvalidParams
+    );
+    assert_eq!(
+        code(w.master.put_start(w.now, c, "k", 1, &replicas(3))),
+        ErrorKind::InvalidParams
+    );
+    let too_long = WriteConfig {
+        soft_pin: SoftPin::Enable(Some(Duration::from_secs(25 * 3600))),
+        ..WriteConfig::default()
+    };
+    assert_eq!(
+        code(w.master.put_start(w.now, c, "k", 1, &too_long)),
+        ErrorKind::InvalidParams
+    );
+    assert_eq!(
+        code(w.master.put_start(w.now, c, "k", 5 * MIB, &replicas(1))),
+        ErrorKind::NoAvailableHandle
+    );
+    assert_eq!(
+        code(w.master.put_revoke(c, "nothing")),
+        ErrorKind::ObjectNotFound
+    );
+    assert!(
+        w.master.keys().is_empty(),
+        "nothing half-written is left behind"
+    );
+    assert_eq!(w.master.stats(w.now).allocated_bytes, 0);
+}
+
+#[test]
+fn concurrent_puts_of_one_key_leave_one_version() {
+    let mut w = World::new(2, 16 * MIB, MasterConfig::default());
+    let (a, b) = (w.clients[0], w.clients[1]);
+    w.master
+        .put_start(w.now, a, "k", MIB, &replicas(1))
+        .unwrap();
+    assert_eq!(
+        code(w.master.put_start(w.now, b, "k", MIB, &replicas(1))),
+        ErrorKind::ObjectAlreadyExists
+    );
+    w.master.put_end(w.now, a, "k").unwrap();
+    assert_eq!(
+        code(w.master.put_start(w.now, b, "k", 2 * MIB, &replicas(1))),
+        ErrorKind::ObjectAlreadyExists
+    );
+    assert_eq!(
+        w.master.get_replica_list(w.now, "k").unwrap().0[0].size,
+        MIB
+    );
+}
+
+#[test]
+fn stale_writes_are_preempted_then_released() {
+    let mut w = World::new(1, 4 * MIB, MasterConfig::default());
+    let (a, b) = (w.clients[0], ClientId(99));
+    w.master
+        .put_start(w.now, a, "k", 3 * MIB, &replicas(1))
+        .unwrap();
+    w.advance(Duration::from_secs(31));
+    // The old writer's space stays parked (it may still be writing), so a new 3 MiB write of
+    // another key does not fit, but the preempting write of the same key is refused only for
+    // lack of space, never for the stale writer.
+    assert_eq!(
+        code(w.master.put_start(w.now, b, "k", 3 * MIB, &replicas(1))),
+        ErrorKind::NoAvailableHandle
+    );
+    w.advance(Duration::from_secs(600));
+    w.master.ping(w.now, a);
+    w.master.tick(w.now);
+    w.master
+        .put_start(w.now, b, "k", 3 * MIB, &replicas(1))
+        .unwrap();
+    w.master.put_end(w.now, b, "k").unwrap();
+    assert_eq!(w.master.stats(w.now).put_start_discards, 1);
+}
+
+#[test]
+fn abandoned_writes_free_their_space() {
+    let mut w = World::new(1, 4 * MIB, MasterConfig::default());
+    w.master
+        .put_start(w.now, w.clients[0], "k", 2 * MIB, &replicas(1))
+        .unwrap();
+    w.advance(Duration::from_secs(601));
+    w.master.ping(w.now, w.clients[0]);
+    w.master.tick(w.now);
+    assert!(w.master.keys().is_empty());
+    assert_eq!(w.master.stats(w.now).allocated_bytes, 0);
+}
+
+#[test]
+fn upsert_rewrites_in_place_or_reallocates() {
+    let mut w = World::new(2, 16 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    let first = w.put("k", MIB, &replicas(1)).unwrap();
+    // Equal size, no lease: the same address, unreadable until the end.
+    let same = w
+        .master
+        .upsert_start(w.now, c, "k", MIB, &replicas(1))
+        .unwrap();
+    assert_eq!(same[0].address, first[0].address);
+    assert_eq!(
+        code(w.master.get_replica_list(w.now, "k")),
+        ErrorKind::ReplicaIsNotReady
+    );
+    w.master.put_end(w.now, c, "k").unwrap();
+    // A reader's lease forbids rewriting in place.
+    w.master.get_replica_list(w.now, "k").unwrap();
+    let moved = w
+        .master
+        .upsert_start(w.now, c, "k", MIB, &replicas(1))
+        .unwrap();
+    assert_ne!(moved[0].address, first[0].address);
+    w.master.put_end(w.now, c, "k").unwrap();
+    // A different size always reallocates.
+    let bigger = w
+        .master
+        .upsert_start(w.now, c, "k", 2 * MIB, &replicas(1))
+        .unwrap();
+    w.master.put_end(w.now, c, "k").unwrap();
+    assert_eq!(bigger[0].size, 2 * MIB);
+    assert_eq!(
+        w.master.get_replica_list(w.now, "k").unwrap().0[0].size,
+        2 * MIB
+    );
+    // An absent key is a plain put.
+    w.master
+        .upsert_start(w.now, c, "new", MIB, &replicas(1))
+        .unwrap();
+}
+
+#[test]
+fn leases_block_removal_unless_forced() {
+    let mut w = World::new(1, 16 * MIB, MasterConfig::default());
+    w.put("k", MIB, &replicas(1)).unwrap();
+    w.master.get_replica_list(w.now, "k").unwrap();
+    assert_eq!(
+        code(w.master.remove(w.now, "k", false)),
+        ErrorKind::ObjectHasLease
+    );
+    w.advance(Duration::from_secs(11));
+    w.master.remove(w.now, "k", false).unwrap();
+    assert_eq!(
+        code(w.master.remove(w.now, "k", false)),
+        ErrorKind::ObjectNotFound
+    );
+    w.put("k2", MIB, &replicas(1)).unwrap();
+    assert!(w.master.exist_key(w.now, "k2"));
+    w.master.remove(w.now, "k2", true).unwrap();
+    for i in 0..4 {
+        w.put(&format!("layer/{i}"), MIB, &replicas(1)).unwrap();
+    }
+    w.put("other", MIB, &replicas(1)).unwrap();
+    assert_eq!(
+        w.master.remove_by_regex(w.now, "^layer/", false).unwrap(),
+        4
+    );
+    assert_eq!(
+        code(w.master.remove_by_regex(w.now, "(", false)),
+        ErrorKind::InvalidParams
+    );
+    assert_eq!(w.master.remove_all(w.now, false), 1);
+}
+
+#[test]
+fn eviction_frees_space_but_never_leased_or_hard_pinned_objects() {
+    let mut w = World::new(1, 20 * MIB, MasterConfig::default());
+    let pinned = WriteConfig {
+        hard_pin: true,
+        ..WriteConfig::default()
+    };
+    w.put("hard", MIB, &pinned).unwrap();
+    w.put("leased", MIB, &replicas(1)).unwrap();
+    for i in 0..17 {
+        w.put(&format!("k{i}"), MIB, &replicas(1)).unwrap();
+        w.advance(Duration::from_millis(1));
+    }
+    w.master.get_replica_list(w.now, "leased").unwrap();
+    // 19 of 20 MiB used: above the 0.90 watermark.
+    w.master.tick(w.now);
+    let keys = w.master.keys();
+    assert!(keys.len() < 19, "eviction ran");
+    assert!(keys.contains(&"hard".to_string()) && keys.contains(&"leased".to_string()));
+    assert!(!keys.contains(&"k0".to_string()), "oldest first");
+    // Allocation failure evicts on the spot instead of failing the write.
+    for i in 0..40 {
+        w.advance(Duration::from_millis(1));
+        w.put(&format!("more{i}"), MIB, &replicas(1)).unwrap();
+    }
+    let keys = w.master.keys();
+    assert!(keys.contains(&"hard".to_string()) && keys.contains(&"leased".to_string()));
+    assert!(w.master.stats(w.now).evicted_keys > 0);
+}
+
+#[test]
+fn soft_pinned_objects_go_last() {
+    let mut w = World::new(1, 10 * MIB, MasterConfig::default());
+    let soft = WriteConfig {
+        soft_pin: SoftPin::Enable(None),
+        ..WriteConfig::default()
+    };
+    w.put("soft", MIB, &soft).unwrap();
+    for i in 0..9 {
+        w.advance(Duration::from_millis(1));
+        w.put(&format!("k{i}"), MIB, &replicas(1)).unwrap();
+    }
+    w.master.tick(w.now);
+    assert!(w.master.keys().contains(&"soft".to_string()));
+    assert_eq!(w.master.stats(w.now).soft_pinned_keys, 1);
+}
+
+#[test]
+fn dead_clients_lose_their_segments_and_come_back_by_remounting() {
+    let mut w = World::new(3, 16 * MIB, MasterConfig::default());
+    w.put("two", MIB, &replicas(2)).unwrap();
+    w.put(
+        "one",
+        MIB,
+        &WriteConfig {
+            preferred_segments: vec!["node-2".into()],
+            ..replicas(1)
+        },
+    )
+    .unwrap();
+    let holder = w.master.get_replica_list(w.now, "two").unwrap().0[0]
+        .segment_name
+        .clone();
+    let victim = w.clients[holder.trim_start_matches("node-").parse::<usize>().unwrap()];
+    // Everyone but the victim keeps pinging.
+    for _ in 0..11 {
+        w.advance(Duration::from_secs(1));
+        for &c in &w.clients.clone() {
+            if c != victim {
+                assert_eq!(w.master.ping(w.now, c), ClientStatus::Ok);
+            }
+        }
+        w.master.tick(w.now);
+    }
+    let (left, _) = w.master.get_replica_list(w.now, "two").unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "the replica on the dead node is gone, the other serves"
+    );
+    assert_ne!(left[0].segment_name, holder);
+    if holder == "node-2" {
+        assert_eq!(
+            code(w.master.get_replica_list(w.now, "one")),
+            ErrorKind::ObjectNotFound
+        );
+    }
+    assert_eq!(w.master.ping(w.now, victim), ClientStatus::NeedRemount);
+    let i = w.clients.iter().position(|c| *c == victim).unwrap();
+    let spec = SegmentSpec {
+        id: SegmentId(1000 + i as u128),
+        name: format!("node-{i}"),
+        base: 0x1000_0000 * (i as u64 + 1),
+        size: 16 * MIB,
+        te_endpoint: format!("127.0.0.1:{}", 15000 + i),
+        protocol: "tcp".into(),
+        host_id: "host".into(),
+    };
+    w.master
+        .remount_segments(w.now, victim, vec![spec])
+        .unwrap();
+    assert_eq!(w.master.ping(w.now, victim), ClientStatus::Ok);
+    assert_eq!(w.master.segments().len(), 3);
+}
+
+#[test]
+fn mounts_are_checked_and_idempotent() {
+    let mut w = World::new(1, 16 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    let mut spec = w.master.segments()[0].spec.clone();
+    w.master.mount_segment(w.now, c, spec.clone()).unwrap();
+    assert_eq!(
+        code(w.master.mount_segment(w.now, ClientId(7), spec.clone())),
+        ErrorKind::InvalidParams
+    );
+    spec.id = SegmentId(5);
+    assert_eq!(
+        code(w.master.mount_segment(w.now, c, spec.clone())),
+        ErrorKind::InvalidParams,
+        "overlap"
+    );
+    spec.base = 0;
+    assert_eq!(
+        code(w.master.mount_segment(w.now, c, spec.clone())),
+        ErrorKind::InvalidParams
+    );
+    w.master.unmount_segment(c, SegmentId(1000)).unwrap();
+    w.master.unmount_segment(c, SegmentId(1000)).unwrap();
+    assert!(w.master.segments().is_empty());
+}
