@@ -4,5 +4,15 @@
 //! - [`master`]: the master's state machine, without I/O: object metadata and replicas,
 //!   per-segment allocators and placement, two-phase writes, leases, pins, eviction, abandoned
 //!   writes and client liveness. Every operation takes the current time, so tests drive time.
+//!   Around it: the gRPC service, the admin HTTP server and the running server;
+//! - [`client`]: the store client, which mounts memory and moves object bytes peer to peer
+//!   through the Transfer Engine.
 
+pub mod client;
 pub mod master;
+
+/// Code generated from `proto/mooncake_store.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("mooncake.store.v1");
+}

@@ -8,16 +8,21 @@
 //! - [`allocator`]: one offset allocator per mounted segment;
 //! - [`placement`]: which segments receive the replicas of an object;
 //! - [`config`]: the master's knobs and Mooncake's defaults;
-//! - [`types`]: ids, replica descriptors, write configuration.
+//! - [`types`]: ids, replica descriptors, write configuration;
+//! - [`service`]: the gRPC service over the state machine;
+//! - [`server`]: a running master: RPC, periodic tick, admin HTTP, embedded metadata server.
 
 pub mod allocator;
 pub mod config;
 pub mod placement;
+pub mod server;
+pub mod service;
 pub mod types;
 
 mod state;
 
 pub use config::{AllocationStrategy, MasterConfig};
+pub use server::{MasterServer, MasterServerConfig};
 pub use state::{Master, MasterStats, SegmentReport};
 pub use types::{
     ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,

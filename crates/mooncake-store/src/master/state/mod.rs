@@ -20,6 +20,8 @@ struct SegmentEntry {
     spec: SegmentSpec,
     client: ClientId,
     allocator: SegmentAllocator,
+    /// Set by a graceful unmount: readable, no new objects, unmounted at this time.
+    unmount_at: Option<Instant>,
 }
 
 struct ClientEntry {
@@ -129,6 +131,7 @@ pub struct Master {
     discarded: Vec<Discarded>,
     next_replica: u64,
     need_eviction: bool,
+    last_sweep: Option<Instant>,
     stats: MasterStats,
 }
 
@@ -144,6 +147,7 @@ impl Master {
             discarded: Vec::new(),
             next_replica: 1,
             need_eviction: false,
+            last_sweep: None,
             stats: MasterStats::default(),
         })
     }
@@ -206,6 +210,7 @@ impl Master {
                 spec,
                 client,
                 allocator,
+                unmount_at: None,
             },
         );
         Ok(())
@@ -237,6 +242,28 @@ impl Master {
             )),
             Some(_) => {
                 self.drop_segments(&[id]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops placing new objects on a segment and unmounts it after `grace`; its objects stay
+    /// readable meanwhile.
+    pub fn graceful_unmount_segment(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        id: SegmentId,
+        grace: Duration,
+    ) -> Result<()> {
+        match self.segments.get_mut(&id) {
+            None => Err(Error::new(ErrorKind::SegmentNotFound, "no such segment")),
+            Some(s) if s.client != client => Err(Error::new(
+                ErrorKind::InvalidParams,
+                "the segment belongs to another client",
+            )),
+            Some(s) => {
+                s.unmount_at = Some(now + grace);
                 Ok(())
             }
         }
@@ -373,8 +400,11 @@ impl Master {
             return self.put_start(now, client, key, size, config);
         };
         if object.size == size && object.readable() && !object.writing() && !object.leased(now) {
+            // New ids: a reader that re-validates by replica id sees the rewrite.
             for replica in &mut object.replicas {
                 replica.status = ReplicaStatus::Processing;
+                replica.id = self.next_replica;
+                self.next_replica += 1;
             }
             object.writer = client;
             object.put_start = now;
@@ -512,7 +542,11 @@ impl Master {
                 index,
                 name: &s.spec.name,
                 host_id: &s.spec.host_id,
-                largest_free: s.allocator.largest_free(),
+                largest_free: if s.unmount_at.is_some() {
+                    0
+                } else {
+                    s.allocator.largest_free()
+                },
                 free_ratio: 1.0 - s.allocator.used() as f64 / s.allocator.capacity().max(1) as f64,
             })
             .collect();
@@ -710,6 +744,13 @@ impl Master {
                 .collect();
             self.drop_segments(&segments);
         }
+        let ending: Vec<SegmentId> = self
+            .segments
+            .iter()
+            .filter(|(_, s)| s.unmount_at.is_some_and(|at| at <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        self.drop_segments(&ending);
         // Forget clients that are long gone and own nothing.
         self.clients.retain(|id, c| {
             c.ok || c.last_seen + 10 * ttl > now || self.segments.values().any(|s| s.client == *id)
@@ -723,6 +764,15 @@ impl Master {
             self.free(d.segment, d.block);
         }
 
+        // Looking for abandoned writes scans every object: once a second is plenty.
+        if self
+            .last_sweep
+            .is_some_and(|at| now < at + Duration::from_secs(1))
+        {
+            self.evict_if_needed(now);
+            return;
+        }
+        self.last_sweep = Some(now);
         let release = self.config.put_start_release_timeout;
         let abandoned: Vec<String> = self
             .objects
@@ -735,6 +785,10 @@ impl Master {
             self.discard_object(&key, now);
         }
 
+        self.evict_if_needed(now);
+    }
+
+    fn evict_if_needed(&mut self, now: Instant) {
         if self.used_ratio() > self.config.eviction_high_watermark_ratio {
             self.need_eviction = true;
         }

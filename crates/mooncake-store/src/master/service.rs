@@ -1,0 +1,579 @@
+//! The gRPC face of the master: converts messages, takes the lock, calls the state machine.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use mooncake_common::{Error, ErrorKind, Result};
+use tonic::{Request, Response, Status};
+
+use super::types::{
+    ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,
+    WriteConfig,
+};
+use super::Master;
+use crate::proto;
+
+/// The version `ServiceReady` reports; clients refuse a master of another major version.
+pub const STORE_VERSION: &str = "mooncake-kv-store/1";
+
+/// Requests and failures per operation, for `master_<op>_requests_total` and
+/// `master_<op>_failures_total`.
+#[derive(Default)]
+pub struct OpCounters {
+    counters: Mutex<BTreeMap<&'static str, (Arc<AtomicU64>, Arc<AtomicU64>)>>,
+}
+
+impl OpCounters {
+    fn count(&self, op: &'static str, items: usize, failures: usize) {
+        let (requests, failed) = {
+            let mut map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = map.entry(op).or_default();
+            (entry.0.clone(), entry.1.clone())
+        };
+        requests.fetch_add(items as u64, Ordering::Relaxed);
+        failed.fetch_add(failures as u64, Ordering::Relaxed);
+    }
+
+    /// `(op, requests, failures)` for every operation seen.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64, u64)> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(op, (r, f))| (*op, r.load(Ordering::Relaxed), f.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// The service: the state machine behind a lock, and counters.
+#[derive(Clone)]
+pub struct MasterService {
+    state: Arc<Mutex<Master>>,
+    counters: Arc<OpCounters>,
+}
+
+impl MasterService {
+    /// Serves `state`.
+    pub fn new(state: Arc<Mutex<Master>>, counters: Arc<OpCounters>) -> Self {
+        Self { state, counters }
+    }
+
+    fn master(&self) -> MutexGuard<'_, Master> {
+        // Every state-machine method leaves the state consistent even when it returns early.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn outcome(result: &Result<()>) -> proto::Outcome {
+    match result {
+        Ok(()) => proto::Outcome::default(),
+        Err(e) => proto::Outcome {
+            code: e.kind().errno().unwrap_or(-1),
+            error: e.kind().code().to_owned(),
+            message: e.message().to_owned(),
+        },
+    }
+}
+
+fn uuid(value: Option<proto::Uuid>, what: &str) -> std::result::Result<u128, Status> {
+    let value = value.ok_or_else(|| bad_request(format!("{what} is required")))?;
+    Ok(u128::from(value.high) << 64 | u128::from(value.low))
+}
+
+fn bad_request(message: String) -> Status {
+    Status::invalid_argument(format!("[{}] {message}", ErrorKind::InvalidParams.code()))
+}
+
+/// `u128` to the wire.
+pub fn to_uuid(value: u128) -> proto::Uuid {
+    proto::Uuid {
+        high: (value >> 64) as u64,
+        low: value as u64,
+    }
+}
+
+fn segment(value: Option<proto::Segment>) -> std::result::Result<SegmentSpec, Status> {
+    let s = value.ok_or_else(|| bad_request("segment is required".into()))?;
+    Ok(SegmentSpec {
+        id: SegmentId(uuid(s.id, "segment id")?),
+        name: s.name,
+        base: s.base,
+        size: s.size,
+        te_endpoint: s.te_endpoint,
+        protocol: s.protocol,
+        host_id: s.host_id,
+    })
+}
+
+/// Domain segment to the wire.
+pub fn to_segment(spec: &SegmentSpec) -> proto::Segment {
+    proto::Segment {
+        id: Some(to_uuid(spec.id.0)),
+        name: spec.name.clone(),
+        base: spec.base,
+        size: spec.size,
+        te_endpoint: spec.te_endpoint.clone(),
+        protocol: spec.protocol.clone(),
+        host_id: spec.host_id.clone(),
+    }
+}
+
+fn write_config(config: Option<proto::ReplicateConfig>) -> WriteConfig {
+    let Some(c) = config else {
+        return WriteConfig::default();
+    };
+    let soft_pin = match proto::SoftPinAction::try_from(c.soft_pin_action).unwrap_or_default() {
+        proto::SoftPinAction::SoftPinPreserve => SoftPin::Preserve,
+        proto::SoftPinAction::SoftPinEnable => {
+            SoftPin::Enable(c.soft_pin_ttl_ms.map(Duration::from_millis))
+        }
+        proto::SoftPinAction::SoftPinDisable => SoftPin::Disable,
+    };
+    WriteConfig {
+        replica_num: c.replica_num,
+        preferred_segments: c.preferred_segments,
+        soft_pin,
+        hard_pin: c.with_hard_pin,
+        host_id: c.host_id,
+    }
+}
+
+/// Replica to the wire.
+pub fn to_replica(d: &ReplicaDesc) -> proto::Replica {
+    proto::Replica {
+        id: d.id,
+        segment_name: d.segment_name.clone(),
+        segment_id: Some(to_uuid(d.segment_id.0)),
+        transport_endpoint: d.te_endpoint.clone(),
+        buffer_address: d.address,
+        size: d.size,
+        status: match d.status {
+            ReplicaStatus::Processing => proto::ReplicaStatus::Processing as i32,
+            ReplicaStatus::Complete => proto::ReplicaStatus::Complete as i32,
+        },
+    }
+}
+
+fn put_response(result: Result<Vec<ReplicaDesc>>) -> proto::PutStartResponse {
+    match result {
+        Ok(replicas) => proto::PutStartResponse {
+            outcome: Some(proto::Outcome::default()),
+            replicas: replicas.iter().map(to_replica).collect(),
+        },
+        Err(e) => proto::PutStartResponse {
+            outcome: Some(outcome(&Err(e))),
+            replicas: Vec::new(),
+        },
+    }
+}
+
+fn replica_list(result: Result<(Vec<ReplicaDesc>, Duration)>) -> proto::GetReplicaListResponse {
+    match result {
+        Ok((replicas, ttl)) => proto::GetReplicaListResponse {
+            outcome: Some(proto::Outcome::default()),
+            replicas: replicas.iter().map(to_replica).collect(),
+            lease_ttl_ms: ttl.as_millis() as u64,
+        },
+        Err(e) => proto::GetReplicaListResponse {
+            outcome: Some(outcome(&Err(e))),
+            ..Default::default()
+        },
+    }
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+impl MasterService {
+    fn batch_start(
+        &self,
+        op: &'static str,
+        request: proto::BatchPutStartRequest,
+        upsert: bool,
+    ) -> Reply<proto::BatchPutStartResponse> {
+        let client = ClientId(uuid(request.client_id, "client_id")?);
+        if request.keys.len() != request.sizes.len() {
+            return Err(bad_request(format!(
+                "{} keys but {} sizes",
+                request.keys.len(),
+                request.sizes.len()
+            )));
+        }
+        let config = write_config(request.config);
+        let now = Instant::now();
+        let results: Vec<_> = {
+            let mut master = self.master();
+            request
+                .keys
+                .iter()
+                .zip(&request.sizes)
+                .map(|(key, size)| {
+                    let r = if upsert {
+                        master.upsert_start(now, client, key, *size, &config)
+                    } else {
+                        master.put_start(now, client, key, *size, &config)
+                    };
+                    put_response(r)
+                })
+                .collect()
+        };
+        self.counters.count(
+            op,
+            results.len(),
+            results
+                .iter()
+                .filter(|r| r.outcome.as_ref().is_some_and(|o| o.code != 0))
+                .count(),
+        );
+        Ok(Response::new(proto::BatchPutStartResponse { results }))
+    }
+
+    fn batch_keys(
+        &self,
+        op: &'static str,
+        request: proto::BatchKeysRequest,
+        apply: impl Fn(&mut Master, ClientId, &str) -> Result<()>,
+    ) -> Reply<proto::BatchOutcome> {
+        let client = ClientId(uuid(request.client_id, "client_id")?);
+        let results: Vec<_> = {
+            let mut master = self.master();
+            request
+                .keys
+                .iter()
+                .map(|key| outcome(&apply(&mut master, client, key)))
+                .collect()
+        };
+        self.counters.count(
+            op,
+            results.len(),
+            results.iter().filter(|o| o.code != 0).count(),
+        );
+        Ok(Response::new(proto::BatchOutcome { results }))
+    }
+
+    fn single(&self, op: &'static str, result: Result<()>) -> Reply<proto::Outcome> {
+        self.counters.count(op, 1, usize::from(result.is_err()));
+        Ok(Response::new(outcome(&result)))
+    }
+}
+
+fn first<T: Default>(items: Vec<T>) -> T {
+    items.into_iter().next().unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl proto::master_server::Master for MasterService {
+    async fn service_ready(
+        &self,
+        _: Request<proto::ServiceReadyRequest>,
+    ) -> Reply<proto::ServiceReadyResponse> {
+        Ok(Response::new(proto::ServiceReadyResponse {
+            version: STORE_VERSION.to_owned(),
+        }))
+    }
+
+    async fn ping(&self, request: Request<proto::PingRequest>) -> Reply<proto::PingResponse> {
+        let client = ClientId(uuid(request.into_inner().client_id, "client_id")?);
+        let status = self.master().ping(Instant::now(), client);
+        self.counters.count("ping", 1, 0);
+        Ok(Response::new(proto::PingResponse {
+            view_version: 0,
+            client_status: match status {
+                ClientStatus::Ok => proto::ClientStatus::Ok as i32,
+                ClientStatus::NeedRemount => proto::ClientStatus::NeedRemount as i32,
+            },
+        }))
+    }
+
+    async fn mount_segment(
+        &self,
+        request: Request<proto::MountSegmentRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        let spec = segment(r.segment)?;
+        let result = self.master().mount_segment(Instant::now(), client, spec);
+        self.single("mount_segment", result)
+    }
+
+    async fn re_mount_segment(
+        &self,
+        request: Request<proto::ReMountSegmentRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        let specs = r
+            .segments
+            .into_iter()
+            .map(|s| segment(Some(s)))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let result = self
+            .master()
+            .remount_segments(Instant::now(), client, specs);
+        self.single("remount_segment", result)
+    }
+
+    async fn unmount_segment(
+        &self,
+        request: Request<proto::UnmountSegmentRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        let id = SegmentId(uuid(r.segment_id, "segment_id")?);
+        let result = self.master().unmount_segment(client, id);
+        self.single("unmount_segment", result)
+    }
+
+    async fn graceful_unmount_segment(
+        &self,
+        request: Request<proto::GracefulUnmountSegmentRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        let id = SegmentId(uuid(r.segment_id, "segment_id")?);
+        let grace = Duration::from_millis(r.grace_period_ms);
+        let result = self
+            .master()
+            .graceful_unmount_segment(Instant::now(), client, id, grace);
+        self.single("graceful_unmount_segment", result)
+    }
+
+    async fn put_start(
+        &self,
+        request: Request<proto::PutStartRequest>,
+    ) -> Reply<proto::PutStartResponse> {
+        let r = request.into_inner();
+        let batch = proto::BatchPutStartRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+            sizes: vec![r.size],
+            config: r.config,
+        };
+        Ok(Response::new(first(
+            self.batch_start("put_start", batch, false)?
+                .into_inner()
+                .results,
+        )))
+    }
+
+    async fn put_end(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let batch = proto::BatchKeysRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+        };
+        let now = Instant::now();
+        Ok(Response::new(first(
+            self.batch_keys("put_end", batch, |m, c, k| m.put_end(now, c, k))?
+                .into_inner()
+                .results,
+        )))
+    }
+
+    async fn put_revoke(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let batch = proto::BatchKeysRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+        };
+        Ok(Response::new(first(
+            self.batch_keys("put_revoke", batch, |m, c, k| m.put_revoke(c, k))?
+                .into_inner()
+                .results,
+        )))
+    }
+
+    async fn upsert_start(
+        &self,
+        request: Request<proto::PutStartRequest>,
+    ) -> Reply<proto::PutStartResponse> {
+        let r = request.into_inner();
+        let batch = proto::BatchPutStartRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+            sizes: vec![r.size],
+            config: r.config,
+        };
+        Ok(Response::new(first(
+            self.batch_start("upsert_start", batch, true)?
+                .into_inner()
+                .results,
+        )))
+    }
+
+    async fn batch_put_start(
+        &self,
+        request: Request<proto::BatchPutStartRequest>,
+    ) -> Reply<proto::BatchPutStartResponse> {
+        self.batch_start("batch_put_start", request.into_inner(), false)
+    }
+
+    async fn batch_put_end(
+        &self,
+        request: Request<proto::BatchKeysRequest>,
+    ) -> Reply<proto::BatchOutcome> {
+        let now = Instant::now();
+        self.batch_keys("batch_put_end", request.into_inner(), |m, c, k| {
+            m.put_end(now, c, k)
+        })
+    }
+
+    async fn batch_put_revoke(
+        &self,
+        request: Request<proto::BatchKeysRequest>,
+    ) -> Reply<proto::BatchOutcome> {
+        self.batch_keys("batch_put_revoke", request.into_inner(), |m, c, k| {
+            m.put_revoke(c, k)
+        })
+    }
+
+    async fn batch_upsert_start(
+        &self,
+        request: Request<proto::BatchPutStartRequest>,
+    ) -> Reply<proto::BatchPutStartResponse> {
+        self.batch_start("batch_upsert_start", request.into_inner(), true)
+    }
+
+    async fn get_replica_list(
+        &self,
+        request: Request<proto::GetReplicaListRequest>,
+    ) -> Reply<proto::GetReplicaListResponse> {
+        let key = request.into_inner().key;
+        let batch = proto::BatchGetReplicaListRequest { keys: vec![key] };
+        Ok(Response::new(first(
+            self.batch_get_replica_list(Request::new(batch))
+                .await?
+                .into_inner()
+                .results,
+        )))
+    }
+
+    async fn batch_get_replica_list(
+        &self,
+        request: Request<proto::BatchGetReplicaListRequest>,
+    ) -> Reply<proto::BatchGetReplicaListResponse> {
+        let keys = request.into_inner().keys;
+        let now = Instant::now();
+        let results: Vec<_> = {
+            let mut master = self.master();
+            keys.iter()
+                .map(|k| replica_list(master.get_replica_list(now, k)))
+                .collect()
+        };
+        self.counters.count(
+            "get_replica_list",
+            results.len(),
+            results
+                .iter()
+                .filter(|r| r.outcome.as_ref().is_some_and(|o| o.code != 0))
+                .count(),
+        );
+        Ok(Response::new(proto::BatchGetReplicaListResponse {
+            results,
+        }))
+    }
+
+    async fn exist_key(
+        &self,
+        request: Request<proto::ExistKeyRequest>,
+    ) -> Reply<proto::ExistKeyResponse> {
+        let key = request.into_inner().key;
+        let exists = self.master().exist_key(Instant::now(), &key);
+        self.counters.count("exist_key", 1, 0);
+        Ok(Response::new(proto::ExistKeyResponse { exists }))
+    }
+
+    async fn batch_exist_key(
+        &self,
+        request: Request<proto::BatchExistKeyRequest>,
+    ) -> Reply<proto::BatchExistKeyResponse> {
+        let keys = request.into_inner().keys;
+        let now = Instant::now();
+        let exists: Vec<bool> = {
+            let mut master = self.master();
+            keys.iter().map(|k| master.exist_key(now, k)).collect()
+        };
+        self.counters.count("exist_key", exists.len(), 0);
+        Ok(Response::new(proto::BatchExistKeyResponse { exists }))
+    }
+
+    async fn remove(&self, request: Request<proto::RemoveRequest>) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let result = self.master().remove(Instant::now(), &r.key, r.force);
+        self.single("remove", result)
+    }
+
+    async fn batch_remove(
+        &self,
+        request: Request<proto::BatchRemoveRequest>,
+    ) -> Reply<proto::BatchOutcome> {
+        let r = request.into_inner();
+        let now = Instant::now();
+        let results: Vec<_> = {
+            let mut master = self.master();
+            r.keys
+                .iter()
+                .map(|k| outcome(&master.remove(now, k, r.force)))
+                .collect()
+        };
+        self.counters.count(
+            "remove",
+            results.len(),
+            results.iter().filter(|o| o.code != 0).count(),
+        );
+        Ok(Response::new(proto::BatchOutcome { results }))
+    }
+
+    async fn remove_by_regex(
+        &self,
+        request: Request<proto::RemoveByRegexRequest>,
+    ) -> Reply<proto::CountResponse> {
+        let r = request.into_inner();
+        let result = self
+            .master()
+            .remove_by_regex(Instant::now(), &r.pattern, r.force);
+        self.counters
+            .count("remove_by_regex", 1, usize::from(result.is_err()));
+        match result {
+            Ok(count) => Ok(Response::new(proto::CountResponse { count })),
+            Err(e) => Err(to_status(&e)),
+        }
+    }
+
+    async fn remove_all(
+        &self,
+        request: Request<proto::RemoveAllRequest>,
+    ) -> Reply<proto::CountResponse> {
+        let force = request.into_inner().force;
+        let count = self.master().remove_all(Instant::now(), force);
+        self.counters.count("remove_all", 1, 0);
+        Ok(Response::new(proto::CountResponse { count }))
+    }
+}
+
+/// A whole-call failure, as a gRPC status whose message carries the stable code.
+pub fn to_status(error: &Error) -> Status {
+    let message = format!("[{}] {}", error.kind().code(), error.message());
+    match error.kind() {
+        ErrorKind::InvalidParams | ErrorKind::InvalidArgument => Status::invalid_argument(message),
+        ErrorKind::ObjectNotFound | ErrorKind::SegmentNotFound => Status::not_found(message),
+        _ => Status::failed_precondition(message),
+    }
+}
+
+/// A proto outcome back to a result (client side).
+pub fn from_outcome(outcome: Option<&proto::Outcome>) -> Result<()> {
+    match outcome {
+        None => Ok(()),
+        Some(o) if o.code == 0 => Ok(()),
+        Some(o) => {
+            let kind = ErrorKind::ALL
+                .iter()
+                .copied()
+                .find(|k| k.code() == o.error)
+                .unwrap_or(ErrorKind::InternalError);
+            Err(Error::new(kind, o.message.clone()))
+        }
+    }
+}
