@@ -189,7 +189,7 @@ impl StoreClient {
                     Ok(()) => failures = 0,
                     Err(e) => {
                         failures += 1;
-                        if failures == 3 || failures % 30 == 0 {
+                        if failures == 3 || failures.is_multiple_of(30) {
                             tracing::warn!("master unreachable ({failures} pings): {e}");
                         }
                     }

@@ -1,7 +1,6 @@
 //! The gRPC face of the master: converts messages, takes the lock, calls the state machine.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,18 +21,16 @@ pub const STORE_VERSION: &str = "mooncake-kv-store/1";
 /// `master_<op>_failures_total`.
 #[derive(Default)]
 pub struct OpCounters {
-    counters: Mutex<BTreeMap<&'static str, (Arc<AtomicU64>, Arc<AtomicU64>)>>,
+    /// op -> [requests, failures]
+    counters: Mutex<BTreeMap<&'static str, [u64; 2]>>,
 }
 
 impl OpCounters {
     fn count(&self, op: &'static str, items: usize, failures: usize) {
-        let (requests, failed) = {
-            let mut map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = map.entry(op).or_default();
-            (entry.0.clone(), entry.1.clone())
-        };
-        requests.fetch_add(items as u64, Ordering::Relaxed);
-        failed.fetch_add(failures as u64, Ordering::Relaxed);
+        let mut map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(op).or_default();
+        entry[0] += items as u64;
+        entry[1] += failures as u64;
     }
 
     /// `(op, requests, failures)` for every operation seen.
@@ -42,7 +39,7 @@ impl OpCounters {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(op, (r, f))| (*op, r.load(Ordering::Relaxed), f.load(Ordering::Relaxed)))
+            .map(|(op, [r, f])| (*op, *r, *f))
             .collect()
     }
 }
