@@ -1,6 +1,7 @@
 /**
  * Mooncake for Node.js: the Transfer Engine (batched one-sided reads and writes between
- * registered memory of processes) and its metadata server.
+ * registered memory of processes), its metadata server, and Mooncake Store (a replicated
+ * distributed object cache whose master keeps metadata only).
  *
  * @packageDocumentation
  */
@@ -18,4 +19,6 @@ export {
   type TransportStats,
 } from './engine'
 export { MooncakeError } from './errors'
+export { MasterServer, type MasterServerOptions } from './master'
 export { MetadataServer, startMetadataServer, type MetadataServerOptions } from './metadata-server'
+export { MooncakeStore, type MooncakeStoreOptions, type PutOptions, type RemoveOptions } from './store'

@@ -222,45 +222,15 @@ impl NativeEngine {
 
     /// Allocates registered engine memory, returned as a Buffer that stays valid for as long as
     /// JavaScript holds it (even after `close`).
-    #[napi]
+        #[napi]
     pub fn allocate<'env>(&self, env: &'env Env, size: f64) -> Result<BufferSlice<'env>> {
-        let size = to_len(size, "size")?;
-        if size == 0 {
-            return Err(invalid("cannot allocate 0 bytes"));
-        }
-        let arena = self.inner.allocate(size).napi()?;
-        let ptr = arena.as_ptr();
-        // SAFETY: the arena stays mapped while the finalizer hint (an Arc of it) lives, and
-        // that hint is dropped only when V8 collects the Buffer.
-        let buffer =
-            unsafe { BufferSlice::from_external(env, ptr, size, arena, |_, arena| drop(arena)) }?;
-        if buffer.as_ptr() != ptr.cast_const() {
-            // The runtime refuses external buffers and handed back a copy, which is not
-            // registered memory.
-            let _ = self.inner.unregister(ptr as usize);
-            return Err(to_napi(mooncake_common::Error::new(
-                mooncake_common::ErrorKind::Memory,
-                "this JavaScript runtime does not allow external buffers; use register() on your own buffers",
-            )));
-        }
-        Ok(buffer)
+        allocate(env, &self.inner, size)
     }
 
     /// Registers caller memory; it is referenced until `unregister`.
     #[napi]
     pub fn register(&self, buffer: Uint8Array, location: Option<String>) -> Result<()> {
-        let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
-        if len == 0 {
-            return Err(invalid("cannot register an empty buffer"));
-        }
-        let owner = Box::new(Held(buffer));
-        // SAFETY: `owner` references the JavaScript buffer, so its memory stays valid for as
-        // long as the registration holds the owner.
-        unsafe {
-            self.inner
-                .register(addr, len, location.as_deref().unwrap_or("*"), owner)
-        }
-        .napi()
+        register(&self.inner, buffer, location)
     }
 
     /// Unregisters a buffer passed to `register` or returned by `allocate`.
@@ -402,7 +372,7 @@ impl NativeBatch {
                 status: report.status.name().to_owned(),
                 code: report.status as u32,
                 transferred_bytes: report.transferred_bytes as f64,
-                error: report.error.map(|e| to_napi(e).reason),
+                error: report.error.map(to_napi_reason),
             })
             .collect())
     }
@@ -412,6 +382,41 @@ impl Drop for NativeBatch {
     fn drop(&mut self) {
         self.engine.release_batch(self.id);
     }
+}
+
+/// Allocates registered engine memory as an external Buffer (valid while JavaScript holds it).
+pub(crate) fn allocate<'env>(env: &'env Env, engine: &TransferEngine, size: f64) -> Result<BufferSlice<'env>> {
+    let size = to_len(size, "size")?;
+    if size == 0 {
+        return Err(invalid("cannot allocate 0 bytes"));
+    }
+    let arena = engine.allocate(size).napi()?;
+    let ptr = arena.as_ptr();
+    // SAFETY: the arena stays mapped while the finalizer hint (an Arc of it) lives, and
+    // that hint is dropped only when V8 collects the Buffer.
+    let buffer = unsafe { BufferSlice::from_external(env, ptr, size, arena, |_, arena| drop(arena)) }?;
+    if buffer.as_ptr() != ptr.cast_const() {
+        // The runtime refuses external buffers and handed back a copy, which is not
+        // registered memory.
+        let _ = engine.unregister(ptr as usize);
+        return Err(to_napi(mooncake_common::Error::new(
+            mooncake_common::ErrorKind::Memory,
+            "this JavaScript runtime does not allow external buffers; use register() on your own buffers",
+        )));
+    }
+    Ok(buffer)
+}
+
+/// Registers caller memory, referenced until unregistered.
+pub(crate) fn register(engine: &TransferEngine, buffer: Uint8Array, location: Option<String>) -> Result<()> {
+    let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
+    if len == 0 {
+        return Err(invalid("cannot register an empty buffer"));
+    }
+    let owner = Box::new(Held(buffer));
+    // SAFETY: `owner` references the JavaScript buffer, so its memory stays valid for as long as
+    // the registration holds the owner.
+    unsafe { engine.register(addr, len, location.as_deref().unwrap_or("*"), owner) }.napi()
 }
 
 /// Keeps a JavaScript buffer referenced; never read, only dropped.
@@ -467,6 +472,11 @@ fn submit_options(options: Option<NativeSubmitOptions>) -> Result<SubmitOptions>
         timeout,
         notify: options.notify,
     })
+}
+
+/// The `[ERR_...] message` form of a core error, for per-item failures.
+pub(crate) fn to_napi_reason(error: mooncake_common::Error) -> String {
+    to_napi(error).reason
 }
 
 pub(crate) fn to_len(value: f64, what: &str) -> Result<usize> {

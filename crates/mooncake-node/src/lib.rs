@@ -10,6 +10,7 @@ mod bench;
 mod engine;
 mod error;
 mod metadata_server;
+mod store;
 
 use std::sync::Once;
 

@@ -1,0 +1,459 @@
+//! `MasterServer` and `MooncakeStore`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_common::config::Protocol;
+use mooncake_common::EngineConfig;
+use mooncake_store::client::{StoreClient, StoreConfig};
+use mooncake_store::master::{AllocationStrategy, MasterServer, MasterServerConfig, SoftPin, WriteConfig};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use tokio::sync::Mutex;
+
+use crate::engine::{to_len, to_napi_reason};
+use crate::error::{invalid, IntoNapi};
+
+/// Options of `MasterServer.start`.
+#[napi(object)]
+pub struct MasterOptions {
+    /// Interface to bind (default 127.0.0.1).
+    pub host: Option<String>,
+    /// gRPC port; 0 picks one (default 50051).
+    pub rpc_port: Option<u32>,
+    /// Admin HTTP port (`/metrics`, ...); 0 picks one (default 9003); -1 disables it.
+    pub metrics_port: Option<i32>,
+    /// Run the Transfer Engine HTTP metadata server in the same process (default false).
+    pub http_metadata_server: Option<bool>,
+    /// Its port; 0 picks one (default 8080).
+    pub http_metadata_port: Option<u32>,
+    /// Read lease, ms (default 10000).
+    pub default_kv_lease_ttl_ms: Option<f64>,
+    /// Default soft pin TTL, ms (default 30 min).
+    pub default_kv_soft_pin_ttl_ms: Option<f64>,
+    /// Longest soft pin, ms (default 24 h).
+    pub max_kv_soft_pin_ttl_ms: Option<f64>,
+    /// Whether eviction's second pass may take soft-pinned objects (default true).
+    pub allow_evict_soft_pinned_objects: Option<bool>,
+    /// Fraction evicted per round (default 0.05).
+    pub eviction_ratio: Option<f64>,
+    /// Usage above which eviction runs (default 0.90).
+    pub eviction_high_watermark_ratio: Option<f64>,
+    /// A client silent this long is dead, ms (default 10000).
+    pub client_ttl_ms: Option<f64>,
+    /// An unfinished write younger than this is not preempted, ms (default 30000).
+    pub put_start_discard_timeout_ms: Option<f64>,
+    /// Space of abandoned writes is freed this long after their start, ms (default 600000).
+    pub put_start_release_timeout_ms: Option<f64>,
+    /// `random` (default), `free_ratio_first` or `local_first`.
+    pub allocation_strategy: Option<String>,
+}
+
+fn millis(value: Option<f64>, what: &str, into: &mut Duration) -> Result<()> {
+    if let Some(ms) = value {
+        if !ms.is_finite() || ms < 0.0 {
+            return Err(invalid(format!("{what} must be a non-negative number of ms")));
+        }
+        *into = Duration::from_secs_f64(ms / 1000.0);
+    }
+    Ok(())
+}
+
+impl MasterOptions {
+    fn into_config(self) -> Result<MasterServerConfig> {
+        let port = |p: u32, what: &str| u16::try_from(p).map_err(|_| invalid(format!("{what} must be within 0-65535")));
+        let mut config = MasterServerConfig {
+            host: self.host.unwrap_or_else(|| "127.0.0.1".to_owned()),
+            ..MasterServerConfig::default()
+        };
+        if let Some(p) = self.rpc_port {
+            config.rpc_port = port(p, "rpcPort")?;
+        }
+        config.metrics_port = match self.metrics_port {
+            None => Some(9003),
+            Some(p) if p < 0 => None,
+            Some(p) => Some(port(p as u32, "metricsPort")?),
+        };
+        if self.http_metadata_server.unwrap_or(false) {
+            config.http_metadata_port = Some(port(self.http_metadata_port.unwrap_or(8080), "httpMetadataPort")?);
+        }
+        let m = &mut config.master;
+        millis(self.default_kv_lease_ttl_ms, "defaultKvLeaseTtlMs", &mut m.default_kv_lease_ttl)?;
+        millis(self.default_kv_soft_pin_ttl_ms, "defaultKvSoftPinTtlMs", &mut m.default_kv_soft_pin_ttl)?;
+        millis(self.max_kv_soft_pin_ttl_ms, "maxKvSoftPinTtlMs", &mut m.max_kv_soft_pin_ttl)?;
+        millis(self.client_ttl_ms, "clientTtlMs", &mut m.client_ttl)?;
+        millis(self.put_start_discard_timeout_ms, "putStartDiscardTimeoutMs", &mut m.put_start_discard_timeout)?;
+        millis(self.put_start_release_timeout_ms, "putStartReleaseTimeoutMs", &mut m.put_start_release_timeout)?;
+        if let Some(allow) = self.allow_evict_soft_pinned_objects {
+            m.allow_evict_soft_pinned_objects = allow;
+        }
+        if let Some(r) = self.eviction_ratio {
+            m.eviction_ratio = r;
+        }
+        if let Some(r) = self.eviction_high_watermark_ratio {
+            m.eviction_high_watermark_ratio = r;
+        }
+        if let Some(s) = self.allocation_strategy {
+            m.allocation_strategy = AllocationStrategy::parse(&s).napi()?;
+        }
+        m.validate().napi()?;
+        Ok(config)
+    }
+}
+
+/// A running master.
+#[napi]
+pub struct NativeMaster {
+    address: String,
+    metrics_url: Option<String>,
+    metadata_url: Option<String>,
+    inner: Mutex<Option<MasterServer>>,
+}
+
+#[napi]
+impl NativeMaster {
+    /// `host:port` of the gRPC service.
+    #[napi(getter)]
+    pub fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    /// `http://host:port/metrics`, when the admin server runs.
+    #[napi(getter)]
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_url.clone()
+    }
+
+    /// The embedded metadata server's URL, when it runs.
+    #[napi(getter)]
+    pub fn metadata_url(&self) -> Option<String> {
+        self.metadata_url.clone()
+    }
+
+    /// Stops the master; idempotent.
+    #[napi]
+    pub async fn close(&self) -> Result<()> {
+        if let Some(master) = self.inner.lock().await.take() {
+            master.close().await;
+        }
+        Ok(())
+    }
+}
+
+/// Starts a master in this process.
+#[napi]
+pub async fn start_master(options: MasterOptions) -> Result<NativeMaster> {
+    crate::init_logging();
+    let config = options.into_config()?;
+    let server = MasterServer::start(config).await.napi()?;
+    Ok(NativeMaster {
+        address: server.rpc_addr().to_string(),
+        metrics_url: server.metrics_addr().map(|a| format!("http://{a}/metrics")),
+        metadata_url: server.metadata_url(),
+        inner: Mutex::new(Some(server)),
+    })
+}
+
+/// Options of `MooncakeStore.connect`.
+#[napi(object)]
+pub struct StoreOptions {
+    /// Master `host:port`.
+    pub master_address: String,
+    /// Transfer Engine metadata: `P2PHANDSHAKE` or `http://host:port/metadata`.
+    pub metadata: String,
+    /// This client's name (default 127.0.0.1).
+    pub local_server_name: Option<String>,
+    /// Address peers reach this client at.
+    pub ip_or_host_name: Option<String>,
+    /// `auto`, `tcp` or `shm`.
+    pub protocol: Option<String>,
+    /// Offer shared memory to same-host peers (default true).
+    pub shared_memory: Option<bool>,
+    /// Bytes contributed to the pool (default 16 MiB; 0: a pure requester).
+    pub global_segment_size: Option<f64>,
+    /// Registered staging for the copying APIs (default 16 MiB).
+    pub local_buffer_size: Option<f64>,
+    /// Master RPC deadline, ms (default 30000).
+    pub rpc_timeout_ms: Option<f64>,
+}
+
+/// Write options.
+#[napi(object)]
+pub struct PutConfig {
+    /// Replicas on distinct segments (default 1).
+    pub replica_num: Option<u32>,
+    /// Segment names tried first.
+    pub preferred_segments: Option<Vec<String>>,
+    /// Soft pin: `true` for the master's default TTL.
+    pub soft_pin: Option<bool>,
+    /// Soft pin TTL in ms (implies a soft pin).
+    pub soft_pin_ttl_ms: Option<f64>,
+    /// Never evicted.
+    pub hard_pin: Option<bool>,
+}
+
+fn write_config(config: Option<PutConfig>) -> Result<WriteConfig> {
+    let Some(c) = config else {
+        return Ok(WriteConfig::default());
+    };
+    let soft_pin = match (c.soft_pin, c.soft_pin_ttl_ms) {
+        (_, Some(ms)) if ms.is_finite() && ms >= 0.0 => SoftPin::Enable(Some(Duration::from_secs_f64(ms / 1000.0))),
+        (_, Some(ms)) => return Err(invalid(format!("softPin ttlMs must be a non-negative number, not {ms}"))),
+        (Some(true), None) => SoftPin::Enable(None),
+        (Some(false), None) => SoftPin::Disable,
+        (None, None) => SoftPin::Preserve,
+    };
+    Ok(WriteConfig {
+        replica_num: c.replica_num.unwrap_or(1),
+        preferred_segments: c.preferred_segments.unwrap_or_default(),
+        soft_pin,
+        hard_pin: c.hard_pin.unwrap_or(false),
+        host_id: String::new(),
+    })
+}
+
+/// One key's outcome in a batch.
+#[napi(object)]
+pub struct BatchItem {
+    /// The value (copying reads).
+    pub value: Option<Buffer>,
+    /// The size (zero-copy reads).
+    pub size: Option<f64>,
+    /// `[ERR_...] message` when the key failed.
+    pub error: Option<String>,
+}
+
+impl BatchItem {
+    fn failed(e: mooncake_common::Error) -> Self {
+        Self {
+            value: None,
+            size: None,
+            error: Some(to_napi_reason(e)),
+        }
+    }
+}
+
+/// A store client.
+#[napi]
+pub struct NativeStore {
+    inner: Arc<StoreClient>,
+}
+
+/// Connects a store client.
+#[napi]
+pub async fn connect_store(options: StoreOptions) -> Result<NativeStore> {
+    crate::init_logging();
+    let mut engine = EngineConfig::from_env(options.local_server_name.unwrap_or_else(|| "127.0.0.1".into()), options.metadata);
+    if let Some(host) = options.ip_or_host_name {
+        engine.advertised_host = Some(host);
+    }
+    if let Some(p) = options.protocol {
+        engine.protocol = Protocol::parse(&p).napi()?;
+    }
+    if let Some(shared) = options.shared_memory {
+        engine.shared_memory = shared;
+    }
+    let mut config = StoreConfig::new(engine);
+    config.master_address = options.master_address;
+    if let Some(size) = options.global_segment_size {
+        config.global_segment_size = to_len(size, "globalSegmentSize")? as u64;
+    }
+    if let Some(size) = options.local_buffer_size {
+        config.local_buffer_size = to_len(size, "localBufferSize")? as u64;
+    }
+    millis(options.rpc_timeout_ms, "rpcTimeoutMs", &mut config.rpc_timeout)?;
+    let inner = StoreClient::connect(config).await.napi()?;
+    Ok(NativeStore { inner })
+}
+
+fn ranges(buffers: &[Uint8Array]) -> Vec<(usize, usize)> {
+    buffers.iter().map(|b| (b.as_ptr() as usize, b.len())).collect()
+}
+
+#[napi]
+impl NativeStore {
+    /// This client's segment name.
+    #[napi(getter)]
+    pub fn segment_name(&self) -> String {
+        self.inner.engine().segment_name().to_owned()
+    }
+
+    /// Stores a copy of `value` (insert if absent).
+    #[napi]
+    pub async fn put(&self, key: String, value: Buffer, config: Option<PutConfig>) -> Result<()> {
+        self.inner.put(&key, &value, &write_config(config)?).await.napi()
+    }
+
+    /// Inserts or replaces.
+    #[napi]
+    pub async fn upsert(&self, key: String, value: Buffer, config: Option<PutConfig>) -> Result<()> {
+        self.inner.upsert(&key, &value, &write_config(config)?).await.napi()
+    }
+
+    /// Stores registered memory (zero copy).
+    #[napi]
+    pub async fn put_from(&self, key: String, buffer: Uint8Array, config: Option<PutConfig>) -> Result<()> {
+        let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
+        self.inner.put_from(&key, addr, len, &write_config(config)?).await.napi()
+    }
+
+    /// Inserts or replaces from registered memory (zero copy).
+    #[napi]
+    pub async fn upsert_from(&self, key: String, buffer: Uint8Array, config: Option<PutConfig>) -> Result<()> {
+        let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
+        self.inner.upsert_from(&key, addr, len, &write_config(config)?).await.napi()
+    }
+
+    /// The value of `key`.
+    #[napi]
+    pub async fn get(&self, key: String) -> Result<Buffer> {
+        self.inner.get(&key).await.napi().map(Buffer::from)
+    }
+
+    /// Reads into registered memory; resolves to the size.
+    #[napi]
+    pub async fn get_into(&self, key: String, buffer: Uint8Array) -> Result<f64> {
+        let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
+        self.inner.get_into(&key, addr, len).await.napi().map(|n| n as f64)
+    }
+
+    /// Batch of copying puts.
+    #[napi]
+    pub async fn batch_put(&self, keys: Vec<String>, values: Vec<Buffer>, config: Option<PutConfig>) -> Result<Vec<BatchItem>> {
+        if keys.len() != values.len() {
+            return Err(invalid("keys and values differ in number"));
+        }
+        let config = write_config(config)?;
+        let refs: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
+        Ok(self.inner.batch_put(&keys, &refs, &config).await.into_iter().map(done).collect())
+    }
+
+    /// Batch of zero-copy puts.
+    #[napi]
+    pub async fn batch_put_from(&self, keys: Vec<String>, buffers: Vec<Uint8Array>, config: Option<PutConfig>) -> Result<Vec<BatchItem>> {
+        if keys.len() != buffers.len() {
+            return Err(invalid("keys and buffers differ in number"));
+        }
+        let config = write_config(config)?;
+        Ok(self.inner.batch_put_from(&keys, &ranges(&buffers), &config).await.into_iter().map(done).collect())
+    }
+
+    /// Batch of copying reads.
+    #[napi]
+    pub async fn batch_get(&self, keys: Vec<String>) -> Result<Vec<BatchItem>> {
+        Ok(self
+            .inner
+            .batch_get(&keys)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) => BatchItem {
+                    value: Some(Buffer::from(v)),
+                    size: None,
+                    error: None,
+                },
+                Err(e) => BatchItem::failed(e),
+            })
+            .collect())
+    }
+
+    /// Batch of zero-copy reads.
+    #[napi]
+    pub async fn batch_get_into(&self, keys: Vec<String>, buffers: Vec<Uint8Array>) -> Result<Vec<BatchItem>> {
+        if keys.len() != buffers.len() {
+            return Err(invalid("keys and buffers differ in number"));
+        }
+        Ok(self
+            .inner
+            .batch_get_into(&keys, &ranges(&buffers))
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(n) => BatchItem {
+                    value: None,
+                    size: Some(n as f64),
+                    error: None,
+                },
+                Err(e) => BatchItem::failed(e),
+            })
+            .collect())
+    }
+
+    /// Removes `key`.
+    #[napi]
+    pub async fn remove(&self, key: String, force: Option<bool>) -> Result<()> {
+        self.inner.remove(&key, force.unwrap_or(false)).await.napi()
+    }
+
+    /// Removes every key; resolves to the count.
+    #[napi]
+    pub async fn remove_all(&self, force: Option<bool>) -> Result<f64> {
+        self.inner.remove_all(force.unwrap_or(false)).await.napi().map(|n| n as f64)
+    }
+
+    /// Removes keys matching `pattern`; resolves to the count.
+    #[napi]
+    pub async fn remove_by_regex(&self, pattern: String, force: Option<bool>) -> Result<f64> {
+        self.inner.remove_by_regex(&pattern, force.unwrap_or(false)).await.napi().map(|n| n as f64)
+    }
+
+    /// Whether `key` exists.
+    #[napi]
+    pub async fn exists(&self, key: String) -> Result<bool> {
+        self.inner.exists(&key).await.napi()
+    }
+
+    /// Per-key existence.
+    #[napi]
+    pub async fn batch_exists(&self, keys: Vec<String>) -> Result<Vec<bool>> {
+        self.inner.batch_exists(&keys).await.napi()
+    }
+
+    /// The size of `key`.
+    #[napi]
+    pub async fn get_size(&self, key: String) -> Result<f64> {
+        self.inner.get_size(&key).await.napi().map(|n| n as f64)
+    }
+
+    /// How many leading keys are present.
+    #[napi]
+    pub async fn longest_prefix(&self, keys: Vec<String>) -> Result<u32> {
+        self.inner.longest_prefix(&keys).await.napi().map(|n| n as u32)
+    }
+
+    /// Registered memory for the zero-copy APIs.
+    #[napi]
+    pub fn allocate<'env>(&self, env: &'env Env, size: f64) -> Result<BufferSlice<'env>> {
+        crate::engine::allocate(env, self.inner.engine(), size)
+    }
+
+    /// Registers caller memory for the zero-copy APIs.
+    #[napi]
+    pub fn register_buffer(&self, buffer: Uint8Array) -> Result<()> {
+        crate::engine::register(self.inner.engine(), buffer, None)
+    }
+
+    /// Unregisters a buffer.
+    #[napi]
+    pub fn unregister_buffer(&self, buffer: &[u8]) -> Result<()> {
+        self.inner.engine().unregister(buffer.as_ptr() as usize).napi()
+    }
+
+    /// Unmounts, stops and closes; idempotent.
+    #[napi]
+    pub async fn close(&self) -> Result<()> {
+        self.inner.close().await;
+        Ok(())
+    }
+}
+
+fn done(result: mooncake_common::Result<()>) -> BatchItem {
+    match result {
+        Ok(()) => BatchItem {
+            value: None,
+            size: None,
+            error: None,
+        },
+        Err(e) => BatchItem::failed(e),
+    }
+}

@@ -1,0 +1,70 @@
+import { startMaster, type NativeMaster } from './binding'
+import { nativeAsync } from './errors'
+
+/** Options of {@link MasterServer.start}. Durations are in milliseconds. */
+export interface MasterServerOptions {
+  /** Interface to bind. Default `'127.0.0.1'`. */
+  host?: string
+  /** gRPC port; 0 picks a free one. Default 50051. */
+  rpcPort?: number
+  /** Admin HTTP port (`/metrics`, `/health`, `/query_key`, ...); 0 picks one; -1 disables it. Default 9003. */
+  metricsPort?: number
+  /** Also run the Transfer Engine HTTP metadata server in this process. Default false. */
+  httpMetadataServer?: boolean
+  /** Its port; 0 picks one. Default 8080. */
+  httpMetadataPort?: number
+  /** Read lease granted by `get`/`exists`. Default 10000. */
+  defaultKvLeaseTtlMs?: number
+  /** Soft pin TTL when a put asks for a pin without one. Default 30 min. */
+  defaultKvSoftPinTtlMs?: number
+  /** Longest soft pin a put may ask for. Default 24 h. */
+  maxKvSoftPinTtlMs?: number
+  /** Whether eviction's second pass may take soft-pinned objects. Default true. */
+  allowEvictSoftPinnedObjects?: boolean
+  /** Fraction of objects evicted per round. Default 0.05. */
+  evictionRatio?: number
+  /** Usage above which eviction runs. Default 0.90. */
+  evictionHighWatermarkRatio?: number
+  /** A client that stops pinging for this long is dropped with its segments. Default 10000. */
+  clientTtlMs?: number
+  /** An unfinished write younger than this cannot be preempted by another. Default 30000. */
+  putStartDiscardTimeoutMs?: number
+  /** Space of an abandoned write is freed this long after it started. Default 600000. */
+  putStartReleaseTimeoutMs?: number
+  /** Replica placement: `'random'` (default), `'free_ratio_first'`, `'local_first'`. */
+  allocationStrategy?: 'random' | 'free_ratio_first' | 'local_first'
+}
+
+/**
+ * A Mooncake Store master running in this process: object metadata, space allocation in the
+ * segments clients mount, leases, eviction and client liveness. It never touches object bytes.
+ */
+export class MasterServer {
+  /** @hideconstructor */
+  private constructor(private readonly inner: NativeMaster) {}
+
+  /** Starts a master. */
+  static async start(options: MasterServerOptions = {}): Promise<MasterServer> {
+    return new MasterServer(await nativeAsync(() => startMaster(options)))
+  }
+
+  /** `host:port` that clients pass as `masterAddress`. */
+  get address(): string {
+    return this.inner.address
+  }
+
+  /** `http://host:port/metrics` (Prometheus), when the admin server runs. */
+  get metricsUrl(): string | undefined {
+    return this.inner.metricsUrl ?? undefined
+  }
+
+  /** The embedded Transfer Engine metadata server's URL, when it runs. */
+  get metadataUrl(): string | undefined {
+    return this.inner.metadataUrl ?? undefined
+  }
+
+  /** Stops the master. Idempotent. */
+  close(): Promise<void> {
+    return nativeAsync(() => this.inner.close())
+  }
+}
