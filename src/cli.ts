@@ -14,11 +14,24 @@ import { parseArgs } from 'node:util'
 import { memcpyBench, rawPumpRun, rawPumpServe, type BenchReport } from './binding'
 import { nativeAsync, native, MooncakeError } from './errors'
 import { TransferEngine, type TransferRequest } from './engine'
+import { MasterServer, type MasterServerOptions } from './master'
 import { startMetadataServer } from './metadata-server'
+import { MooncakeStore } from './store'
 
 const USAGE = `usage: mooncake <command> [options]
 
 commands:
+  serve             all-in-one: master, metadata server and one store node on this host
+                      --host 127.0.0.1   --rpc-port 50051   --metrics-port 9003   --metadata-port 8080
+                      --global-segment-size 1GiB
+  master            the Mooncake Store master
+                      --rpc-address 0.0.0.0   --rpc-port 50051   --metrics-port 9003
+                      --enable-http-metadata-server   --http-metadata-server-port 8080
+                      --default-kv-lease-ttl 10s   --default-kv-soft-pin-ttl 30m   --max-kv-soft-pin-ttl 24h
+                      --eviction-high-watermark-ratio 0.9   --eviction-ratio 0.05   --client-ttl 10s
+                      --allocation-strategy random|free_ratio_first|local_first
+                      --put-start-discard-timeout-sec 30   --put-start-release-timeout-sec 600
+                      (Mooncake's underscore spellings, --rpc_port and so on, work too)
   demo              two engines in two processes move 1 GiB over loopback and report throughput
   metadata-server   run an HTTP metadata server   [--host 127.0.0.1] [--port 8080]
   bench             Mooncake's transfer_engine_bench
@@ -39,6 +52,14 @@ function parseSize(text: string): number {
   const unit = (match[2] ?? '').toLowerCase()[0]
   const scale = unit === 'k' ? 2 ** 10 : unit === 'm' ? 2 ** 20 : unit === 'g' ? 2 ** 30 : unit === 't' ? 2 ** 40 : 1
   return Math.round(Number(match[1]) * scale)
+}
+
+/** Milliseconds from `500ms`, `10s`, `5m`, `1h`, or a bare number of `bareUnit` ms. */
+function parseDuration(text: string, bareUnit = 1): number {
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(text.trim())
+  if (!match) throw new MooncakeError('ERR_INVALID_ARGUMENT', `not a duration: '${text}'`)
+  const scale = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[match[2] as 'ms' | 's' | 'm' | 'h'] ?? bareUnit
+  return Number(match[1]) * scale
 }
 
 /** Resolves on SIGINT or SIGTERM, keeping the process alive until then. */
@@ -211,6 +232,103 @@ async function benchMemcpy(argv: string[]): Promise<void> {
   printReport('memcpy', report, o.json, { blockSize })
 }
 
+const MASTER_OPTIONS = {
+  'rpc-address': { type: 'string', default: '0.0.0.0' },
+  'rpc-port': { type: 'string', default: '50051' },
+  'metrics-port': { type: 'string', default: '9003' },
+  'enable-http-metadata-server': { type: 'boolean', default: false },
+  'http-metadata-server-port': { type: 'string', default: '8080' },
+  'default-kv-lease-ttl': { type: 'string' },
+  'default-kv-soft-pin-ttl': { type: 'string' },
+  'max-kv-soft-pin-ttl': { type: 'string' },
+  'allow-evict-soft-pinned-objects': { type: 'string' },
+  'eviction-high-watermark-ratio': { type: 'string' },
+  'eviction-ratio': { type: 'string' },
+  'client-ttl': { type: 'string' },
+  'allocation-strategy': { type: 'string' },
+  'put-start-discard-timeout-sec': { type: 'string' },
+  'put-start-release-timeout-sec': { type: 'string' },
+} as const
+
+/** Mooncake spells flags with underscores; accept both. */
+function dashed(argv: string[]): string[] {
+  return argv.map((arg) => (arg.startsWith('--') ? arg.replace(/_/g, '-') : arg))
+}
+
+function masterOptions(argv: string[]): MasterServerOptions {
+  const { values: o } = parseArgs({ args: dashed(argv), options: MASTER_OPTIONS, strict: true })
+  const number = (text: string | undefined) => (text === undefined ? undefined : Number(text))
+  const ms = (text: string | undefined, bareUnit = 1) => (text === undefined ? undefined : parseDuration(text, bareUnit))
+  return {
+    host: o['rpc-address'],
+    rpcPort: Number(o['rpc-port']),
+    metricsPort: Number(o['metrics-port']),
+    httpMetadataServer: o['enable-http-metadata-server'],
+    httpMetadataPort: Number(o['http-metadata-server-port']),
+    defaultKvLeaseTtlMs: ms(o['default-kv-lease-ttl']),
+    defaultKvSoftPinTtlMs: ms(o['default-kv-soft-pin-ttl']),
+    maxKvSoftPinTtlMs: ms(o['max-kv-soft-pin-ttl']),
+    allowEvictSoftPinnedObjects: o['allow-evict-soft-pinned-objects'] === undefined ? undefined : o['allow-evict-soft-pinned-objects'] !== 'false',
+    evictionHighWatermarkRatio: number(o['eviction-high-watermark-ratio']),
+    evictionRatio: number(o['eviction-ratio']),
+    clientTtlMs: ms(o['client-ttl'], 1000),
+    allocationStrategy: o['allocation-strategy'] as MasterServerOptions['allocationStrategy'],
+    putStartDiscardTimeoutMs: ms(o['put-start-discard-timeout-sec'], 1000),
+    putStartReleaseTimeoutMs: ms(o['put-start-release-timeout-sec'], 1000),
+  }
+}
+
+async function master(argv: string[]): Promise<void> {
+  const server = await MasterServer.start(masterOptions(argv))
+  console.log(`master: ${server.address}`)
+  if (server.metricsUrl) console.log(`metrics: ${server.metricsUrl}`)
+  if (server.metadataUrl) console.log(`metadata server: ${server.metadataUrl}`)
+  await untilSignal()
+  await server.close()
+}
+
+/** The main job: master, metadata server and one store node, serving until stopped. */
+async function serve(argv: string[]): Promise<void> {
+  const { values: o } = parseArgs({
+    args: dashed(argv),
+    options: {
+      host: { type: 'string', default: '127.0.0.1' },
+      'rpc-port': { type: 'string', default: '50051' },
+      'metrics-port': { type: 'string', default: '9003' },
+      'metadata-port': { type: 'string', default: '8080' },
+      'global-segment-size': { type: 'string', default: '1GiB' },
+    },
+    strict: true,
+  })
+  const server = await MasterServer.start({
+    host: o.host,
+    rpcPort: Number(o['rpc-port']),
+    metricsPort: Number(o['metrics-port']),
+    httpMetadataServer: true,
+    httpMetadataPort: Number(o['metadata-port']),
+  })
+  const node = await MooncakeStore.connect({
+    masterAddress: server.address,
+    metadata: server.metadataUrl!,
+    localServerName: `${o.host}-node-0`,
+    ipOrHostName: o.host,
+    globalSegmentSize: parseSize(o['global-segment-size']),
+  })
+  console.log(`master:          ${server.address}`)
+  console.log(`metadata server: ${server.metadataUrl}`)
+  console.log(`metrics:         ${server.metricsUrl}`)
+  console.log(`store node:      ${node.segmentName} (${o['global-segment-size']} in the pool)`)
+  console.log('')
+  console.log('connect from Node.js:')
+  console.log(
+    `  const store = await MooncakeStore.connect({ masterAddress: '${server.address}', metadata: '${server.metadataUrl}', localServerName: 'my-node', ipOrHostName: '${o.host}' })`,
+  )
+  console.log('serving; Ctrl-C to stop')
+  await untilSignal()
+  await node.close()
+  await server.close()
+}
+
 async function metadataServer(argv: string[]): Promise<void> {
   const { values: o } = parseArgs({
     args: argv,
@@ -267,6 +385,10 @@ async function demo(): Promise<void> {
 async function main(): Promise<void> {
   const [command, ...rest] = process.argv.slice(2)
   switch (command) {
+    case 'serve':
+      return serve(rest)
+    case 'master':
+      return master(rest)
     case 'demo':
       return demo()
     case 'metadata-server':

@@ -38,6 +38,7 @@ export interface MasterServerOptions {
 /**
  * A Mooncake Store master running in this process: object metadata, space allocation in the
  * segments clients mount, leases, eviction and client liveness. It never touches object bytes.
+ * A running master keeps the process alive until {@link close}.
  */
 export class MasterServer {
   /** @hideconstructor */
@@ -45,7 +46,7 @@ export class MasterServer {
 
   /** Starts a master. */
   static async start(options: MasterServerOptions = {}): Promise<MasterServer> {
-    return new MasterServer(await nativeAsync(() => startMaster(options)))
+    return new MasterServer(await nativeAsync(() => startMaster(options, () => undefined)))
   }
 
   /** `host:port` that clients pass as `masterAddress`. */

@@ -67,6 +67,9 @@ function itemError(item: BatchItem): MooncakeError | undefined {
  * A Mooncake Store node: contributes memory to the pool and reads and writes objects, moving
  * their bytes peer to peer (never through the master).
  *
+ * A connected node keeps the process alive until {@link close}, like a server: its memory
+ * is part of the pool.
+ *
  * Batch methods resolve to arrays aligned with their keys; a key that failed is a
  * {@link MooncakeError} element, never a rejection of the whole batch.
  *
@@ -83,7 +86,7 @@ export class MooncakeStore {
   /** Starts a node: its Transfer Engine, its segment mounted at the master, its heartbeat. */
   static async connect(options: MooncakeStoreOptions): Promise<MooncakeStore> {
     if (typeof options !== 'object' || options === null) throw invalidArgument('options are required')
-    return new MooncakeStore(await nativeAsync(() => connectStore(options)))
+    return new MooncakeStore(await nativeAsync(() => connectStore(options, () => undefined)))
   }
 
   /** This node's segment name (what `preferredSegments` refers to). */

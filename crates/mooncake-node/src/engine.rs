@@ -222,7 +222,7 @@ impl NativeEngine {
 
     /// Allocates registered engine memory, returned as a Buffer that stays valid for as long as
     /// JavaScript holds it (even after `close`).
-        #[napi]
+    #[napi]
     pub fn allocate<'env>(&self, env: &'env Env, size: f64) -> Result<BufferSlice<'env>> {
         allocate(env, &self.inner, size)
     }
@@ -385,7 +385,11 @@ impl Drop for NativeBatch {
 }
 
 /// Allocates registered engine memory as an external Buffer (valid while JavaScript holds it).
-pub(crate) fn allocate<'env>(env: &'env Env, engine: &TransferEngine, size: f64) -> Result<BufferSlice<'env>> {
+pub(crate) fn allocate<'env>(
+    env: &'env Env,
+    engine: &TransferEngine,
+    size: f64,
+) -> Result<BufferSlice<'env>> {
     let size = to_len(size, "size")?;
     if size == 0 {
         return Err(invalid("cannot allocate 0 bytes"));
@@ -394,7 +398,8 @@ pub(crate) fn allocate<'env>(env: &'env Env, engine: &TransferEngine, size: f64)
     let ptr = arena.as_ptr();
     // SAFETY: the arena stays mapped while the finalizer hint (an Arc of it) lives, and
     // that hint is dropped only when V8 collects the Buffer.
-    let buffer = unsafe { BufferSlice::from_external(env, ptr, size, arena, |_, arena| drop(arena)) }?;
+    let buffer =
+        unsafe { BufferSlice::from_external(env, ptr, size, arena, |_, arena| drop(arena)) }?;
     if buffer.as_ptr() != ptr.cast_const() {
         // The runtime refuses external buffers and handed back a copy, which is not
         // registered memory.
@@ -408,7 +413,11 @@ pub(crate) fn allocate<'env>(env: &'env Env, engine: &TransferEngine, size: f64)
 }
 
 /// Registers caller memory, referenced until unregistered.
-pub(crate) fn register(engine: &TransferEngine, buffer: Uint8Array, location: Option<String>) -> Result<()> {
+pub(crate) fn register(
+    engine: &TransferEngine,
+    buffer: Uint8Array,
+    location: Option<String>,
+) -> Result<()> {
     let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
     if len == 0 {
         return Err(invalid("cannot register an empty buffer"));

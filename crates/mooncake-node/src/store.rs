@@ -6,8 +6,11 @@ use std::time::Duration;
 use mooncake_common::config::Protocol;
 use mooncake_common::EngineConfig;
 use mooncake_store::client::{StoreClient, StoreConfig};
-use mooncake_store::master::{AllocationStrategy, MasterServer, MasterServerConfig, SoftPin, WriteConfig};
+use mooncake_store::master::{
+    AllocationStrategy, MasterServer, MasterServerConfig, SoftPin, WriteConfig,
+};
 use napi::bindgen_prelude::*;
+use napi::threadsafe_function::ThreadsafeFunction;
 use napi_derive::napi;
 use tokio::sync::Mutex;
 
@@ -52,7 +55,9 @@ pub struct MasterOptions {
 fn millis(value: Option<f64>, what: &str, into: &mut Duration) -> Result<()> {
     if let Some(ms) = value {
         if !ms.is_finite() || ms < 0.0 {
-            return Err(invalid(format!("{what} must be a non-negative number of ms")));
+            return Err(invalid(format!(
+                "{what} must be a non-negative number of ms"
+            )));
         }
         *into = Duration::from_secs_f64(ms / 1000.0);
     }
@@ -61,7 +66,9 @@ fn millis(value: Option<f64>, what: &str, into: &mut Duration) -> Result<()> {
 
 impl MasterOptions {
     fn into_config(self) -> Result<MasterServerConfig> {
-        let port = |p: u32, what: &str| u16::try_from(p).map_err(|_| invalid(format!("{what} must be within 0-65535")));
+        let port = |p: u32, what: &str| {
+            u16::try_from(p).map_err(|_| invalid(format!("{what} must be within 0-65535")))
+        };
         let mut config = MasterServerConfig {
             host: self.host.unwrap_or_else(|| "127.0.0.1".to_owned()),
             ..MasterServerConfig::default()
@@ -75,15 +82,38 @@ impl MasterOptions {
             Some(p) => Some(port(p as u32, "metricsPort")?),
         };
         if self.http_metadata_server.unwrap_or(false) {
-            config.http_metadata_port = Some(port(self.http_metadata_port.unwrap_or(8080), "httpMetadataPort")?);
+            config.http_metadata_port = Some(port(
+                self.http_metadata_port.unwrap_or(8080),
+                "httpMetadataPort",
+            )?);
         }
         let m = &mut config.master;
-        millis(self.default_kv_lease_ttl_ms, "defaultKvLeaseTtlMs", &mut m.default_kv_lease_ttl)?;
-        millis(self.default_kv_soft_pin_ttl_ms, "defaultKvSoftPinTtlMs", &mut m.default_kv_soft_pin_ttl)?;
-        millis(self.max_kv_soft_pin_ttl_ms, "maxKvSoftPinTtlMs", &mut m.max_kv_soft_pin_ttl)?;
+        millis(
+            self.default_kv_lease_ttl_ms,
+            "defaultKvLeaseTtlMs",
+            &mut m.default_kv_lease_ttl,
+        )?;
+        millis(
+            self.default_kv_soft_pin_ttl_ms,
+            "defaultKvSoftPinTtlMs",
+            &mut m.default_kv_soft_pin_ttl,
+        )?;
+        millis(
+            self.max_kv_soft_pin_ttl_ms,
+            "maxKvSoftPinTtlMs",
+            &mut m.max_kv_soft_pin_ttl,
+        )?;
         millis(self.client_ttl_ms, "clientTtlMs", &mut m.client_ttl)?;
-        millis(self.put_start_discard_timeout_ms, "putStartDiscardTimeoutMs", &mut m.put_start_discard_timeout)?;
-        millis(self.put_start_release_timeout_ms, "putStartReleaseTimeoutMs", &mut m.put_start_release_timeout)?;
+        millis(
+            self.put_start_discard_timeout_ms,
+            "putStartDiscardTimeoutMs",
+            &mut m.put_start_discard_timeout,
+        )?;
+        millis(
+            self.put_start_release_timeout_ms,
+            "putStartReleaseTimeoutMs",
+            &mut m.put_start_release_timeout,
+        )?;
         if let Some(allow) = self.allow_evict_soft_pinned_objects {
             m.allow_evict_soft_pinned_objects = allow;
         }
@@ -101,13 +131,17 @@ impl MasterOptions {
     }
 }
 
+/// Holds the Node.js event loop open until dropped: a server keeps its process alive until it
+/// is closed, like a listening socket.
+type KeepAlive = ThreadsafeFunction<(), (), (), Status, false>;
+
 /// A running master.
 #[napi]
 pub struct NativeMaster {
     address: String,
     metrics_url: Option<String>,
     metadata_url: Option<String>,
-    inner: Mutex<Option<MasterServer>>,
+    inner: Mutex<Option<(MasterServer, KeepAlive)>>,
 }
 
 #[napi]
@@ -133,16 +167,17 @@ impl NativeMaster {
     /// Stops the master; idempotent.
     #[napi]
     pub async fn close(&self) -> Result<()> {
-        if let Some(master) = self.inner.lock().await.take() {
+        if let Some((master, keep_alive)) = self.inner.lock().await.take() {
             master.close().await;
+            drop(keep_alive);
         }
         Ok(())
     }
 }
 
-/// Starts a master in this process.
-#[napi]
-pub async fn start_master(options: MasterOptions) -> Result<NativeMaster> {
+/// Starts a master in this process; it keeps the process alive until closed.
+#[napi(ts_args_type = "options: MasterOptions, keepAlive: () => void")]
+pub async fn start_master(options: MasterOptions, keep_alive: KeepAlive) -> Result<NativeMaster> {
     crate::init_logging();
     let config = options.into_config()?;
     let server = MasterServer::start(config).await.napi()?;
@@ -150,7 +185,7 @@ pub async fn start_master(options: MasterOptions) -> Result<NativeMaster> {
         address: server.rpc_addr().to_string(),
         metrics_url: server.metrics_addr().map(|a| format!("http://{a}/metrics")),
         metadata_url: server.metadata_url(),
-        inner: Mutex::new(Some(server)),
+        inner: Mutex::new(Some((server, keep_alive))),
     })
 }
 
@@ -197,8 +232,14 @@ fn write_config(config: Option<PutConfig>) -> Result<WriteConfig> {
         return Ok(WriteConfig::default());
     };
     let soft_pin = match (c.soft_pin, c.soft_pin_ttl_ms) {
-        (_, Some(ms)) if ms.is_finite() && ms >= 0.0 => SoftPin::Enable(Some(Duration::from_secs_f64(ms / 1000.0))),
-        (_, Some(ms)) => return Err(invalid(format!("softPin ttlMs must be a non-negative number, not {ms}"))),
+        (_, Some(ms)) if ms.is_finite() && ms >= 0.0 => {
+            SoftPin::Enable(Some(Duration::from_secs_f64(ms / 1000.0)))
+        }
+        (_, Some(ms)) => {
+            return Err(invalid(format!(
+                "softPin ttlMs must be a non-negative number, not {ms}"
+            )))
+        }
         (Some(true), None) => SoftPin::Enable(None),
         (Some(false), None) => SoftPin::Disable,
         (None, None) => SoftPin::Preserve,
@@ -237,13 +278,19 @@ impl BatchItem {
 #[napi]
 pub struct NativeStore {
     inner: Arc<StoreClient>,
+    keep_alive: std::sync::Mutex<Option<KeepAlive>>,
 }
 
-/// Connects a store client.
-#[napi]
-pub async fn connect_store(options: StoreOptions) -> Result<NativeStore> {
+/// Connects a store client; it keeps the process alive until closed.
+#[napi(ts_args_type = "options: StoreOptions, keepAlive: () => void")]
+pub async fn connect_store(options: StoreOptions, keep_alive: KeepAlive) -> Result<NativeStore> {
     crate::init_logging();
-    let mut engine = EngineConfig::from_env(options.local_server_name.unwrap_or_else(|| "127.0.0.1".into()), options.metadata);
+    let mut engine = EngineConfig::from_env(
+        options
+            .local_server_name
+            .unwrap_or_else(|| "127.0.0.1".into()),
+        options.metadata,
+    );
     if let Some(host) = options.ip_or_host_name {
         engine.advertised_host = Some(host);
     }
@@ -261,13 +308,23 @@ pub async fn connect_store(options: StoreOptions) -> Result<NativeStore> {
     if let Some(size) = options.local_buffer_size {
         config.local_buffer_size = to_len(size, "localBufferSize")? as u64;
     }
-    millis(options.rpc_timeout_ms, "rpcTimeoutMs", &mut config.rpc_timeout)?;
+    millis(
+        options.rpc_timeout_ms,
+        "rpcTimeoutMs",
+        &mut config.rpc_timeout,
+    )?;
     let inner = StoreClient::connect(config).await.napi()?;
-    Ok(NativeStore { inner })
+    Ok(NativeStore {
+        inner,
+        keep_alive: std::sync::Mutex::new(Some(keep_alive)),
+    })
 }
 
 fn ranges(buffers: &[Uint8Array]) -> Vec<(usize, usize)> {
-    buffers.iter().map(|b| (b.as_ptr() as usize, b.len())).collect()
+    buffers
+        .iter()
+        .map(|b| (b.as_ptr() as usize, b.len()))
+        .collect()
 }
 
 #[napi]
@@ -281,27 +338,54 @@ impl NativeStore {
     /// Stores a copy of `value` (insert if absent).
     #[napi]
     pub async fn put(&self, key: String, value: Buffer, config: Option<PutConfig>) -> Result<()> {
-        self.inner.put(&key, &value, &write_config(config)?).await.napi()
+        self.inner
+            .put(&key, &value, &write_config(config)?)
+            .await
+            .napi()
     }
 
     /// Inserts or replaces.
     #[napi]
-    pub async fn upsert(&self, key: String, value: Buffer, config: Option<PutConfig>) -> Result<()> {
-        self.inner.upsert(&key, &value, &write_config(config)?).await.napi()
+    pub async fn upsert(
+        &self,
+        key: String,
+        value: Buffer,
+        config: Option<PutConfig>,
+    ) -> Result<()> {
+        self.inner
+            .upsert(&key, &value, &write_config(config)?)
+            .await
+            .napi()
     }
 
     /// Stores registered memory (zero copy).
     #[napi]
-    pub async fn put_from(&self, key: String, buffer: Uint8Array, config: Option<PutConfig>) -> Result<()> {
+    pub async fn put_from(
+        &self,
+        key: String,
+        buffer: Uint8Array,
+        config: Option<PutConfig>,
+    ) -> Result<()> {
         let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
-        self.inner.put_from(&key, addr, len, &write_config(config)?).await.napi()
+        self.inner
+            .put_from(&key, addr, len, &write_config(config)?)
+            .await
+            .napi()
     }
 
     /// Inserts or replaces from registered memory (zero copy).
     #[napi]
-    pub async fn upsert_from(&self, key: String, buffer: Uint8Array, config: Option<PutConfig>) -> Result<()> {
+    pub async fn upsert_from(
+        &self,
+        key: String,
+        buffer: Uint8Array,
+        config: Option<PutConfig>,
+    ) -> Result<()> {
         let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
-        self.inner.upsert_from(&key, addr, len, &write_config(config)?).await.napi()
+        self.inner
+            .upsert_from(&key, addr, len, &write_config(config)?)
+            .await
+            .napi()
     }
 
     /// The value of `key`.
@@ -314,28 +398,54 @@ impl NativeStore {
     #[napi]
     pub async fn get_into(&self, key: String, buffer: Uint8Array) -> Result<f64> {
         let (addr, len) = (buffer.as_ptr() as usize, buffer.len());
-        self.inner.get_into(&key, addr, len).await.napi().map(|n| n as f64)
+        self.inner
+            .get_into(&key, addr, len)
+            .await
+            .napi()
+            .map(|n| n as f64)
     }
 
     /// Batch of copying puts.
     #[napi]
-    pub async fn batch_put(&self, keys: Vec<String>, values: Vec<Buffer>, config: Option<PutConfig>) -> Result<Vec<BatchItem>> {
+    pub async fn batch_put(
+        &self,
+        keys: Vec<String>,
+        values: Vec<Buffer>,
+        config: Option<PutConfig>,
+    ) -> Result<Vec<BatchItem>> {
         if keys.len() != values.len() {
             return Err(invalid("keys and values differ in number"));
         }
         let config = write_config(config)?;
         let refs: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
-        Ok(self.inner.batch_put(&keys, &refs, &config).await.into_iter().map(done).collect())
+        Ok(self
+            .inner
+            .batch_put(&keys, &refs, &config)
+            .await
+            .into_iter()
+            .map(done)
+            .collect())
     }
 
     /// Batch of zero-copy puts.
     #[napi]
-    pub async fn batch_put_from(&self, keys: Vec<String>, buffers: Vec<Uint8Array>, config: Option<PutConfig>) -> Result<Vec<BatchItem>> {
+    pub async fn batch_put_from(
+        &self,
+        keys: Vec<String>,
+        buffers: Vec<Uint8Array>,
+        config: Option<PutConfig>,
+    ) -> Result<Vec<BatchItem>> {
         if keys.len() != buffers.len() {
             return Err(invalid("keys and buffers differ in number"));
         }
         let config = write_config(config)?;
-        Ok(self.inner.batch_put_from(&keys, &ranges(&buffers), &config).await.into_iter().map(done).collect())
+        Ok(self
+            .inner
+            .batch_put_from(&keys, &ranges(&buffers), &config)
+            .await
+            .into_iter()
+            .map(done)
+            .collect())
     }
 
     /// Batch of copying reads.
@@ -359,7 +469,11 @@ impl NativeStore {
 
     /// Batch of zero-copy reads.
     #[napi]
-    pub async fn batch_get_into(&self, keys: Vec<String>, buffers: Vec<Uint8Array>) -> Result<Vec<BatchItem>> {
+    pub async fn batch_get_into(
+        &self,
+        keys: Vec<String>,
+        buffers: Vec<Uint8Array>,
+    ) -> Result<Vec<BatchItem>> {
         if keys.len() != buffers.len() {
             return Err(invalid("keys and buffers differ in number"));
         }
@@ -388,13 +502,21 @@ impl NativeStore {
     /// Removes every key; resolves to the count.
     #[napi]
     pub async fn remove_all(&self, force: Option<bool>) -> Result<f64> {
-        self.inner.remove_all(force.unwrap_or(false)).await.napi().map(|n| n as f64)
+        self.inner
+            .remove_all(force.unwrap_or(false))
+            .await
+            .napi()
+            .map(|n| n as f64)
     }
 
     /// Removes keys matching `pattern`; resolves to the count.
     #[napi]
     pub async fn remove_by_regex(&self, pattern: String, force: Option<bool>) -> Result<f64> {
-        self.inner.remove_by_regex(&pattern, force.unwrap_or(false)).await.napi().map(|n| n as f64)
+        self.inner
+            .remove_by_regex(&pattern, force.unwrap_or(false))
+            .await
+            .napi()
+            .map(|n| n as f64)
     }
 
     /// Whether `key` exists.
@@ -418,7 +540,11 @@ impl NativeStore {
     /// How many leading keys are present.
     #[napi]
     pub async fn longest_prefix(&self, keys: Vec<String>) -> Result<u32> {
-        self.inner.longest_prefix(&keys).await.napi().map(|n| n as u32)
+        self.inner
+            .longest_prefix(&keys)
+            .await
+            .napi()
+            .map(|n| n as u32)
     }
 
     /// Registered memory for the zero-copy APIs.
@@ -436,13 +562,22 @@ impl NativeStore {
     /// Unregisters a buffer.
     #[napi]
     pub fn unregister_buffer(&self, buffer: &[u8]) -> Result<()> {
-        self.inner.engine().unregister(buffer.as_ptr() as usize).napi()
+        self.inner
+            .engine()
+            .unregister(buffer.as_ptr() as usize)
+            .napi()
     }
 
     /// Unmounts, stops and closes; idempotent.
     #[napi]
     pub async fn close(&self) -> Result<()> {
         self.inner.close().await;
+        drop(
+            self.keep_alive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         Ok(())
     }
 }

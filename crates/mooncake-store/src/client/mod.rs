@@ -148,6 +148,16 @@ impl StoreClient {
                 .await?;
             from_outcome(Some(&outcome))?;
             segments.push((spec, arena));
+        } else {
+            // A pure requester mounts nothing, but still registers so its pings are known.
+            let request = proto::ReMountSegmentRequest {
+                client_id: Some(to_uuid(id.0)),
+                segments: Vec::new(),
+            };
+            let outcome = master
+                .call(|mut g| async move { g.re_mount_segment(request).await })
+                .await?;
+            from_outcome(Some(&outcome))?;
         }
         let local = LocalBuffer::new(match config.local_buffer_size {
             0 => None,

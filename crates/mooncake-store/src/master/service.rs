@@ -403,7 +403,7 @@ impl proto::master_server::Master for MasterService {
         &self,
         request: Request<proto::BatchPutStartRequest>,
     ) -> Reply<proto::BatchPutStartResponse> {
-        self.batch_start("batch_put_start", request.into_inner(), false)
+        self.batch_start("put_start", request.into_inner(), false)
     }
 
     async fn batch_put_end(
@@ -411,7 +411,7 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::BatchKeysRequest>,
     ) -> Reply<proto::BatchOutcome> {
         let now = Instant::now();
-        self.batch_keys("batch_put_end", request.into_inner(), |m, c, k| {
+        self.batch_keys("put_end", request.into_inner(), |m, c, k| {
             m.put_end(now, c, k)
         })
     }
@@ -420,7 +420,7 @@ impl proto::master_server::Master for MasterService {
         &self,
         request: Request<proto::BatchKeysRequest>,
     ) -> Reply<proto::BatchOutcome> {
-        self.batch_keys("batch_put_revoke", request.into_inner(), |m, c, k| {
+        self.batch_keys("put_revoke", request.into_inner(), |m, c, k| {
             m.put_revoke(c, k)
         })
     }
@@ -429,7 +429,7 @@ impl proto::master_server::Master for MasterService {
         &self,
         request: Request<proto::BatchPutStartRequest>,
     ) -> Reply<proto::BatchPutStartResponse> {
-        self.batch_start("batch_upsert_start", request.into_inner(), true)
+        self.batch_start("upsert_start", request.into_inner(), true)
     }
 
     async fn get_replica_list(

@@ -1,0 +1,228 @@
+import { randomBytes } from 'node:crypto'
+import { once } from 'node:events'
+import { createInterface } from 'node:readline'
+
+import test from 'ava'
+
+import { MasterServer, MooncakeError, MooncakeStore, type MasterServerOptions } from '../src'
+import { runFixture } from './helpers'
+
+const MiB = 1 << 20
+
+interface Cluster {
+  master: MasterServer
+  metadata: string
+  nodes: { name: string; child: ReturnType<typeof runFixture> }[]
+  client(options?: { size?: number; name?: string }): Promise<MooncakeStore>
+  close(): Promise<void>
+}
+
+/** A master in this process and `count` store nodes in their own processes. */
+async function cluster(count: number, nodeSize: number, options: MasterServerOptions = {}): Promise<Cluster> {
+  const master = await MasterServer.start({ rpcPort: 0, metricsPort: 0, httpMetadataServer: true, httpMetadataPort: 0, ...options })
+  const metadata = master.metadataUrl!
+  const clients: MooncakeStore[] = []
+  const nodes = await Promise.all(
+    Array.from({ length: count }, async (_, i) => {
+      const name = `node-${i}-${process.pid}`
+      const child = runFixture('store-node.ts', [JSON.stringify({ masterAddress: master.address, metadata, name, size: nodeSize })])
+      const [line] = (await once(createInterface({ input: child.stdout! }), 'line')) as [string]
+      return { name: (JSON.parse(line) as { segment: string }).segment, child }
+    }),
+  )
+  let n = 0
+  return {
+    master,
+    metadata,
+    nodes,
+    async client({ size = 0, name } = {}) {
+      const store = await MooncakeStore.connect({
+        masterAddress: master.address,
+        metadata,
+        localServerName: name ?? `client-${n++}-${process.pid}`,
+        ipOrHostName: '127.0.0.1',
+        globalSegmentSize: size,
+      })
+      clients.push(store)
+      return store
+    },
+    async close() {
+      await Promise.all(clients.map((c) => c.close()))
+      for (const node of nodes) {
+        if (node.child.exitCode === null && node.child.signalCode === null) {
+          node.child.kill('SIGCONT')
+          node.child.kill('SIGTERM')
+          await once(node.child, 'exit')
+        }
+      }
+      await master.close()
+    },
+  }
+}
+
+async function segments(master: MasterServer): Promise<string[]> {
+  const url = master.metricsUrl!.replace('/metrics', '/get_all_segments')
+  return (await (await fetch(url)).text()).split('\n').filter(Boolean)
+}
+
+test('objects with replicaNum 2 stay readable after a node is SIGKILLed', async (t) => {
+  const c = await cluster(3, 64 * MiB)
+  try {
+    const client = await c.client()
+    const values = Array.from({ length: 12 }, () => randomBytes(MiB + randomBytes(1)[0] * 997))
+    const keys = values.map((_, i) => `obj/${i}`)
+    t.deepEqual(await client.batchPut(keys, values, { replicaNum: 2 }), keys.map(() => undefined))
+    c.nodes[1].child.kill('SIGKILL')
+    await once(c.nodes[1].child, 'exit')
+    for (const [i, key] of keys.entries()) {
+      t.true((await client.get(key)).equals(values[i]), `${key} read back wrong after the kill`)
+    }
+    const batch = await client.batchGet(keys)
+    t.true(batch.every((v, i) => Buffer.isBuffer(v) && v.equals(values[i])))
+  } finally {
+    await c.close()
+  }
+})
+
+test('eviction frees space under pressure but keeps leased and hard-pinned objects', async (t) => {
+  const c = await cluster(1, 16 * MiB)
+  try {
+    const client = await c.client()
+    const pinned = randomBytes(MiB)
+    const leased = randomBytes(MiB)
+    await client.put('hard', pinned, { hardPin: true })
+    await client.put('leased', leased)
+    for (let i = 0; i < 40; i++) {
+      await client.get('leased') // keeps its lease fresh
+      await client.put(`fill/${i}`, randomBytes(MiB))
+    }
+    t.true((await client.get('hard')).equals(pinned))
+    t.true((await client.get('leased')).equals(leased))
+    const present = await client.batchExists(Array.from({ length: 40 }, (_, i) => `fill/${i}`))
+    t.true(present.filter(Boolean).length < 40, 'some objects were evicted')
+    t.true(present[39], 'the newest object is present')
+    const metrics = await (await fetch(c.master.metricsUrl!)).text()
+    t.regex(metrics, /master_evicted_key_count [1-9]/)
+  } finally {
+    await c.close()
+  }
+})
+
+test('concurrent puts of one key leave exactly one complete version', async (t) => {
+  const c = await cluster(2, 32 * MiB)
+  try {
+    const writers = await Promise.all([c.client(), c.client(), c.client(), c.client()])
+    const values = writers.map((_, i) => Buffer.alloc(2 * MiB, i + 1))
+    await Promise.all(writers.map((w, i) => w.put('contended', values[i])))
+    const got = await writers[0].get('contended')
+    t.is(got.length, 2 * MiB)
+    t.true(values.some((v) => v.equals(got)), 'the value is one writer\'s, whole')
+  } finally {
+    await c.close()
+  }
+})
+
+test('upsert replaces values of equal and different sizes', async (t) => {
+  const c = await cluster(2, 32 * MiB)
+  try {
+    const client = await c.client()
+    await client.put('u', Buffer.alloc(MiB, 1))
+    await client.upsert('u', Buffer.alloc(MiB, 2))
+    t.true((await client.get('u')).equals(Buffer.alloc(MiB, 2)))
+    await client.upsert('u', Buffer.alloc(3 * MiB, 3))
+    t.true((await client.get('u')).equals(Buffer.alloc(3 * MiB, 3)))
+    await client.upsert('u', 'tiny')
+    t.is((await client.get('u')).toString(), 'tiny')
+    await client.upsert('fresh', 'new key')
+    t.is((await client.get('fresh')).toString(), 'new key')
+    t.is(await client.getSize('u'), 4)
+  } finally {
+    await c.close()
+  }
+})
+
+test('a node that misses its pings is dropped, then remounts', async (t) => {
+  const c = await cluster(2, 16 * MiB, { clientTtlMs: 1500 })
+  try {
+    const client = await c.client()
+    t.is((await segments(c.master)).length, 2)
+    await client.put('only-on-1', randomBytes(1024), { preferredSegments: [c.nodes[1].name] })
+    c.nodes[1].child.kill('SIGSTOP')
+    let left: string[] = []
+    for (let i = 0; i < 40 && left.length !== 1; i++) {
+      await new Promise((r) => setTimeout(r, 200))
+      left = await segments(c.master)
+    }
+    t.deepEqual(left, [c.nodes[0].name], 'the silent node was dropped')
+    t.false(await client.exists('only-on-1'), 'its only replica went with it')
+    c.nodes[1].child.kill('SIGCONT')
+    for (let i = 0; i < 40 && left.length !== 2; i++) {
+      await new Promise((r) => setTimeout(r, 200))
+      left = await segments(c.master)
+    }
+    t.is(left.length, 2, 'it came back by remounting')
+    await client.put('after', randomBytes(1024), { preferredSegments: [c.nodes[1].name] })
+    t.is((await client.get('after')).length, 1024)
+  } finally {
+    await c.close()
+  }
+})
+
+test('bad input gets its code and leaves nothing behind', async (t) => {
+  const c = await cluster(2, 16 * MiB)
+  try {
+    const client = await c.client({ size: 8 * MiB })
+    const code = async (p: Promise<unknown>) => ((await t.throwsAsync(p, { instanceOf: MooncakeError })) as MooncakeError).code
+    t.is(await code(client.put('', 'x')), 'ERR_INVALID_PARAMS')
+    t.is(await code(client.put('empty', Buffer.alloc(0))), 'ERR_INVALID_PARAMS')
+    t.is(await code(client.put('k', 'x', { replicaNum: 4 })), 'ERR_INVALID_PARAMS')
+    t.is(await code(client.put('k', 'x', { replicaNum: 0 })), 'ERR_INVALID_PARAMS')
+    t.is(await code(client.get('missing')), 'ERR_OBJECT_NOT_FOUND')
+    t.is((await t.throwsAsync(client.get('missing')) as MooncakeError).errno, -704)
+    t.is(await code(client.putFrom('k', Buffer.alloc(64))), 'ERR_INVALID_PARAMS')
+    await client.put('big', Buffer.alloc(4096, 7))
+    const small = client.allocate(100)
+    t.is(await code(client.getInto('big', small)), 'ERR_BUFFER_OVERFLOW')
+    t.is(await code(client.getInto('big', Buffer.alloc(8192))), 'ERR_INVALID_PARAMS')
+    t.is(await code(client.remove('nothing')), 'ERR_OBJECT_NOT_FOUND')
+    t.is(await code(client.remove('big')), 'ERR_OBJECT_HAS_LEASE')
+    t.is(await code(client.removeByRegex('(')), 'ERR_INVALID_PARAMS')
+    t.is(await code(client.put('far', 'x', { softPin: { ttlMs: 48 * 3600 * 1000 } })), 'ERR_INVALID_PARAMS')
+    t.is(await code(client.put('huge', Buffer.alloc(40 * MiB))), 'ERR_NO_AVAILABLE_HANDLE')
+    t.false(await client.exists('k'))
+    t.deepEqual(await client.batchExists(['k', 'empty', 'huge', 'big']), [false, false, false, true])
+    t.is(await client.longestPrefix(['big', 'k', 'big']), 1)
+    const mixed = await client.batchPut(['ok', '', 'ok2'], ['a', 'b', 'c'])
+    t.is(mixed[0], undefined)
+    t.is(mixed[1]?.code, 'ERR_INVALID_PARAMS')
+    t.is(mixed[2], undefined)
+    const reads = await client.batchGet(['ok', 'nope'])
+    t.is((reads[0] as Buffer).toString(), 'a')
+    t.is((reads[1] as MooncakeError).code, 'ERR_OBJECT_NOT_FOUND')
+    await t.throwsAsync(MooncakeStore.connect({ masterAddress: '127.0.0.1:1', metadata: c.metadata, rpcTimeoutMs: 2000 }), {
+      instanceOf: MooncakeError,
+      message: /master/,
+    })
+  } finally {
+    await c.close()
+  }
+})
+
+test('zero-copy batch APIs land bytes in registered buffers', async (t) => {
+  const c = await cluster(2, 32 * MiB)
+  try {
+    const client = await c.client()
+    const source = client.allocate(8 * MiB)
+    randomBytes(source.length).copy(source)
+    const keys = Array.from({ length: 8 }, (_, i) => `zc/${i}`)
+    const parts = keys.map((_, i) => source.subarray(i * MiB, (i + 1) * MiB))
+    t.deepEqual(await client.batchPutFrom(keys, parts, { replicaNum: 2 }), keys.map(() => undefined))
+    const target = client.allocate(8 * MiB)
+    const sizes = await client.batchGetInto(keys, keys.map((_, i) => target.subarray(i * MiB, (i + 1) * MiB)))
+    t.deepEqual(sizes, keys.map(() => MiB))
+    t.true(target.equals(source))
+    t.is(await client.removeByRegex(/^zc\//, { force: true }), 8)
+  } finally {
+    await c.close()
+  }
+})
