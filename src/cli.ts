@@ -12,6 +12,7 @@ import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
 import { memcpyBench, rawPumpRun, rawPumpServe, type BenchReport } from './binding'
+import { benchStore } from './bench-store'
 import { nativeAsync, native, MooncakeError } from './errors'
 import { TransferEngine, type TransferRequest } from './engine'
 import { MasterServer, type MasterServerOptions } from './master'
@@ -42,6 +43,9 @@ commands:
   bench-raw         raw TCP socket pump, the baseline
                       --mode target|initiator   --host 127.0.0.1   --port N   --op read|write
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
+  bench-store       store put/get from client processes against node processes, and Redis
+                      --nodes 2   --clients 2   --node-size 1024 (MiB)   --sizes 65536,1048576,4194304
+                      --duration 3   --inflight 4   --json
   bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
 `
@@ -399,6 +403,8 @@ async function main(): Promise<void> {
       return benchRaw(rest)
     case 'bench-memcpy':
       return benchMemcpy(rest)
+    case 'bench-store':
+      return benchStore(rest)
     case undefined:
     case 'help':
     case '--help':
@@ -414,5 +420,6 @@ async function main(): Promise<void> {
 main().catch((error: unknown) => {
   const e = error instanceof MooncakeError ? error : error instanceof Error ? error : new Error(String(error))
   process.stderr.write(`mooncake: ${'code' in e ? `${e.code}: ` : ''}${e.message}\n`)
-  process.exitCode = 1
+  // Servers started before the failure would keep the process alive.
+  process.exit(1)
 })

@@ -579,14 +579,18 @@ impl StoreClient {
     /// The value of `key`.
     pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
         self.ensure_open()?;
-        let size = self.get_size(key).await? as usize;
-        let staged = self.stage(size)?;
-        let got = self.get_into(key, staged.addr(), size).await?;
-        // SAFETY: the read filled `got` bytes of the staging range, which we own.
-        Ok(
-            unsafe { std::slice::from_raw_parts(staged.addr() as *const u8, got as usize) }
-                .to_vec(),
-        )
+        let mut staged = None;
+        let size = self
+            .read_object(key, |size| {
+                let s = self.stage(size.max(1) as usize)?;
+                let addr = s.addr();
+                staged = Some(s);
+                Ok(addr)
+            })
+            .await?;
+        let addr = staged.as_ref().map_or(0, |s| s.addr());
+        // SAFETY: the read filled `size` bytes of the staging range, which we own.
+        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, size as usize) }.to_vec())
     }
 
     /// Reads `key` into registered memory at `addr` (capacity `cap`); returns its size.
@@ -598,17 +602,40 @@ impl StoreClient {
                 "the buffer is not registered (registerBuffer it, or use allocate)",
             ));
         }
+        self.read_object(key, |size| {
+            if size as usize > cap {
+                Err(Error::new(
+                    ErrorKind::BufferOverflow,
+                    format!("'{key}' is {size} bytes; the buffer holds {cap}"),
+                ))
+            } else {
+                Ok(addr)
+            }
+        })
+        .await
+    }
+
+    /// One read: the replica list (one RPC), a destination for the size it names, the bytes,
+    /// and the lease check. Returns the size.
+    async fn read_object(
+        &self,
+        key: &str,
+        mut destination: impl FnMut(u64) -> Result<usize>,
+    ) -> Result<u64> {
         let mut last = None;
+        let mut target: Option<(u64, usize)> = None;
         for _ in 0..READ_ATTEMPTS {
             let asked = Instant::now();
             let (list, ttl) = self.replica_list(key).await?;
             let size = list[0].size;
-            if size as usize > cap {
-                return Err(Error::new(
-                    ErrorKind::BufferOverflow,
-                    format!("'{key}' is {size} bytes; the buffer holds {cap}"),
-                ));
-            }
+            let addr = match target {
+                Some((known, addr)) if known == size => addr,
+                _ => {
+                    let addr = destination(size)?;
+                    target = Some((size, addr));
+                    addr
+                }
+            };
             let used = self.read_any(key, addr, &list).await?;
             if Instant::now() < asked + ttl {
                 return Ok(size);
