@@ -729,10 +729,12 @@ impl Master {
             .map(|(id, _)| *id)
             .collect();
         for client in dead {
-            tracing::warn!(
-                client = client.0,
-                "client missed its pings; dropping its segments"
-            );
+            if self.segments.values().any(|s| s.client == client) {
+                tracing::warn!(
+                    client = client.0,
+                    "client missed its pings; dropping its segments"
+                );
+            }
             if let Some(entry) = self.clients.get_mut(&client) {
                 entry.ok = false;
             }
