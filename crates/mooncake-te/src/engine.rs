@@ -91,6 +91,7 @@ impl Local {
             .registry
             .regions()
             .iter()
+            .filter(|region| region.is_remote())
             .map(|region| {
                 let mut extra = serde_json::Map::new();
                 extra.insert("location".to_owned(), region.location().into());
@@ -357,6 +358,27 @@ impl TransferEngine {
         self.register_region(region)
     }
 
+    /// Registers caller memory for this engine's own transfers only: peers never see it, and
+    /// nothing is published (Mooncake's `remote_accessible = false`). Cheap enough to wrap a
+    /// single transfer.
+    ///
+    /// # Safety
+    /// As for [`register`](Self::register).
+    pub unsafe fn register_private(
+        &self,
+        addr: usize,
+        len: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<()> {
+        self.ensure_open()?;
+        if addr == 0 {
+            return Err(Error::invalid("cannot register a null address"));
+        }
+        // SAFETY: forwarded from the caller's contract.
+        let region = unsafe { Region::external(addr, len, "*", owner) }.private();
+        self.local.registry.register(region).map(drop)
+    }
+
     fn register_region(&self, region: Region) -> Result<()> {
         let control = self.local.shm.as_ref().map(|(control, _)| control);
         let slot = control.and_then(|c| c.claim());
@@ -374,11 +396,10 @@ impl TransferEngine {
     /// Unregisters the buffer that starts at `addr`. Fails with `ERR_BUFFER_BUSY` while a
     /// transfer (ours, or a peer's over TCP or shared memory) is using it.
     pub fn unregister(&self, addr: usize) -> Result<()> {
-        let shared = self
-            .local
-            .registry
-            .starting_at(addr)
-            .and_then(|region| Some((region.slot()?, region.backing_arena().is_none())));
+        let found = self.local.registry.starting_at(addr);
+        let published = found.as_ref().is_some_and(|r| r.is_remote());
+        let shared =
+            found.and_then(|region| Some((region.slot()?, region.backing_arena().is_none())));
         let control = self.local.shm.as_ref().map(|(control, _)| control);
         let mut drained = true;
         if let (Some(control), Some((slot, external))) = (control, shared) {
@@ -402,7 +423,9 @@ impl TransferEngine {
         if let (Some(control), Some((slot, _)), true) = (control, shared, drained) {
             control.release(slot);
         }
-        self.registrations_changed();
+        if published {
+            self.registrations_changed();
+        }
         Ok(())
     }
 

@@ -98,6 +98,8 @@ async fn write_then_read_back(protocol: Protocol, expected: TransportKind) {
         2,
         "{expected:?} carried both requests"
     );
+    // A settled transfer holds no memory: unregistering right away succeeds.
+    initiator.unregister(local.as_ptr() as usize).unwrap();
     initiator.close().await;
     target.close().await;
 }
@@ -410,4 +412,41 @@ async fn a_segment_on_another_host_never_goes_through_shared_memory() {
         engine.close().await;
     }
     server.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_registrations_serve_local_transfers_only() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine_over("P2PHANDSHAKE", "127.0.0.1", Protocol::Tcp).await;
+    let remote = target.allocate(4096).unwrap();
+    let mut hidden = vec![0u8; 4096];
+    // SAFETY: `hidden` outlives the registration (unregistered below).
+    unsafe { target.register_private(hidden.as_mut_ptr() as usize, hidden.len(), Box::new(())) }
+        .unwrap();
+    assert_eq!(
+        target.local_descriptor().buffers.len(),
+        1,
+        "private memory is not published"
+    );
+    let local = initiator.allocate(4096).unwrap();
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    let read = |addr: u64| TransferRequest {
+        op: Opcode::Read,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: addr,
+        len: 4096,
+    };
+    initiator
+        .transfer(&[read(remote.as_ptr() as u64)], SubmitOptions::default())
+        .await
+        .unwrap();
+    let err = initiator
+        .transfer(&[read(hidden.as_ptr() as u64)], SubmitOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AddressNotRegistered);
+    target.unregister(hidden.as_ptr() as usize).unwrap();
+    initiator.close().await;
+    target.close().await;
 }

@@ -182,6 +182,7 @@ pub struct Region {
     location: String,
     backing: Backing,
     slot: Option<u32>,
+    remote: bool,
 }
 
 impl Region {
@@ -193,6 +194,7 @@ impl Region {
             location: location.to_owned(),
             backing: Backing::Arena(arena),
             slot: None,
+            remote: true,
         }
     }
 
@@ -212,6 +214,7 @@ impl Region {
             location: location.to_owned(),
             backing: Backing::External(owner),
             slot: None,
+            remote: true,
         }
     }
 
@@ -219,6 +222,18 @@ impl Region {
     pub fn with_slot(mut self, slot: Option<u32>) -> Self {
         self.slot = slot;
         self
+    }
+
+    /// Marks the region private: usable by this engine's own transfers, invisible to peers
+    /// (Mooncake's `remote_accessible = false`).
+    pub fn private(mut self) -> Self {
+        self.remote = false;
+        self
+    }
+
+    /// Whether peers may read and write it.
+    pub fn is_remote(&self) -> bool {
+        self.remote
     }
 
     /// Its slot in the shared-memory control table, if same-host peers may reach it.
@@ -349,6 +364,11 @@ impl MemoryRegistry {
             ));
         }
         Ok(regions.remove(&addr).expect("present under the same lock"))
+    }
+
+    /// The peer-visible region that holds `[addr, addr+len)` whole.
+    pub fn find_remote(&self, addr: usize, len: usize) -> Option<Arc<Region>> {
+        self.find(addr, len).filter(|r| r.remote)
     }
 
     /// The region that starts at `addr`.

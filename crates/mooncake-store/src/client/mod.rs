@@ -579,18 +579,33 @@ impl StoreClient {
     /// The value of `key`.
     pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
         self.ensure_open()?;
-        let mut staged = None;
-        let size = self
+        // Read straight into the vector that is returned: registered privately for this one
+        // read (no staging copy, nothing published).
+        let mut value: Vec<u8> = Vec::new();
+        let mut registered: Option<usize> = None;
+        let result = self
             .read_object(key, |size| {
-                let s = self.stage(size.max(1) as usize)?;
-                let addr = s.addr();
-                staged = Some(s);
+                if let Some(addr) = registered.take() {
+                    let _ = self.engine.unregister(addr);
+                }
+                value = vec![0u8; size.max(1) as usize];
+                let addr = value.as_mut_ptr() as usize;
+                // SAFETY: `value` outlives the registration: it is unregistered below before
+                // `value` is moved or dropped, and not reallocated meanwhile.
+                unsafe {
+                    self.engine
+                        .register_private(addr, value.len(), Box::new(()))
+                }?;
+                registered = Some(addr);
                 Ok(addr)
             })
-            .await?;
-        let addr = staged.as_ref().map_or(0, |s| s.addr());
-        // SAFETY: the read filled `size` bytes of the staging range, which we own.
-        Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, size as usize) }.to_vec())
+            .await;
+        if let Some(addr) = registered {
+            let _ = self.engine.unregister(addr);
+        }
+        let size = result?;
+        value.truncate(size as usize);
+        Ok(value)
     }
 
     /// Reads `key` into registered memory at `addr` (capacity `cap`); returns its size.

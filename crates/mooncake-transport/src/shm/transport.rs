@@ -52,15 +52,20 @@ impl ShmSlice {
             ));
             return;
         }
-        match peer.copy(
+        let outcome = peer.copy(
             self.op,
             &self.region,
             self.local_addr,
             self.len,
             &self.remote,
-        ) {
-            Ok(()) => self.task.slice_done(self.len),
-            Err(e) => self.task.slice_failed(e),
+        );
+        // Let go of the memory before reporting: whoever awaits the task may unregister it
+        // the moment it settles.
+        let (task, len) = (self.task, self.len);
+        drop(self.region);
+        match outcome {
+            Ok(()) => task.slice_done(len),
+            Err(e) => task.slice_failed(e),
         }
     }
 }

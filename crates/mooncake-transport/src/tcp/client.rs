@@ -160,12 +160,17 @@ impl Lane {
                     Err(_) => break,
                 },
             };
-            match self.carry(&slice).await {
-                Ok(()) => slice.task.slice_done(slice.len),
-                Err(e) => {
-                    tracing::debug!(peer = %self.peer, lane = self.index, ?slice, "slice failed: {e}");
-                    slice.task.slice_failed(e);
-                }
+            let outcome = self.carry(&slice).await;
+            if let Err(e) = &outcome {
+                tracing::debug!(peer = %self.peer, lane = self.index, ?slice, "slice failed: {e}");
+            }
+            // Let go of the memory before reporting: whoever awaits the task may unregister it
+            // the moment it settles.
+            let (task, len) = (slice.task.clone(), slice.len);
+            drop(slice);
+            match outcome {
+                Ok(()) => task.slice_done(len),
+                Err(e) => task.slice_failed(e),
             }
         }
         self.queue.close();

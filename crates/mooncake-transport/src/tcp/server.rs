@@ -75,7 +75,7 @@ async fn session(mut stream: TcpStream, registry: &MemoryRegistry) -> Result<(),
         let range = usize::try_from(request.addr)
             .ok()
             .zip(usize::try_from(request.size).ok());
-        let Some(region) = range.and_then(|(addr, len)| registry.find(addr, len)) else {
+        let Some(region) = range.and_then(|(addr, len)| registry.find_remote(addr, len)) else {
             if request.version == Version::V2 {
                 stream.write_all(&Status::AddressRejected.encode()).await?;
             }
