@@ -274,15 +274,8 @@ impl StoreClient {
         unsafe {
             std::ptr::copy_nonoverlapping(value.as_ptr(), staged.addr() as *mut u8, value.len())
         };
-        let result = self
-            .write_from(
-                &[key.to_owned()],
-                &[(staged.addr(), value.len())],
-                config,
-                upsert,
-            )
-            .await;
-        result.into_iter().next().unwrap_or(Ok(()))
+        self.write_one(key, staged.addr(), value.len(), config, upsert)
+            .await
     }
 
     /// Stores `len` bytes of registered memory at `addr` under `key` (zero copy).
@@ -294,11 +287,7 @@ impl StoreClient {
         config: &WriteConfig,
     ) -> Result<()> {
         self.ensure_open()?;
-        self.write_from(&[key.to_owned()], &[(addr, len)], config, false)
-            .await
-            .into_iter()
-            .next()
-            .unwrap_or(Ok(()))
+        self.write_one(key, addr, len, config, false).await
     }
 
     /// Inserts or replaces `key` from registered memory (zero copy).
@@ -310,11 +299,21 @@ impl StoreClient {
         config: &WriteConfig,
     ) -> Result<()> {
         self.ensure_open()?;
-        self.write_from(&[key.to_owned()], &[(addr, len)], config, true)
-            .await
-            .into_iter()
-            .next()
-            .unwrap_or(Ok(()))
+        self.write_one(key, addr, len, config, true).await
+    }
+
+    async fn write_one(
+        &self,
+        key: &str,
+        addr: usize,
+        len: usize,
+        config: &WriteConfig,
+        upsert: bool,
+    ) -> Result<()> {
+        let results = self
+            .write_from(&[key.to_owned()], &[(addr, len)], config, upsert)
+            .await;
+        results.into_iter().next().unwrap_or(Ok(()))
     }
 
     /// Batch of zero-copy puts; one result per key, failures isolated per key.

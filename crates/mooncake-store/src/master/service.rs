@@ -249,6 +249,40 @@ impl MasterService {
         Ok(Response::new(proto::BatchOutcome { results }))
     }
 
+    /// A single-key start: the batch path with one key.
+    fn one_start(
+        &self,
+        op: &'static str,
+        r: proto::PutStartRequest,
+        upsert: bool,
+    ) -> Reply<proto::PutStartResponse> {
+        let batch = proto::BatchPutStartRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+            sizes: vec![r.size],
+            config: r.config,
+        };
+        Ok(Response::new(first(
+            self.batch_start(op, batch, upsert)?.into_inner().results,
+        )))
+    }
+
+    /// A single-key end or revoke: the batch path with one key.
+    fn one_key(
+        &self,
+        op: &'static str,
+        r: proto::KeyRequest,
+        apply: impl Fn(&mut Master, ClientId, &str) -> Result<()>,
+    ) -> Reply<proto::Outcome> {
+        let batch = proto::BatchKeysRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+        };
+        Ok(Response::new(first(
+            self.batch_keys(op, batch, apply)?.into_inner().results,
+        )))
+    }
+
     fn single(&self, op: &'static str, result: Result<()>) -> Reply<proto::Outcome> {
         self.counters.count(op, 1, usize::from(result.is_err()));
         Ok(Response::new(outcome(&result)))
@@ -340,63 +374,27 @@ impl proto::master_server::Master for MasterService {
         &self,
         request: Request<proto::PutStartRequest>,
     ) -> Reply<proto::PutStartResponse> {
-        let r = request.into_inner();
-        let batch = proto::BatchPutStartRequest {
-            client_id: r.client_id,
-            keys: vec![r.key],
-            sizes: vec![r.size],
-            config: r.config,
-        };
-        Ok(Response::new(first(
-            self.batch_start("put_start", batch, false)?
-                .into_inner()
-                .results,
-        )))
+        self.one_start("put_start", request.into_inner(), false)
     }
 
     async fn put_end(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
-        let r = request.into_inner();
-        let batch = proto::BatchKeysRequest {
-            client_id: r.client_id,
-            keys: vec![r.key],
-        };
         let now = Instant::now();
-        Ok(Response::new(first(
-            self.batch_keys("put_end", batch, |m, c, k| m.put_end(now, c, k))?
-                .into_inner()
-                .results,
-        )))
+        self.one_key("put_end", request.into_inner(), |m, c, k| {
+            m.put_end(now, c, k)
+        })
     }
 
     async fn put_revoke(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
-        let r = request.into_inner();
-        let batch = proto::BatchKeysRequest {
-            client_id: r.client_id,
-            keys: vec![r.key],
-        };
-        Ok(Response::new(first(
-            self.batch_keys("put_revoke", batch, |m, c, k| m.put_revoke(c, k))?
-                .into_inner()
-                .results,
-        )))
+        self.one_key("put_revoke", request.into_inner(), |m, c, k| {
+            m.put_revoke(c, k)
+        })
     }
 
     async fn upsert_start(
         &self,
         request: Request<proto::PutStartRequest>,
     ) -> Reply<proto::PutStartResponse> {
-        let r = request.into_inner();
-        let batch = proto::BatchPutStartRequest {
-            client_id: r.client_id,
-            keys: vec![r.key],
-            sizes: vec![r.size],
-            config: r.config,
-        };
-        Ok(Response::new(first(
-            self.batch_start("upsert_start", batch, true)?
-                .into_inner()
-                .results,
-        )))
+        self.one_start("upsert_start", request.into_inner(), true)
     }
 
     async fn batch_put_start(
