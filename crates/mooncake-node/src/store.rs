@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use mooncake_common::config::Protocol;
 use mooncake_common::EngineConfig;
-use mooncake_store::client::{StoreClient, StoreConfig};
+use mooncake_store::client::{StoreClient, StoreConfig, Value};
 use mooncake_store::master::{
     AllocationStrategy, MasterServer, MasterServerConfig, SoftPin, WriteConfig,
 };
@@ -388,10 +388,31 @@ impl NativeStore {
             .napi()
     }
 
-    /// The value of `key`.
-    #[napi]
-    pub async fn get(&self, key: String) -> Result<Buffer> {
-        self.inner.get(&key).await.napi().map(Buffer::from)
+    /// The value of `key`. It is read straight into memory that the returned Buffer then
+    /// wraps (a block of the staging buffer, given back when the Buffer is collected).
+    #[napi(ts_return_type = "Promise<Buffer>")]
+    pub fn get<'env>(
+        &self,
+        env: &'env Env,
+        key: String,
+    ) -> Result<PromiseRaw<'env, BufferSlice<'env>>> {
+        let inner = self.inner.clone();
+        env.spawn_future_with_callback(async move { inner.get(&key).await.napi() }, |env, value| {
+            match value {
+                Value::Owned(bytes) => BufferSlice::from_data(env, bytes),
+                Value::Staged(mut staged) => {
+                    let (ptr, len) = (staged.as_mut_ptr(), staged.as_slice().len());
+                    if len == 0 {
+                        return BufferSlice::from_data(env, Vec::new());
+                    }
+                    // SAFETY: the block stays allocated to this Buffer until its finalizer drops
+                    // `staged`, and nothing else writes it meanwhile.
+                    unsafe {
+                        BufferSlice::from_external(env, ptr, len, staged, |_, staged| drop(staged))
+                    }
+                }
+            }
+        })
     }
 
     /// Reads into registered memory; resolves to the size.
@@ -458,7 +479,7 @@ impl NativeStore {
             .into_iter()
             .map(|r| match r {
                 Ok(v) => BatchItem {
-                    value: Some(Buffer::from(v)),
+                    value: Some(Buffer::from(v.to_vec())),
                     size: None,
                     error: None,
                 },

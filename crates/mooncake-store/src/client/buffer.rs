@@ -46,6 +46,61 @@ impl LocalBuffer {
     }
 }
 
+/// A staging block that owns its share of the buffer, so it can outlive the call that took
+/// it (a value handed to JavaScript until it is garbage-collected).
+pub struct OwnedStaging {
+    owner: Arc<LocalBuffer>,
+    block: Block,
+    addr: usize,
+    len: usize,
+}
+
+impl OwnedStaging {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the block is `len` bytes of the live arena, owned by this value alone.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Sets the length (at most what was taken).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+impl Drop for OwnedStaging {
+    fn drop(&mut self) {
+        self.owner
+            .allocator
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .free(self.block);
+    }
+}
+
+impl LocalBuffer {
+    /// An owned block of `len` bytes, if one is free.
+    pub fn take_owned(self: &Arc<Self>, len: usize) -> Option<OwnedStaging> {
+        let arena = self.arena.as_ref()?;
+        let block = self
+            .allocator
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allocate(len as u64)?;
+        Some(OwnedStaging {
+            owner: self.clone(),
+            addr: arena.as_ptr() as usize + block.offset as usize,
+            block,
+            len,
+        })
+    }
+}
+
 impl Drop for Staging<'_> {
     fn drop(&mut self) {
         self.owner

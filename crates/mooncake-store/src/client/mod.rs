@@ -97,7 +97,7 @@ pub struct StoreClient {
     master: MasterClient,
     id: ClientId,
     segments: Vec<(SegmentSpec, Arc<Arena>)>,
-    local: LocalBuffer,
+    local: Arc<LocalBuffer>,
     host_id: String,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -159,10 +159,10 @@ impl StoreClient {
                 .await?;
             from_outcome(Some(&outcome))?;
         }
-        let local = LocalBuffer::new(match config.local_buffer_size {
+        let local = Arc::new(LocalBuffer::new(match config.local_buffer_size {
             0 => None,
             size => Some(engine.allocate(size as usize)?),
-        });
+        }));
         let client = Arc::new(Self {
             engine,
             master,
@@ -576,34 +576,40 @@ impl StoreClient {
     // ----- reads ----------------------------------------------------------------------------
 
     /// The value of `key`.
-    pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
+    pub async fn get(&self, key: &str) -> Result<Value> {
         self.ensure_open()?;
-        // Read straight into the vector that is returned: registered privately for this one
-        // read (no staging copy, nothing published).
-        let mut value: Vec<u8> = Vec::new();
+        // Read straight into the memory the value is returned in: a block of the (registered)
+        // staging buffer, or else a vector registered privately for this one read.
+        let mut value: Option<Value> = None;
         let mut registered: Option<usize> = None;
         let result = self
             .read_object(key, |size| {
                 if let Some(addr) = registered.take() {
                     let _ = self.engine.unregister(addr);
                 }
-                value = vec![0u8; size.max(1) as usize];
-                let addr = value.as_mut_ptr() as usize;
-                // SAFETY: `value` outlives the registration: it is unregistered below before
-                // `value` is moved or dropped, and not reallocated meanwhile.
-                unsafe {
-                    self.engine
-                        .register_private(addr, value.len(), Box::new(()))
-                }?;
+                let len = size.max(1) as usize;
+                if let Some(mut staged) = self.local.take_owned(len) {
+                    let addr = staged.as_mut_ptr() as usize;
+                    value = Some(Value::Staged(staged));
+                    return Ok(addr);
+                }
+                let mut owned = vec![0u8; len];
+                let addr = owned.as_mut_ptr() as usize;
+                // SAFETY: the vector outlives the registration: it is unregistered below before
+                // the vector is moved out, and never reallocated meanwhile.
+                unsafe { self.engine.register_private(addr, len, Box::new(())) }?;
                 registered = Some(addr);
+                value = Some(Value::Owned(owned));
                 Ok(addr)
             })
             .await;
         if let Some(addr) = registered {
             let _ = self.engine.unregister(addr);
         }
-        let size = result?;
-        value.truncate(size as usize);
+        let size = result? as usize;
+        let mut value = value
+            .ok_or_else(|| Error::new(ErrorKind::InternalError, "read without a destination"))?;
+        value.truncate(size);
         Ok(value)
     }
 
@@ -753,7 +759,7 @@ impl StoreClient {
     }
 
     /// Batch of copying reads.
-    pub async fn batch_get(&self, keys: &[String]) -> Vec<Result<Vec<u8>>> {
+    pub async fn batch_get(&self, keys: &[String]) -> Vec<Result<Value>> {
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             out.push(self.get(key).await);
@@ -945,6 +951,58 @@ impl StoreClient {
             }
         }
         self.engine.close().await;
+    }
+}
+
+/// A value read from the store. It lives in the staging buffer when there was room (and
+/// gives its block back when dropped), else in a vector of its own.
+pub enum Value {
+    /// In the staging buffer.
+    Staged(buffer::OwnedStaging),
+    /// In its own allocation.
+    Owned(Vec<u8>),
+}
+
+impl Value {
+    fn truncate(&mut self, len: usize) {
+        match self {
+            Self::Staged(s) => s.truncate(len),
+            Self::Owned(v) => v.truncate(len),
+        }
+    }
+
+    /// The bytes, copied into a vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.as_ref().to_vec()
+    }
+}
+
+impl AsRef<[u8]> for Value {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Self::Staged(s) => s.as_slice(),
+            Self::Owned(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Value").field("len", &self.len()).finish()
+    }
+}
+
+impl PartialEq<Vec<u8>> for Value {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        self.as_ref() == other.as_slice()
+    }
+}
+
+impl std::ops::Deref for Value {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_ref()
     }
 }
 
