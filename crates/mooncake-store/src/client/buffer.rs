@@ -12,14 +12,6 @@ pub struct LocalBuffer {
     allocator: Mutex<SegmentAllocator>,
 }
 
-/// A staging block; returned to the buffer on drop.
-pub struct Staging<'a> {
-    owner: &'a LocalBuffer,
-    block: Block,
-    /// Address of the first byte.
-    pub addr: usize,
-}
-
 impl LocalBuffer {
     /// Staging over `arena` (none: every request is served by a temporary allocation).
     pub fn new(arena: Option<Arc<Arena>>) -> Self {
@@ -31,7 +23,7 @@ impl LocalBuffer {
     }
 
     /// A block of `len` bytes, if one is free.
-    pub fn take(&self, len: usize) -> Option<Staging<'_>> {
+    pub fn take(self: &Arc<Self>, len: usize) -> Option<Staging> {
         let arena = self.arena.as_ref()?;
         let block = self
             .allocator
@@ -39,60 +31,6 @@ impl LocalBuffer {
             .unwrap_or_else(|p| p.into_inner())
             .allocate(len as u64)?;
         Some(Staging {
-            owner: self,
-            addr: arena.as_ptr() as usize + block.offset as usize,
-            block,
-        })
-    }
-}
-
-/// A staging block that owns its share of the buffer, so it can outlive the call that took
-/// it (a value handed to JavaScript until it is garbage-collected).
-pub struct OwnedStaging {
-    owner: Arc<LocalBuffer>,
-    block: Block,
-    addr: usize,
-    len: usize,
-}
-
-impl OwnedStaging {
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the block is `len` bytes of the live arena, owned by this value alone.
-        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
-    }
-
-    /// The bytes, writable.
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.addr as *mut u8
-    }
-
-    /// Sets the length (at most what was taken).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-}
-
-impl Drop for OwnedStaging {
-    fn drop(&mut self) {
-        self.owner
-            .allocator
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .free(self.block);
-    }
-}
-
-impl LocalBuffer {
-    /// An owned block of `len` bytes, if one is free.
-    pub fn take_owned(self: &Arc<Self>, len: usize) -> Option<OwnedStaging> {
-        let arena = self.arena.as_ref()?;
-        let block = self
-            .allocator
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .allocate(len as u64)?;
-        Some(OwnedStaging {
             owner: self.clone(),
             addr: arena.as_ptr() as usize + block.offset as usize,
             block,
@@ -101,7 +39,39 @@ impl LocalBuffer {
     }
 }
 
-impl Drop for Staging<'_> {
+/// A staging block. It owns its share of the buffer, so it can outlive the call that took it
+/// (a value handed to JavaScript until it is garbage-collected); dropping it gives it back.
+pub struct Staging {
+    owner: Arc<LocalBuffer>,
+    block: Block,
+    addr: usize,
+    len: usize,
+}
+
+impl Staging {
+    /// Address of the first byte.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the block is `len` bytes of the live arena, owned by this value alone.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+
+    /// The first byte, for writing.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Shortens the block's visible length (at most what was taken).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+impl Drop for Staging {
     fn drop(&mut self) {
         self.owner
             .allocator

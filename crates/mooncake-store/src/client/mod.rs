@@ -562,7 +562,7 @@ impl StoreClient {
         Ok(self.engine.open_segment(endpoint).await?.id)
     }
 
-    fn stage(&self, len: usize) -> Result<Staged<'_>> {
+    fn stage(&self, len: usize) -> Result<Staged> {
         match self.local.take(len) {
             Some(s) => Ok(Staged::Local(s)),
             // The staging buffer is full or too small: a temporary registered allocation.
@@ -588,7 +588,7 @@ impl StoreClient {
                     let _ = self.engine.unregister(addr);
                 }
                 let len = size.max(1) as usize;
-                if let Some(mut staged) = self.local.take_owned(len) {
+                if let Some(mut staged) = self.local.take(len) {
                     let addr = staged.as_mut_ptr() as usize;
                     value = Some(Value::Staged(staged));
                     return Ok(addr);
@@ -958,7 +958,7 @@ impl StoreClient {
 /// gives its block back when dropped), else in a vector of its own.
 pub enum Value {
     /// In the staging buffer.
-    Staged(buffer::OwnedStaging),
+    Staged(buffer::Staging),
     /// In its own allocation.
     Owned(Vec<u8>),
 }
@@ -1007,21 +1007,21 @@ impl std::ops::Deref for Value {
 }
 
 /// Staging memory for one call.
-enum Staged<'a> {
-    Local(buffer::Staging<'a>),
+enum Staged {
+    Local(buffer::Staging),
     Temporary(Arc<TransferEngine>, Arc<Arena>),
 }
 
-impl Staged<'_> {
+impl Staged {
     fn addr(&self) -> usize {
         match self {
-            Self::Local(s) => s.addr,
+            Self::Local(s) => s.addr(),
             Self::Temporary(_, arena) => arena.as_ptr() as usize,
         }
     }
 }
 
-impl Drop for Staged<'_> {
+impl Drop for Staged {
     fn drop(&mut self) {
         if let Self::Temporary(engine, arena) = self {
             let _ = engine.unregister(arena.as_ptr() as usize);
