@@ -566,10 +566,10 @@ impl StoreClient {
         match self.local.take(len) {
             Some(s) => Ok(Staged::Local(s)),
             // The staging buffer is full or too small: a temporary registered allocation.
-            None => Ok(Staged::Temporary(
-                self.engine.clone(),
-                self.engine.allocate(len)?,
-            )),
+            None => Ok(Staged::Temporary(Temporary {
+                engine: self.engine.clone(),
+                arena: self.engine.allocate(len)?,
+            })),
         }
     }
 
@@ -684,14 +684,80 @@ impl StoreClient {
         keys: &[String],
         ranges: &[(usize, usize)],
     ) -> Vec<Result<u64>> {
-        if let Err(e) = self.ensure_open() {
-            return keys.iter().map(|_| Err(e.clone())).collect();
-        }
         if keys.len() != ranges.len() {
             let e = Error::new(
                 ErrorKind::InvalidParams,
                 "keys and buffers differ in number",
             );
+            return keys.iter().map(|_| Err(e.clone())).collect();
+        }
+        self.batch_read(keys, |i, size| {
+            let (addr, cap) = ranges[i];
+            if !self.engine.is_registered(addr, cap.max(1)) {
+                return Err(Error::new(
+                    ErrorKind::InvalidParams,
+                    "the buffer is not registered",
+                ));
+            }
+            if size as usize > cap {
+                return Err(Error::new(
+                    ErrorKind::BufferOverflow,
+                    format!("'{}' is {size} bytes; the buffer holds {cap}", keys[i]),
+                ));
+            }
+            Ok((addr, cap))
+        })
+        .await
+    }
+
+    /// Batch of copying reads; all transfers overlap.
+    pub async fn batch_get(&self, keys: &[String]) -> Vec<Result<Value>> {
+        let mut staged: Vec<Option<Staged>> = keys.iter().map(|_| None).collect();
+        let sizes = self
+            .batch_read(keys, |i, size| {
+                let block = self.stage(size.max(1) as usize)?;
+                let range = (block.addr(), size.max(1) as usize);
+                staged[i] = Some(block);
+                Ok(range)
+            })
+            .await;
+        sizes
+            .into_iter()
+            .zip(staged)
+            .map(|(size, block)| {
+                let size = size? as usize;
+                let block = block.ok_or_else(|| {
+                    Error::new(ErrorKind::InternalError, "read without a destination")
+                })?;
+                Ok(match block {
+                    Staged::Local(mut staging) => {
+                        staging.truncate(size);
+                        Value::Staged(staging)
+                    }
+                    // A temporary allocation goes away with `block`: copy out of it.
+                    temporary => {
+                        // SAFETY: the read filled `size` bytes of the allocation, alive here.
+                        Value::Owned(
+                            unsafe {
+                                std::slice::from_raw_parts(temporary.addr() as *const u8, size)
+                            }
+                            .to_vec(),
+                        )
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// The batch read path: one master round trip for every key's replicas, one engine batch
+    /// for every key's best replica into the memory `destination(index, size)` names, and the
+    /// careful single-key path for keys whose first choice failed or whose lease ran out.
+    async fn batch_read(
+        &self,
+        keys: &[String],
+        mut destination: impl FnMut(usize, u64) -> Result<(usize, usize)>,
+    ) -> Vec<Result<u64>> {
+        if let Err(e) = self.ensure_open() {
             return keys.iter().map(|_| Err(e.clone())).collect();
         }
         let asked = Instant::now();
@@ -708,63 +774,55 @@ impl StoreClient {
         };
         let mut results: Vec<Result<u64>> = Vec::with_capacity(keys.len());
         let mut work = Vec::new();
-        let mut chosen: Vec<Option<(Vec<Replica>, Duration)>> = Vec::with_capacity(keys.len());
-        for (i, reply) in lists.iter().enumerate() {
-            let (addr, cap) = ranges[i];
-            let outcome = from_outcome(reply.outcome.as_ref()).and_then(|()| {
-                let list = replicas(&reply.replicas);
-                let size = list.first().map_or(0, |r| r.size);
-                if !self.engine.is_registered(addr, cap.max(1)) {
-                    return Err(Error::new(
-                        ErrorKind::InvalidParams,
-                        "the buffer is not registered",
-                    ));
-                }
-                if size as usize > cap {
-                    return Err(Error::new(
-                        ErrorKind::BufferOverflow,
-                        format!("'{}' is {size} bytes; the buffer holds {cap}", keys[i]),
-                    ));
-                }
-                Ok(list)
+        let mut pending: Vec<Option<((usize, usize), Duration)>> = Vec::with_capacity(keys.len());
+        for (i, reply) in lists.iter().enumerate().take(keys.len()) {
+            let planned = from_outcome(reply.outcome.as_ref()).and_then(|()| {
+                let best = self
+                    .preference(&replicas(&reply.replicas))
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::ObjectNotFound,
+                            format!("'{}' has no readable replica", keys[i]),
+                        )
+                    })?;
+                let range = destination(i, best.size)?;
+                Ok((best, range))
             });
-            match outcome {
-                Ok(list) => {
-                    let best = self.preference(&list)[0].clone();
-                    work.push((i, Opcode::Read, addr, best.clone()));
+            match planned {
+                Ok((best, range)) => {
                     results.push(Ok(best.size));
-                    chosen.push(Some((list, Duration::from_millis(reply.lease_ttl_ms))));
+                    work.push((i, Opcode::Read, range.0, best));
+                    pending.push(Some((range, Duration::from_millis(reply.lease_ttl_ms))));
                 }
                 Err(e) => {
                     results.push(Err(e));
-                    chosen.push(None);
+                    pending.push(None);
                 }
             }
         }
         let mut failed = vec![false; keys.len()];
         for (i, outcome) in self.move_bytes(work).await {
-            if outcome.is_err() {
-                failed[i] = true;
-            }
+            failed[i] |= outcome.is_err();
         }
-        for i in 0..keys.len() {
-            let Some((_, ttl)) = &chosen[i] else { continue };
+        for (i, entry) in pending.iter().enumerate() {
+            let Some(((addr, cap), ttl)) = entry else {
+                continue;
+            };
             // A failed first choice, or a lease that ran out: take the careful single-key path,
             // which falls back across replicas and re-validates.
             if failed[i] || Instant::now() >= asked + *ttl {
-                results[i] = self.get_into(&keys[i], ranges[i].0, ranges[i].1).await;
+                results[i] = self.get_into(&keys[i], *addr, *cap).await;
             }
         }
+        results.resize_with(keys.len(), || {
+            Err(Error::new(
+                ErrorKind::RpcFail,
+                "the master answered fewer keys than asked",
+            ))
+        });
         results
-    }
-
-    /// Batch of copying reads.
-    pub async fn batch_get(&self, keys: &[String]) -> Vec<Result<Value>> {
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            out.push(self.get(key).await);
-        }
-        out
     }
 
     async fn replica_list(&self, key: &str) -> Result<(Vec<Replica>, Duration)> {
@@ -1009,23 +1067,27 @@ impl std::ops::Deref for Value {
 /// Staging memory for one call.
 enum Staged {
     Local(buffer::Staging),
-    Temporary(Arc<TransferEngine>, Arc<Arena>),
+    Temporary(Temporary),
+}
+
+/// Registered memory allocated for one call, unregistered when dropped.
+struct Temporary {
+    engine: Arc<TransferEngine>,
+    arena: Arc<Arena>,
 }
 
 impl Staged {
     fn addr(&self) -> usize {
         match self {
             Self::Local(s) => s.addr(),
-            Self::Temporary(_, arena) => arena.as_ptr() as usize,
+            Self::Temporary(t) => t.arena.as_ptr() as usize,
         }
     }
 }
 
-impl Drop for Staged {
+impl Drop for Temporary {
     fn drop(&mut self) {
-        if let Self::Temporary(engine, arena) = self {
-            let _ = engine.unregister(arena.as_ptr() as usize);
-        }
+        let _ = self.engine.unregister(self.arena.as_ptr() as usize);
     }
 }
 

@@ -721,6 +721,30 @@ impl Master {
     /// Periodic work: expires silent clients, releases parked space and abandoned writes, and
     /// evicts when usage is above the high watermark (or an allocation failed).
     pub fn tick(&mut self, now: Instant) {
+        if self.discarded.iter().any(|d| d.release_at <= now) {
+            let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.discarded)
+                .into_iter()
+                .partition(|d| d.release_at <= now);
+            self.discarded = kept;
+            for d in due {
+                self.free(d.segment, d.block);
+            }
+        }
+        // Liveness and abandoned writes scan every client and object: once a second is
+        // plenty (Mooncake's monitor period); eviction is checked on every tick.
+        if self
+            .last_sweep
+            .is_none_or(|at| now >= at + Duration::from_secs(1))
+        {
+            self.last_sweep = Some(now);
+            self.sweep(now);
+        }
+        self.evict_if_needed(now);
+    }
+
+    /// Drops silent clients with their segments, ends graceful unmounts, forgets long-gone
+    /// clients and releases abandoned writes.
+    fn sweep(&mut self, now: Instant) {
         let ttl = self.config.client_ttl;
         let dead: Vec<ClientId> = self
             .clients
@@ -729,12 +753,6 @@ impl Master {
             .map(|(id, _)| *id)
             .collect();
         for client in dead {
-            if self.segments.values().any(|s| s.client == client) {
-                tracing::warn!(
-                    client = client.0,
-                    "client missed its pings; dropping its segments"
-                );
-            }
             if let Some(entry) = self.clients.get_mut(&client) {
                 entry.ok = false;
             }
@@ -744,6 +762,12 @@ impl Master {
                 .filter(|(_, s)| s.client == client)
                 .map(|(id, _)| *id)
                 .collect();
+            if !segments.is_empty() {
+                tracing::warn!(
+                    client = client.0,
+                    "client missed its pings; dropping its segments"
+                );
+            }
             self.drop_segments(&segments);
         }
         let ending: Vec<SegmentId> = self
@@ -753,28 +777,10 @@ impl Master {
             .map(|(id, _)| *id)
             .collect();
         self.drop_segments(&ending);
-        // Forget clients that are long gone and own nothing.
-        self.clients.retain(|id, c| {
-            c.ok || c.last_seen + 10 * ttl > now || self.segments.values().any(|s| s.client == *id)
-        });
+        let owners: HashSet<ClientId> = self.segments.values().map(|s| s.client).collect();
+        self.clients
+            .retain(|id, c| c.ok || c.last_seen + 10 * ttl > now || owners.contains(id));
 
-        let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.discarded)
-            .into_iter()
-            .partition(|d| d.release_at <= now);
-        self.discarded = kept;
-        for d in due {
-            self.free(d.segment, d.block);
-        }
-
-        // Looking for abandoned writes scans every object: once a second is plenty.
-        if self
-            .last_sweep
-            .is_some_and(|at| now < at + Duration::from_secs(1))
-        {
-            self.evict_if_needed(now);
-            return;
-        }
-        self.last_sweep = Some(now);
         let release = self.config.put_start_release_timeout;
         let abandoned: Vec<String> = self
             .objects
@@ -786,8 +792,6 @@ impl Master {
             self.stats.put_start_releases += 1;
             self.discard_object(&key, now);
         }
-
-        self.evict_if_needed(now);
     }
 
     fn evict_if_needed(&mut self, now: Instant) {

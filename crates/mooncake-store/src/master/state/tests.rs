@@ -407,3 +407,48 @@ fn mounts_are_checked_and_idempotent() {
     w.master.unmount_segment(c, SegmentId(1000)).unwrap();
     assert!(w.master.segments().is_empty());
 }
+
+#[test]
+fn graceful_unmount_keeps_objects_readable_then_drops_them() {
+    let mut w = World::new(2, 16 * MIB, MasterConfig::default());
+    let c0 = w.clients[0];
+    let on_0 = WriteConfig {
+        preferred_segments: vec!["node-0".into()],
+        ..replicas(1)
+    };
+    w.put("k", MIB, &on_0).unwrap();
+    w.master
+        .graceful_unmount_segment(w.now, c0, SegmentId(1000), Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        code(w.master.graceful_unmount_segment(
+            w.now,
+            w.clients[1],
+            SegmentId(1000),
+            Duration::ZERO
+        )),
+        ErrorKind::InvalidParams
+    );
+    assert_eq!(
+        code(
+            w.master
+                .graceful_unmount_segment(w.now, c0, SegmentId(77), Duration::ZERO)
+        ),
+        ErrorKind::SegmentNotFound
+    );
+    // No new objects go there, but the old one is still served.
+    let placed = w.put("new", MIB, &on_0).unwrap();
+    assert_eq!(placed[0].segment_name, "node-1");
+    w.master.tick(w.now);
+    assert!(w.master.exist_key(w.now, "k"));
+    w.advance(Duration::from_secs(6));
+    for c in w.clients.clone() {
+        w.master.ping(w.now, c);
+    }
+    w.master.tick(w.now);
+    assert_eq!(w.master.segments().len(), 1);
+    assert_eq!(
+        code(w.master.get_replica_list(w.now, "k")),
+        ErrorKind::ObjectNotFound
+    );
+}
