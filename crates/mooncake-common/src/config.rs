@@ -74,6 +74,13 @@ pub struct EngineConfig {
     pub handshake_max_connections: usize,
     /// Offer our memory to same-host peers and map theirs. Default true.
     pub shared_memory: bool,
+    /// Devices to use, by name: RDMA NICs, and the network interfaces TCP rails leave
+    /// through. `None` (the default, unless `MC_TE_FILTERS` lists some) means every RDMA NIC
+    /// and a single TCP path by the routing table.
+    pub devices: Option<Vec<String>>,
+    /// Attempts a slice may make beyond its first, across rails (`MC_RETRY_CNT`, 1-127).
+    /// Default 9.
+    pub retry_budget: u32,
 }
 
 impl EngineConfig {
@@ -97,7 +104,17 @@ impl EngineConfig {
             cluster_id: env("MC_METADATA_CLUSTER_ID"),
             handshake_max_connections: 256,
             shared_memory: true,
+            devices: env("MC_TE_FILTERS").map(|list| {
+                list.split(',')
+                    .map(|d| d.trim().to_owned())
+                    .filter(|d| !d.is_empty())
+                    .collect()
+            }),
+            retry_budget: 9,
         };
+        if let Some(retries) = ranged("MC_RETRY_CNT", 1..=127) {
+            config.retry_budget = retries;
+        }
         let min = ranged("MC_MIN_RPC_PORT", 1024..=65535)
             .or_else(|| ranged("MC_MIN_PRC_PORT", 1024..=65535));
         let max = ranged("MC_MAX_RPC_PORT", 1024..=65535)
@@ -138,6 +155,11 @@ impl EngineConfig {
         if self.slice_size < 4096 {
             return Err(crate::Error::invalid(
                 "sliceSize must be at least 4096 bytes",
+            ));
+        }
+        if self.devices.as_ref().is_some_and(|d| d.is_empty()) {
+            return Err(crate::Error::invalid(
+                "devices must name at least one device (omit it to use them all)",
             ));
         }
         if self.rpc_port_range.is_empty() {

@@ -54,6 +54,8 @@ pub enum ErrorKind {
     Protocol,
     /// A transfer failed for a reason the peer did not explain.
     TransferFailed,
+    /// Every rail (local NIC, peer NIC pair) to the target is down or out of retries.
+    NoRail,
     /// Store: bad parameters (empty key, zero size, impossible replica count, ...).
     InvalidParams,
     /// Store: no segment has room for the object.
@@ -116,6 +118,7 @@ impl ErrorKind {
         Self::BufferBusy,
         Self::Protocol,
         Self::TransferFailed,
+        Self::NoRail,
         Self::InvalidParams,
         Self::NoAvailableHandle,
         Self::ObjectNotFound,
@@ -160,6 +163,7 @@ impl ErrorKind {
             Self::BufferBusy => "ERR_BUFFER_BUSY",
             Self::Protocol => "ERR_PROTOCOL",
             Self::TransferFailed => "ERR_TRANSFER_FAILED",
+            Self::NoRail => "ERR_NO_RAIL",
             Self::InvalidParams => "ERR_INVALID_PARAMS",
             Self::NoAvailableHandle => "ERR_NO_AVAILABLE_HANDLE",
             Self::ObjectNotFound => "ERR_OBJECT_NOT_FOUND",

@@ -1,5 +1,6 @@
 //! Host and port handling.
 
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use mooncake_common::{Error, ErrorKind, Result};
@@ -68,34 +69,70 @@ pub async fn advertised_host(host: &str) -> Result<String> {
 }
 
 fn first_interface_ip() -> Option<std::net::Ipv4Addr> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a linked list we free below.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return None;
+    if_addrs::get_if_addrs()
+        .ok()?
+        .into_iter()
+        .filter(|iface| iface.is_oper_up() && !iface.is_loopback())
+        .find_map(|iface| match iface.addr {
+            if_addrs::IfAddr::V4(v4) => Some(v4.ip),
+            if_addrs::IfAddr::V6(_) => None,
+        })
+}
+
+/// A local interface address a TCP rail can leave from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRail {
+    /// Interface name.
+    pub device: String,
+    /// Its address.
+    pub ip: IpAddr,
+    /// Network prefix length.
+    pub prefix: u8,
+}
+
+impl LocalRail {
+    /// Whether `remote` is on this interface's network, so the path stays on it.
+    pub fn reaches(&self, remote: IpAddr) -> bool {
+        let masked = |ip: IpAddr| -> Option<u128> {
+            let (bits, width) = match ip {
+                IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+                IpAddr::V6(v6) => (u128::from(v6), 128),
+            };
+            let prefix = u32::from(self.prefix).min(width);
+            Some(bits.checked_shr(width - prefix).unwrap_or(0))
+        };
+        self.ip.is_ipv4() == remote.is_ipv4() && masked(self.ip) == masked(remote)
     }
-    let mut found = None;
-    let mut cursor = list;
-    while !cursor.is_null() {
-        // SAFETY: `cursor` walks the list getifaddrs returned, which stays valid until freed.
-        let entry = unsafe { &*cursor };
-        let flags = entry.ifa_flags;
-        let up = flags & libc::IFF_UP as u32 != 0 && flags & libc::IFF_RUNNING as u32 != 0;
-        let loopback = flags & libc::IFF_LOOPBACK as u32 != 0;
-        if up && !loopback && !entry.ifa_addr.is_null() {
-            // SAFETY: a non-null ifa_addr points to a sockaddr whose family says its type.
-            let family = unsafe { (*entry.ifa_addr).sa_family };
-            if i32::from(family) == libc::AF_INET {
-                // SAFETY: AF_INET entries are sockaddr_in.
-                let addr = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
-                found = Some(std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)));
-                break;
-            }
-        }
-        cursor = entry.ifa_next;
-    }
-    // SAFETY: frees the list from getifaddrs exactly once.
-    unsafe { libc::freeifaddrs(list) };
-    found
+}
+
+/// The addresses of the named interfaces, in the order named (link-local IPv6 left out).
+pub fn local_rails(devices: &[String]) -> Vec<LocalRail> {
+    let interfaces = if_addrs::get_if_addrs().unwrap_or_else(|e| {
+        tracing::warn!("cannot list network interfaces: {e}");
+        Vec::new()
+    });
+    devices
+        .iter()
+        .flat_map(|device| {
+            interfaces
+                .iter()
+                .filter(move |iface| &iface.name == device)
+                .filter_map(|iface| {
+                    let (ip, prefix) = match &iface.addr {
+                        if_addrs::IfAddr::V4(v4) => (IpAddr::V4(v4.ip), v4.prefixlen),
+                        if_addrs::IfAddr::V6(v6) if v6.ip.segments()[0] & 0xffc0 == 0xfe80 => {
+                            return None
+                        }
+                        if_addrs::IfAddr::V6(v6) => (IpAddr::V6(v6.ip), v6.prefixlen),
+                    };
+                    Some(LocalRail {
+                        device: iface.name.clone(),
+                        ip,
+                        prefix,
+                    })
+                })
+        })
+        .collect()
 }
 
 /// The address to listen on for `host`: the host itself when it is an IP literal (so a
@@ -162,5 +199,28 @@ mod tests {
         assert!(split_host_port("host:99999").is_err());
         assert!(split_host_port("[::1").is_err());
         assert_eq!(join_host_port("::1", 5), "[::1]:5");
+    }
+
+    #[test]
+    fn rails_reach_their_own_network() {
+        let rail = LocalRail {
+            device: "eth1".into(),
+            ip: "10.10.1.1".parse().unwrap(),
+            prefix: 24,
+        };
+        assert!(rail.reaches("10.10.1.2".parse().unwrap()));
+        assert!(!rail.reaches("10.10.2.2".parse().unwrap()));
+        assert!(!rail.reaches("::1".parse().unwrap()));
+        let any = LocalRail { prefix: 0, ..rail };
+        assert!(any.reaches("192.168.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn loopback_is_listed_by_name() {
+        let rails = local_rails(&["lo".to_owned(), "no-such-interface".to_owned()]);
+        assert!(rails.iter().all(|r| r.device == "lo"));
+        assert!(rails
+            .iter()
+            .any(|r| r.ip == "127.0.0.1".parse::<IpAddr>().unwrap()));
     }
 }

@@ -10,6 +10,7 @@ use mooncake_metadata::handshake::{
     self, messages::NotifyMessage, HandshakeHandler, HandshakeServer, MessageType,
 };
 use mooncake_metadata::{BufferDesc, Keys, MetadataBackend, MetadataStore, RpcMeta, SegmentDesc};
+use mooncake_transport::rail::{RailPolicy, RailStats};
 use mooncake_transport::shm::{
     self, ControlTable, RemoteRange, ShmPeer, ShmServer, ShmSlice, ShmTarget, ShmTransport,
 };
@@ -20,9 +21,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::address::{advertised_host, bind, bind_ip, join_host_port, split_host_port};
+use crate::address::{
+    advertised_host, bind, bind_ip, join_host_port, local_rails, split_host_port, LocalRail,
+};
 use crate::batch::{Batch, BatchId, PendingNotify, TaskReport};
-use crate::segments::{shm_buffer, RemoteSegment, Resolver, SegmentId, SegmentInfo, SegmentTable};
+use crate::segments::{
+    shm_buffer, RailAddr, RemoteSegment, Resolver, SegmentId, SegmentInfo, SegmentTable,
+};
 use crate::slicing;
 use crate::stats::{TransportKind, TransportStats};
 
@@ -71,6 +76,8 @@ const SHM_DRAIN: Duration = Duration::from_secs(1);
 struct Local {
     name: String,
     data_port: u16,
+    /// Interfaces TCP rails leave from (empty: one path, by the routing table).
+    tcp_rails: Vec<LocalRail>,
     registry: Arc<MemoryRegistry>,
     /// The control table and what same-host peers need to reach us, when offered.
     shm: Option<(Arc<ControlTable>, ShmTarget)>,
@@ -81,6 +88,21 @@ struct Local {
 impl Local {
     fn desc(&self) -> SegmentDesc {
         let mut desc = SegmentDesc::tcp(&self.name, self.data_port);
+        if !self.tcp_rails.is_empty() {
+            let rails: Vec<_> = self
+                .tcp_rails
+                .iter()
+                .map(|rail| RailAddr {
+                    device: rail.device.clone(),
+                    ip: rail.ip.to_string(),
+                    port: self.data_port,
+                })
+                .collect();
+            desc.extra.insert(
+                "tcp_rails".to_owned(),
+                serde_json::to_value(rails).expect("rail addresses serialize"),
+            );
+        }
         if let Some((_, target)) = &self.shm {
             desc.extra.insert(
                 "shm".to_owned(),
@@ -194,8 +216,19 @@ impl TransferEngine {
         let ip = bind_ip(&advertised);
         let p2p = matches!(backend, MetadataBackend::P2pHandshake);
         let rpc_port = config.rpc_port.or(if p2p { named_port } else { None });
+        let tcp_rails = config
+            .devices
+            .as_deref()
+            .map(local_rails)
+            .unwrap_or_default();
+        // Rails arrive on several interfaces: the data port listens on all of them.
+        let data_ip = match tcp_rails.first() {
+            Some(rail) if rail.ip.is_ipv6() => "::".to_owned(),
+            Some(_) => "0.0.0.0".to_owned(),
+            None => ip.clone(),
+        };
         let rpc_listener = bind(&ip, rpc_port, &config.rpc_port_range).await?;
-        let data_listener = bind(&ip, config.tcp_data_port, &config.rpc_port_range).await?;
+        let data_listener = bind(&data_ip, config.tcp_data_port, &config.rpc_port_range).await?;
         let rpc_port = rpc_listener
             .local_addr()
             .map_err(|e| Error::socket("handshake listener address", e))?
@@ -229,6 +262,7 @@ impl TransferEngine {
         let local = Arc::new(Local {
             name: name.clone(),
             data_port,
+            tcp_rails,
             registry: registry.clone(),
             shm: shm_offer,
             listener: Mutex::new(None),
@@ -246,6 +280,10 @@ impl TransferEngine {
                 lanes_per_peer: config.tcp_lanes_per_peer,
                 connect_timeout: config.connect_timeout,
                 io_timeout: config.io_timeout,
+                rails: RailPolicy {
+                    retry_budget: config.retry_budget,
+                    ..RailPolicy::default()
+                },
             },
             tokio::runtime::Handle::current(),
         );
@@ -468,7 +506,9 @@ impl TransferEngine {
                 ),
             ));
         }
-        Ok(self.segments().insert(fetched, self.config.tcp_force_v1))
+        Ok(self
+            .segments()
+            .insert(fetched, self.config.tcp_force_v1, &self.local.tcp_rails))
     }
 
     fn segments(&self) -> std::sync::MutexGuard<'_, SegmentTable> {
@@ -688,7 +728,7 @@ impl TransferEngine {
                 self.stats.record(TransportKind::Tcp, request.len);
                 tracing::debug!(segment = %segment.name, len = request.len, "request via tcp");
                 self.tcp.submit(
-                    &segment.data,
+                    &segment.tcp,
                     pieces.map(|(offset, len)| Slice {
                         op: request.op,
                         local_addr: request.local_addr + offset,
@@ -769,6 +809,11 @@ impl TransferEngine {
             }
         }
         Ok(Route::Tcp)
+    }
+
+    /// The TCP rails to every peer used so far, by the peer's first data address.
+    pub fn rail_stats(&self) -> Vec<(String, Vec<RailStats>)> {
+        self.tcp.rail_stats()
     }
 
     /// Requests and bytes submitted through each transport since start.

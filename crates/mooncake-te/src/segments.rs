@@ -11,9 +11,10 @@ use mooncake_common::{Error, ErrorKind, Handle, HandleSlab, Result};
 use mooncake_metadata::handshake::{self, MessageType};
 use mooncake_metadata::{Keys, MetadataBackend, RpcMeta, SegmentDesc};
 use mooncake_transport::shm::{self, ShmBuffer, ShmTarget};
-use mooncake_transport::tcp::{wire::Version, PeerAddr};
+use mooncake_transport::tcp::{wire::Version, LocalNic, PeerAddr, TcpPath, TcpPeer};
+use serde::{Deserialize, Serialize};
 
-use crate::address::{join_host_port, split_host_port};
+use crate::address::{join_host_port, split_host_port, LocalRail};
 
 /// Handle of an opened segment.
 pub type SegmentId = Handle;
@@ -36,7 +37,20 @@ pub(crate) struct RemoteSegment {
     /// Handshake address (`host:port`).
     pub(crate) rpc_addr: String,
     desc: RwLock<(Arc<SegmentDesc>, Option<ShmTarget>)>,
-    pub(crate) data: PeerAddr,
+    /// Every TCP path to its data server.
+    pub(crate) tcp: TcpPeer,
+}
+
+/// One address a segment's data server is reachable on, published as `tcp_rails` (a field
+/// Mooncake peers ignore).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RailAddr {
+    /// The interface it belongs to.
+    pub(crate) device: String,
+    /// Its IP address.
+    pub(crate) ip: String,
+    /// The data port on it.
+    pub(crate) port: u16,
 }
 
 impl RemoteSegment {
@@ -103,7 +117,12 @@ impl SegmentTable {
     }
 
     /// Inserts a freshly fetched segment, unless a concurrent open got there first.
-    pub(crate) fn insert(&mut self, fetched: Fetched, force_v1: bool) -> Arc<RemoteSegment> {
+    pub(crate) fn insert(
+        &mut self,
+        fetched: Fetched,
+        force_v1: bool,
+        local_rails: &[LocalRail],
+    ) -> Arc<RemoteSegment> {
         if let Some(existing) = self.by_name(&fetched.name) {
             existing.set_desc(fetched.desc);
             return existing;
@@ -113,11 +132,12 @@ impl SegmentTable {
         } else {
             Version::V1
         };
-        let data = PeerAddr {
+        let direct = PeerAddr {
             host: fetched.host.clone(),
             port: fetched.desc.tcp_data_port,
             version,
         };
+        let tcp = tcp_paths(&fetched.desc, version, local_rails).unwrap_or_else(|| direct.into());
         let name = fetched.name.clone();
         let id = self.by_id.insert_with(|id| {
             Arc::new(RemoteSegment {
@@ -125,12 +145,50 @@ impl SegmentTable {
                 name: fetched.name,
                 rpc_addr: fetched.rpc_addr,
                 desc: RwLock::new(with_target(fetched.desc)),
-                data,
+                tcp,
             })
         });
         self.by_name.insert(name, id);
         self.by_id.get(id).cloned().expect("just inserted")
     }
+}
+
+/// The rails to a segment that publishes several data addresses: each of its addresses from
+/// every local rail on the same network (or from the routing table's choice when we have no
+/// rails). `None` when it publishes none, or none we can reach that way.
+fn tcp_paths(desc: &SegmentDesc, version: Version, local: &[LocalRail]) -> Option<TcpPeer> {
+    let remote: Vec<RailAddr> = serde_json::from_value(desc.extra.get("tcp_rails")?.clone())
+        .map_err(|e| tracing::debug!(segment = %desc.name, "ignoring malformed tcp_rails: {e}"))
+        .ok()?;
+    let mut paths = Vec::new();
+    for rail in remote {
+        let Ok(ip) = rail.ip.parse::<std::net::IpAddr>() else {
+            continue;
+        };
+        let addr = PeerAddr {
+            host: rail.ip.clone(),
+            port: rail.port,
+            version,
+        };
+        if local.is_empty() {
+            paths.push(TcpPath {
+                local: None,
+                remote_nic: rail.device.clone(),
+                remote: addr.clone(),
+            });
+        }
+        for nic in local.iter().filter(|nic| nic.reaches(ip)) {
+            paths.push(TcpPath {
+                local: Some(LocalNic {
+                    name: nic.device.clone(),
+                    ip: nic.ip,
+                }),
+                remote_nic: rail.device.clone(),
+                remote: addr.clone(),
+            });
+        }
+    }
+    (!paths.is_empty()).then_some(TcpPeer { paths })
 }
 
 fn with_target(desc: SegmentDesc) -> (Arc<SegmentDesc>, Option<ShmTarget>) {

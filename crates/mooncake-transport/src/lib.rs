@@ -4,6 +4,7 @@
 //! - [`memory`]: engine-owned arenas (sealed memfd mappings) and the registry of every range
 //!   peers may touch;
 //! - [`completion`]: per-task and per-batch progress, which slices report into;
+//! - [`rail`]: the paths to a peer over several devices, selection and rail health;
 //! - [`shm`]: same-host transfers through mapped arenas (and `process_vm_*`);
 //! - [`tcp`]: Mooncake's TCP data protocol (v1 and v2): the wire codec, the server that serves
 //!   registered memory, and the client with persistent lanes per peer.
@@ -13,6 +14,7 @@
 
 pub mod completion;
 pub mod memory;
+pub mod rail;
 pub mod shm;
 pub mod tcp;
 

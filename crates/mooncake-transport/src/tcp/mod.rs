@@ -8,5 +8,5 @@ pub mod client;
 pub mod server;
 pub mod wire;
 
-pub use client::{PeerAddr, TcpClient, TcpClientConfig};
+pub use client::{LocalNic, PeerAddr, TcpClient, TcpClientConfig, TcpPath, TcpPeer};
 pub use server::TcpServer;
