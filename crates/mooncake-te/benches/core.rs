@@ -1,4 +1,5 @@
-//! Hot pieces of the core: slicing, the two codecs, completion counting and range lookup.
+//! Hot pieces of the core: slicing, the two codecs, completion counting, range lookup and
+//! rail selection.
 //!
 //! cargo bench -p mooncake-te
 
@@ -7,6 +8,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mooncake_metadata::handshake::frame::{self, MessageType};
 use mooncake_te::slicing;
+use mooncake_transport::rail::{RailPolicy, RailSet};
 use mooncake_transport::tcp::wire::{Header, Op, Status, Version};
 use mooncake_transport::{BatchProgress, MemoryRegistry, Region, Task};
 
@@ -91,5 +93,31 @@ fn registry(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, slicing, codecs, completion, registry);
+fn rails(c: &mut Criterion) {
+    let pairs = |from: usize, to: usize| {
+        (from..to)
+            .map(|i| (format!("mlx5_{i}"), format!("peer@mlx5_{i}")))
+            .collect::<Vec<_>>()
+    };
+    let mut group = c.benchmark_group("rails");
+    group.throughput(Throughput::Elements(1));
+    let eight = RailSet::new(RailPolicy::default(), pairs(0, 4), pairs(4, 8));
+    group.bench_function("pick and settle a slice among 4+4 rails", |b| {
+        b.iter(|| {
+            let rail = eight.pick(black_box(65536), None).expect("a usable rail");
+            eight.done(rail, 65536);
+        })
+    });
+    let degraded = RailSet::new(RailPolicy::default(), pairs(0, 4), pairs(4, 8));
+    (0..4).for_each(|i| degraded.pause(i));
+    group.bench_function("pick a slice when every preferred rail is down", |b| {
+        b.iter(|| {
+            let rail = degraded.pick(black_box(65536), None).expect("a usable rail");
+            degraded.done(rail, 65536);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, slicing, codecs, completion, registry, rails);
 criterion_main!(benches);
