@@ -6,12 +6,13 @@
  *   mooncake metadata-server          an HTTP metadata server
  *   mooncake bench --mode target|initiator ...   Mooncake's transfer_engine_bench
  *   mooncake bench-raw --mode target|initiator ...   the raw TCP socket baseline
+ *   mooncake topology                 the host's devices and NIC priority matrix
  */
 import { spawn } from 'node:child_process'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
-import { memcpyBench, rawPumpRun, rawPumpServe, type BenchReport } from './binding'
+import { describeTopology, memcpyBench, rawPumpRun, rawPumpServe, type BenchReport } from './binding'
 import { benchStore } from './bench-store'
 import { nativeAsync, native, MooncakeError } from './errors'
 import { TransferEngine, type TransferRequest } from './engine'
@@ -48,6 +49,8 @@ commands:
                       --duration 3   --inflight 4   --json
   bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
+  topology          this host's NUMA nodes, RDMA NICs, interfaces, GPUs and NIC priority matrix
+                      --json   --root <sysfs tree root> (default /)   (MC_TE_FILTERS limits the NICs)
 `
 
 function parseSize(text: string): number {
@@ -386,6 +389,12 @@ async function demo(): Promise<void> {
   }
 }
 
+function topology(args: string[]): void {
+  const { values } = parseArgs({ args, options: { json: { type: 'boolean' }, root: { type: 'string' } } })
+  const report = native(() => describeTopology(values.root, values.json))
+  process.stdout.write(values.json ? `${JSON.stringify(JSON.parse(report), null, 2)}\n` : report)
+}
+
 async function main(): Promise<void> {
   const [command, ...rest] = process.argv.slice(2)
   switch (command) {
@@ -405,6 +414,8 @@ async function main(): Promise<void> {
       return benchMemcpy(rest)
     case 'bench-store':
       return benchStore(rest)
+    case 'topology':
+      return topology(rest)
     case undefined:
     case 'help':
     case '--help':

@@ -38,6 +38,48 @@ export interface TransferEngineOptions {
   ioTimeoutMs?: number
   /** Metadata key namespace (`MC_METADATA_CLUSTER_ID`). */
   clusterId?: string
+  /**
+   * Devices to use, by name (`MC_TE_FILTERS`): RDMA NICs, and the network interfaces TCP rails
+   * leave through. With interfaces listed, transfers to a peer that publishes several
+   * addresses are sprayed over every (local interface, peer address) pair on a shared network,
+   * and a failing or downed link's slices move to the others. Default: every RDMA NIC and a
+   * single TCP path.
+   */
+  devices?: string[]
+  /** A NIC priority matrix that replaces the discovered one (default: the file `MC_CUSTOM_TOPO_JSON` names). */
+  topology?: PriorityMatrix | string
+  /** Attempts a slice may make beyond its first, across rails, 1-127. Default 9 (`MC_RETRY_CNT`). */
+  retryCount?: number
+}
+
+/**
+ * Mooncake's NIC priority matrix: for each memory location (`cpu:<numa node>`, `cuda:<gpu>`),
+ * the preferred devices and the merely available ones.
+ */
+export type PriorityMatrix = Record<string, [preferred: string[], available: string[]]>
+
+/** One rail: a (local device, peer device) pair, and what it carried. */
+export interface RailStats {
+  /** Local interface or NIC; `*` when the routing table picks. */
+  local: string
+  /** The peer's device or address. */
+  remote: string
+  /** In the preferred tier for its memory. */
+  preferred: boolean
+  /** Whether new slices may take it now (false while paused or its link is down). */
+  usable: boolean
+  /** Bytes handed to it and not yet settled. */
+  inflightBytes: number
+  /** Bytes it carried. */
+  bytes: number
+  /** Slices it carried. */
+  slices: number
+  /** Slices that failed on it. */
+  failures: number
+  /** Times it was paused. */
+  pauses: number
+  /** Slices it carried after they had failed on another rail. */
+  rescued: number
 }
 
 /** One registered buffer of a remote segment. */
@@ -168,8 +210,13 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
   static async create(options: TransferEngineOptions): Promise<TransferEngine> {
     if (typeof options !== 'object' || options === null) throw invalidArgument('options are required')
     let engine: TransferEngine | undefined
+    const { topology, ...rest } = options
+    const nativeOptions = {
+      ...rest,
+      topology: topology === undefined || typeof topology === 'string' ? topology : JSON.stringify(topology),
+    }
     const inner = await nativeAsync(() =>
-      createEngine(options, (event) => {
+      createEngine(nativeOptions, (event) => {
         engine?.emit('notify', event)
       }),
     )
@@ -252,6 +299,23 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
     for (const s of native(() => this.inner.stats())) {
       if (s.transport === 'tcp' || s.transport === 'shm') out[s.transport] = { requests: s.requests, bytes: s.bytes }
     }
+    return out
+  }
+
+  /** The NIC priority matrix the engine selects devices by (discovered from sysfs, or the one given). */
+  topology(): PriorityMatrix {
+    return JSON.parse(native(() => this.inner.topology())) as PriorityMatrix
+  }
+
+  /** The transports this engine can use: `'tcp'`, and `'shm'` unless shared memory is off. */
+  transports(): string[] {
+    return native(() => this.inner.transports())
+  }
+
+  /** The rails to every peer used so far, keyed by the peer's first data address. */
+  railStats(): Record<string, RailStats[]> {
+    const out: Record<string, RailStats[]> = {}
+    for (const peer of native(() => this.inner.railStats())) out[peer.peer] = peer.rails
     return out
   }
 

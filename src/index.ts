@@ -10,6 +10,8 @@ export {
   TransferEngine,
   type BufferDescriptor,
   type NotifyEvent,
+  type PriorityMatrix,
+  type RailStats,
   type Segment,
   type TaskStatus,
   type TaskStatusName,

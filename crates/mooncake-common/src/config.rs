@@ -78,6 +78,9 @@ pub struct EngineConfig {
     /// through. `None` (the default, unless `MC_TE_FILTERS` lists some) means every RDMA NIC
     /// and a single TCP path by the routing table.
     pub devices: Option<Vec<String>>,
+    /// A priority matrix in Mooncake's JSON (`{"cpu:0": [[preferred], [available]]}`) that
+    /// replaces the discovered one. Default: the file `MC_CUSTOM_TOPO_JSON` names, if any.
+    pub topology_json: Option<String>,
     /// Attempts a slice may make beyond its first, across rails (`MC_RETRY_CNT`, 1-127).
     /// Default 9.
     pub retry_budget: u32,
@@ -110,6 +113,7 @@ impl EngineConfig {
                     .filter(|d| !d.is_empty())
                     .collect()
             }),
+            topology_json: None,
             retry_budget: 9,
         };
         if let Some(retries) = ranged("MC_RETRY_CNT", 1..=127) {

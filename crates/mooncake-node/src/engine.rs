@@ -40,6 +40,12 @@ pub struct EngineOptions {
     pub io_timeout_ms: Option<u32>,
     /// Metadata key prefix component.
     pub cluster_id: Option<String>,
+    /// Devices to use: RDMA NICs, and the network interfaces TCP rails leave through.
+    pub devices: Option<Vec<String>>,
+    /// A priority matrix in Mooncake's JSON that replaces the discovered one.
+    pub topology: Option<String>,
+    /// Attempts a slice may make beyond its first, across rails (1-127, default 9).
+    pub retry_count: Option<u32>,
 }
 
 impl EngineOptions {
@@ -82,6 +88,16 @@ impl EngineOptions {
         if let Some(shared) = self.shared_memory {
             config.shared_memory = shared;
         }
+        if let Some(devices) = self.devices {
+            config.devices = Some(devices);
+        }
+        config.topology_json = self.topology;
+        if let Some(retries) = self.retry_count {
+            if !(1..=127).contains(&retries) {
+                return Err(invalid("retryCount must be within 1-127"));
+            }
+            config.retry_budget = retries;
+        }
         config.validate().napi()?;
         Ok(config)
     }
@@ -117,6 +133,59 @@ pub struct SegmentInfo {
     pub name: String,
     /// Registered buffers.
     pub buffers: Vec<BufferInfo>,
+}
+
+/// One rail: a (local device, remote device) pair and what it carried.
+#[napi(object)]
+pub struct RailInfo {
+    /// Local interface or NIC (`*` for the routing table's choice).
+    pub local: String,
+    /// The peer's device or address.
+    pub remote: String,
+    /// In the preferred tier.
+    pub preferred: bool,
+    /// Selection may pick it now.
+    pub usable: bool,
+    /// Bytes handed to it and not yet settled.
+    pub inflight_bytes: f64,
+    /// Bytes carried.
+    pub bytes: f64,
+    /// Slices carried.
+    pub slices: f64,
+    /// Slices that failed on it.
+    pub failures: f64,
+    /// Times it was paused.
+    pub pauses: f64,
+    /// Slices it carried after they failed on another rail.
+    pub rescued: f64,
+}
+
+/// The rails to one peer.
+#[napi(object)]
+pub struct PeerRails {
+    /// The peer's first data address.
+    pub peer: String,
+    /// Its rails.
+    pub rails: Vec<RailInfo>,
+}
+
+/// The host's topology, as `mooncake topology` prints it (`json`: as JSON, with the matrix).
+/// `root` points discovery at another sysfs tree.
+#[napi]
+pub fn describe_topology(root: Option<String>, json: Option<bool>) -> Result<String> {
+    let mut options = mooncake_topology::DiscoverOptions::from_env();
+    if let Some(root) = root {
+        options.root = root.into();
+    }
+    let topology = mooncake_topology::Topology::discover(&options).napi()?;
+    if json.unwrap_or(false) {
+        let report = serde_json::json!({
+            "topology": topology,
+            "priority_matrix": topology.matrix(),
+        });
+        return Ok(report.to_string());
+    }
+    Ok(topology.to_string())
 }
 
 /// One request, as the facade hands it over.
@@ -324,6 +393,49 @@ impl NativeEngine {
                 transport: kind.name().to_owned(),
                 requests: requests as f64,
                 bytes: bytes as f64,
+            })
+            .collect()
+    }
+
+    /// The NIC priority matrix, as Mooncake's JSON.
+    #[napi]
+    pub fn topology(&self) -> String {
+        self.inner.topology().to_json()
+    }
+
+    /// The transports this engine can use.
+    #[napi]
+    pub fn transports(&self) -> Vec<String> {
+        self.inner
+            .transports()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every rail to every peer used so far.
+    #[napi]
+    pub fn rail_stats(&self) -> Vec<PeerRails> {
+        self.inner
+            .rail_stats()
+            .into_iter()
+            .map(|(peer, rails)| PeerRails {
+                peer,
+                rails: rails
+                    .into_iter()
+                    .map(|r| RailInfo {
+                        local: r.local,
+                        remote: r.remote,
+                        preferred: r.preferred,
+                        usable: r.usable,
+                        inflight_bytes: r.inflight_bytes as f64,
+                        bytes: r.bytes as f64,
+                        slices: r.slices as f64,
+                        failures: r.failures as f64,
+                        pauses: r.pauses as f64,
+                        rescued: r.rescued as f64,
+                    })
+                    .collect(),
             })
             .collect()
     }

@@ -112,7 +112,9 @@ fn rails(c: &mut Criterion) {
     (0..4).for_each(|i| degraded.pause(i));
     group.bench_function("pick a slice when every preferred rail is down", |b| {
         b.iter(|| {
-            let rail = degraded.pick(black_box(65536), None).expect("a usable rail");
+            let rail = degraded
+                .pick(black_box(65536), None)
+                .expect("a usable rail");
             degraded.done(rail, 65536);
         })
     });

@@ -10,6 +10,7 @@ use mooncake_metadata::handshake::{
     self, messages::NotifyMessage, HandshakeHandler, HandshakeServer, MessageType,
 };
 use mooncake_metadata::{BufferDesc, Keys, MetadataBackend, MetadataStore, RpcMeta, SegmentDesc};
+use mooncake_topology::{memory_location, DiscoverOptions, PriorityMatrix, Topology};
 use mooncake_transport::rail::{RailPolicy, RailStats};
 use mooncake_transport::shm::{
     self, ControlTable, RemoteRange, ShmPeer, ShmServer, ShmSlice, ShmTarget, ShmTransport,
@@ -192,6 +193,8 @@ pub struct TransferEngine {
     tcp: TcpClient,
     shm_server: Option<ShmServer>,
     shm: Option<ShmTransport>,
+    discovered: Topology,
+    matrix: PriorityMatrix,
     stats: TransportStats,
     segments: Mutex<SegmentTable>,
     batches: Mutex<HandleSlab<Arc<Batch>>>,
@@ -208,6 +211,7 @@ impl TransferEngine {
     pub async fn start(config: EngineConfig) -> Result<Arc<Self>> {
         config.validate()?;
         let backend = mooncake_metadata::connect(&config.metadata)?;
+        let (discovered, matrix) = discover(&config)?;
         let (host, named_port) = split_host_port(&config.local_server_name)?;
         let advertised = match &config.advertised_host {
             Some(host) => host.clone(),
@@ -216,16 +220,19 @@ impl TransferEngine {
         let ip = bind_ip(&advertised);
         let p2p = matches!(backend, MetadataBackend::P2pHandshake);
         let rpc_port = config.rpc_port.or(if p2p { named_port } else { None });
-        let tcp_rails = config
+        let mut tcp_rails = config
             .devices
             .as_deref()
             .map(local_rails)
             .unwrap_or_default();
-        // Rails arrive on several interfaces: the data port listens on all of them.
-        let data_ip = match tcp_rails.first() {
-            Some(rail) if rail.ip.is_ipv6() => "::".to_owned(),
-            Some(_) => "0.0.0.0".to_owned(),
-            None => ip.clone(),
+        // Rails arrive on several interfaces, so the data port listens on all of them, in one
+        // address family: IPv4 when any rail has it.
+        let v4 = tcp_rails.iter().any(|rail| rail.ip.is_ipv4());
+        tcp_rails.retain(|rail| rail.ip.is_ipv4() == v4);
+        let data_ip = match (tcp_rails.is_empty(), v4) {
+            (true, _) => ip.clone(),
+            (false, true) => "0.0.0.0".to_owned(),
+            (false, false) => "::".to_owned(),
         };
         let rpc_listener = bind(&ip, rpc_port, &config.rpc_port_range).await?;
         let data_listener = bind(&data_ip, config.tcp_data_port, &config.rpc_port_range).await?;
@@ -310,6 +317,8 @@ impl TransferEngine {
             tcp,
             shm_server,
             shm,
+            discovered,
+            matrix,
             stats: TransportStats::default(),
             segments: Mutex::new(SegmentTable::default()),
             batches: Mutex::new(HandleSlab::default()),
@@ -361,6 +370,25 @@ impl TransferEngine {
         &self.config
     }
 
+    /// The NIC priority matrix this engine selects devices by: discovered, or the one given.
+    pub fn topology(&self) -> &PriorityMatrix {
+        &self.matrix
+    }
+
+    /// What discovery found on this host.
+    pub fn host_topology(&self) -> &Topology {
+        &self.discovered
+    }
+
+    /// The transports this engine can use: `tcp`, and `shm` unless shared memory is off.
+    pub fn transports(&self) -> Vec<&'static str> {
+        let mut active = vec!["tcp"];
+        if self.shm.is_some() {
+            active.push("shm");
+        }
+        active
+    }
+
     /// This engine's descriptor, as peers see it.
     pub fn local_descriptor(&self) -> SegmentDesc {
         self.local.desc()
@@ -372,7 +400,11 @@ impl TransferEngine {
     pub fn allocate(&self, len: usize) -> Result<Arc<Arena>> {
         self.ensure_open()?;
         let arena = Arc::new(Arena::new("mooncake-segment", len)?);
-        self.register_region(Region::arena(arena.clone(), "cpu:0"))?;
+        // The first touch places the page; the kernel then says where it went.
+        // SAFETY: the arena is at least one byte long and mapped for reading.
+        unsafe { std::ptr::read_volatile(arena.as_ptr()) };
+        let location = memory_location(arena.as_ptr() as usize, len);
+        self.register_region(Region::arena(arena.clone(), &location))?;
         Ok(arena)
     }
 
@@ -391,8 +423,12 @@ impl TransferEngine {
         if addr == 0 {
             return Err(Error::invalid("cannot register a null address"));
         }
+        let location = match location {
+            "" | "*" => memory_location(addr, len),
+            given => given.to_owned(),
+        };
         // SAFETY: forwarded from the caller's contract.
-        let region = unsafe { Region::external(addr, len, location, owner) };
+        let region = unsafe { Region::external(addr, len, &location, owner) };
         self.register_region(region)
     }
 
@@ -1012,6 +1048,30 @@ impl Drop for TransferEngine {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
     }
+}
+
+/// Discovers the host (devices limited to `config.devices`) and settles the priority matrix:
+/// the given one, else `MC_CUSTOM_TOPO_JSON`'s, else the discovered one.
+fn discover(config: &EngineConfig) -> Result<(Topology, PriorityMatrix)> {
+    let options = DiscoverOptions {
+        filters: config.devices.clone(),
+        ..DiscoverOptions::default()
+    };
+    let host = Topology::discover(&options).unwrap_or_else(|e| {
+        tracing::warn!("topology discovery failed ({e}); continuing without devices");
+        Topology::default()
+    });
+    let mut matrix = match &config.topology_json {
+        Some(json) => PriorityMatrix::parse(json)?,
+        None => match PriorityMatrix::from_env() {
+            Some(loaded) => loaded?,
+            None => host.matrix(),
+        },
+    };
+    if let Some(devices) = &config.devices {
+        matrix.restrict(devices);
+    }
+    Ok((host, matrix))
 }
 
 /// Where a request goes.

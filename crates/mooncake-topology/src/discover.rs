@@ -164,7 +164,7 @@ pub struct Gpu {
 }
 
 /// What a host looks like to the transfer engine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Topology {
     /// NUMA nodes; a host without `/sys/devices/system/node` has node 0 only.
     pub numa_nodes: Vec<NumaNode>,
