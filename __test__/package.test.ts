@@ -1,4 +1,6 @@
 import { execFileSync } from 'node:child_process'
+import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 import test from 'ava'
@@ -27,4 +29,19 @@ test('the CLI prints its usage', (t) => {
   const out = execFileSync(process.execPath, [join(root, 'dist', 'cli.js'), 'help'], { encoding: 'utf8' })
   t.regex(out, /usage: mooncake <command>/)
   t.regex(out, /bench-raw/)
+})
+
+test('an RDMA binary that cannot load (no libibverbs) falls back to the plain one silently', async (t) => {
+  const copy = mkdtempSync(join(tmpdir(), 'mooncake-loader-'))
+  try {
+    cpSync(join(root, 'dist'), copy, { recursive: true })
+    writeFileSync(join(copy, `mooncake-rdma.${process.platform}-${process.arch}-gnu.node`), 'not a shared object')
+    const code = `const m = require(${JSON.stringify(join(copy, 'index.js'))});
+      m.TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE' })
+        .then(async (e) => { console.log(e.transports().join(',')); await e.close() })`
+    const out = execFileSync(process.execPath, ['-e', code], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })
+    t.is(out.trim(), 'tcp,shm')
+  } finally {
+    rmSync(copy, { recursive: true, force: true })
+  }
 })

@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events'
 
-import { createEngine, type NativeBatch, type NativeEngine, type NativeRequest } from './binding'
+import type { NativeBatch, NativeEngine, NativeRequest } from './binding'
+import { createEngine } from './native'
 import { invalidArgument, MooncakeError, native, nativeAsync, toMooncakeError } from './errors'
 
 /** Options of {@link TransferEngine.create}. */

@@ -1,4 +1,4 @@
-import { errorCatalog } from './binding'
+import { errorCatalog } from './native'
 
 const ERRNO: ReadonlyMap<string, number | undefined> = new Map(
   errorCatalog().map((entry) => [entry.code, entry.errno ?? undefined]),

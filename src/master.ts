@@ -1,4 +1,5 @@
-import { startMaster, type NativeMaster } from './binding'
+import type { NativeMaster } from './binding'
+import { startMaster } from './native'
 import { nativeAsync } from './errors'
 
 /** Options of {@link MasterServer.start}. Durations are in milliseconds. */

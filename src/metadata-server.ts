@@ -1,4 +1,5 @@
-import { startMetadataServer as startNative, type NativeMetadataServer } from './binding'
+import type { NativeMetadataServer } from './binding'
+import { startMetadataServer as startNative } from './native'
 import { nativeAsync } from './errors'
 
 /** Options of {@link startMetadataServer}. */

@@ -1,4 +1,5 @@
-import { connectStore, type BatchItem, type NativeStore, type PutConfig } from './binding'
+import type { BatchItem, NativeStore, PutConfig } from './binding'
+import { connectStore } from './native'
 import { invalidArgument, MooncakeError, native, nativeAsync, toMooncakeError } from './errors'
 
 /** Options of {@link MooncakeStore.connect}. */
