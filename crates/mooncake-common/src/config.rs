@@ -14,21 +14,20 @@ pub enum Protocol {
     Tcp,
     /// Shared memory with engines on the same host; other targets are refused.
     Shm,
+    /// RDMA through the host's NICs; targets without a usable rail are refused.
+    Rdma,
 }
 
 impl Protocol {
-    /// Parses `auto` or `tcp`.
+    /// Parses `auto`, `tcp`, `shm` or `rdma`.
     pub fn parse(text: &str) -> crate::Result<Self> {
         match text {
             "auto" => Ok(Self::Auto),
             "tcp" => Ok(Self::Tcp),
             "shm" => Ok(Self::Shm),
-            "rdma" => Err(crate::Error::new(
-                crate::ErrorKind::NotSupportedTransport,
-                format!("protocol '{text}' is not available in this build"),
-            )),
+            "rdma" => Ok(Self::Rdma),
             other => Err(crate::Error::invalid(format!(
-                "unknown protocol '{other}' (expected 'auto', 'tcp' or 'shm')"
+                "unknown protocol '{other}' (expected 'auto', 'tcp', 'shm' or 'rdma')"
             ))),
         }
     }
@@ -198,10 +197,7 @@ mod tests {
     #[test]
     fn protocol_parses_known_names() {
         assert_eq!(Protocol::parse("tcp").unwrap(), Protocol::Tcp);
-        assert_eq!(
-            Protocol::parse("rdma").unwrap_err().kind(),
-            crate::ErrorKind::NotSupportedTransport
-        );
+        assert_eq!(Protocol::parse("rdma").unwrap(), Protocol::Rdma);
         assert_eq!(
             Protocol::parse("carrier-pigeon").unwrap_err().kind(),
             crate::ErrorKind::InvalidArgument

@@ -7,9 +7,14 @@ use std::time::Duration;
 use mooncake_common::config::Protocol;
 use mooncake_common::{EngineConfig, Error, ErrorKind, HandleSlab, Result};
 use mooncake_metadata::handshake::{
-    self, messages::NotifyMessage, HandshakeHandler, HandshakeServer, MessageType,
+    self,
+    messages::{ConnectionMessage, NotifyMessage},
+    HandshakeHandler, HandshakeServer, MessageType,
 };
 use mooncake_metadata::{BufferDesc, Keys, MetadataBackend, MetadataStore, RpcMeta, SegmentDesc};
+use mooncake_rdma::peer::matrix_to_json;
+use mooncake_rdma::verbs::Provider;
+use mooncake_rdma::{HandshakeConnector, RdmaOptions, RdmaPeer, RdmaTransport};
 use mooncake_topology::{memory_location, DiscoverOptions, PriorityMatrix, Topology};
 use mooncake_transport::rail::{RailPolicy, RailStats};
 use mooncake_transport::shm::{
@@ -82,6 +87,7 @@ struct Local {
     registry: Arc<MemoryRegistry>,
     /// The control table and what same-host peers need to reach us, when offered.
     shm: Option<(Arc<ControlTable>, ShmTarget)>,
+    rdma: Option<Arc<RdmaTransport>>,
     listener: Mutex<Option<NotifyListener>>,
     queued: Mutex<Vec<Notification>>,
 }
@@ -110,6 +116,17 @@ impl Local {
                 serde_json::to_value(target).expect("shm target serializes"),
             );
         }
+        if let Some(rdma) = &self.rdma {
+            desc.protocol = serde_json::json!(["rdma", "tcp"]);
+            desc.extra.insert(
+                "devices".to_owned(),
+                serde_json::to_value(rdma.local_devices()).expect("devices serialize"),
+            );
+            desc.extra.insert(
+                "priority_matrix".to_owned(),
+                matrix_to_json(&rdma.priority_matrix()),
+            );
+        }
         desc.buffers = self
             .registry
             .regions()
@@ -118,6 +135,14 @@ impl Local {
             .map(|region| {
                 let mut extra = serde_json::Map::new();
                 extra.insert("location".to_owned(), region.location().into());
+                let keys = self
+                    .rdma
+                    .as_ref()
+                    .and_then(|r| r.buffer_keys(region.addr()));
+                if let Some((lkeys, rkeys)) = &keys {
+                    extra.insert("lkey".to_owned(), lkeys.clone().into());
+                    extra.insert("rkey".to_owned(), rkeys.clone().into());
+                }
                 if let Some(slot) = region.slot() {
                     let mut shm = serde_json::Map::new();
                     shm.insert("slot".to_owned(), slot.into());
@@ -127,7 +152,11 @@ impl Local {
                     extra.insert("shm".to_owned(), shm.into());
                 }
                 BufferDesc {
-                    name: self.name.clone(),
+                    // RDMA peers read a buffer's location from its name; TCP ones ignore it.
+                    name: match keys {
+                        Some(_) => region.location().to_owned(),
+                        None => self.name.clone(),
+                    },
                     addr: region.addr() as u64,
                     length: region.len() as u64,
                     extra,
@@ -141,6 +170,18 @@ impl Local {
 impl HandshakeHandler for Local {
     fn on_metadata(&self, _peer_desc: &str) -> Result<String> {
         Ok(self.desc().encode())
+    }
+
+    fn on_connection(&self, request: ConnectionMessage) -> ConnectionMessage {
+        match &self.rdma {
+            Some(rdma) => rdma.on_connection(request),
+            None => ConnectionMessage {
+                local_nic_path: request.peer_nic_path,
+                peer_nic_path: request.local_nic_path,
+                reply_msg: "RDMA is not enabled on this peer".to_owned(),
+                ..ConnectionMessage::default()
+            },
+        }
     }
 
     fn on_notify(&self, message: NotifyMessage) {
@@ -207,8 +248,22 @@ pub struct TransferEngine {
 
 impl TransferEngine {
     /// Starts an engine: binds the handshake and data listeners, and in store mode publishes
-    /// its RPC address and descriptor. Must run inside a tokio runtime.
+    /// its RPC address and descriptor. Must run inside a tokio runtime. RDMA runs on the
+    /// host's NICs when this build has RDMA support and the host has usable devices.
     pub async fn start(config: EngineConfig) -> Result<Arc<Self>> {
+        Self::start_on(config, None).await
+    }
+
+    /// Starts an engine whose RDMA transport runs on `verbs` (a software provider, say) over
+    /// the devices of the priority matrix.
+    pub async fn start_with_verbs(
+        config: EngineConfig,
+        verbs: Arc<dyn Provider>,
+    ) -> Result<Arc<Self>> {
+        Self::start_on(config, Some(verbs)).await
+    }
+
+    async fn start_on(config: EngineConfig, verbs: Option<Arc<dyn Provider>>) -> Result<Arc<Self>> {
         config.validate()?;
         let backend = mooncake_metadata::connect(&config.metadata)?;
         let (discovered, matrix) = discover(&config)?;
@@ -249,6 +304,8 @@ impl TransferEngine {
         } else {
             config.local_server_name.clone()
         };
+        let verbs = verbs.or_else(|| host_verbs(&discovered));
+        let rdma = start_rdma(&config, verbs, &name, &matrix)?;
         let registry = Arc::new(MemoryRegistry::default());
         let (shm_server, shm_offer, shm) =
             match shm::host::host_id().filter(|_| config.shared_memory) {
@@ -272,6 +329,7 @@ impl TransferEngine {
             tcp_rails,
             registry: registry.clone(),
             shm: shm_offer,
+            rdma,
             listener: Mutex::new(None),
             queued: Mutex::new(Vec::new()),
         });
@@ -380,11 +438,15 @@ impl TransferEngine {
         &self.discovered
     }
 
-    /// The transports this engine can use: `tcp`, and `shm` unless shared memory is off.
+    /// The transports this engine can use: `tcp`, `shm` unless shared memory is off, and
+    /// `rdma` when it runs.
     pub fn transports(&self) -> Vec<&'static str> {
         let mut active = vec!["tcp"];
         if self.shm.is_some() {
             active.push("shm");
+        }
+        if self.local.rdma.is_some() {
+            active.push("rdma");
         }
         active
     }
@@ -450,13 +512,37 @@ impl TransferEngine {
         }
         // SAFETY: forwarded from the caller's contract.
         let region = unsafe { Region::external(addr, len, "*", owner) }.private();
-        self.local.registry.register(region).map(drop)
+        let region = self.local.registry.register(region)?;
+        if let Some(rdma) = &self.local.rdma {
+            if let Err(e) = rdma.register(&region) {
+                drop(region);
+                let _ = self.local.registry.unregister(addr);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn register_region(&self, region: Region) -> Result<()> {
         let control = self.local.shm.as_ref().map(|(control, _)| control);
         let slot = control.and_then(|c| c.claim());
-        if let Err(e) = self.local.registry.register(region.with_slot(slot)) {
+        let registered = self
+            .local
+            .registry
+            .register(region.with_slot(slot))
+            .and_then(|region| {
+                let Some(rdma) = &self.local.rdma else {
+                    return Ok(());
+                };
+                let keyed = rdma.register(&region);
+                if keyed.is_err() {
+                    let addr = region.addr();
+                    drop(region);
+                    let _ = self.local.registry.unregister(addr);
+                }
+                keyed
+            });
+        if let Err(e) = registered {
             if let (Some(control), Some(slot)) = (control, slot) {
                 control.retire(slot, Duration::ZERO);
                 control.release(slot);
@@ -488,9 +574,19 @@ impl TransferEngine {
                 ));
             }
         }
+        // The RDMA transport holds the region while its keys are out; they go first.
+        let rdma = self.local.rdma.as_ref();
+        if let Some(rdma) = rdma {
+            let _ = rdma.unregister(addr);
+        }
         if let Err(e) = self.local.registry.unregister(addr) {
             if let (Some(control), Some((slot, _))) = (control, shared) {
                 control.restore(slot);
+            }
+            if let (Some(rdma), Some(region)) = (rdma, self.local.registry.starting_at(addr)) {
+                if let Err(e) = rdma.register(&region) {
+                    tracing::warn!("{addr:#x} stays registered but lost its RDMA keys: {e}");
+                }
             }
             return Err(e);
         }
@@ -776,6 +872,22 @@ impl TransferEngine {
                     }),
                 );
             }
+            Ok(Route::Rdma(rdma, peer)) => {
+                self.stats.record(TransportKind::Rdma, request.len);
+                tracing::debug!(segment = %segment.name, len = request.len, "request via rdma");
+                let slices = pieces
+                    .map(|(offset, len)| Slice {
+                        op: request.op,
+                        local_addr: request.local_addr + offset,
+                        len,
+                        remote_addr: request.remote_addr + offset as u64,
+                        region: region.clone(),
+                        task: task.clone(),
+                        deadline,
+                    })
+                    .collect();
+                rdma.submit(&peer, slices);
+            }
             Ok(Route::Shm(transport, peer, remote)) => {
                 self.stats.record(TransportKind::Shm, request.len);
                 tracing::debug!(segment = %segment.name, len = request.len, path = ?peer.path(&remote.buffer), "request via shared memory");
@@ -803,11 +915,13 @@ impl TransferEngine {
         }
     }
 
-    /// Shared memory when the target is on this host and the buffer is reachable that way
-    /// (unless TCP is forced); TCP otherwise (unless shared memory is forced).
+    /// Under `auto`: shared memory when the target is on this host and the buffer is
+    /// reachable that way, else RDMA when both ends have it and the buffer has remote keys,
+    /// else TCP. A forced protocol takes its own path or fails.
     fn route(&self, segment: &RemoteSegment, request: &TransferRequest) -> Result<Route<'_>> {
+        let protocol = self.config.protocol;
         let mut unreachable = None;
-        if self.config.protocol != Protocol::Tcp {
+        if matches!(protocol, Protocol::Auto | Protocol::Shm) {
             if let (Some(transport), Some(target)) = (&self.shm, segment.same_host()) {
                 let desc = segment.desc();
                 let buffer = desc.buffer_containing(request.remote_addr, request.len as u64);
@@ -844,12 +958,47 @@ impl TransferEngine {
                 }));
             }
         }
+        if matches!(protocol, Protocol::Auto | Protocol::Rdma) {
+            if let (Some(rdma), Some(peer)) = (&self.local.rdma, segment.rdma()) {
+                let keyed = peer
+                    .buffer_index(request.remote_addr)
+                    .is_some_and(|i| !peer.buffers[i].rkeys.is_empty());
+                if keyed {
+                    return Ok(Route::Rdma(rdma, peer));
+                }
+            }
+            if protocol == Protocol::Rdma {
+                return Err(Error::new(
+                    ErrorKind::NotSupportedTransport,
+                    format!(
+                        "no RDMA path to [{:#x}, +{}) in '{}'",
+                        request.remote_addr, request.len, segment.name
+                    ),
+                ));
+            }
+        }
         Ok(Route::Tcp)
     }
 
-    /// The TCP rails to every peer used so far, by the peer's first data address.
+    /// The rails to every peer used so far: TCP ones by the peer's first data address, RDMA
+    /// ones by the peer's name and the two memory locations.
     pub fn rail_stats(&self) -> Vec<(String, Vec<RailStats>)> {
-        self.tcp.rail_stats()
+        let mut all = self.tcp.rail_stats();
+        if let Some(rdma) = &self.local.rdma {
+            let mut by_peer: Vec<(String, Vec<RailStats>)> = Vec::new();
+            for rail in rdma.all_rails() {
+                let key = format!(
+                    "rdma {} ({} -> {})",
+                    rail.peer, rail.local_location, rail.remote_location
+                );
+                match by_peer.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, rails)) => rails.push(rail.stats),
+                    None => by_peer.push((key, vec![rail.stats])),
+                }
+            }
+            all.extend(by_peer);
+        }
+        all
     }
 
     /// Requests and bytes submitted through each transport since start.
@@ -965,6 +1114,9 @@ impl TransferEngine {
         self.handshake.close().await;
         self.data.close().await;
         self.tcp.close().await;
+        if let Some(rdma) = &self.local.rdma {
+            rdma.close().await;
+        }
         if let Some(shm) = &self.shm {
             shm.close().await;
         }
@@ -1050,6 +1202,61 @@ impl Drop for TransferEngine {
     }
 }
 
+/// The verbs provider for this host's NICs: libibverbs in a build with RDMA, when discovery
+/// found a usable NIC.
+fn host_verbs(topology: &Topology) -> Option<Arc<dyn Provider>> {
+    #[cfg(feature = "rdma")]
+    if topology.rdma_nics.iter().any(|nic| nic.is_usable()) {
+        return Some(Arc::new(mooncake_rdma::ibverbs::IbvProvider::new()));
+    }
+    let _ = topology;
+    None
+}
+
+/// The RDMA transport over the matrix's devices, unless the protocol rules RDMA out. Without
+/// a provider or a device, `rdma` fails and `auto` goes on without RDMA.
+fn start_rdma(
+    config: &EngineConfig,
+    verbs: Option<Arc<dyn Provider>>,
+    name: &str,
+    matrix: &PriorityMatrix,
+) -> Result<Option<Arc<RdmaTransport>>> {
+    if matches!(config.protocol, Protocol::Tcp | Protocol::Shm) {
+        return Ok(None);
+    }
+    let devices = matrix.devices();
+    let started = match verbs {
+        Some(verbs) if !devices.is_empty() => {
+            let by_name = matrix
+                .iter()
+                .map(|(location, entry)| {
+                    let entry = (entry.preferred.clone(), entry.available.clone());
+                    (location.to_owned(), entry)
+                })
+                .collect();
+            let mut options = RdmaOptions::new(name, devices, by_name);
+            options.config.retry_cnt = config.retry_budget;
+            let connector = Arc::new(HandshakeConnector {
+                connect_timeout: config.connect_timeout,
+                max_frame: config.handshake_max_length,
+            });
+            RdmaTransport::new(verbs, options, connector).map(Arc::new)
+        }
+        _ => Err(Error::new(
+            ErrorKind::DeviceNotFound,
+            "no RDMA device: this build has no RDMA support or the host no usable NIC",
+        )),
+    };
+    match started {
+        Ok(rdma) => Ok(Some(rdma)),
+        Err(e) if config.protocol == Protocol::Rdma => Err(e),
+        Err(e) => {
+            tracing::debug!("RDMA not in use: {e}");
+            Ok(None)
+        }
+    }
+}
+
 /// Discovers the host (devices limited to `config.devices`) and settles the priority matrix:
 /// the given one, else `MC_CUSTOM_TOPO_JSON`'s, else the discovered one.
 fn discover(config: &EngineConfig) -> Result<(Topology, PriorityMatrix)> {
@@ -1077,6 +1284,7 @@ fn discover(config: &EngineConfig) -> Result<(Topology, PriorityMatrix)> {
 /// Where a request goes.
 enum Route<'a> {
     Tcp,
+    Rdma(&'a RdmaTransport, Arc<RdmaPeer>),
     Shm(&'a ShmTransport, Arc<ShmPeer>, RemoteRange),
 }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use mooncake_common::{Error, ErrorKind, Handle, HandleSlab, Result};
 use mooncake_metadata::handshake::{self, MessageType};
 use mooncake_metadata::{Keys, MetadataBackend, RpcMeta, SegmentDesc};
+use mooncake_rdma::RdmaPeer;
 use mooncake_transport::shm::{self, ShmBuffer, ShmTarget};
 use mooncake_transport::tcp::{wire::Version, LocalNic, PeerAddr, TcpPath, TcpPeer};
 use serde::{Deserialize, Serialize};
@@ -36,7 +37,7 @@ pub(crate) struct RemoteSegment {
     pub(crate) name: String,
     /// Handshake address (`host:port`).
     pub(crate) rpc_addr: String,
-    desc: RwLock<(Arc<SegmentDesc>, Option<ShmTarget>)>,
+    desc: RwLock<Cached>,
     /// Every TCP path to its data server.
     pub(crate) tcp: TcpPeer,
 }
@@ -53,26 +54,60 @@ pub(crate) struct RailAddr {
     pub(crate) port: u16,
 }
 
+/// A descriptor and what it says about the paths to its segment.
+struct Cached {
+    desc: Arc<SegmentDesc>,
+    shm: Option<ShmTarget>,
+    rdma: Option<Arc<RdmaPeer>>,
+}
+
+impl Cached {
+    fn new(desc: SegmentDesc, rpc_addr: &str) -> Self {
+        let shm = desc
+            .extra
+            .get("shm")
+            .and_then(|v| serde_json::from_value::<ShmTarget>(v.clone()).ok())
+            .filter(|t| Some(t.host.as_str()) == shm::host::host_id());
+        let rdma = desc
+            .extra
+            .contains_key("devices")
+            .then(|| RdmaPeer::from_desc(&desc, rpc_addr))
+            .and_then(|parsed| {
+                parsed
+                    .map_err(|e| tracing::debug!(segment = %desc.name, "no RDMA path: {e}"))
+                    .ok()
+            })
+            .filter(|peer| !peer.devices.is_empty())
+            .map(Arc::new);
+        Self {
+            desc: Arc::new(desc),
+            shm,
+            rdma,
+        }
+    }
+}
+
 impl RemoteSegment {
+    fn cached(&self) -> std::sync::RwLockReadGuard<'_, Cached> {
+        self.desc.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn desc(&self) -> Arc<SegmentDesc> {
-        self.desc
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone()
+        self.cached().desc.clone()
     }
 
     /// How to reach the segment through shared memory, when it runs on this host.
     pub(crate) fn same_host(&self) -> Option<ShmTarget> {
-        self.desc
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .clone()
+        self.cached().shm.clone()
+    }
+
+    /// The segment's RDMA devices and keys, when it publishes them.
+    pub(crate) fn rdma(&self) -> Option<Arc<RdmaPeer>> {
+        self.cached().rdma.clone()
     }
 
     pub(crate) fn set_desc(&self, desc: SegmentDesc) {
-        *self.desc.write().unwrap_or_else(|p| p.into_inner()) = with_target(desc);
+        *self.desc.write().unwrap_or_else(|p| p.into_inner()) = Cached::new(desc, &self.rpc_addr);
     }
 
     pub(crate) fn info(&self) -> SegmentInfo {
@@ -139,12 +174,13 @@ impl SegmentTable {
         };
         let tcp = tcp_paths(&fetched.desc, version, local_rails).unwrap_or_else(|| direct.into());
         let name = fetched.name.clone();
+        let cached = Cached::new(fetched.desc, &fetched.rpc_addr);
         let id = self.by_id.insert_with(|id| {
             Arc::new(RemoteSegment {
                 id,
                 name: fetched.name,
                 rpc_addr: fetched.rpc_addr,
-                desc: RwLock::new(with_target(fetched.desc)),
+                desc: RwLock::new(cached),
                 tcp,
             })
         });
@@ -189,15 +225,6 @@ fn tcp_paths(desc: &SegmentDesc, version: Version, local: &[LocalRail]) -> Optio
         }
     }
     (!paths.is_empty()).then_some(TcpPeer { paths })
-}
-
-fn with_target(desc: SegmentDesc) -> (Arc<SegmentDesc>, Option<ShmTarget>) {
-    let target = desc
-        .extra
-        .get("shm")
-        .and_then(|v| serde_json::from_value::<ShmTarget>(v.clone()).ok())
-        .filter(|t| Some(t.host.as_str()) == shm::host::host_id());
-    (Arc::new(desc), target)
 }
 
 /// The shared-memory description of a buffer, if its owner published one.

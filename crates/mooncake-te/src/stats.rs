@@ -9,14 +9,17 @@ pub enum TransportKind {
     Tcp,
     /// Same-host shared memory.
     Shm,
+    /// RDMA.
+    Rdma,
 }
 
 impl TransportKind {
-    /// Its name (`tcp`, `shm`).
+    /// Its name (`tcp`, `shm`, `rdma`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
             Self::Shm => "shm",
+            Self::Rdma => "rdma",
         }
     }
 }
@@ -32,6 +35,7 @@ struct Counters {
 pub(crate) struct TransportStats {
     tcp: Counters,
     shm: Counters,
+    rdma: Counters,
 }
 
 impl TransportStats {
@@ -39,6 +43,7 @@ impl TransportStats {
         let counters = match kind {
             TransportKind::Tcp => &self.tcp,
             TransportKind::Shm => &self.shm,
+            TransportKind::Rdma => &self.rdma,
         };
         counters.requests.fetch_add(1, Ordering::Relaxed);
         counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -48,6 +53,7 @@ impl TransportStats {
         [
             (TransportKind::Tcp, &self.tcp),
             (TransportKind::Shm, &self.shm),
+            (TransportKind::Rdma, &self.rdma),
         ]
         .into_iter()
         .map(|(kind, c)| {
