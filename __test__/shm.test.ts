@@ -55,7 +55,7 @@ test('auto picks shared memory for a same-host peer; tcp and sharedMemory: false
         const buf = other.allocate(size)
         await other.read(seg, buf, peer.address)
         t.true(buf.equals(pattern(2, 0, size)))
-        t.deepEqual(other.stats(), { tcp: { requests: 1, bytes: size }, shm: { requests: 0, bytes: 0 } })
+        t.deepEqual(other.stats(), { tcp: { requests: 1, bytes: size }, shm: { requests: 0, bytes: 0 }, rdma: { requests: 0, bytes: 0 } })
       }
     } finally {
       await overTcp.close()

@@ -13,11 +13,13 @@ export interface TransferEngineOptions {
   localServerName: string
   /** `'P2PHANDSHAKE'` (no metadata server) or `'http://host:port/metadata'`. */
   metadata: string
-    /**
-   * Transport. `'auto'` (default): shared memory for engines on this host, TCP otherwise.
-   * `'tcp'`: always TCP. `'shm'`: shared memory only; other targets fail with `ERR_NOT_SUPPORTED_TRANSPORT`.
+  /**
+   * Transport. `'auto'` (default): shared memory for engines on this host, RDMA where both ends
+   * have it, TCP otherwise. `'tcp'`: always TCP. `'shm'`: shared memory only. `'rdma'`: RDMA
+   * only (the engine fails to start with `ERR_DEVICE_NOT_FOUND` without a usable NIC). A forced
+   * transport fails requests it cannot carry with `ERR_NOT_SUPPORTED_TRANSPORT`.
    */
-  protocol?: 'auto' | 'tcp' | 'shm'
+  protocol?: 'auto' | 'tcp' | 'shm' | 'rdma'
   /**
    * Offer this engine's memory to same-host peers and map theirs. Default true. With false,
    * same-host traffic goes over TCP.
@@ -294,11 +296,13 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
     return nativeAsync(() => this.inner.sendNotify(segmentName, message))
   }
 
-    /** Requests and bytes submitted through each transport (`tcp`, `shm`) since start. */
-  stats(): Record<'tcp' | 'shm', TransportStats> {
-    const out = { tcp: { requests: 0, bytes: 0 }, shm: { requests: 0, bytes: 0 } }
+  /** Requests and bytes submitted through each transport (`tcp`, `shm`, `rdma`) since start. */
+  stats(): Record<'tcp' | 'shm' | 'rdma', TransportStats> {
+    const out = { tcp: { requests: 0, bytes: 0 }, shm: { requests: 0, bytes: 0 }, rdma: { requests: 0, bytes: 0 } }
     for (const s of native(() => this.inner.stats())) {
-      if (s.transport === 'tcp' || s.transport === 'shm') out[s.transport] = { requests: s.requests, bytes: s.bytes }
+      if (s.transport === 'tcp' || s.transport === 'shm' || s.transport === 'rdma') {
+        out[s.transport] = { requests: s.requests, bytes: s.bytes }
+      }
     }
     return out
   }
@@ -308,7 +312,7 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
     return JSON.parse(native(() => this.inner.topology())) as PriorityMatrix
   }
 
-  /** The transports this engine can use: `'tcp'`, and `'shm'` unless shared memory is off. */
+  /** The transports this engine can use: `'tcp'`, `'shm'` unless shared memory is off, `'rdma'` when it runs. */
   transports(): string[] {
     return native(() => this.inner.transports())
   }

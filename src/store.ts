@@ -12,8 +12,8 @@ export interface MooncakeStoreOptions {
   localServerName?: string
   /** Address peers reach this node at. */
   ipOrHostName?: string
-  /** Transport for object bytes: `'auto'` (default: shared memory on this host, TCP otherwise), `'tcp'`, `'shm'`. */
-  protocol?: 'auto' | 'tcp' | 'shm'
+  /** Transport for object bytes: `'auto'` (default: shared memory on this host, RDMA where both ends have it, TCP otherwise), `'tcp'`, `'shm'`, `'rdma'`. */
+  protocol?: 'auto' | 'tcp' | 'shm' | 'rdma'
   /** Offer shared memory to same-host peers. Default true. */
   sharedMemory?: boolean
   /** Bytes of memory this node contributes to the pool. Default 16 MiB; 0 makes a pure client. */

@@ -20,7 +20,7 @@ pub struct EngineOptions {
     pub local_server_name: String,
     /// `P2PHANDSHAKE` or `http://host:port/metadata`.
     pub metadata: String,
-    /// `auto`, `tcp` or `shm`.
+    /// `auto`, `tcp`, `shm` or `rdma`.
     pub protocol: Option<String>,
     /// Offer memory to same-host peers and map theirs (default true).
     pub shared_memory: Option<bool>,
