@@ -128,3 +128,34 @@ async fn put_get_across_clients_with_replicas() {
     }
     master.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_gets_share_lookups_and_keep_their_own_outcomes() {
+    let master = master().await;
+    let a = client(&master, 32 << 20).await;
+    for i in 0..8u8 {
+        a.put(&format!("k{i}"), &value(4096, i), &WriteConfig::default())
+            .await
+            .unwrap();
+    }
+    let mut gets = tokio::task::JoinSet::new();
+    for i in 0..64usize {
+        let a = a.clone();
+        gets.spawn(async move {
+            let key = match i % 9 {
+                8 => "missing".to_owned(),
+                k => format!("k{k}"),
+            };
+            (i, a.get(&key).await)
+        });
+    }
+    while let Some(joined) = gets.join_next().await {
+        let (i, got) = joined.unwrap();
+        match i % 9 {
+            8 => assert_eq!(got.unwrap_err().kind(), ErrorKind::ObjectNotFound),
+            k => assert_eq!(got.unwrap(), value(4096, k as u8), "get {i}"),
+        }
+    }
+    a.close().await;
+    master.close().await;
+}

@@ -14,6 +14,7 @@
 //! - [`buffer`]: the staging buffer.
 
 pub mod buffer;
+mod lookups;
 pub mod master_client;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::buffer::LocalBuffer;
+use self::lookups::Lookups;
 use self::master_client::MasterClient;
 use crate::master::service::{from_outcome, to_segment, to_uuid};
 use crate::master::types::{ClientId, SegmentId, SegmentSpec, SoftPin, WriteConfig};
@@ -95,6 +97,7 @@ const READ_ATTEMPTS: usize = 3;
 pub struct StoreClient {
     engine: Arc<TransferEngine>,
     master: MasterClient,
+    lookups: Arc<Lookups>,
     id: ClientId,
     segments: Vec<(SegmentSpec, Arc<Arena>)>,
     local: Arc<LocalBuffer>,
@@ -165,6 +168,7 @@ impl StoreClient {
         }));
         let client = Arc::new(Self {
             engine,
+            lookups: Lookups::new(master.clone()),
             master,
             id,
             segments,
@@ -646,7 +650,7 @@ impl StoreClient {
         let mut target: Option<(u64, usize)> = None;
         for _ in 0..READ_ATTEMPTS {
             let asked = Instant::now();
-            let (list, ttl) = self.replica_list(key).await?;
+            let (list, ttl) = self.lookups.lookup(key).await?;
             let size = list[0].size;
             let addr = match target {
                 Some((known, addr)) if known == size => addr,
@@ -662,7 +666,7 @@ impl StoreClient {
             }
             // The lease ran out while reading: the bytes are good only if the replica we read
             // is still the object's (ids change on removal, eviction and rewrite).
-            match self.replica_list(key).await {
+            match self.lookups.lookup(key).await {
                 Ok((now, _)) if now.iter().any(|r| r.id == used) => return Ok(size),
                 Ok(_) => {
                     last = Some(Error::new(
@@ -776,25 +780,22 @@ impl StoreClient {
         let mut work = Vec::new();
         let mut pending: Vec<Option<((usize, usize), Duration)>> = Vec::with_capacity(keys.len());
         for (i, reply) in lists.iter().enumerate().take(keys.len()) {
-            let planned = from_outcome(reply.outcome.as_ref()).and_then(|()| {
-                let best = self
-                    .preference(&replicas(&reply.replicas))
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::ObjectNotFound,
-                            format!("'{}' has no readable replica", keys[i]),
-                        )
-                    })?;
+            let planned = lookups::parse(
+                &keys[i],
+                reply.outcome.as_ref(),
+                &reply.replicas,
+                reply.lease_ttl_ms,
+            )
+            .and_then(|(list, ttl)| {
+                let best = self.preference(&list).swap_remove(0);
                 let range = destination(i, best.size)?;
-                Ok((best, range))
+                Ok((best, range, ttl))
             });
             match planned {
-                Ok((best, range)) => {
+                Ok((best, range, ttl)) => {
                     results.push(Ok(best.size));
                     work.push((i, Opcode::Read, range.0, best));
-                    pending.push(Some((range, Duration::from_millis(reply.lease_ttl_ms))));
+                    pending.push(Some((range, ttl)));
                 }
                 Err(e) => {
                     results.push(Err(e));
@@ -823,25 +824,6 @@ impl StoreClient {
             ))
         });
         results
-    }
-
-    async fn replica_list(&self, key: &str) -> Result<(Vec<Replica>, Duration)> {
-        let request = proto::GetReplicaListRequest {
-            key: key.to_owned(),
-        };
-        let reply = self
-            .master
-            .call(|mut g| async move { g.get_replica_list(request).await })
-            .await?;
-        from_outcome(reply.outcome.as_ref())?;
-        let list = replicas(&reply.replicas);
-        if list.is_empty() {
-            return Err(Error::new(
-                ErrorKind::ObjectNotFound,
-                format!("'{key}' has no readable replica"),
-            ));
-        }
-        Ok((list, Duration::from_millis(reply.lease_ttl_ms)))
     }
 
     /// Replicas best first: this process, then this host, then the rest.
@@ -928,7 +910,7 @@ impl StoreClient {
     /// The size of `key`'s value.
     pub async fn get_size(&self, key: &str) -> Result<u64> {
         self.ensure_open()?;
-        Ok(self.replica_list(key).await?.0[0].size)
+        Ok(self.lookups.lookup(key).await?.0[0].size)
     }
 
     /// Removes `key` (a leased object only with `force`).

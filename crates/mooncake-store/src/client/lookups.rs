@@ -1,0 +1,130 @@
+//! Replica lookups of concurrent single-key reads, coalesced.
+//!
+//! A lookup that arrives while another is on its way to the master waits for that one to
+//! return, then goes out in one batch with every lookup that arrived meanwhile. An idle
+//! client pays no delay; a busy one makes one master round trip per wave of reads instead of
+//! one per read, which spares both the master's CPU and its own.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mooncake_common::{Error, ErrorKind, Result};
+use tokio::sync::oneshot;
+
+use super::master_client::MasterClient;
+use super::{replicas, Replica};
+use crate::master::service::from_outcome;
+use crate::proto;
+
+/// A key's replicas and how long the lease on them lasts.
+pub(super) type Lookup = Result<(Vec<Replica>, Duration)>;
+
+pub(super) struct Lookups {
+    master: MasterClient,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// A wave is on its way to the master.
+    busy: bool,
+    waiting: Vec<(String, oneshot::Sender<Lookup>)>,
+}
+
+impl Lookups {
+    pub(super) fn new(master: MasterClient) -> Arc<Self> {
+        Arc::new(Self {
+            master,
+            queue: Mutex::new(Queue::default()),
+        })
+    }
+
+    /// The replicas of `key`, looked up with whatever other lookups are waiting.
+    pub(super) async fn lookup(self: &Arc<Self>, key: &str) -> Lookup {
+        let (reply, answer) = oneshot::channel();
+        let lead = {
+            let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.waiting.push((key.to_owned(), reply));
+            !std::mem::replace(&mut queue.busy, true)
+        };
+        if lead {
+            tokio::spawn(self.clone().drain());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::RpcFail, "the lookup was dropped")))
+    }
+
+    /// Sends waves until nobody waits.
+    async fn drain(self: Arc<Self>) {
+        loop {
+            let wave = {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if queue.waiting.is_empty() {
+                    queue.busy = false;
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            self.send(wave).await;
+        }
+    }
+
+    async fn send(&self, mut wave: Vec<(String, oneshot::Sender<Lookup>)>) {
+        if wave.len() == 1 {
+            let (key, reply) = wave.swap_remove(0);
+            let request = proto::GetReplicaListRequest { key: key.clone() };
+            let answer = self
+                .master
+                .call(|mut g| async move { g.get_replica_list(request).await })
+                .await
+                .and_then(|r| parse(&key, r.outcome.as_ref(), &r.replicas, r.lease_ttl_ms));
+            let _ = reply.send(answer);
+            return;
+        }
+        let request = proto::BatchGetReplicaListRequest {
+            keys: wave.iter().map(|(key, _)| key.clone()).collect(),
+        };
+        let answers = self
+            .master
+            .call(|mut g| async move { g.batch_get_replica_list(request).await });
+        match answers.await {
+            Ok(answers) => {
+                let mut results = answers.results.into_iter();
+                for (key, reply) in wave {
+                    let answer = match results.next() {
+                        Some(r) => parse(&key, r.outcome.as_ref(), &r.replicas, r.lease_ttl_ms),
+                        None => Err(Error::new(
+                            ErrorKind::RpcFail,
+                            "the master answered fewer keys than asked",
+                        )),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(e) => {
+                for (_, reply) in wave {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One key's answer: its replicas, or why there are none to read.
+pub(super) fn parse(
+    key: &str,
+    outcome: Option<&proto::Outcome>,
+    list: &[proto::Replica],
+    lease_ttl_ms: u64,
+) -> Lookup {
+    from_outcome(outcome)?;
+    let list = replicas(list);
+    if list.is_empty() {
+        return Err(Error::new(
+            ErrorKind::ObjectNotFound,
+            format!("'{key}' has no readable replica"),
+        ));
+    }
+    Ok((list, Duration::from_millis(lease_ttl_ms)))
+}
