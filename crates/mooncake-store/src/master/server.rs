@@ -81,13 +81,13 @@ impl MasterServer {
         let service = GrpcMaster::new(MasterService::new(state.clone(), counters.clone()));
         let stop = shutdown.clone();
         tracker.spawn(async move {
+            // A reply's trailers go out in a write of their own; without TCP_NODELAY they wait
+            // for the client's delayed ACK (40 ms).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let served = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    stop.cancelled_owned(),
-                )
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await;
             if let Err(e) = served {
                 tracing::error!("master RPC server stopped: {e}");
