@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use mooncake_common::{Error, Result};
+
 use crate::store::StoreKind;
 
 /// RDMA transport configuration.
@@ -17,7 +19,9 @@ pub struct RdmaConfig {
     pub slice_size: usize,
     /// A tail up to this long is merged into the previous slice (16384).
     pub fragment_limit: usize,
-    /// Attempts a slice may make beyond its first (`MC_RETRY_CNT`, 9).
+    /// Attempts a slice may make in all (`MC_RETRY_CNT`, 9). As in Mooncake, every failed
+    /// attempt counts one and a slice fails for good once the count reaches this budget
+    /// (`retry_cnt >= max_retry_cnt`), so 9 allows 9 attempts, not 9 retries after a first.
     pub retry_cnt: u32,
     /// GID index to use instead of auto-selection (`MC_GID_INDEX`).
     pub gid_index: Option<u32>,
@@ -56,6 +60,44 @@ impl Default for RdmaConfig {
 }
 
 impl RdmaConfig {
+    /// Checks the values the transport cannot run with: zero counts and sizes, a port 0,
+    /// an MTU outside 256..=4096. Fails with `ERR_INVALID_ARGUMENT`.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("num_qp_per_ep", self.num_qp_per_ep),
+            ("max_ep_per_ctx", self.max_ep_per_ctx),
+            ("slice_size", self.slice_size),
+            ("retry_cnt", self.retry_cnt as usize),
+            ("ib_port", usize::from(self.ib_port)),
+            ("max_wr", self.max_wr as usize),
+            ("max_cqe", self.max_cqe),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::invalid(format!("RDMA config: {name} must be > 0")));
+            }
+        }
+        if self.num_qp_per_ep > 255 {
+            return Err(Error::invalid(format!(
+                "RDMA config: num_qp_per_ep {} exceeds 255",
+                self.num_qp_per_ep
+            )));
+        }
+        if !(256..=4096).contains(&self.mtu) {
+            return Err(Error::invalid(format!(
+                "RDMA config: mtu {} is outside 256..=4096",
+                self.mtu
+            )));
+        }
+        if self.slice_size > u32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "RDMA config: slice_size {} exceeds one work request",
+                self.slice_size
+            )));
+        }
+        Ok(())
+    }
+
     /// Defaults overridden by the `MC_*` variables that are set and valid.
     pub fn from_env() -> Self {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -150,5 +192,41 @@ mod tests {
         assert_eq!(config.gid_index, Some(3));
         assert_eq!(config.store_kind, StoreKind::Fifo);
         assert_eq!(config.mtu, 4096);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn zero_sizes_are_invalid() {
+        assert!(RdmaConfig::default().validate().is_ok());
+        let broken = [
+            RdmaConfig {
+                num_qp_per_ep: 0,
+                ..RdmaConfig::default()
+            },
+            RdmaConfig {
+                max_wr: 0,
+                ..RdmaConfig::default()
+            },
+            RdmaConfig {
+                max_cqe: 0,
+                ..RdmaConfig::default()
+            },
+            RdmaConfig {
+                slice_size: 0,
+                ..RdmaConfig::default()
+            },
+            RdmaConfig {
+                retry_cnt: 0,
+                ..RdmaConfig::default()
+            },
+            RdmaConfig {
+                mtu: 100,
+                ..RdmaConfig::default()
+            },
+        ];
+        for config in broken {
+            let e = config.validate().unwrap_err();
+            assert_eq!(e.kind(), mooncake_common::ErrorKind::InvalidArgument, "{e}");
+        }
     }
 }

@@ -98,6 +98,27 @@ pub(crate) struct EndpointInner {
     pub(crate) next_qp: usize,
 }
 
+/// What [`Endpoint::retire`] did.
+pub(crate) struct Retired {
+    /// Pieces that never reached a QP.
+    pub(crate) pieces: Vec<Piece>,
+    /// This call retired the endpoint (false: it already was).
+    pub(crate) now: bool,
+    /// A QP could not be moved to ERR: its requests will never flush.
+    pub(crate) stuck: bool,
+}
+
+/// Where the second phase of destroy stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Teardown {
+    /// Requests are still outstanding.
+    Draining,
+    /// Released with nothing outstanding.
+    Drained,
+    /// Released with requests outstanding: they will never complete.
+    Forced,
+}
+
 /// The QPs between one local device and one peer NIC path.
 pub(crate) struct Endpoint {
     pub(crate) local_path: String,
@@ -454,44 +475,99 @@ impl Endpoint {
     }
 
     /// First phase of destroy: QPs to ERR (in-flight requests flush), state DESTROYING.
-    /// Returns pieces that never reached a QP. Idempotent.
-    pub(crate) fn retire(&self) -> Vec<Piece> {
+    /// Idempotent.
+    pub(crate) fn retire(&self) -> Retired {
         let mut inner = self.lock();
         if matches!(
             inner.state,
             EndpointState::Destroying | EndpointState::Destroyed
         ) {
-            return Vec::new();
+            return Retired {
+                pieces: Vec::new(),
+                now: false,
+                stuck: false,
+            };
         }
         Self::set_state(&mut inner, EndpointState::Destroying);
+        let mut stuck = false;
         for qp in &inner.qps {
             if let Err(e) = qp.modify(QpTransition::Err) {
-                tracing::debug!(peer = %self.peer_path, "QP {} to ERR: {e}", qp.qp_num());
+                tracing::warn!(peer = %self.peer_path, "QP {} to ERR: {e}", qp.qp_num());
+                stuck = true;
             }
         }
         let mut pieces = std::mem::take(&mut inner.pending);
         pieces.extend(inner.backlog.drain(..));
-        pieces
+        Retired {
+            pieces,
+            now: true,
+            stuck,
+        }
     }
 
-    /// Second phase of destroy: true once the QPs are released (drained, or `timeout` since
-    /// the retirement).
-    pub(crate) fn try_finish_destroy(&self, timeout: std::time::Duration) -> bool {
+    /// Second phase of destroy: releases the QPs once drained, or `timeout` after the
+    /// retirement regardless.
+    pub(crate) fn try_finish_destroy(&self, timeout: std::time::Duration) -> Teardown {
         let mut inner = self.lock();
         if inner.state == EndpointState::Destroyed {
-            return true;
+            return Teardown::Drained;
         }
         let drained = self.outstanding.load(Ordering::Acquire) == 0;
         if drained || inner.since.elapsed() > timeout {
             if !drained {
                 tracing::warn!(peer = %self.peer_path, "destroying an endpoint with requests still outstanding");
             }
-            Self::set_state(&mut inner, EndpointState::Destroyed);
-            inner.qps.clear();
-            inner.depth.clear();
-            return true;
+            Self::release_qps(&mut inner);
+            return if drained {
+                Teardown::Drained
+            } else {
+                Teardown::Forced
+            };
         }
-        false
+        Teardown::Draining
+    }
+
+    /// Releases the QPs now, drained or not. Returns the pieces that never reached a QP.
+    pub(crate) fn destroy_now(&self) -> Vec<Piece> {
+        let mut inner = self.lock();
+        Self::release_qps(&mut inner);
+        let mut pieces = std::mem::take(&mut inner.pending);
+        pieces.extend(inner.backlog.drain(..));
+        pieces
+    }
+
+    fn release_qps(inner: &mut EndpointInner) {
+        if inner.state != EndpointState::Destroyed {
+            Self::set_state(inner, EndpointState::Destroyed);
+        }
+        inner.qps.clear();
+        inner.depth.clear();
+    }
+
+    /// Takes the waiting pieces whose deadline passed at `now`.
+    pub(crate) fn take_expired(&self, now: tokio::time::Instant) -> Vec<Piece> {
+        let mut inner = self.lock();
+        if inner.pending.is_empty() && inner.backlog.is_empty() {
+            return Vec::new();
+        }
+        let mut expired = Vec::new();
+        let pending = std::mem::take(&mut inner.pending);
+        for piece in pending {
+            if piece.expired(now) {
+                expired.push(piece);
+            } else {
+                inner.pending.push(piece);
+            }
+        }
+        let backlog = std::mem::take(&mut inner.backlog);
+        for piece in backlog {
+            if piece.expired(now) {
+                expired.push(piece);
+            } else {
+                inner.backlog.push_back(piece);
+            }
+        }
+        expired
     }
 }
 

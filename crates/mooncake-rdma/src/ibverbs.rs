@@ -6,8 +6,9 @@
 //! owns one verbs object and keeps its parent alive (`Arc`), so objects are destroyed child
 //! first. libibverbs is thread-safe, which is what the `Send`/`Sync` impls rely on.
 //!
-//! Gaps: completions are polled (the CQ `wait` sleeps briefly instead of arming a completion
-//! channel); the async event fd is put in non-blocking mode and `poll(2)`ed.
+//! Gaps: completions are polled (the CQ `wait` sleeps for the time it is given instead of
+//! arming a completion channel; the transport's poller shortens the sleeps while requests
+//! are outstanding); the async event fd is put in non-blocking mode and `poll(2)`ed.
 
 use std::ffi::{c_void, CStr};
 use std::os::fd::RawFd;
@@ -193,8 +194,19 @@ impl Device for IbvDevice {
     }
 
     fn gid_table(&self, port: u8) -> Result<Vec<GidEntry>> {
-        let attr = self.port_attr(port)?;
-        let mut table = vec![ffi::ibv_gid_entry::default(); attr.gid_tbl_len.max(0) as usize];
+        // `ibv_query_gid_table` returns the entries of every port, so the buffer must hold
+        // the tables of all of them.
+        let mut dev = ffi::ibv_device_attr::default();
+        // SAFETY: FFI call on a live context with a valid out-pointer of the right type.
+        let rc = unsafe { ffi::ibv_query_device(self.inner.ctx, &mut dev) };
+        if rc != 0 {
+            return Err(errno_error(ErrorKind::Context, "ibv_query_device", rc));
+        }
+        let mut entries = 0usize;
+        for p in 1..=dev.phys_port_cnt.max(port) {
+            entries += self.port_attr(p)?.gid_tbl_len.max(0) as usize;
+        }
+        let mut table = vec![ffi::ibv_gid_entry::default(); entries];
         // SAFETY: the buffer holds `table.len()` entries of the size we pass.
         let n = unsafe {
             ffi::_ibv_query_gid_table(
@@ -292,7 +304,12 @@ impl Device for IbvDevice {
                 ffi::IBV_EVENT_GID_CHANGE => {
                     Some(AsyncEvent::GidChange(event.element.port_num as u8))
                 }
+                ffi::IBV_EVENT_LID_CHANGE => {
+                    Some(AsyncEvent::LidChange(event.element.port_num as u8))
+                }
                 ffi::IBV_EVENT_DEVICE_FATAL => Some(AsyncEvent::DeviceFatal),
+                ffi::IBV_EVENT_CQ_ERR => Some(AsyncEvent::CqError),
+                ffi::IBV_EVENT_WQ_FATAL => Some(AsyncEvent::WqFatal),
                 ffi::IBV_EVENT_QP_FATAL
                 | ffi::IBV_EVENT_QP_REQ_ERR
                 | ffi::IBV_EVENT_QP_ACCESS_ERR => {
@@ -518,7 +535,7 @@ impl CompletionQueue for IbvCq {
     }
 
     fn wait(&self, timeout: Duration) {
-        std::thread::sleep(timeout.min(Duration::from_micros(50)));
+        std::thread::sleep(timeout);
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -659,12 +676,17 @@ impl QueuePair for IbvQp {
                 lkey: wr.lkey,
             })
             .collect();
+        // One raw pointer for all entries: re-borrowing the vector per entry would
+        // invalidate the pointers handed out before.
+        let sge_base = sges.as_mut_ptr();
         let mut chain: Vec<ffi::ibv_send_wr> = Vec::with_capacity(wrs.len());
         for (i, wr) in wrs.iter().enumerate() {
             let mut w = ffi::ibv_send_wr {
                 wr_id: wr.wr_id,
                 next: ptr::null_mut(),
-                sg_list: &mut sges[i],
+                // SAFETY: `i < sges.len()`; `sges` is neither moved nor borrowed again
+                // until the post returns.
+                sg_list: unsafe { sge_base.add(i) },
                 num_sge: 1,
                 opcode: match wr.op {
                     WrOp::Read => ffi::ibv_wr_opcode::IBV_WR_RDMA_READ,

@@ -9,8 +9,9 @@
 //!
 //! Fault injection: fail the next completions of a device or QP with a chosen status, put a
 //! port down or up (with async events), force a QP into ERR, refuse connections, slow a
-//! device down. An error completion moves its QP to ERR, as on hardware, so requests behind
-//! it flush.
+//! device down or stall it, raise any async event. An error completion moves its QP to ERR,
+//! as on hardware, so requests behind it flush. A CQ holds as many completions as it was
+//! created for; one more is lost and raises `CqError`, as an overflow does on hardware.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -46,6 +47,8 @@ pub struct SoftDeviceStats {
     pub failed: u64,
     /// Bytes moved by successful requests.
     pub bytes: u64,
+    /// Most requests posted and not yet polled at once on one CQ of the device.
+    pub cq_high_water: u64,
 }
 
 #[derive(Default)]
@@ -74,12 +77,15 @@ struct DeviceState {
     refuse: AtomicBool,
     broken: AtomicBool,
     latency_us: AtomicU64,
+    stalled: Mutex<bool>,
+    unstalled: Condvar,
     faults: Mutex<VecDeque<WcStatus>>,
     listeners: Mutex<Vec<Weak<EventQueue>>>,
     worker: Mutex<Option<mpsc::Sender<Job>>>,
     completed: AtomicU64,
     failed: AtomicU64,
     bytes: AtomicU64,
+    cq_high_water: AtomicU64,
 }
 
 impl DeviceState {
@@ -144,12 +150,15 @@ impl SoftFabric {
                 refuse: AtomicBool::new(false),
                 broken: AtomicBool::new(false),
                 latency_us: AtomicU64::new(0),
+                stalled: Mutex::new(false),
+                unstalled: Condvar::new(),
                 faults: Mutex::new(VecDeque::new()),
                 listeners: Mutex::new(Vec::new()),
                 worker: Mutex::new(None),
                 completed: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
+                cq_high_water: AtomicU64::new(0),
             }),
         );
         Ok(())
@@ -217,12 +226,35 @@ impl SoftFabric {
         Ok(())
     }
 
+    /// Holds every request `device` is given (without running it) until released; a stalled
+    /// device completes nothing, not even flushes.
+    pub fn stall(&self, device: &str, stalled: bool) -> Result<()> {
+        let dev = self.device(device)?;
+        *lock(&dev.stalled) = stalled;
+        dev.unstalled.notify_all();
+        Ok(())
+    }
+
+    /// Raises `event` on every open handle of `device`.
+    pub fn raise(&self, device: &str, event: AsyncEvent) -> Result<()> {
+        self.device(device)?.raise(event);
+        Ok(())
+    }
+
     /// Numbers of the live QPs created on `device`.
     pub fn qp_nums(&self, device: &str) -> Vec<u32> {
-        let mut nums: Vec<u32> = lock(&self.inner.qps)
+        // The strong references are dropped after the lock: dropping the last one runs
+        // `QpInner::drop`, which takes the same lock.
+        let live: Vec<(u32, Arc<QpInner>)> = lock(&self.inner.qps)
             .iter()
-            .filter_map(|(n, qp)| qp.upgrade().filter(|q| q.device.name == device).map(|_| *n))
+            .filter_map(|(n, qp)| qp.upgrade().map(|q| (*n, q)))
             .collect();
+        let mut nums: Vec<u32> = live
+            .iter()
+            .filter(|(_, q)| q.device.name == device)
+            .map(|(n, _)| *n)
+            .collect();
+        drop(live);
         nums.sort_unstable();
         nums
     }
@@ -234,6 +266,7 @@ impl SoftFabric {
                 completed: d.completed.load(Ordering::Relaxed),
                 failed: d.failed.load(Ordering::Relaxed),
                 bytes: d.bytes.load(Ordering::Relaxed),
+                cq_high_water: d.cq_high_water.load(Ordering::Relaxed),
             })
             .unwrap_or_default()
     }
@@ -313,10 +346,17 @@ impl Device for SoftDevice {
     }
 
     fn create_cq(&self, cqe: usize) -> Result<Arc<dyn CompletionQueue>> {
+        if cqe == 0 {
+            return Err(Error::invalid("a CQ needs at least one entry"));
+        }
         Ok(Arc::new(SoftCq {
             inner: Arc::new(CqInner {
+                capacity: cqe,
                 queue: Mutex::new(VecDeque::with_capacity(cqe.min(4096))),
                 ready: Condvar::new(),
+                unpolled: AtomicU64::new(0),
+                device: self.state.clone(),
+                events: Arc::downgrade(&self.events),
             }),
         }))
     }
@@ -426,13 +466,44 @@ impl Drop for SoftMr {
 }
 
 struct CqInner {
+    capacity: usize,
     queue: Mutex<VecDeque<Completion>>,
     ready: Condvar,
+    /// Requests posted towards this CQ whose completions were not polled yet.
+    unpolled: AtomicU64,
+    device: Arc<DeviceState>,
+    /// The handle that created the CQ: an overflow is its event.
+    events: Weak<EventQueue>,
 }
 
 impl CqInner {
+    fn posted(&self) {
+        let n = self.unpolled.fetch_add(1, Ordering::AcqRel) + 1;
+        self.device.cq_high_water.fetch_max(n, Ordering::Relaxed);
+    }
+
+    fn unposted(&self, count: u64) {
+        let _ = self
+            .unpolled
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(count))
+            });
+    }
+
     fn push(&self, completion: Completion) {
-        lock(&self.queue).push_back(completion);
+        let mut queue = lock(&self.queue);
+        if queue.len() >= self.capacity {
+            drop(queue);
+            self.unposted(1);
+            tracing::warn!(device = %self.device.name, "soft CQ overflow: completion lost");
+            if let Some(events) = self.events.upgrade() {
+                lock(&events.events).push_back(AsyncEvent::CqError);
+                events.ready.notify_all();
+            }
+            return;
+        }
+        queue.push_back(completion);
+        drop(queue);
         self.ready.notify_all();
     }
 }
@@ -445,7 +516,10 @@ impl CompletionQueue for SoftCq {
     fn poll(&self, max: usize) -> Vec<Completion> {
         let mut queue = lock(&self.inner.queue);
         let n = queue.len().min(max);
-        queue.drain(..n).collect()
+        let out: Vec<Completion> = queue.drain(..n).collect();
+        drop(queue);
+        self.inner.unposted(out.len() as u64);
+        out
     }
 
     fn wait(&self, timeout: Duration) {
@@ -593,7 +667,9 @@ impl QueuePair for SoftQp {
                 qp: qp.clone(),
                 wr: *wr,
             };
+            qp.cq.posted();
             if sender.send(job).is_err() {
+                qp.cq.unposted(1);
                 qp.outstanding.fetch_sub(1, Ordering::AcqRel);
                 return Err(PostError {
                     posted: i,
@@ -622,6 +698,16 @@ fn spawn_worker(device: &str, fabric: Weak<Fabric>) -> mpsc::Sender<Job> {
 
 fn execute(fabric: &Weak<Fabric>, job: Job) {
     let Job { qp, wr } = job;
+    {
+        let mut stalled = lock(&qp.device.stalled);
+        while *stalled {
+            stalled = qp
+                .device
+                .unstalled
+                .wait(stalled)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
     let latency = qp.device.latency_us.load(Ordering::Acquire);
     if latency > 0 {
         std::thread::sleep(Duration::from_micros(latency));
@@ -731,4 +817,48 @@ fn covers(mr: &MrEntry, addr: usize, len: usize) -> bool {
         && addr
             .checked_add(len)
             .is_some_and(|end| end <= mr.addr + mr.len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_qps_while_they_are_dropped_does_not_deadlock() {
+        let fabric = SoftFabric::new();
+        fabric.add_device("soft0", [1; 16]).unwrap();
+        let device = fabric.open("soft0").unwrap();
+        let pd = device.alloc_pd().unwrap();
+        let cq = device.create_cq(16).unwrap();
+        let cap = QpCap {
+            max_send_wr: 4,
+            max_recv_wr: 4,
+            max_sge: 1,
+            max_inline: 0,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let lister = {
+            let (fabric, stop) = (fabric.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    fabric.qp_nums("soft0");
+                }
+            })
+        };
+        let (done_tx, done_rx) = mpsc::channel();
+        let churner = std::thread::spawn(move || {
+            let until = std::time::Instant::now() + Duration::from_millis(300);
+            while std::time::Instant::now() < until {
+                let qps: Vec<_> = (0..8).map(|_| pd.create_qp(&cq, cap).unwrap()).collect();
+                drop(qps);
+            }
+            let _ = done_tx.send(());
+        });
+        let finished = done_rx.recv_timeout(Duration::from_secs(20)).is_ok();
+        stop.store(true, Ordering::Release);
+        assert!(finished, "creating and dropping QPs deadlocked");
+        churner.join().unwrap();
+        lister.join().unwrap();
+        assert!(fabric.qp_nums("soft0").is_empty());
+    }
 }

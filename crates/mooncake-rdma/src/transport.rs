@@ -9,8 +9,12 @@
 //! watches its async events, and retires and reclaims endpoints. A failed piece is charged
 //! to its rail according to its status and dispatched again, avoiding that rail, until the
 //! retry budget runs out. An engine slice reports to its task once, after its last piece.
+//!
+//! All endpoints of a context share its CQ, so a context posts at most `max_cqe` requests
+//! at a time (an overflowing CQ loses completions); pieces beyond that wait in a queue of
+//! the context that completions drain.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -23,11 +27,12 @@ use mooncake_metadata::handshake::messages::ConnectionMessage;
 use mooncake_metadata::handshake::MessageType;
 use mooncake_transport::rail::{Failure, RailPolicy, RailSet, RailStats};
 use mooncake_transport::{Opcode, Region, Slice, Task};
+use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RdmaConfig;
-use crate::endpoint::{AcceptError, ActiveStart, Endpoint, EndpointState, LinkInfo};
+use crate::endpoint::{AcceptError, ActiveStart, Endpoint, EndpointState, LinkInfo, Teardown};
 use crate::gid::select_gid;
 use crate::peer::{DeviceDesc, PriorityMatrix, RdmaPeer};
 use crate::store::EndpointStore;
@@ -170,11 +175,35 @@ pub(crate) struct Context {
     local_failures: AtomicU32,
     endpoints: Mutex<EndpointStore<Arc<Endpoint>>>,
     retiring: Mutex<Vec<Arc<Endpoint>>>,
+    /// Requests posted on the CQ and not yet completed (or written off).
+    cq_outstanding: AtomicUsize,
+    max_cqe: usize,
+    /// Pieces that found the CQ full, with the endpoint they were meant for.
+    cq_waiting: Mutex<VecDeque<(Arc<Endpoint>, Piece)>>,
 }
 
 impl Context {
     fn usable(&self) -> bool {
         self.port_up.load(Ordering::Acquire) && self.active.load(Ordering::Acquire)
+    }
+
+    /// Claims one CQ entry, if the CQ has room.
+    fn reserve_cqe(&self) -> bool {
+        self.cq_outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_cqe).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release_cqes(&self, count: usize) {
+        if count > 0 {
+            let _ = self
+                .cq_outstanding
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(count))
+                });
+        }
     }
 
     fn link(&self) -> LinkInfo {
@@ -242,8 +271,17 @@ pub(crate) struct Piece {
     rails: Arc<RailEntry>,
     rail: Option<usize>,
     avoid: Option<usize>,
+    /// A local fault happened on this device: prefer rails of another one.
+    avoid_device: Option<String>,
     attempts: u32,
     last_error: Option<Error>,
+    deadline: Option<TokioInstant>,
+}
+
+impl Piece {
+    pub(crate) fn expired(&self, now: TokioInstant) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
 }
 
 struct Posted {
@@ -283,7 +321,8 @@ struct Inner {
 
 impl RdmaTransport {
     /// Opens a context on every device of `options.devices` that can be opened (those that
-    /// fail are left out with a warning); fails with `ERR_DEVICE_NOT_FOUND` if none can.
+    /// fail are left out with a warning); fails with `ERR_DEVICE_NOT_FOUND` if none can, and
+    /// with `ERR_INVALID_ARGUMENT` if the configuration is unusable.
     /// Must be called inside a tokio runtime, which runs the handshakes.
     pub fn new(
         provider: Arc<dyn Provider>,
@@ -293,6 +332,7 @@ impl RdmaTransport {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::invalid("the RDMA transport must be created inside a tokio runtime")
         })?;
+        options.config.validate()?;
         let config = options.config;
         let mut contexts = Vec::new();
         for name in &options.devices {
@@ -474,12 +514,12 @@ impl RdmaTransport {
         Some((lkeys, rkeys))
     }
 
-    /// Moves `slices` to or from `peer`. Every slice reports to its task exactly once.
-    pub fn submit(&self, peer: &RdmaPeer, slices: Vec<Slice>) {
-        let peer = Arc::new(peer.clone());
+    /// Moves `slices` to or from `peer`. Every slice reports to its task exactly once; one
+    /// whose deadline passes before all its pieces are posted fails with `ERR_TIMEOUT`.
+    pub fn submit(&self, peer: &Arc<RdmaPeer>, slices: Vec<Slice>) {
         let mut rail_cache: HashMap<(String, usize), Arc<RailEntry>> = HashMap::new();
         for slice in slices {
-            let pieces = match self.plan(&peer, &slice, &mut rail_cache) {
+            let pieces = match self.plan(peer, &slice, &mut rail_cache) {
                 Ok(pieces) => pieces,
                 Err(e) => {
                     let task = slice.task.clone();
@@ -501,7 +541,7 @@ impl RdmaTransport {
                 left: AtomicUsize::new(pieces.len()),
                 error: OnceLock::new(),
             });
-            let (region_addr, op) = (slice.region.addr(), slice.op);
+            let (region_addr, op, deadline) = (slice.region.addr(), slice.op, slice.deadline);
             drop(slice);
             for (local_addr, len, remote_addr, buffer, rails) in pieces {
                 self.inner.dispatch(Piece {
@@ -516,8 +556,10 @@ impl RdmaTransport {
                     rails,
                     rail: None,
                     avoid: None,
+                    avoid_device: None,
                     attempts: 0,
                     last_error: None,
+                    deadline,
                 })
             }
         }
@@ -683,8 +725,8 @@ impl RdmaTransport {
         })
     }
 
-    /// Fails pending slices with `ERR_CLOSED`, retires every endpoint, waits for posted
-    /// requests to drain (bounded) and joins the threads and tasks.
+    /// Retires every endpoint, waits for posted requests to drain (bounded), joins the
+    /// threads and tasks, then destroys what is left and fails its slices with `ERR_CLOSED`.
     pub async fn close(&self) {
         let inner = &self.inner;
         inner.closed.store(true, Ordering::Release);
@@ -709,28 +751,17 @@ impl RdmaTransport {
             }
         });
         let _ = joined.await;
-        let left: Vec<Posted> = lock(&inner.inflight).drain().map(|(_, p)| p).collect();
-        for posted in left {
-            inner.finish(posted.piece, Err(Error::closed("the RDMA transport")));
-        }
-        for ctx in &inner.contexts {
-            for ep in lock(&ctx.retiring).drain(..) {
-                ep.try_finish_destroy(Duration::ZERO);
-            }
-        }
-        inner
-            .registrations
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        inner.shut_down();
     }
 }
 
 impl Drop for RdmaTransport {
+    /// A transport dropped without [`close`](RdmaTransport::close) still settles every
+    /// slice it holds, with `ERR_CLOSED`. Threads see the flag within one poll period and
+    /// exit on their own.
     fn drop(&mut self) {
-        // Threads see the flag within one poll period and exit on their own.
         self.inner.stop.store(true, Ordering::Release);
-        self.inner.cancel.cancel();
+        self.inner.shut_down();
     }
 }
 
@@ -779,12 +810,23 @@ fn open_context(
         local_failures: AtomicU32::new(0),
         endpoints: Mutex::new(EndpointStore::new(config.store_kind, config.max_ep_per_ctx)),
         retiring: Mutex::new(Vec::new()),
+        cq_outstanding: AtomicUsize::new(0),
+        max_cqe: config.max_cqe,
+        cq_waiting: Mutex::new(VecDeque::new()),
     })
 }
 
 fn poll_loop(inner: Weak<Inner>, ctx: Arc<Context>) {
     const TICK: Duration = Duration::from_millis(100);
+    // While requests are outstanding or were recently, the CQ is polled closely; after
+    // `PARK_AFTER` without any, the waits grow to `MAX_WAIT` so an idle context costs
+    // hundreds of wakeups a second rather than tens of thousands.
+    const PARK_AFTER: Duration = Duration::from_millis(100);
+    const BUSY_WAIT: Duration = Duration::from_micros(50);
+    const MAX_WAIT: Duration = Duration::from_millis(5);
     let mut last_tick = Instant::now();
+    let mut last_busy = Instant::now();
+    let mut wait = BUSY_WAIT;
     loop {
         let Some(transport) = inner.upgrade() else {
             return;
@@ -797,6 +839,9 @@ fn poll_loop(inner: Weak<Inner>, ctx: Arc<Context>) {
         for wc in completions {
             transport.on_completion(&ctx, wc);
         }
+        if !idle {
+            transport.drain_cq_waiting(&ctx);
+        }
         while let Some(event) = ctx.device.next_event(Duration::ZERO) {
             transport.on_event(&ctx, event);
         }
@@ -805,8 +850,15 @@ fn poll_loop(inner: Weak<Inner>, ctx: Arc<Context>) {
             transport.tick(&ctx);
         }
         drop(transport);
+        if !idle || ctx.cq_outstanding.load(Ordering::Acquire) > 0 {
+            last_busy = Instant::now();
+            wait = BUSY_WAIT;
+        }
         if idle {
-            ctx.cq.wait(Duration::from_millis(10));
+            if last_busy.elapsed() >= PARK_AFTER {
+                wait = (wait * 2).min(MAX_WAIT);
+            }
+            ctx.cq.wait(wait);
         }
     }
 }
@@ -817,6 +869,77 @@ fn settle(set: &RailSet, rail: usize, bytes: u64, charge: Charge) {
         Charge::Transient => set.failed(rail, bytes, Failure::Transient),
         // A remote fault condemns the path; the rail set keeps the last usable rail open.
         Charge::Remote => set.failed(rail, bytes, Failure::Fatal),
+    }
+}
+
+fn deadline_error(piece: &Piece) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!(
+            "{} bytes to {} missed the request deadline",
+            piece.len, piece.peer.server_name
+        ),
+    )
+}
+
+/// Picks a rail for `piece`. After a local fault, rails of the faulty device are passed
+/// over while the tier selection would use has a usable rail of another device.
+/// `RailSet::pick` avoids one rail only, so each rail of that device it offers is loaded
+/// with a huge byte count, which steers the least-loaded choice away from it, and unloaded
+/// once a rail is chosen.
+fn pick_rail(piece: &Piece) -> Option<usize> {
+    const SHUN: u64 = 1 << 50;
+    let set = &piece.rails.set;
+    let len = piece.len as u64;
+    let Some(bad) = piece.avoid_device.as_deref() else {
+        return set.pick(len, piece.avoid);
+    };
+    if !(0..set.len()).any(|i| set.rail(i).0 != bad && set.is_usable(i)) {
+        return set.pick(len, piece.avoid);
+    }
+    let mut shunned: Vec<usize> = Vec::new();
+    let chosen = loop {
+        let Some(rail) = set.pick(SHUN, piece.avoid) else {
+            break None;
+        };
+        if set.rail(rail).0 != bad {
+            set.release(rail, SHUN - len);
+            break Some(rail);
+        }
+        let again = shunned.contains(&rail);
+        shunned.push(rail);
+        if again {
+            break None;
+        }
+    };
+    for &rail in &shunned {
+        set.release(rail, SHUN);
+    }
+    chosen.or_else(|| set.pick(len, piece.avoid))
+}
+
+/// Releases a connect claim if its task ends without reaching an outcome.
+struct ConnectGuard {
+    inner: Arc<Inner>,
+    ctx: Arc<Context>,
+    ep: Arc<Endpoint>,
+    armed: bool,
+}
+
+impl ConnectGuard {
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ConnectGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::warn!(from = %self.ep.local_path, to = %self.ep.peer_path, "RDMA connect task ended without an outcome");
+            let e = Error::new(ErrorKind::Endpoint, "the connect task ended early");
+            self.inner
+                .connect_failed(&self.ctx, &self.ep, e, Charge::None);
+        }
     }
 }
 
@@ -931,7 +1054,12 @@ impl Inner {
             );
             return self.finish(piece, Err(e));
         }
-        if piece.attempts > self.policy.retry_budget {
+        if piece.expired(TokioInstant::now()) {
+            let e = deadline_error(&piece);
+            return self.finish(piece, Err(e));
+        }
+        // Mooncake's rule: a slice fails for good once its failures reach MC_RETRY_CNT.
+        if piece.attempts >= self.policy.retry_budget {
             let last = piece
                 .last_error
                 .take()
@@ -946,7 +1074,7 @@ impl Inner {
             );
             return self.finish(piece, Err(e));
         }
-        let Some(rail) = piece.rails.set.pick(piece.len as u64, piece.avoid) else {
+        let Some(rail) = pick_rail(&piece) else {
             let last = piece
                 .last_error
                 .as_ref()
@@ -965,7 +1093,7 @@ impl Inner {
         let (local, remote) = piece.rails.set.rail(rail);
         let Some(ctx) = self.context(local).cloned() else {
             let e = Error::new(ErrorKind::DeviceNotFound, format!("no context {local}"));
-            return self.retry(piece, e, Charge::Remote);
+            return self.retry(piece, e, Charge::Transient);
         };
         let peer_path = piece.peer.nic_path(remote);
         let ep = match self.endpoint(&ctx, &peer_path) {
@@ -1053,6 +1181,12 @@ impl Inner {
 
     /// Two-phase destroy, first phase; pieces that never reached a QP are dispatched again.
     fn retire(self: &Arc<Self>, ctx: &Arc<Context>, ep: &Arc<Endpoint>) {
+        self.retire_with(ctx, ep, false);
+    }
+
+    /// Retires `ep`; with `force`, or when a QP cannot reach ERR (nothing would flush), the
+    /// QPs are destroyed at once and the requests they held are dispatched again.
+    fn retire_with(self: &Arc<Self>, ctx: &Arc<Context>, ep: &Arc<Endpoint>, force: bool) {
         {
             let mut store = lock(&ctx.endpoints);
             if store
@@ -1062,8 +1196,15 @@ impl Inner {
                 store.remove(&ep.peer_path);
             }
         }
-        let pieces = ep.retire();
-        lock(&ctx.retiring).push(ep.clone());
+        let retired = ep.retire();
+        let mut pieces = retired.pieces;
+        let mut written_off = Vec::new();
+        if force || retired.stuck {
+            pieces.extend(ep.destroy_now());
+            written_off = self.take_inflight(ctx, ep);
+        } else if retired.now {
+            lock(&ctx.retiring).push(ep.clone());
+        }
         for piece in pieces {
             let e = Error::new(
                 ErrorKind::Endpoint,
@@ -1071,18 +1212,107 @@ impl Inner {
             );
             self.retry(piece, e, Charge::None);
         }
+        self.redispatch_written_off(ep, written_off);
     }
 
-    fn retire_all(self: &Arc<Self>, ctx: &Arc<Context>) {
+    fn retire_all(self: &Arc<Self>, ctx: &Arc<Context>, force: bool) {
         let endpoints = lock(&ctx.endpoints).drain();
         for (_, ep) in endpoints {
-            self.retire(ctx, &ep);
+            self.retire_with(ctx, &ep, force);
+        }
+        if force {
+            let retiring = std::mem::take(&mut *lock(&ctx.retiring));
+            for ep in retiring {
+                ep.destroy_now();
+                let written_off = self.take_inflight(ctx, &ep);
+                self.redispatch_written_off(&ep, written_off);
+            }
         }
     }
 
+    /// Removes every posted request of `ep` (whose QPs are gone, so they will never
+    /// complete) and gives their CQ entries back. Whoever removes an entry owns its piece,
+    /// so a completion racing with this still reports the piece once.
+    fn take_inflight(&self, ctx: &Context, ep: &Arc<Endpoint>) -> Vec<Piece> {
+        let mut inflight = lock(&self.inflight);
+        let ids: Vec<u64> = inflight
+            .iter()
+            .filter(|(_, p)| Arc::ptr_eq(&p.ep, ep))
+            .map(|(id, _)| *id)
+            .collect();
+        let pieces: Vec<Piece> = ids
+            .iter()
+            .filter_map(|id| inflight.remove(id))
+            .map(|p| p.piece)
+            .collect();
+        drop(inflight);
+        ctx.release_cqes(pieces.len());
+        pieces
+    }
+
+    fn redispatch_written_off(self: &Arc<Self>, ep: &Endpoint, pieces: Vec<Piece>) {
+        if !pieces.is_empty() {
+            tracing::warn!(peer = %ep.peer_path, count = pieces.len(), "requests of a destroyed endpoint dispatched again");
+        }
+        for piece in pieces {
+            let e = Error::new(
+                ErrorKind::Endpoint,
+                format!(
+                    "endpoint to {} destroyed with the request outstanding",
+                    ep.peer_path
+                ),
+            );
+            self.retry(piece, e, Charge::None);
+        }
+    }
+
+    /// Destroys everything and only then fails what is left with `ERR_CLOSED`: once a slice
+    /// reports, no QP may still reach its memory. Idempotent.
+    fn shut_down(self: &Arc<Self>) {
+        self.closed.store(true, Ordering::Release);
+        self.cancel.cancel();
+        let mut left: Vec<Piece> = Vec::new();
+        for ctx in &self.contexts {
+            // Pieces that never reached a QP fail here already, through `dispatch`.
+            let endpoints = lock(&ctx.endpoints).drain();
+            for (_, ep) in endpoints {
+                self.retire(ctx, &ep);
+            }
+            let retiring = std::mem::take(&mut *lock(&ctx.retiring));
+            for ep in retiring {
+                left.extend(ep.destroy_now());
+                left.extend(self.take_inflight(ctx, &ep));
+            }
+            left.extend(lock(&ctx.cq_waiting).drain(..).map(|(_, piece)| piece));
+        }
+        left.extend(lock(&self.inflight).drain().map(|(_, posted)| posted.piece));
+        self.registrations
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for piece in left {
+            self.finish(piece, Err(Error::closed("the RDMA transport")));
+        }
+    }
+
+    /// Posts `pieces` on `ep`, as far as its send queues and the context's CQ have room.
     fn post(self: &Arc<Self>, ctx: &Arc<Context>, ep: &Arc<Endpoint>, pieces: Vec<Piece>) {
+        if self.post_now(ctx, ep, pieces) {
+            // The CQ may have emptied while the pieces were being queued.
+            self.drain_cq_waiting(ctx);
+        }
+    }
+
+    /// Posts what fits; returns whether some pieces were queued for room in the CQ.
+    fn post_now(
+        self: &Arc<Self>,
+        ctx: &Arc<Context>,
+        ep: &Arc<Endpoint>,
+        pieces: Vec<Piece>,
+    ) -> bool {
         let mut rejected: Vec<(Piece, Error)> = Vec::new();
         let mut broken: Vec<(Piece, Error)> = Vec::new();
+        let mut waiting: Vec<Piece> = Vec::new();
         {
             let mut state = ep.lock();
             if state.state != EndpointState::Connected {
@@ -1094,13 +1324,19 @@ impl Inner {
                     );
                     self.retry(piece, e, Charge::None);
                 }
-                return;
+                return false;
             }
+            let now = TokioInstant::now();
             let nqp = state.qps.len();
             let mut batches: Vec<Vec<WorkRequest>> = vec![Vec::new(); nqp];
             let regs = self.registrations.read().unwrap_or_else(|p| p.into_inner());
             let mut inflight = lock(&self.inflight);
             for piece in pieces {
+                if piece.expired(now) {
+                    let e = deadline_error(&piece);
+                    broken.push((piece, e));
+                    continue;
+                }
                 let Some(qp) = (0..nqp)
                     .map(|k| (state.next_qp + k) % nqp)
                     .find(|&i| state.depth[i] < self.config.max_wr)
@@ -1108,6 +1344,10 @@ impl Inner {
                     state.backlog.push_back(piece);
                     continue;
                 };
+                if !ctx.reserve_cqe() {
+                    waiting.push(piece);
+                    continue;
+                }
                 state.next_qp = (qp + 1) % nqp;
                 let lkey = regs
                     .get(&piece.region_addr)
@@ -1119,6 +1359,7 @@ impl Inner {
                     .unwrap_or_default();
                 let rkey = piece.peer.rkey(piece.buffer, remote_dev);
                 let (Some(lkey), Some(rkey)) = (lkey, rkey) else {
+                    ctx.release_cqes(1);
                     let e = Error::new(
                         ErrorKind::AddressNotRegistered,
                         format!(
@@ -1162,9 +1403,21 @@ impl Inner {
                         if let Some(posted) = inflight.remove(&wr.wr_id) {
                             state.depth[qp] = state.depth[qp].saturating_sub(1);
                             ep.outstanding.fetch_sub(1, Ordering::AcqRel);
+                            ctx.release_cqes(1);
                             rejected.push((posted.piece, err.error.clone()));
                         }
                     }
+                }
+            }
+        }
+        let queued = !waiting.is_empty();
+        if queued {
+            lock(&ctx.cq_waiting).extend(waiting.into_iter().map(|piece| (ep.clone(), piece)));
+            if self.closed.load(Ordering::Acquire) {
+                // `shut_down` may have emptied the queue before these arrived.
+                let left: Vec<_> = lock(&ctx.cq_waiting).drain(..).collect();
+                for (_, piece) in left {
+                    self.finish(piece, Err(Error::closed("the RDMA transport")));
                 }
             }
         }
@@ -1177,6 +1430,42 @@ impl Inner {
         for (piece, e) in rejected {
             self.retry(piece, e, Charge::None);
         }
+        queued
+    }
+
+    /// Posts pieces that waited for room in the CQ, as long as there is room.
+    fn drain_cq_waiting(self: &Arc<Self>, ctx: &Arc<Context>) {
+        loop {
+            let room = ctx
+                .max_cqe
+                .saturating_sub(ctx.cq_outstanding.load(Ordering::Acquire));
+            if room == 0 {
+                return;
+            }
+            let batch: Vec<(Arc<Endpoint>, Piece)> = {
+                let mut queue = lock(&ctx.cq_waiting);
+                let n = room.min(queue.len());
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            let mut requeued = false;
+            let mut groups: Vec<(Arc<Endpoint>, Vec<Piece>)> = Vec::new();
+            for (ep, piece) in batch {
+                match groups.last_mut() {
+                    Some((last, pieces)) if Arc::ptr_eq(last, &ep) => pieces.push(piece),
+                    _ => groups.push((ep, vec![piece])),
+                }
+            }
+            for (ep, pieces) in groups {
+                requeued |= self.post_now(ctx, &ep, pieces);
+            }
+            // Requeued means the CQ filled up again; its completions will drain the rest.
+            if requeued {
+                return;
+            }
+        }
     }
 
     fn on_completion(self: &Arc<Self>, ctx: &Arc<Context>, wc: Completion) {
@@ -1184,6 +1473,7 @@ impl Inner {
             tracing::debug!(device = %ctx.name, wr_id = wc.wr_id, "completion for an unknown request");
             return;
         };
+        ctx.release_cqes(1);
         let backlog: Vec<Piece> = {
             let mut state = ep.lock();
             if let Some(d) = state.depth.get_mut(qp) {
@@ -1219,8 +1509,12 @@ impl Inner {
                 if failures >= MAX_LOCAL_FAILURES && ctx.active.swap(false, Ordering::AcqRel) {
                     tracing::error!(device = %ctx.name, "too many local faults: context disabled");
                     self.set_device_rails(&ctx.name, false);
-                    self.retire_all(ctx);
+                    self.retire_all(ctx, false);
                 }
+                // Mooncake hands a local fault to another local NIC: any rail of this
+                // device would likely fail the same way.
+                let mut piece = piece;
+                piece.avoid_device = Some(ctx.name.clone());
                 self.retry(piece, error, Charge::Transient);
             }
             _ => self.retry(piece, error, Charge::Remote),
@@ -1231,22 +1525,19 @@ impl Inner {
         tracing::info!(device = %ctx.name, ?event, "RDMA async event");
         let port = self.config.ib_port;
         match event {
-            AsyncEvent::PortError(p) if p == port => {
+            // A new LID invalidates every connection; the port is brought back by the
+            // next PortActive or by the tick once the port reads ACTIVE.
+            AsyncEvent::PortError(p) | AsyncEvent::LidChange(p) if p == port => {
                 ctx.port_up.store(false, Ordering::Release);
                 self.set_device_rails(&ctx.name, false);
-                self.retire_all(ctx);
+                self.retire_all(ctx, false);
             }
-            AsyncEvent::PortActive(p) if p == port => {
-                self.reprobe_gid(ctx);
-                ctx.port_up.store(true, Ordering::Release);
-                if ctx.active.load(Ordering::Acquire) {
-                    self.set_device_rails(&ctx.name, true);
-                }
-            }
-            AsyncEvent::DeviceFatal => {
+            AsyncEvent::PortActive(p) if p == port => self.port_back(ctx),
+            // Completions are lost or will never come: nothing drains, so destroy now.
+            AsyncEvent::DeviceFatal | AsyncEvent::CqError | AsyncEvent::WqFatal => {
                 ctx.active.store(false, Ordering::Release);
                 self.set_device_rails(&ctx.name, false);
-                self.retire_all(ctx);
+                self.retire_all(ctx, true);
             }
             AsyncEvent::QpFatal(qpn) => {
                 let target = lock(&ctx.endpoints)
@@ -1260,9 +1551,20 @@ impl Inner {
             }
             AsyncEvent::GidChange(p) if p == port => {
                 self.reprobe_gid(ctx);
-                self.retire_all(ctx);
+                self.retire_all(ctx, false);
             }
             _ => {}
+        }
+    }
+
+    fn port_back(&self, ctx: &Context) {
+        if let Ok(attr) = ctx.device.query_port(self.config.ib_port) {
+            lock(&ctx.link).lid = attr.lid;
+        }
+        self.reprobe_gid(ctx);
+        ctx.port_up.store(true, Ordering::Release);
+        if ctx.active.load(Ordering::Acquire) {
+            self.set_device_rails(&ctx.name, true);
         }
     }
 
@@ -1285,28 +1587,85 @@ impl Inner {
 
     fn tick(self: &Arc<Self>, ctx: &Arc<Context>) {
         let timeout = self.config.destroy_timeout;
-        lock(&ctx.retiring).retain(|ep| !ep.try_finish_destroy(timeout));
-        let overdue: Vec<Arc<Endpoint>> = lock(&ctx.endpoints)
+        let mut forced = Vec::new();
+        lock(&ctx.retiring).retain(|ep| match ep.try_finish_destroy(timeout) {
+            Teardown::Draining => true,
+            Teardown::Drained => false,
+            Teardown::Forced => {
+                forced.push(ep.clone());
+                false
+            }
+        });
+        for ep in forced {
+            let written_off = self.take_inflight(ctx, &ep);
+            self.redispatch_written_off(&ep, written_off);
+        }
+        let endpoints: Vec<Arc<Endpoint>> = lock(&ctx.endpoints)
             .entries()
             .into_iter()
             .map(|(_, ep)| ep)
-            .filter(|ep| ep.ack_overdue(self.config.ready_ack_timeout))
             .collect();
-        for ep in overdue {
+        for ep in endpoints
+            .iter()
+            .filter(|ep| ep.ack_overdue(self.config.ready_ack_timeout))
+        {
             tracing::warn!(peer = %ep.peer_path, "no ready-ack in time: endpoint deleted");
-            self.retire(ctx, &ep);
+            self.retire(ctx, ep);
+        }
+        let now = TokioInstant::now();
+        let mut expired: Vec<Piece> = endpoints
+            .iter()
+            .flat_map(|ep| ep.take_expired(now))
+            .collect();
+        {
+            let mut waiting = lock(&ctx.cq_waiting);
+            if waiting.iter().any(|(_, piece)| piece.expired(now)) {
+                let all = std::mem::take(&mut *waiting);
+                for (ep, piece) in all {
+                    if piece.expired(now) {
+                        expired.push(piece);
+                    } else {
+                        waiting.push_back((ep, piece));
+                    }
+                }
+            }
+        }
+        for piece in expired {
+            let e = deadline_error(&piece);
+            self.finish(piece, Err(e));
+        }
+        self.drain_cq_waiting(ctx);
+        if !ctx.port_up.load(Ordering::Acquire)
+            && ctx.active.load(Ordering::Acquire)
+            && ctx
+                .device
+                .query_port(self.config.ib_port)
+                .is_ok_and(|attr| attr.state == PortState::Active)
+        {
+            tracing::info!(device = %ctx.name, "port active again");
+            self.port_back(ctx);
         }
     }
 
     fn spawn_connect(self: &Arc<Self>, ctx: Arc<Context>, ep: Arc<Endpoint>, peer: Arc<RdmaPeer>) {
-        let inner = self.clone();
         let cancel = self.cancel.clone();
+        // Settles the pending pieces however the task ends: a panic, or a runtime that
+        // drops it unfinished, still releases the connect claim.
+        let guard = ConnectGuard {
+            inner: self.clone(),
+            ctx,
+            ep,
+            armed: true,
+        };
         self.tasks.spawn_on(
             async move {
+                let mut guard = guard;
+                let (inner, ctx, ep) = (guard.inner.clone(), guard.ctx.clone(), guard.ep.clone());
                 let outcome = tokio::select! {
                     r = inner.connect(&ctx, &ep, &peer) => r,
-                    _ = cancel.cancelled() => Err(Error::closed("the RDMA transport")),
+                    _ = cancel.cancelled() => Err((Error::closed("the RDMA transport"), Charge::None)),
                 };
+                guard.disarm();
                 match outcome {
                     Ok(()) => match ep.mark_connected() {
                         Ok(pieces) => inner.post(&ctx, &ep, pieces),
@@ -1317,66 +1676,112 @@ impl Inner {
                             }
                         }
                     },
-                    Err(e) => {
-                        tracing::warn!(from = %ep.local_path, to = %ep.peer_path, "RDMA connect failed: {e}");
-                        let (pieces, retire) = ep.active_failed();
-                        if retire {
-                            inner.retire(&ctx, &ep);
-                        }
-                        for piece in pieces {
-                            inner.retry(piece, e.clone(), Charge::Remote);
-                        }
-                    }
+                    Err((e, charge)) => inner.connect_failed(&ctx, &ep, e, charge),
                 }
             },
             &self.runtime,
         );
     }
 
-    async fn connect(&self, ctx: &Context, ep: &Endpoint, peer: &RdmaPeer) -> Result<()> {
+    fn connect_failed(
+        self: &Arc<Self>,
+        ctx: &Arc<Context>,
+        ep: &Arc<Endpoint>,
+        e: Error,
+        charge: Charge,
+    ) {
+        if charge != Charge::None {
+            tracing::warn!(from = %ep.local_path, to = %ep.peer_path, "RDMA connect failed: {e}");
+        }
+        let (pieces, retire) = ep.active_failed();
+        if retire {
+            self.retire(ctx, ep);
+        }
+        for piece in pieces {
+            self.retry(piece, e.clone(), charge);
+        }
+    }
+
+    /// The active handshake. A failure says how to charge the rail: nothing when the
+    /// transport closes or the endpoint was retired, `Transient` when this side failed
+    /// (building or moving its own QPs), `Remote` when the peer rejected or never answered.
+    async fn connect(
+        &self,
+        ctx: &Context,
+        ep: &Endpoint,
+        peer: &RdmaPeer,
+    ) -> Result<(), (Error, Charge)> {
+        let local = |e: Error| (e, Charge::Transient);
+        let remote = |e: Error| (e, Charge::Remote);
+        let retired = || {
+            (
+                Error::new(ErrorKind::Endpoint, "endpoint retired"),
+                Charge::None,
+            )
+        };
         let link = ctx.link();
-        let request = match ep.begin_active(&link)? {
+        let request = match ep.begin_active(&link).map_err(local)? {
             ActiveStart::Connected => return Ok(()),
-            ActiveStart::Retired => {
-                return Err(Error::new(ErrorKind::Endpoint, "endpoint retired"));
-            }
+            ActiveStart::Retired => return Err(retired()),
             ActiveStart::WaitForAck => return self.wait_connected(ep).await,
             ActiveStart::Send(request) => request,
         };
         if ep.peer_path == ep.local_path {
-            return ep.connect_loopback(&link);
+            return ep.connect_loopback(&link).map_err(local);
         }
         let remote_device = ep.peer_path.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
         let fallback_gid = peer.device(remote_device).and_then(|d| parse_gid(&d.gid));
-        let reply = self.connector.connect(&peer.rpc_addr, request).await?;
-        ep.complete_active(&reply, &link, fallback_gid)?;
+        let reply = self
+            .connector
+            .connect(&peer.rpc_addr, request)
+            .await
+            .map_err(|e| match e.kind() {
+                ErrorKind::Closed => (e, Charge::None),
+                _ => (e, Charge::Remote),
+            })?;
+        if let Err(e) = ep.complete_active(&reply, &link, fallback_gid) {
+            if matches!(
+                ep.state(),
+                EndpointState::Destroying | EndpointState::Destroyed
+            ) {
+                return Err((e, Charge::None));
+            }
+            return Err(remote(e));
+        }
         if reply.ready_ack.is_some() {
             let ack = self
                 .connector
                 .connect(&peer.rpc_addr, ep.ready_ack(&link))
-                .await?;
+                .await
+                .map_err(remote)?;
             if !ack.reply_msg.is_empty() {
-                return Err(Error::new(
+                return Err(remote(Error::new(
                     ErrorKind::RejectHandshake,
                     format!("{} rejected the ready-ack: {}", ep.peer_path, ack.reply_msg),
-                ));
+                )));
             }
         }
         Ok(())
     }
 
-    async fn wait_connected(&self, ep: &Endpoint) -> Result<()> {
+    async fn wait_connected(&self, ep: &Endpoint) -> Result<(), (Error, Charge)> {
         let deadline = Instant::now() + self.config.ready_ack_timeout;
         loop {
             match ep.state() {
                 EndpointState::Connected => return Ok(()),
                 EndpointState::Destroying | EndpointState::Destroyed => {
-                    return Err(Error::new(ErrorKind::Endpoint, "endpoint retired"));
+                    return Err((
+                        Error::new(ErrorKind::Endpoint, "endpoint retired"),
+                        Charge::None,
+                    ));
                 }
                 _ if Instant::now() >= deadline => {
-                    return Err(Error::new(
-                        ErrorKind::Endpoint,
-                        format!("{} never sent its ready-ack", ep.peer_path),
+                    return Err((
+                        Error::new(
+                            ErrorKind::Endpoint,
+                            format!("{} never sent its ready-ack", ep.peer_path),
+                        ),
+                        Charge::Remote,
                     ));
                 }
                 _ => tokio::time::sleep(Duration::from_millis(2)).await,

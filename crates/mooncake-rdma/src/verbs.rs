@@ -315,6 +315,12 @@ pub enum AsyncEvent {
     PortError(u8),
     /// The device is unusable.
     DeviceFatal,
+    /// A completion queue overflowed or broke; its completions are lost.
+    CqError,
+    /// A work queue broke.
+    WqFatal,
+    /// The LID of a port changed.
+    LidChange(u8),
     /// A QP broke.
     QpFatal(u32),
     /// The GID table changed.

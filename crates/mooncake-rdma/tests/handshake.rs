@@ -235,7 +235,7 @@ async fn transfers_through_a_real_handshake_listener() {
         16,
     )
     .unwrap();
-    let peer = RdmaPeer::from_desc(&b.desc(), &server.local_addr().to_string()).unwrap();
+    let peer = Arc::new(RdmaPeer::from_desc(&b.desc(), &server.local_addr().to_string()).unwrap());
     a.fill(9);
     let batch = submit(
         &a,

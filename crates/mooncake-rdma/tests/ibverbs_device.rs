@@ -66,7 +66,7 @@ async fn loopback_write_and_read_on_a_real_device() {
         length: (2 * LEN) as u64,
         extra,
     });
-    let peer = RdmaPeer::from_desc(&desc, "unused:0").unwrap();
+    let peer = Arc::new(RdmaPeer::from_desc(&desc, "unused:0").unwrap());
 
     for (op, local, remote) in [
         (Opcode::Write, base, base + LEN),

@@ -125,7 +125,7 @@ async fn transport_cuts_slices_with_tail_merge_and_buffer_ends() {
     second.addr += half;
     second.length -= half;
     desc.buffers = vec![first, second];
-    let split_peer = RdmaPeer::from_desc(&desc, "rpc-B").unwrap();
+    let split_peer = std::sync::Arc::new(RdmaPeer::from_desc(&desc, "rpc-B").unwrap());
     let seam = half as usize;
     let requests = [(
         Opcode::Write,
@@ -155,7 +155,7 @@ async fn peer_keys_are_resolved_by_device_name() {
         serde_json::json!({"cpu:0": [["mlx_b1"], ["mlx_b0"]]}),
     );
     let (_, rkeys) = b.transport.buffer_keys(b.region.addr()).unwrap();
-    let peer = RdmaPeer::from_desc(&desc, "rpc-B").unwrap();
+    let peer = std::sync::Arc::new(RdmaPeer::from_desc(&desc, "rpc-B").unwrap());
     assert_eq!(peer.devices[0].name, "mlx_b0");
     assert_eq!(peer.rkey(0, "mlx_b0"), Some(rkeys[0]));
     assert_eq!(peer.rkey(0, "mlx_b1"), Some(rkeys[1]));

@@ -574,9 +574,24 @@ impl TransferEngine {
                 ));
             }
         }
-        // The RDMA transport holds the region while its keys are out; they go first.
+        // The RDMA transport holds the region while its keys are out; they go first, unless a
+        // transfer holds it too (ours: the registry's, the transport's and this one).
         let rdma = self.local.rdma.as_ref();
         if let Some(rdma) = rdma {
+            let holders = self
+                .local
+                .registry
+                .starting_at(addr)
+                .map(|r| Arc::strong_count(&r));
+            if holders.is_some_and(|n| n > 3) {
+                if let (Some(control), Some((slot, _))) = (control, shared) {
+                    control.restore(slot);
+                }
+                return Err(Error::new(
+                    ErrorKind::BufferBusy,
+                    format!("the buffer at {addr:#x} is in use by a pending transfer"),
+                ));
+            }
             let _ = rdma.unregister(addr);
         }
         if let Err(e) = self.local.registry.unregister(addr) {
@@ -584,8 +599,12 @@ impl TransferEngine {
                 control.restore(slot);
             }
             if let (Some(rdma), Some(region)) = (rdma, self.local.registry.starting_at(addr)) {
-                if let Err(e) = rdma.register(&region) {
-                    tracing::warn!("{addr:#x} stays registered but lost its RDMA keys: {e}");
+                match rdma.register(&region) {
+                    // New keys: peers must see them.
+                    Ok(()) => self.registrations_changed(),
+                    Err(e) => {
+                        tracing::warn!("{addr:#x} stays registered but lost its RDMA keys: {e}")
+                    }
                 }
             }
             return Err(e);

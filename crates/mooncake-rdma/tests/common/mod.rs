@@ -99,8 +99,8 @@ impl Node {
         desc
     }
 
-    pub fn peer(&self) -> RdmaPeer {
-        RdmaPeer::from_desc(&self.desc(), &format!("rpc-{}", self.name)).unwrap()
+    pub fn peer(&self) -> Arc<RdmaPeer> {
+        Arc::new(RdmaPeer::from_desc(&self.desc(), &format!("rpc-{}", self.name)).unwrap())
     }
 }
 
@@ -146,6 +146,19 @@ impl World {
     }
 
     pub fn node(&self, name: &str, devices: &[&str], arena_len: usize, config: RdmaConfig) -> Node {
+        self.node_via(name, devices, arena_len, config, self.connector.clone())
+    }
+
+    /// A node whose active handshakes go through `connector` (reachable itself through
+    /// the world's connector).
+    pub fn node_via(
+        &self,
+        name: &str,
+        devices: &[&str],
+        arena_len: usize,
+        config: RdmaConfig,
+        connector: Arc<dyn Connector>,
+    ) -> Node {
         let matrix = matrix(devices);
         let options = RdmaOptions {
             server_name: name.to_owned(),
@@ -155,8 +168,7 @@ impl World {
             rail_policy: RailPolicy::default(),
         };
         let provider: Arc<dyn Provider> = Arc::new(self.fabric.clone());
-        let transport =
-            Arc::new(RdmaTransport::new(provider, options, self.connector.clone()).unwrap());
+        let transport = Arc::new(RdmaTransport::new(provider, options, connector).unwrap());
         self.connector
             .peers
             .lock()
@@ -206,9 +218,20 @@ impl Batch {
 
 pub fn submit(
     from: &Node,
-    to: &RdmaPeer,
+    to: &Arc<RdmaPeer>,
     requests: &[(Opcode, usize, u64, usize)],
     chunk: usize,
+) -> Batch {
+    submit_by(from, to, requests, chunk, None)
+}
+
+/// As [`submit`], every slice with `deadline`.
+pub fn submit_by(
+    from: &Node,
+    to: &Arc<RdmaPeer>,
+    requests: &[(Opcode, usize, u64, usize)],
+    chunk: usize,
+    deadline: Option<tokio::time::Instant>,
 ) -> Batch {
     let progress = BatchProgress::new(requests.len());
     let mut tasks = Vec::new();
@@ -226,7 +249,7 @@ pub fn submit(
                 remote_addr: remote_addr + off as u64,
                 region: from.region.clone(),
                 task: task.clone(),
-                deadline: None,
+                deadline,
             });
         }
         tasks.push(task);
