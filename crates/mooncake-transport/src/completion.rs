@@ -129,6 +129,8 @@ pub struct Task {
     slices: u32,
     succeeded: AtomicU32,
     failed: AtomicU32,
+    /// Slices reported either way; the report that completes the count settles the task.
+    reported: AtomicU32,
     transferred: AtomicU64,
     status: AtomicU8,
     error: OnceLock<Error>,
@@ -143,6 +145,7 @@ impl Task {
             slices,
             succeeded: AtomicU32::new(0),
             failed: AtomicU32::new(0),
+            reported: AtomicU32::new(0),
             transferred: AtomicU64::new(0),
             status: AtomicU8::new(TaskStatus::Waiting as u8),
             error: OnceLock::new(),
@@ -202,8 +205,8 @@ impl Task {
     }
 
     fn check_settled(&self) {
-        let done = self.succeeded.load(Ordering::Acquire) + self.failed.load(Ordering::Acquire);
-        if done == self.slices {
+        // Two last reports may land at once; only the one whose count completes settles.
+        if self.reported.fetch_add(1, Ordering::AcqRel) + 1 == self.slices {
             self.settle();
         }
     }
@@ -214,7 +217,6 @@ impl Task {
             Some(error) => TaskStatus::for_error(error),
         };
         let _ = self.finished_at.set(Instant::now());
-        // Only the report that completes the count gets here, so this runs once.
         self.status.store(status as u8, Ordering::Release);
         self.batch.task_settled(status == TaskStatus::Completed);
     }
@@ -223,6 +225,36 @@ impl Task {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_reports_racing_settle_the_batch_once() {
+        const ROUNDS: usize = 20_000;
+        let tasks: Vec<_> = (0..ROUNDS)
+            .map(|_| {
+                let batch = BatchProgress::new(1);
+                (Task::new(2, batch.clone()), batch)
+            })
+            .collect();
+        let tasks = Arc::new(tasks);
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let racers: Vec<_> = (0..2)
+            .map(|_| {
+                let (tasks, start) = (tasks.clone(), start.clone());
+                std::thread::spawn(move || {
+                    for (task, _) in tasks.iter() {
+                        start.wait();
+                        task.slice_done(1);
+                    }
+                })
+            })
+            .collect();
+        racers.into_iter().for_each(|r| r.join().unwrap());
+        let broken = tasks
+            .iter()
+            .filter(|(_, batch)| !batch.is_settled())
+            .count();
+        assert_eq!(broken, 0, "batches left unsettled by a double settle");
+    }
 
     #[tokio::test]
     async fn batch_settles_after_every_slice() {
