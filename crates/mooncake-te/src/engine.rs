@@ -874,38 +874,25 @@ impl TransferEngine {
             deadline,
         } = job;
         let pieces = slicing::slices(request.len, self.config.slice_size);
+        let slice_at = |(offset, len): (usize, usize)| Slice {
+            op: request.op,
+            local_addr: request.local_addr + offset,
+            len,
+            remote_addr: request.remote_addr + offset as u64,
+            region: region.clone(),
+            task: task.clone(),
+            deadline,
+        };
         match self.route(&segment, &request) {
             Ok(Route::Tcp) => {
                 self.stats.record(TransportKind::Tcp, request.len);
                 tracing::debug!(segment = %segment.name, len = request.len, "request via tcp");
-                self.tcp.submit(
-                    &segment.tcp,
-                    pieces.map(|(offset, len)| Slice {
-                        op: request.op,
-                        local_addr: request.local_addr + offset,
-                        len,
-                        remote_addr: request.remote_addr + offset as u64,
-                        region: region.clone(),
-                        task: task.clone(),
-                        deadline,
-                    }),
-                );
+                self.tcp.submit(&segment.tcp, pieces.map(slice_at));
             }
             Ok(Route::Rdma(rdma, peer)) => {
                 self.stats.record(TransportKind::Rdma, request.len);
                 tracing::debug!(segment = %segment.name, len = request.len, "request via rdma");
-                let slices = pieces
-                    .map(|(offset, len)| Slice {
-                        op: request.op,
-                        local_addr: request.local_addr + offset,
-                        len,
-                        remote_addr: request.remote_addr + offset as u64,
-                        region: region.clone(),
-                        task: task.clone(),
-                        deadline,
-                    })
-                    .collect();
-                rdma.submit(&peer, slices);
+                rdma.submit(&peer, pieces.map(slice_at).collect());
             }
             Ok(Route::Shm(transport, peer, remote)) => {
                 self.stats.record(TransportKind::Shm, request.len);
