@@ -227,20 +227,7 @@ async fn pieces_waiting_for_a_connection_time_out() {
 async fn dropping_the_transport_settles_what_it_holds() {
     let world = World::new();
     let (a, b) = world.pair();
-    let peer = b.peer();
-    for dev in ["mlx_a0", "mlx_a1"] {
-        world
-            .fabric
-            .set_latency(dev, Duration::from_micros(500))
-            .unwrap();
-    }
-    let batch = submit(
-        &a,
-        &peer,
-        &[(Opcode::Write, 0, remote(&b, 0), 8 * MIB)],
-        MIB,
-    );
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    let batch = slow_write_in_flight(&world, &a, &b).await;
     let Node { transport, .. } = a;
     assert_eq!(Arc::strong_count(&transport), 1);
     drop(transport);
@@ -308,45 +295,44 @@ async fn a_slice_makes_at_most_retry_cnt_attempts() {
     close(&[&a, &b]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_closed_connector_charges_no_rail() {
+/// A write from A to B whose connection attempts all fail with `kind`; the rails A has to B
+/// once the write has failed.
+async fn write_through_failing_connector(kind: ErrorKind) -> Vec<mooncake_rdma::RailInfo> {
     let world = World::new();
-    let closed = Arc::new(Faulty {
-        fail_with: Some(ErrorKind::Closed),
+    let failing = Arc::new(Faulty {
+        fail_with: Some(kind),
         ..Faulty::new(&world)
     });
-    let a = world.node_via("A", &["mlx_a0", "mlx_a1"], 16 * MIB, config(), closed);
+    let a = world.node_via("A", &["mlx_a0", "mlx_a1"], 16 * MIB, config(), failing);
     let b = world.node("B", &["mlx_b0", "mlx_b1"], 16 * MIB, config());
-    let peer = b.peer();
-    let batch = submit(&a, &peer, &[(Opcode::Write, 0, remote(&b, 0), MIB)], MIB);
+    let batch = submit(
+        &a,
+        &b.peer(),
+        &[(Opcode::Write, 0, remote(&b, 0), MIB)],
+        MIB,
+    );
     batch.wait().await;
     assert_eq!(batch.errors().len(), 1);
     let rails = a.transport.rails("B");
+    close(&[&a, &b]).await;
+    rails
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connector_charges_no_rail() {
+    let rails = write_through_failing_connector(ErrorKind::Closed).await;
     assert!(
         rails
             .iter()
             .all(|r| r.stats.failures == 0 && r.stats.pauses == 0 && r.stats.usable),
         "{rails:?}"
     );
-    close(&[&a, &b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_charges_the_rail() {
-    let world = World::new();
-    let refusing = Arc::new(Faulty {
-        fail_with: Some(ErrorKind::Socket),
-        ..Faulty::new(&world)
-    });
-    let a = world.node_via("A", &["mlx_a0", "mlx_a1"], 16 * MIB, config(), refusing);
-    let b = world.node("B", &["mlx_b0", "mlx_b1"], 16 * MIB, config());
-    let peer = b.peer();
-    let batch = submit(&a, &peer, &[(Opcode::Write, 0, remote(&b, 0), MIB)], MIB);
-    batch.wait().await;
-    assert_eq!(batch.errors().len(), 1);
-    let rails = a.transport.rails("B");
+    let rails = write_through_failing_connector(ErrorKind::Socket).await;
     assert!(rails.iter().any(|r| r.stats.pauses > 0), "{rails:?}");
-    close(&[&a, &b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,20 +230,7 @@ async fn every_rail_down_fails_with_no_rail() {
 async fn close_fails_what_is_pending_and_returns() {
     let world = World::new();
     let (a, b) = world.pair();
-    let peer = b.peer();
-    for dev in ["mlx_a0", "mlx_a1"] {
-        world
-            .fabric
-            .set_latency(dev, Duration::from_micros(500))
-            .unwrap();
-    }
-    let batch = submit(
-        &a,
-        &peer,
-        &[(Opcode::Write, 0, remote(&b, 0), 8 * MIB)],
-        MIB,
-    );
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    let batch = slow_write_in_flight(&world, &a, &b).await;
     tokio::time::timeout(Duration::from_secs(10), a.transport.close())
         .await
         .expect("close returns");
@@ -254,7 +241,12 @@ async fn close_fails_what_is_pending_and_returns() {
         assert_eq!(e.kind(), ErrorKind::Closed, "{e:?}");
     }
     // After close, submissions fail at once.
-    let batch = submit(&a, &peer, &[(Opcode::Write, 0, remote(&b, 0), MIB)], MIB);
+    let batch = submit(
+        &a,
+        &b.peer(),
+        &[(Opcode::Write, 0, remote(&b, 0), MIB)],
+        MIB,
+    );
     batch.wait().await;
     assert_eq!(batch.errors()[0].kind(), ErrorKind::Closed);
     b.transport.close().await;

@@ -1,8 +1,11 @@
 //! Two engines in one process, over loopback.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{bytes, fill};
 use mooncake_common::config::Protocol;
 use mooncake_common::EngineConfig;
 use mooncake_metadata::http::MetadataServer;
@@ -27,19 +30,6 @@ fn sent_through(engine: &TransferEngine, kind: TransportKind) -> u64 {
         .into_iter()
         .find(|(k, _, _)| *k == kind)
         .map_or(0, |(_, requests, _)| requests)
-}
-
-fn fill(ptr: *mut u8, len: usize, seed: u8) {
-    // SAFETY: test buffers come from `allocate` and are `len` long.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
-    }
-}
-
-fn bytes<'a>(ptr: *mut u8, len: usize) -> &'a [u8] {
-    // SAFETY: as above.
-    unsafe { std::slice::from_raw_parts(ptr, len) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,11 @@
 //! Two engines over RDMA, through the real handshake listener, on the software verbs
 //! provider (no machine here has an RDMA NIC; the transport code is the one real NICs run).
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{bytes, fill};
 use mooncake_common::config::Protocol;
 use mooncake_common::{EngineConfig, ErrorKind};
 use mooncake_rdma::SoftFabric;
@@ -31,19 +34,6 @@ async fn engine(fabric: &SoftFabric, devices: [&str; 2], seed: u8) -> Arc<Transf
         .unwrap()
 }
 
-fn pattern(ptr: *mut u8, len: usize, seed: u8) {
-    // SAFETY: test buffers come from `allocate` and are `len` long.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(29).wrapping_add(seed);
-    }
-}
-
-fn bytes<'a>(ptr: *mut u8, len: usize) -> &'a [u8] {
-    // SAFETY: as above.
-    unsafe { std::slice::from_raw_parts(ptr, len) }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_and_read_back_over_rdma() {
     let fabric = SoftFabric::new();
@@ -52,7 +42,7 @@ async fn write_and_read_back_over_rdma() {
     assert_eq!(initiator.transports(), ["tcp", "rdma"]);
     let remote = target.allocate(LEN).unwrap();
     let local = initiator.allocate(2 * LEN).unwrap();
-    pattern(local.as_ptr(), LEN, 7);
+    fill(local.as_ptr(), LEN, 7);
 
     let published = target.local_descriptor();
     assert!(published.speaks("rdma") && published.speaks("tcp"));
@@ -110,7 +100,7 @@ async fn a_port_going_down_leaves_the_other_device_to_finish() {
     let initiator = engine(&fabric, ["ib0", "ib1"], 4).await;
     let remote = target.allocate(LEN).unwrap();
     let local = initiator.allocate(LEN).unwrap();
-    pattern(local.as_ptr(), LEN, 9);
+    fill(local.as_ptr(), LEN, 9);
     let segment = initiator.open_segment(target.segment_name()).await.unwrap();
     let write = TransferRequest {
         op: Opcode::Write,

@@ -258,6 +258,25 @@ pub fn submit_by(
     Batch { progress, tasks }
 }
 
+/// An 8 MiB write from A to B, both of A's devices slowed down so it is still in flight when
+/// this returns.
+pub async fn slow_write_in_flight(world: &World, a: &Node, b: &Node) -> Batch {
+    for dev in ["mlx_a0", "mlx_a1"] {
+        world
+            .fabric
+            .set_latency(dev, Duration::from_micros(500))
+            .unwrap();
+    }
+    let batch = submit(
+        a,
+        &b.peer(),
+        &[(Opcode::Write, 0, remote(b, 0), 8 * MIB)],
+        MIB,
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    batch
+}
+
 pub fn remote(node: &Node, offset: usize) -> u64 {
     (node.region.addr() + offset) as u64
 }
