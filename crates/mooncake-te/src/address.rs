@@ -93,15 +93,15 @@ pub struct LocalRail {
 impl LocalRail {
     /// Whether `remote` is on this interface's network, so the path stays on it.
     pub fn reaches(&self, remote: IpAddr) -> bool {
-        let masked = |ip: IpAddr| -> Option<u128> {
+        let network = |ip: IpAddr| -> u128 {
             let (bits, width) = match ip {
                 IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
                 IpAddr::V6(v6) => (u128::from(v6), 128),
             };
-            let prefix = u32::from(self.prefix).min(width);
-            Some(bits.checked_shr(width - prefix).unwrap_or(0))
+            let host_bits = width - u32::from(self.prefix).min(width);
+            bits.checked_shr(host_bits).unwrap_or(0)
         };
-        self.ip.is_ipv4() == remote.is_ipv4() && masked(self.ip) == masked(remote)
+        self.ip.is_ipv4() == remote.is_ipv4() && network(self.ip) == network(remote)
     }
 }
 
