@@ -4,8 +4,13 @@
  * same run the same workload against Redis (a `redis-server` the bench starts) through a Node
  * Redis client. Also measures master operations per second with batched existence checks.
  *
- * Each client process owns a fixed set of keys (sized to half the pool), puts them once, then
- * gets them for the rest of the period; `--inflight` operations run at once per client.
+ * The store runs twice per size: through the copying API (`put(Buffer)`, `get()` returning a new
+ * Buffer, what Redis clients offer) and through the zero-copy API (`putFrom`/`getInto` on
+ * registered memory, what a KV-cache server uses). Each client process owns a fixed set of keys
+ * (an eighth of the pool in all). Puts: one untimed pass to warm both systems' memory, then
+ * timed passes, each followed by an untimed removal, for the period. Gets: the last pass's keys,
+ * over and over, for the period. `--inflight` operations run at once per client. The whole
+ * sequence runs `--repeat` times; the report gives medians.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
@@ -24,8 +29,10 @@ interface Phase {
   latenciesUs: number[]
 }
 
+type System = 'mooncake' | 'zero-copy' | 'redis'
+
 interface Row {
-  system: string
+  system: System
   op: string
   size: number
   gbps: number
@@ -40,8 +47,10 @@ const OPTIONS = {
   clients: { type: 'string', default: '2' },
   'node-size': { type: 'string', default: '1024' },
   sizes: { type: 'string', default: '65536,1048576,4194304' },
-  duration: { type: 'string', default: '3' },
+  duration: { type: 'string', default: '2' },
   inflight: { type: 'string', default: '4' },
+  repeat: { type: 'string', default: '3' },
+  api: { type: 'string', default: 'copy' },
   keys: { type: 'string', default: '0' },
   size: { type: 'string', default: '0' },
   master: { type: 'string', default: '' },
@@ -53,31 +62,39 @@ const OPTIONS = {
 
 const percentile = (sorted: number[], p: number) => (sorted.length ? sorted[Math.round((sorted.length - 1) * p)] : 0)
 
-/** Runs `count` operations, `inflight` at a time, then repeats them until `seconds` pass (if `repeat`). */
-async function drive(count: number, inflight: number, seconds: number, repeat: boolean, op: (i: number) => Promise<number>): Promise<Phase> {
+/**
+ * Runs `count` operations on `inflight` lanes, then repeats them until `seconds` pass (if
+ * `repeat`). `op(i, lane)` resolves to the bytes it moved.
+ */
+async function drive(count: number, inflight: number, seconds: number, repeat: boolean, op: (i: number, lane: number) => Promise<number>): Promise<Phase> {
   const latenciesUs: number[] = []
   let bytes = 0
   let next = 0
   const start = process.hrtime.bigint()
   const stopAt = start + BigInt(Math.round(seconds * 1e9))
-  const worker = async () => {
+  const lane = async (index: number) => {
     for (;;) {
       const i = next++
       if (i >= count && !(repeat && process.hrtime.bigint() < stopAt)) return
       const began = process.hrtime.bigint()
-      const moved = await op(i % count)
+      const moved = await op(i % count, index)
       bytes += moved
       latenciesUs.push(Number(process.hrtime.bigint() - began) / 1e3)
     }
   }
-  await Promise.all(Array.from({ length: inflight }, worker))
+  await Promise.all(Array.from({ length: inflight }, (_, index) => lane(index)))
   return { ops: latenciesUs.length, bytes, seconds: Number(process.hrtime.bigint() - start) / 1e9, latenciesUs }
 }
 
+/** One worker's way of putting and getting: it owns its value buffer (registered, for zero copy). */
+interface Worker {
+  put(key: string): Promise<void>
+  get(key: string): Promise<number>
+}
+
 interface Store {
-  put(key: string, value: Buffer): Promise<void>
-  get(key: string): Promise<Buffer>
-  /** Drops this client's keys, so the next size starts from an empty pool. */
+  worker(size: number): Worker
+  /** Drops this client's keys, so the next pass or size starts from an empty pool. */
   drop(prefix: string, keys: string[]): Promise<void>
   close(): Promise<void>
 }
@@ -87,11 +104,16 @@ async function openStore(o: Record<string, string | boolean>): Promise<Store> {
     const { Redis } = (await import('ioredis')) as { Redis: new (url: string) => RedisClient }
     const redis = new Redis(o.redis as string)
     return {
-      put: async (key, value) => void (await redis.set(key, value)),
-      get: async (key) => {
-        const value = await redis.getBuffer(key)
-        if (!value) throw new MooncakeError('ERR_OBJECT_NOT_FOUND', `redis lost '${key}'`)
-        return value
+      worker: (size) => {
+        const value = Buffer.alloc(size, 0x5a)
+        return {
+          put: async (key) => void (await redis.set(key, value)),
+          get: async (key) => {
+            const got = await redis.getBuffer(key)
+            if (!got) throw new MooncakeError('ERR_OBJECT_NOT_FOUND', `redis lost '${key}'`)
+            return got.length
+          },
+        }
       },
       drop: async (_, keys) => void (keys.length && (await redis.del(...keys))),
       close: async () => void redis.disconnect(),
@@ -103,11 +125,20 @@ async function openStore(o: Record<string, string | boolean>): Promise<Store> {
     localServerName: `bench-client-${process.pid}`,
     ipOrHostName: '127.0.0.1',
     globalSegmentSize: 0,
-    localBufferSize: 64 << 20,
+    // Room for the Buffers that gets return until the garbage collector frees them (Mooncake's
+    // serving connectors stage through 1 GiB).
+    localBufferSize: 256 << 20,
   })
+  const zeroCopy = o.api === 'zero-copy'
   return {
-    put: (k, v) => store.put(k, v),
-    get: (k) => store.get(k),
+    worker: (size) => {
+      if (zeroCopy) {
+        const buffer = store.allocate(size).fill(0x5a)
+        return { put: (key) => store.putFrom(key, buffer), get: (key) => store.getInto(key, buffer) }
+      }
+      const value = Buffer.alloc(size, 0x5a)
+      return { put: (key) => store.put(key, value), get: async (key) => (await store.get(key)).length }
+    },
     drop: async (prefix) => void (await store.removeByRegex(`^${prefix}/`, { force: true })),
     close: () => store.close(),
   }
@@ -120,23 +151,32 @@ interface RedisClient {
   disconnect(): void
 }
 
+/** Adds `next` to `total` (the time of both, all their latencies). */
+function merge(total: Phase, next: Phase): Phase {
+  return { ops: total.ops + next.ops, bytes: total.bytes + next.bytes, seconds: total.seconds + next.seconds, latenciesUs: total.latenciesUs.concat(next.latenciesUs) }
+}
+
 /** One client process: puts its keys, then gets them; prints both phases as JSON. */
 async function client(o: Record<string, string | boolean>): Promise<void> {
   const store = await openStore(o)
   const size = Number(o.size)
   const count = Number(o.keys)
   const inflight = Number(o.inflight)
-  const value = Buffer.alloc(size, 0x5a)
-  const key = (i: number) => `${o.prefix}/${i}`
-  let put: Phase
+  const seconds = Number(o.duration)
+  const keys = Array.from({ length: count }, (_, i) => `${o.prefix}/${i}`)
+  const workers = Array.from({ length: inflight }, () => store.worker(size))
+  const putOne = async (i: number, lane: number) => (await workers[lane].put(keys[i]), size)
+  let put: Phase = { ops: 0, bytes: 0, seconds: 0, latenciesUs: [] }
   let get: Phase
   try {
-    put = await drive(count, inflight, 0, false, async (i) => {
-      await store.put(key(i), value)
-      return size
-    })
-    get = await drive(count, inflight, Number(o.duration), true, async (i) => (await store.get(key(i))).length)
-    await store.drop(String(o.prefix), Array.from({ length: count }, (_, i) => key(i)))
+    await drive(count, inflight, 0, false, putOne)
+    for (;;) {
+      await store.drop(String(o.prefix), keys)
+      put = merge(put, await drive(count, inflight, 0, false, putOne))
+      if (put.seconds >= seconds) break
+    }
+    get = await drive(count, inflight, seconds, true, (i, lane) => workers[lane].get(keys[i]))
+    await store.drop(String(o.prefix), keys)
   } finally {
     await store.close()
   }
@@ -201,35 +241,46 @@ async function freePort(): Promise<number> {
   return port
 }
 
-/** Runs the clients for every size against one system and returns the rows. */
-async function workload(system: string, target: string[], o: Record<string, string | boolean>, poolBytes: number): Promise<Row[]> {
-  const rows: Row[] = []
+/** Runs the clients for one size against one system and returns its put and get rows. */
+async function workload(system: System, target: string[], size: number, o: Record<string, string | boolean>, poolBytes: number): Promise<Row[]> {
   const clients = Number(o.clients)
-  for (const size of String(o.sizes).split(',').map(Number)) {
-    // A quarter of the pool per size: removed keys stay parked while their readers' leases
-    // run, and the next size must not push the pool into eviction.
-    const keys = Math.max(1, Math.min(2000, Math.floor(poolBytes / 4 / size / clients)))
-    const procs = Array.from({ length: clients }, (_, c) =>
-      child(['--role', 'client', ...target, '--size', String(size), '--keys', String(keys), '--prefix', `c${c}-${Date.now()}`,
-        '--duration', String(o.duration), '--inflight', String(o.inflight)]),
-    )
-    const results = (await Promise.all(procs.map(lastLine))).map((l) => JSON.parse(l) as Record<'put' | 'get', Omit<Phase, 'latenciesUs'> & { p50Us: number; p99Us: number }>)
-    for (const op of ['put', 'get'] as const) {
-      const bytes = results.reduce((s, r) => s + r[op].bytes, 0)
-      const ops = results.reduce((s, r) => s + r[op].ops, 0)
-      const seconds = Math.max(...results.map((r) => r[op].seconds))
-      const p50 = results.map((r) => r[op].p50Us).sort((a, b) => a - b)
-      const p99 = Math.max(...results.map((r) => r[op].p99Us))
-      rows.push({ system, op, size, gbps: bytes / seconds / 1e9, opsPerSec: ops / seconds, p50Us: p50[Math.floor(p50.length / 2)], p99Us: p99 })
-    }
+  // An eighth of the pool per run: removed keys stay parked while their readers' leases run,
+  // and the runs that follow must not push the pool into eviction.
+  const keys = Math.max(1, Math.min(2000, Math.floor(poolBytes / 8 / size / clients)))
+  const api = system === 'zero-copy' ? ['--api', 'zero-copy'] : []
+  const procs = Array.from({ length: clients }, (_, c) =>
+    child(['--role', 'client', ...target, ...api, '--size', String(size), '--keys', String(keys), '--prefix', `c${c}-${Date.now()}`,
+      '--duration', String(o.duration), '--inflight', String(o.inflight)]),
+  )
+  const results = (await Promise.all(procs.map(lastLine))).map((l) => JSON.parse(l) as Record<'put' | 'get', Omit<Phase, 'latenciesUs'> & { p50Us: number; p99Us: number }>)
+  return (['put', 'get'] as const).map((op) => {
+    const bytes = results.reduce((s, r) => s + r[op].bytes, 0)
+    const ops = results.reduce((s, r) => s + r[op].ops, 0)
+    const seconds = Math.max(...results.map((r) => r[op].seconds))
+    const p50 = results.map((r) => r[op].p50Us).sort((a, b) => a - b)
+    const p99 = Math.max(...results.map((r) => r[op].p99Us))
+    return { system, op, size, gbps: bytes / seconds / 1e9, opsPerSec: ops / seconds, p50Us: p50[Math.floor(p50.length / 2)], p99Us: p99 }
+  })
+}
+
+async function startRedis(): Promise<{ proc: ChildProcess; url: string } | undefined> {
+  const port = await freePort()
+  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no'], {
+    stdio: 'ignore',
+  })
+  const up = await Promise.race([once(proc, 'spawn').then(() => true), once(proc, 'error').then(() => false)])
+  if (!up) {
+    console.error('redis-server not found: install it (apt-get install redis-server) for the comparison')
+    return undefined
   }
-  return rows
+  await new Promise((r) => setTimeout(r, 300))
+  return { proc, url: `redis://127.0.0.1:${port}` }
 }
 
 async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
   const master = await MasterServer.start({ rpcPort: 0, metricsPort: -1, httpMetadataServer: true, httpMetadataPort: 0 })
   const nodes: ChildProcess[] = []
-  let redis: ChildProcess | undefined
+  let redis: { proc: ChildProcess; url: string } | undefined
   try {
     const target = ['--master', master.address, '--metadata', master.metadataUrl!]
     for (let i = 0; i < Number(o.nodes); i++) {
@@ -237,48 +288,77 @@ async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
       nodes.push(proc)
       await once(createInterface({ input: proc.stdout! }), 'line')
     }
+    redis = await startRedis()
     const pool = Number(o.nodes) * (Number(o['node-size']) << 20)
-    const rows = await workload('mooncake', target, o, pool)
-    const opsLine = await lastLine(child(['--role', 'master-ops', ...target, '--duration', String(o.duration), '--inflight', String(o.inflight)]))
-    const masterOpsPerSec = (JSON.parse(opsLine) as { opsPerSec: number }).opsPerSec
-
-    const port = await freePort()
-    redis = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no'], {
-      stdio: 'ignore',
-    })
-    const redisUp = await Promise.race([
-      once(redis, 'spawn').then(() => true),
-      once(redis, 'error').then(() => false),
-    ])
-    let redisRows: Row[] = []
-    if (redisUp) {
-      await new Promise((r) => setTimeout(r, 300))
-      redisRows = await workload('redis', ['--redis', `redis://127.0.0.1:${port}`], o, pool)
-    } else {
-      console.error('redis-server not found: install it (apt-get install redis-server) for the comparison')
+    const systems: [System, string[]][] = [['mooncake', target], ['zero-copy', target]]
+    if (redis) systems.push(['redis', ['--redis', redis.url]])
+    // Rounds alternate the systems, so that a slow spell of a shared machine hits them alike.
+    const rounds: Row[][] = []
+    for (let r = 0; r < Number(o.repeat); r++) {
+      const rows: Row[] = []
+      for (const size of String(o.sizes).split(',').map(Number)) {
+        for (const [system, args] of systems) rows.push(...(await workload(system, args, size, o, pool)))
+      }
+      rounds.push(rows)
     }
-    report([...rows, ...redisRows], masterOpsPerSec, o)
+    const opsLine = await lastLine(child(['--role', 'master-ops', ...target, '--duration', String(o.duration), '--inflight', String(o.inflight)]))
+    report(rounds, (JSON.parse(opsLine) as { opsPerSec: number }).opsPerSec, o)
   } finally {
-    redis?.kill('SIGTERM')
+    redis?.proc.kill('SIGTERM')
     for (const n of nodes) n.kill('SIGTERM')
     await Promise.all(nodes.map((n) => (n.exitCode === null ? once(n, 'exit') : undefined)))
     await master.close()
   }
 }
 
-function report(rows: Row[], masterOpsPerSec: number, o: Record<string, string | boolean>): void {
+const median = (values: number[]) => {
+  const sorted = [...values].sort((a, b) => a - b)
+  const mid = sorted.length >> 1
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
+}
+
+/** Per op and size: each system's median figures over the rounds, and the median ratios to Redis. */
+function summarize(rounds: Row[][]) {
+  const first = rounds[0].filter((r) => r.system === 'mooncake')
+  return first.map(({ op, size }) => {
+    const pick = (system: System) => {
+      const rows = rounds.map((round) => round.find((r) => r.system === system && r.op === op && r.size === size)).filter((r) => r !== undefined)
+      if (!rows.length) return undefined
+      return {
+        gbps: median(rows.map((r) => r.gbps)),
+        opsPerSec: median(rows.map((r) => r.opsPerSec)),
+        p50Us: median(rows.map((r) => r.p50Us)),
+        p99Us: median(rows.map((r) => r.p99Us)),
+      }
+    }
+    const ratio = (system: System) => {
+      const ratios = rounds.flatMap((round) => {
+        const ours = round.find((r) => r.system === system && r.op === op && r.size === size)
+        const redis = round.find((r) => r.system === 'redis' && r.op === op && r.size === size)
+        return ours && redis ? [ours.gbps / redis.gbps] : []
+      })
+      return ratios.length ? median(ratios) : undefined
+    }
+    return { op, size, mooncake: pick('mooncake'), zeroCopy: pick('zero-copy'), redis: pick('redis'), ratio: ratio('mooncake'), zeroCopyRatio: ratio('zero-copy') }
+  })
+}
+
+function report(rounds: Row[][], masterOpsPerSec: number, o: Record<string, string | boolean>): void {
+  const summary = summarize(rounds)
   if (o.json) {
-    console.log(JSON.stringify({ rows, masterOpsPerSec }))
+    console.log(JSON.stringify({ summary, rounds, masterOpsPerSec }))
     return
   }
   const size = (b: number) => (b >= 1 << 20 ? `${b / (1 << 20)} MiB` : `${b / 1024} KiB`)
-  console.log(`store on loopback: ${o.nodes} node processes x ${o['node-size']} MiB, ${o.clients} client processes, ${o.inflight} in flight each`)
-  console.log('op   size     mooncake GB/s  ops/s    p50 µs  p99 µs   redis GB/s  ops/s    p50 µs  p99 µs   ratio')
-  for (const r of rows.filter((r) => r.system === 'mooncake')) {
-    const redis = rows.find((x) => x.system === 'redis' && x.op === r.op && x.size === r.size)
-    const cells = (x: Row | undefined) =>
-      x ? `${x.gbps.toFixed(2).padStart(6)}  ${Math.round(x.opsPerSec).toString().padStart(7)}  ${x.p50Us.toFixed(0).padStart(6)}  ${x.p99Us.toFixed(0).padStart(6)}` : '     -        -       -       -'
-    console.log(`${r.op.padEnd(4)} ${size(r.size).padEnd(8)} ${cells(r)}       ${cells(redis)}   ${redis ? (r.gbps / redis.gbps).toFixed(2) : '-'}`)
+  type Figures = ReturnType<typeof summarize>[number]['redis']
+  const cells = (x: Figures) =>
+    x ? `${x.gbps.toFixed(2).padStart(6)} ${x.p50Us.toFixed(0).padStart(6)} ${x.p99Us.toFixed(0).padStart(6)}` : '     -      -      -'
+  const times = (x: number | undefined) => (x === undefined ? '     -' : `${x.toFixed(2).padStart(5)}x`)
+  console.log(`store on loopback: ${o.nodes} node processes x ${o['node-size']} MiB, ${o.clients} client processes x ${o.inflight} in flight; medians of ${o.repeat} rounds`)
+  console.log('           put/get (Buffer)       putFrom/getInto        redis (ioredis)        vs redis')
+  console.log('op  size     GB/s  p50µs  p99µs    GB/s  p50µs  p99µs    GB/s  p50µs  p99µs    Buffer zero-copy')
+  for (const r of summary) {
+    console.log(`${r.op.padEnd(3)} ${size(r.size).padEnd(7)} ${cells(r.mooncake)}  ${cells(r.zeroCopy)}  ${cells(r.redis)}   ${times(r.ratio)}    ${times(r.zeroCopyRatio)}`)
   }
   console.log(`master: ${Math.round(masterOpsPerSec)} key checks/s (batchExists of 1,000 keys)`)
   console.log('targets: mooncake/redis >= 3 at 1 MiB for put and get; master >= 100,000 operations/s with batches')

@@ -47,7 +47,7 @@ commands:
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
   bench-store       store put/get from client processes against node processes, and Redis
                       --nodes 2   --clients 2   --node-size 1024 (MiB)   --sizes 65536,1048576,4194304
-                      --duration 3   --inflight 4   --json
+                      --duration 2   --inflight 4   --repeat 3   --json
   bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
   topology          this host's NUMA nodes, RDMA NICs, interfaces, GPUs and NIC priority matrix

@@ -592,6 +592,7 @@ fn submit_options(options: Option<NativeSubmitOptions>) -> Result<SubmitOptions>
     Ok(SubmitOptions {
         timeout,
         notify: options.notify,
+        ..SubmitOptions::default()
     })
 }
 

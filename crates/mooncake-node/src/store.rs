@@ -405,11 +405,20 @@ impl NativeStore {
                     if len == 0 {
                         return BufferSlice::from_data(env, Vec::new());
                     }
+                    // V8 counts each new Buffer as that much more memory and collects garbage
+                    // every few dozen MiB of it. A staging block is not more memory (the buffer
+                    // exists already), so it is taken off the count while the Buffer lives.
+                    let counted = len as i64;
                     // SAFETY: the block stays allocated to this Buffer until its finalizer drops
                     // `staged`, and nothing else writes it meanwhile.
-                    unsafe {
-                        BufferSlice::from_external(env, ptr, len, staged, |_, staged| drop(staged))
-                    }
+                    let buffer = unsafe {
+                        BufferSlice::from_external(env, ptr, len, staged, move |env, staged| {
+                            drop(staged);
+                            let _ = env.adjust_external_memory(counted);
+                        })
+                    }?;
+                    env.adjust_external_memory(-counted)?;
+                    Ok(buffer)
                 }
             }
         })

@@ -59,6 +59,10 @@ pub struct SubmitOptions {
     pub timeout: Option<Duration>,
     /// Sent to the first request's segment once the whole batch completed.
     pub notify: Option<String>,
+    /// The submitting thread copies the last slice of a same-host request itself rather than
+    /// hand it to a copy thread, for which a hand-off and a wake-up cost more than the copy.
+    /// For callers on an async worker; never on a thread that must not block (JavaScript's).
+    pub copy_on_caller: bool,
 }
 
 /// A notification received from a peer.
@@ -722,7 +726,8 @@ impl TransferEngine {
         let deadline = options.timeout.map(|t| submitted_at + t);
         let progress = BatchProgress::new(requests.len());
         let mut tasks = Vec::with_capacity(requests.len());
-        for (request, (segment, region)) in requests.iter().zip(resolved.iter()) {
+        let last = requests.len().saturating_sub(1);
+        for (i, (request, (segment, region))) in requests.iter().zip(resolved.iter()).enumerate() {
             let count = slicing::slice_count(request.len, self.config.slice_size);
             let task = Task::new(count as u32, progress.clone());
             tasks.push(task.clone());
@@ -735,6 +740,7 @@ impl TransferEngine {
                 region: region.clone(),
                 task,
                 deadline,
+                copy_here: options.copy_on_caller && i == last,
             };
             if segment
                 .desc()
@@ -872,6 +878,7 @@ impl TransferEngine {
             region,
             task,
             deadline,
+            copy_here,
         } = job;
         let pieces = slicing::slices(request.len, self.config.slice_size);
         let slice_at = |(offset, len): (usize, usize)| Slice {
@@ -911,7 +918,7 @@ impl TransferEngine {
                         deadline,
                     })
                     .collect();
-                transport.submit(&peer, slices);
+                transport.submit(&peer, slices, copy_here);
             }
             Err(error) => {
                 for _ in pieces {
@@ -1301,4 +1308,6 @@ struct Dispatch {
     region: Arc<Region>,
     task: Arc<Task>,
     deadline: Option<Instant>,
+    /// Whether the submitting thread copies the last same-host slice itself.
+    copy_here: bool,
 }

@@ -74,10 +74,12 @@ async fn write_then_read_back(protocol: Protocol, expected: TransportKind) {
         local_addr: local.as_ptr() as usize + len,
         ..write
     };
-    initiator
-        .transfer(&[read], SubmitOptions::default())
-        .await
-        .unwrap();
+    // Over shared memory, this thread copies the last slice and the copy threads the rest.
+    let on_caller = SubmitOptions {
+        copy_on_caller: true,
+        ..SubmitOptions::default()
+    };
+    initiator.transfer(&[read], on_caller).await.unwrap();
     assert!(
         bytes(local.as_ptr(), len)[..len - 3] == bytes(local.as_ptr(), 2 * len)[len..2 * len - 3],
         "read-back differs"
@@ -156,6 +158,7 @@ async fn http_metadata_and_notifications() {
     let options = SubmitOptions {
         notify: Some("kv-ready".into()),
         timeout: Some(Duration::from_secs(10)),
+        ..SubmitOptions::default()
     };
     initiator.transfer(&[request], options).await.unwrap();
     let received = target.take_notifies();

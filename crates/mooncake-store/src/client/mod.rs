@@ -107,6 +107,16 @@ pub struct StoreClient {
     closed: AtomicBool,
 }
 
+/// Engine memory with every page already backed (see [`Arena::populate`]): the segment and
+/// the staging buffer are written all the time, and a host short of memory fails here.
+async fn backed(engine: &TransferEngine, len: usize) -> Result<Arc<Arena>> {
+    let arena = engine.allocate(len)?;
+    let populating = arena.clone();
+    tokio::task::spawn_blocking(move || populating.populate())
+        .await
+        .map_err(|e| Error::new(ErrorKind::InternalError, format!("backing memory: {e}")))??;
+    Ok(arena)
+}
 impl StoreClient {
     /// Starts the engine, connects to the master and mounts the global segment.
     pub async fn connect(config: StoreConfig) -> Result<Arc<Self>> {
@@ -131,7 +141,7 @@ impl StoreClient {
             .unwrap_or_default();
         let mut segments = Vec::new();
         if config.global_segment_size > 0 {
-            let arena = engine.allocate(config.global_segment_size as usize)?;
+            let arena = backed(&engine, config.global_segment_size as usize).await?;
             let spec = SegmentSpec {
                 id: SegmentId::random(),
                 name: name.clone(),
@@ -164,7 +174,7 @@ impl StoreClient {
         }
         let local = Arc::new(LocalBuffer::new(match config.local_buffer_size {
             0 => None,
-            size => Some(engine.allocate(size as usize)?),
+            size => Some(backed(&engine, size as usize).await?),
         }));
         let client = Arc::new(Self {
             engine,
@@ -542,7 +552,13 @@ impl StoreClient {
             return outcomes;
         }
         let requests: Vec<TransferRequest> = remote.iter().map(|(_, r)| *r).collect();
-        match self.engine.submit(&requests, SubmitOptions::default()) {
+        match self.engine.submit(
+            &requests,
+            SubmitOptions {
+                copy_on_caller: true,
+                ..SubmitOptions::default()
+            },
+        ) {
             Err(e) => outcomes.extend(remote.iter().map(|(i, _)| (*i, Err(e.clone())))),
             Ok(batch) => {
                 let _ = self.engine.wait(batch).await;
@@ -597,7 +613,8 @@ impl StoreClient {
                     value = Some(Value::Staged(staged));
                     return Ok(addr);
                 }
-                let mut owned = vec![0u8; len];
+                // Left uninitialised: the read writes it before anything reads it.
+                let mut owned = Vec::with_capacity(len);
                 let addr = owned.as_mut_ptr() as usize;
                 // SAFETY: the vector outlives the registration: it is unregistered below before
                 // the vector is moved out, and never reallocated meanwhile.
@@ -613,7 +630,8 @@ impl StoreClient {
         let size = result? as usize;
         let mut value = value
             .ok_or_else(|| Error::new(ErrorKind::InternalError, "read without a destination"))?;
-        value.truncate(size);
+        // SAFETY: the read succeeded, so it wrote `size` bytes at the destination.
+        unsafe { value.filled(size) };
         Ok(value)
     }
 
@@ -1004,10 +1022,15 @@ pub enum Value {
 }
 
 impl Value {
-    fn truncate(&mut self, len: usize) {
+    /// Marks the first `len` bytes (at most what was reserved) as the value.
+    ///
+    /// # Safety
+    /// A read has written those `len` bytes.
+    unsafe fn filled(&mut self, len: usize) {
         match self {
             Self::Staged(s) => s.truncate(len),
-            Self::Owned(v) => v.truncate(len),
+            // SAFETY: within the capacity, and written (the caller's contract).
+            Self::Owned(v) => unsafe { v.set_len(len.min(v.capacity())) },
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! A copy of up to [`INLINE_LIMIT`] bytes runs on the submitting thread: handing it to another
 //! thread would cost more than the copy. Larger requests arrive as several slices, which a
-//! pool of copy threads (one per core, at most four) runs side by side.
+//! pool of copy threads (one per core, at most four) runs side by side; a submitter that may
+//! block (an async worker) takes the last slice itself.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -142,9 +143,16 @@ impl ShmTransport {
         Ok(peer)
     }
 
-    /// Runs `slices` against `peer`; each is reported to its task exactly once.
-    pub fn submit(&self, peer: &Arc<ShmPeer>, slices: Vec<ShmSlice>) {
-        for slice in slices {
+    /// Runs `slices` against `peer`; each is reported to its task exactly once. With
+    /// `copy_last`, this thread copies the last slice whatever its size, after queueing the rest.
+    pub fn submit(&self, peer: &Arc<ShmPeer>, slices: Vec<ShmSlice>, copy_last: bool) {
+        let count = slices.len();
+        let mut here = None;
+        for (i, slice) in slices.into_iter().enumerate() {
+            if copy_last && i + 1 == count {
+                here = Some(slice);
+                continue;
+            }
             if slice.len <= INLINE_LIMIT {
                 slice.run(peer);
                 continue;
@@ -155,6 +163,9 @@ impl ShmTransport {
                 // Closed: run it here rather than lose the report.
                 (rejected.into_inner())();
             }
+        }
+        if let Some(slice) = here {
+            slice.run(peer);
         }
     }
 
