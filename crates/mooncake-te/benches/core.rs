@@ -1,5 +1,5 @@
-//! Hot pieces of the core: slicing, the two codecs, completion counting, range lookup and
-//! rail selection.
+//! Hot pieces of the core: slicing, the two codecs, completion counting, range lookup, rail
+//! selection and bulk copies.
 //!
 //! cargo bench -p mooncake-te
 
@@ -8,6 +8,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mooncake_metadata::handshake::frame::{self, MessageType};
 use mooncake_te::slicing;
+use mooncake_transport::copy::copy_bytes;
 use mooncake_transport::rail::{RailPolicy, RailSet};
 use mooncake_transport::tcp::wire::{Header, Op, Status, Version};
 use mooncake_transport::{BatchProgress, MemoryRegistry, Region, Task};
@@ -121,5 +122,37 @@ fn rails(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, slicing, codecs, completion, registry, rails);
+/// 1 MiB blocks between two 256 MiB regions, each block somewhere else (cold, as a store's
+/// segment and staging are): `memcpy` against the streaming copy.
+fn copies(c: &mut Criterion) {
+    const REGION: usize = 256 << 20;
+    const BLOCK: usize = 1 << 20;
+    let src = vec![0x5au8; REGION];
+    let mut dst = vec![0xa5u8; REGION];
+    let mut group = c.benchmark_group("copy");
+    group.throughput(Throughput::Bytes(BLOCK as u64));
+    group.sample_size(30);
+    let mut next = 0usize;
+    let mut block = || {
+        next = (next + 7) % (REGION / BLOCK);
+        next * BLOCK
+    };
+    group.bench_function("memcpy 1 MiB, cold", |b| {
+        b.iter(|| {
+            let (from, to) = (block(), block());
+            dst[to..to + BLOCK].copy_from_slice(&src[from..from + BLOCK]);
+        })
+    });
+    group.bench_function("copy_bytes 1 MiB, cold", |b| {
+        b.iter(|| {
+            let (from, to) = (block(), block());
+            // SAFETY: both ranges lie inside their own vectors.
+            unsafe { copy_bytes(src[from..].as_ptr(), dst[to..].as_mut_ptr(), BLOCK) };
+        })
+    });
+    group.finish();
+    black_box(&dst);
+}
+
+criterion_group!(benches, slicing, codecs, completion, registry, rails, copies);
 criterion_main!(benches);

@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`memory`]: engine-owned arenas (sealed memfd mappings) and the registry of every range
 //!   peers may touch;
+//! - [`copy`]: bulk copies, with streaming stores for large ones;
 //! - [`completion`]: per-task and per-batch progress, which slices report into;
 //! - [`rail`]: the paths to a peer over several devices, selection and rail health;
 //! - [`shm`]: same-host transfers through mapped arenas (and `process_vm_*`);
@@ -13,6 +14,7 @@
 //! registered memory, and reports each slice to its [`Task`] exactly once.
 
 pub mod completion;
+pub mod copy;
 pub mod memory;
 pub mod rail;
 pub mod shm;

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use mooncake_common::{EngineConfig, Error, ErrorKind, Result};
 use mooncake_te::engine::SubmitOptions;
 use mooncake_te::{Opcode, SegmentId as EngineSegment, TransferEngine, TransferRequest};
+use mooncake_transport::copy::copy_bytes;
 use mooncake_transport::Arena;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -285,9 +286,7 @@ impl StoreClient {
         }
         let staged = self.stage(value.len())?;
         // SAFETY: the staging range is registered memory this call owns until it returns.
-        unsafe {
-            std::ptr::copy_nonoverlapping(value.as_ptr(), staged.addr() as *mut u8, value.len())
-        };
+        unsafe { copy_bytes(value.as_ptr(), staged.addr() as *mut u8, value.len()) };
         self.write_one(key, staged.addr(), value.len(), config, upsert)
             .await
     }
@@ -359,13 +358,7 @@ impl StoreClient {
             match self.stage(value.len().max(1)) {
                 Ok(s) => {
                     // SAFETY: as in `staged_write`.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            value.as_ptr(),
-                            s.addr() as *mut u8,
-                            value.len(),
-                        )
-                    };
+                    unsafe { copy_bytes(value.as_ptr(), s.addr() as *mut u8, value.len()) };
                     ranges.push((s.addr(), value.len()));
                     staged.push(s);
                 }
@@ -530,7 +523,7 @@ impl StoreClient {
                 };
                 // SAFETY: both ranges are registered memory of this process (checked above and
                 // by the caller), and distinct: one is in our segment, the other in the caller's.
-                unsafe { std::ptr::copy_nonoverlapping(src, dst, replica.size as usize) };
+                unsafe { copy_bytes(src, dst, replica.size as usize) };
                 outcomes.push((item, Ok(())));
                 continue;
             }

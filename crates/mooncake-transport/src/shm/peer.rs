@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::control::{ControlView, SLOTS};
 use super::server::{KIND_ARENA, KIND_CONTROL, KIND_WATCH, REPLY_LEN};
+use crate::copy::copy_bytes;
 use crate::memory::{Mapping, Region};
 use crate::Opcode;
 
@@ -206,12 +207,10 @@ impl ShmPeer {
                 unsafe {
                     let remote_ptr = mapping.as_ptr().add(offset);
                     match op {
-                        Opcode::Write => std::ptr::copy_nonoverlapping(
-                            region.bytes(local_addr, len).as_ptr(),
-                            remote_ptr,
-                            len,
-                        ),
-                        Opcode::Read => std::ptr::copy_nonoverlapping(
+                        Opcode::Write => {
+                            copy_bytes(region.bytes(local_addr, len).as_ptr(), remote_ptr, len)
+                        }
+                        Opcode::Read => copy_bytes(
                             remote_ptr,
                             region.bytes_mut(local_addr, len).as_mut_ptr(),
                             len,
