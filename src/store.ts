@@ -18,7 +18,10 @@ export interface MooncakeStoreOptions {
   sharedMemory?: boolean
   /** Bytes of memory this node contributes to the pool. Default 16 MiB; 0 makes a pure client. */
   globalSegmentSize?: number
-  /** Registered staging for `put`/`get` of plain Buffers. Default 16 MiB (larger values are staged in temporary memory). */
+  /**
+   * Registered staging for `put`/`get` of plain Buffers. Default 16 MiB. A Buffer from `get` keeps its block until it is
+   * garbage-collected; when the staging is full, up to 64 MiB more is added, and beyond that values get memory of their own.
+   */
   localBufferSize?: number
   /** Deadline of one master RPC in ms. Default 30000 (`MC_RPC_TIMEOUT_MS`). */
   rpcTimeoutMs?: number

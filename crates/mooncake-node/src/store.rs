@@ -406,18 +406,28 @@ impl NativeStore {
                         return BufferSlice::from_data(env, Vec::new());
                     }
                     // V8 counts each new Buffer as that much more memory and collects garbage
-                    // every few dozen MiB of it. A staging block is not more memory (the buffer
-                    // exists already), so it is taken off the count while the Buffer lives.
-                    let counted = len as i64;
+                    // every few dozen MiB of it. A block of the configured staging buffer is
+                    // not more memory (the buffer exists already), so it is taken off the count
+                    // while the Buffer lives; a block of the reserve counts, so that collection
+                    // comes round and frees the blocks.
+                    let counted = if staged.in_configured_buffer() {
+                        len as i64
+                    } else {
+                        0
+                    };
                     // SAFETY: the block stays allocated to this Buffer until its finalizer drops
                     // `staged`, and nothing else writes it meanwhile.
                     let buffer = unsafe {
                         BufferSlice::from_external(env, ptr, len, staged, move |env, staged| {
                             drop(staged);
-                            let _ = env.adjust_external_memory(counted);
+                            if counted > 0 {
+                                let _ = env.adjust_external_memory(counted);
+                            }
                         })
                     }?;
-                    env.adjust_external_memory(-counted)?;
+                    if counted > 0 {
+                        env.adjust_external_memory(-counted)?;
+                    }
                     Ok(buffer)
                 }
             }

@@ -46,7 +46,8 @@ pub struct StoreConfig {
     pub engine: EngineConfig,
     /// Bytes this client contributes to the pool (0: a pure requester). Default 16 MiB.
     pub global_segment_size: u64,
-    /// Registered staging for the copying APIs (0: stage in temporary allocations). Default 16 MiB.
+    /// Registered staging for the copying APIs (0: stage in temporary allocations). Default
+    /// 16 MiB; when it is full, a reserve of up to 64 MiB more is added.
     pub local_buffer_size: u64,
     /// Deadline of one master RPC. Default 30 s (`MC_RPC_TIMEOUT_MS`).
     pub rpc_timeout: Duration,
@@ -173,10 +174,17 @@ impl StoreClient {
                 .await?;
             from_outcome(Some(&outcome))?;
         }
-        let local = Arc::new(LocalBuffer::new(match config.local_buffer_size {
+        let staging = match config.local_buffer_size {
             0 => None,
             size => Some(backed(&engine, size as usize).await?),
-        }));
+        };
+        let reserve_engine = engine.clone();
+        let grow: buffer::Grow = Box::new(move |len| {
+            let arena = reserve_engine.allocate(len)?;
+            arena.populate()?;
+            Ok(arena)
+        });
+        let local = Arc::new(LocalBuffer::new(staging, Some(grow)));
         let client = Arc::new(Self {
             engine,
             lookups: Lookups::new(master.clone()),
