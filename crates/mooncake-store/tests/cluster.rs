@@ -18,12 +18,16 @@ async fn master() -> MasterServer {
 }
 
 async fn client(master: &MasterServer, segment: u64) -> Arc<StoreClient> {
+    client_staging(master, segment, 4 << 20).await
+}
+
+async fn client_staging(master: &MasterServer, segment: u64, staging: u64) -> Arc<StoreClient> {
     let mut engine = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
     engine.advertised_host = Some("127.0.0.1".into());
     let mut config = StoreConfig::new(engine);
     config.master_address = master.rpc_addr().to_string();
     config.global_segment_size = segment;
-    config.local_buffer_size = 4 << 20;
+    config.local_buffer_size = staging;
     StoreClient::connect(config).await.unwrap()
 }
 
@@ -157,5 +161,34 @@ async fn concurrent_gets_share_lookups_and_keep_their_own_outcomes() {
         }
     }
     a.close().await;
+    master.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_held_past_the_staging_buffer_and_its_reserve_read_exactly() {
+    let master = master().await;
+    let owner = client(&master, 32 << 20).await;
+    let data = value(1 << 20, 9);
+    owner
+        .put("big", &data, &WriteConfig::default())
+        .await
+        .unwrap();
+
+    // 4 MiB of staging, then the 64 MiB reserve, then values with memory of their own.
+    let reader = client(&master, 0).await;
+    let mut held = Vec::new();
+    for i in 0..80 {
+        let got = reader.get("big").await.unwrap();
+        assert!(got == data, "get {i} differs");
+        held.push(got);
+    }
+    // No staging at all: every value gets its own memory.
+    let bare = client_staging(&master, 0, 0).await;
+    assert!(bare.get("big").await.unwrap() == data);
+
+    drop(held);
+    for client in [owner, reader, bare] {
+        client.close().await;
+    }
     master.close().await;
 }

@@ -79,7 +79,10 @@ async fn write_then_read_back(protocol: Protocol, expected: TransportKind) {
         copy_on_caller: true,
         ..SubmitOptions::default()
     };
-    initiator.transfer(&[read], on_caller).await.unwrap();
+    initiator
+        .transfer(&[read], on_caller.clone())
+        .await
+        .unwrap();
     assert!(
         bytes(local.as_ptr(), len)[..len - 3] == bytes(local.as_ptr(), 2 * len)[len..2 * len - 3],
         "read-back differs"
@@ -90,6 +93,19 @@ async fn write_then_read_back(protocol: Protocol, expected: TransportKind) {
         2,
         "{expected:?} carried both requests"
     );
+    if expected == TransportKind::Shm {
+        // One slice above the inline limit: the caller copies it before `submit` returns.
+        let one = TransferRequest {
+            len: 1 << 20,
+            ..read
+        };
+        let batch = initiator.submit(&[one], on_caller).unwrap();
+        assert_eq!(
+            initiator.status(batch).unwrap()[0].status,
+            TaskStatus::Completed
+        );
+        initiator.release_batch(batch);
+    }
     // A settled transfer holds no memory: unregistering right away succeeds.
     initiator.unregister(local.as_ptr() as usize).unwrap();
     initiator.close().await;

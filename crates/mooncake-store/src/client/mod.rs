@@ -119,6 +119,7 @@ async fn backed(engine: &TransferEngine, len: usize) -> Result<Arc<Arena>> {
         .map_err(|e| Error::new(ErrorKind::InternalError, format!("backing memory: {e}")))??;
     Ok(arena)
 }
+
 impl StoreClient {
     /// Starts the engine, connects to the master and mounts the global segment.
     pub async fn connect(config: StoreConfig) -> Result<Arc<Self>> {
