@@ -46,6 +46,7 @@ const OPTIONS = {
   nodes: { type: 'string', default: '2' },
   clients: { type: 'string', default: '2' },
   'node-size': { type: 'string', default: '1024' },
+  staging: { type: 'string', default: '1024' },
   sizes: { type: 'string', default: '65536,1048576,4194304' },
   duration: { type: 'string', default: '2' },
   inflight: { type: 'string', default: '4' },
@@ -125,9 +126,9 @@ async function openStore(o: Record<string, string | boolean>): Promise<Store> {
     localServerName: `bench-client-${process.pid}`,
     ipOrHostName: '127.0.0.1',
     globalSegmentSize: 0,
-    // Room for the Buffers that gets return until the garbage collector frees them (Mooncake's
-    // serving connectors stage through 1 GiB).
-    localBufferSize: 256 << 20,
+    // Room for the Buffers that gets return until the garbage collector frees them; Mooncake's
+    // serving connectors stage through 1 GiB.
+    localBufferSize: Number(o.staging) << 20,
   })
   const zeroCopy = o.api === 'zero-copy'
   return {
@@ -249,7 +250,7 @@ async function workload(system: System, target: string[], size: number, o: Recor
   const keys = Math.max(1, Math.min(2000, Math.floor(poolBytes / 8 / size / clients)))
   const api = system === 'zero-copy' ? ['--api', 'zero-copy'] : []
   const procs = Array.from({ length: clients }, (_, c) =>
-    child(['--role', 'client', ...target, ...api, '--size', String(size), '--keys', String(keys), '--prefix', `c${c}-${Date.now()}`,
+    child(['--role', 'client', ...target, ...api, '--staging', String(o.staging), '--size', String(size), '--keys', String(keys), '--prefix', `c${c}-${Date.now()}`,
       '--duration', String(o.duration), '--inflight', String(o.inflight)]),
   )
   const results = (await Promise.all(procs.map(lastLine))).map((l) => JSON.parse(l) as Record<'put' | 'get', Omit<Phase, 'latenciesUs'> & { p50Us: number; p99Us: number }>)
@@ -354,7 +355,10 @@ function report(rounds: Row[][], masterOpsPerSec: number, o: Record<string, stri
   const cells = (x: Figures) =>
     x ? `${x.gbps.toFixed(2).padStart(6)} ${x.p50Us.toFixed(0).padStart(6)} ${x.p99Us.toFixed(0).padStart(6)}` : '     -      -      -'
   const times = (x: number | undefined) => (x === undefined ? '     -' : `${x.toFixed(2).padStart(5)}x`)
-  console.log(`store on loopback: ${o.nodes} node processes x ${o['node-size']} MiB, ${o.clients} client processes x ${o.inflight} in flight; medians of ${o.repeat} rounds`)
+  console.log(
+    `store on loopback: ${o.nodes} node processes x ${o['node-size']} MiB, ${o.clients} client processes x ${o.inflight} in flight ` +
+      `(${o.staging} MiB staging each); medians of ${o.repeat} rounds`,
+  )
   console.log('           put/get (Buffer)       putFrom/getInto        redis (ioredis)        vs redis')
   console.log('op  size     GB/s  p50µs  p99µs    GB/s  p50µs  p99µs    GB/s  p50µs  p99µs    Buffer zero-copy')
   for (const r of summary) {

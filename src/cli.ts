@@ -46,7 +46,8 @@ commands:
                       --mode target|initiator   --host 127.0.0.1   --port N   --op read|write
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
   bench-store       store put/get from client processes against node processes, and Redis
-                      --nodes 2   --clients 2   --node-size 1024 (MiB)   --sizes 65536,1048576,4194304
+                      --nodes 2   --clients 2   --node-size 1024 (MiB)   --staging 1024 (MiB, per client)
+                      --sizes 65536,1048576,4194304
                       --duration 2   --inflight 4   --repeat 3   --json
   bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
