@@ -59,9 +59,10 @@ pub struct SubmitOptions {
     pub timeout: Option<Duration>,
     /// Sent to the first request's segment once the whole batch completed.
     pub notify: Option<String>,
-    /// The submitting thread copies the last slice of a same-host request itself rather than
-    /// hand it to a copy thread, for which a hand-off and a wake-up cost more than the copy.
-    /// For callers on an async worker; never on a thread that must not block (JavaScript's).
+    /// The submitting thread copies one slice itself (the last of the last request, when that
+    /// request goes through shared memory) rather than hand it to a copy thread: for a one-slice
+    /// request, the hand-off and the wake-ups cost more than the copy. For callers on an async
+    /// worker; never on a thread that must not block (JavaScript's).
     pub copy_on_caller: bool,
 }
 
