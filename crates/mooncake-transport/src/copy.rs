@@ -3,9 +3,9 @@
 //! A copy of [`STREAM_MIN`] bytes or more writes with non-temporal (streaming) stores on
 //! x86-64. Its destination (a segment, a staging block, a peer's arena) is seldom in cache, and
 //! an ordinary store first reads every destination line it is about to overwrite; streaming
-//! skips that read, which makes a cold 1 MiB copy about a third faster, and more when both cores
-//! copy at once (`cargo bench -p mooncake-te --bench core -- copy`). Smaller copies, whose
-//! destination is more likely hot, use `memcpy`.
+//! skips that read, which makes a cold 1 MiB copy about a fifth faster
+//! (`cargo bench -p mooncake-te --bench core -- copy`). Smaller copies, whose destination is more
+//! likely hot, use `memcpy`.
 
 /// Copies of at least this many bytes stream their stores.
 pub const STREAM_MIN: usize = 1 << 20;
