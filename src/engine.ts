@@ -11,7 +11,7 @@ export interface TransferEngineOptions {
    * published segment name becomes `host:<rpc port>`; read it from {@link TransferEngine.segmentName}.
    */
   localServerName: string
-  /** `'P2PHANDSHAKE'` (no metadata server) or `'http://host:port/metadata'`. */
+  /** `'P2PHANDSHAKE'` (no metadata server), `'http://host:port/metadata'` or `'redis://host:port'`. */
   metadata: string
   /**
    * Transport. `'auto'` (default): shared memory for engines on this host, RDMA where both ends

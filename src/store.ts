@@ -6,7 +6,7 @@ import { invalidArgument, MooncakeError, native, nativeAsync, toMooncakeError } 
 export interface MooncakeStoreOptions {
   /** The master's `host:port` ({@link MasterServer.address}). */
   masterAddress: string
-  /** Transfer Engine metadata: `'P2PHANDSHAKE'` or `'http://host:port/metadata'`. */
+  /** Transfer Engine metadata: `'P2PHANDSHAKE'`, `'http://host:port/metadata'` or `'redis://host:port'`. */
   metadata: string
   /** This node's name. Default `'127.0.0.1'`. */
   localServerName?: string

@@ -7,11 +7,13 @@
 //! - [`store`]: the [`MetadataStore`] trait and [`connect`], which picks a backend from a
 //!   connection string;
 //! - [`http`]: the HTTP backend (client) and the embedded HTTP metadata server;
+//! - [`redis`]: the Redis backend;
 //! - [`handshake`]: Mooncake's handshake framing (sans-IO), its listener and its client.
 
 pub mod handshake;
 pub mod http;
 pub mod keys;
+pub mod redis;
 pub mod segment;
 pub mod store;
 

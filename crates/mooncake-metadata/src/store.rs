@@ -1,6 +1,6 @@
 //! Where segment descriptors live.
 //!
-//! [`MetadataStore`] is a key/value store of JSON strings (HTTP now; etcd and Redis plug in
+//! [`MetadataStore`] is a key/value store of JSON strings (HTTP and Redis now; etcd plugs in
 //! behind the same trait). P2P handshake mode has no store at all: descriptors travel over
 //! the handshake socket, so [`MetadataBackend`] tells the engine which world it is in.
 
@@ -44,7 +44,8 @@ impl std::fmt::Debug for MetadataBackend {
 }
 
 /// Picks a backend from a Mooncake connection string: `P2PHANDSHAKE`,
-/// `http://host:port/path`. A string without `proto://` means etcd, as in Mooncake.
+/// `http://host:port/path`, `redis://host:port`. A string without `proto://` means etcd, as in
+/// Mooncake.
 pub fn connect(conn: &str) -> Result<MetadataBackend> {
     let conn = conn.trim();
     if conn == "P2PHANDSHAKE" {
@@ -53,9 +54,12 @@ pub fn connect(conn: &str) -> Result<MetadataBackend> {
     let (proto, _) = conn.split_once("://").unwrap_or(("etcd", conn));
     match proto {
         "http" => Ok(MetadataBackend::Store(Arc::new(crate::http::HttpStore::new(conn)?))),
-        "etcd" | "redis" | "https" => Err(Error::new(
+        "redis" => Ok(MetadataBackend::Store(Arc::new(crate::redis::RedisStore::new(
+            conn,
+        )?))),
+        "etcd" | "https" => Err(Error::new(
             ErrorKind::NotImplemented,
-            format!("the '{proto}' metadata backend is not available in this build; use P2PHANDSHAKE or http://"),
+            format!("the '{proto}' metadata backend is not available in this build; use P2PHANDSHAKE, http:// or redis://"),
         )),
         other => Err(Error::invalid(format!(
             "unknown metadata backend '{other}' in '{conn}'"
@@ -133,6 +137,10 @@ mod tests {
         ));
         assert!(matches!(
             connect("http://127.0.0.1:8080/metadata").unwrap(),
+            MetadataBackend::Store(_)
+        ));
+        assert!(matches!(
+            connect("redis://127.0.0.1:6379").unwrap(),
             MetadataBackend::Store(_)
         ));
         assert_eq!(

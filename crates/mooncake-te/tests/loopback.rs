@@ -9,6 +9,8 @@ use common::{bytes, fill};
 use mooncake_common::config::Protocol;
 use mooncake_common::EngineConfig;
 use mooncake_metadata::http::MetadataServer;
+use mooncake_metadata::redis::RedisStore;
+use mooncake_metadata::{Keys, MetadataStore};
 use mooncake_te::engine::SubmitOptions;
 use mooncake_te::stats::TransportKind;
 use mooncake_te::{ErrorKind, Opcode, TaskStatus, TransferEngine, TransferRequest};
@@ -190,6 +192,99 @@ async fn http_metadata_and_notifications() {
     target.close().await;
     assert!(server.store().is_empty(), "close removes published keys");
     server.close().await;
+}
+
+/// A `redis-server` on a free loopback port, stopped on drop; none where Redis is not installed.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let server = Self { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(server);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start listening on port {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_metadata_carries_descriptors() {
+    let Some(redis) = RedisServer::start() else {
+        eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+        return;
+    };
+    let url = redis.url();
+    let target = engine(&url, "redis-target").await;
+    let initiator = engine(&url, "redis-initiator").await;
+    let remote = target.allocate(1 << 20).unwrap();
+    target.publish_now().await.unwrap();
+    let store = RedisStore::new(&url).unwrap();
+    let key = Keys::new(None).segment("redis-target");
+    let published = store
+        .get(&key)
+        .await
+        .unwrap()
+        .expect("the descriptor is in Redis");
+    assert!(published.contains(&format!("{}", remote.as_ptr() as u64)));
+
+    let local = initiator.allocate(1 << 20).unwrap();
+    fill(local.as_ptr(), 1 << 20, 5);
+    let segment = initiator.open_segment("redis-target").await.unwrap();
+    let request = TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64,
+        len: 1 << 20,
+    };
+    initiator
+        .transfer(&[request], SubmitOptions::default())
+        .await
+        .unwrap();
+    assert!(bytes(remote.as_ptr(), 1 << 20) == bytes(local.as_ptr(), 1 << 20));
+
+    initiator.close().await;
+    target.close().await;
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        None,
+        "close removes the descriptor"
+    );
+
+    drop(redis);
+    assert_eq!(
+        store.get(&key).await.unwrap_err().kind(),
+        ErrorKind::Metadata,
+        "the server is gone: a clear error, no hang"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
