@@ -163,35 +163,46 @@ async fn http_metadata_and_notifications() {
     assert_eq!(target.segment_name(), "node-target");
     let remote = target.allocate(1 << 20).unwrap();
     target.publish_now().await.unwrap();
-    let local = initiator.allocate(1 << 20).unwrap();
-    fill(local.as_ptr(), 1 << 20, 1);
-    let segment = initiator.open_segment("node-target").await.unwrap();
-    let request = TransferRequest {
-        op: Opcode::Write,
-        segment: segment.id,
-        local_addr: local.as_ptr() as usize,
-        remote_addr: remote.as_ptr() as u64,
-        len: 1 << 20,
-    };
     let options = SubmitOptions {
         notify: Some("kv-ready".into()),
         timeout: Some(Duration::from_secs(10)),
         ..SubmitOptions::default()
     };
-    initiator.transfer(&[request], options).await.unwrap();
+    write_one_mib(&initiator, "node-target", remote.as_ptr(), options).await;
     let received = target.take_notifies();
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].from, "node-initiator");
     assert_eq!(received[0].message, "kv-ready");
-    assert!(
-        bytes(remote.as_ptr(), 1 << 20) == bytes(local.as_ptr(), 1 << 20),
-        "write landed wrong"
-    );
 
     initiator.close().await;
     target.close().await;
     assert!(server.store().is_empty(), "close removes published keys");
     server.close().await;
+}
+
+/// Writes 1 MiB from a fresh buffer to `remote` in the segment `target`, which the initiator
+/// finds through the metadata, and checks that it landed.
+async fn write_one_mib(
+    initiator: &Arc<TransferEngine>,
+    target: &str,
+    remote: *mut u8,
+    options: SubmitOptions,
+) {
+    let local = initiator.allocate(1 << 20).unwrap();
+    fill(local.as_ptr(), 1 << 20, 1);
+    let segment = initiator.open_segment(target).await.unwrap();
+    let request = TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote as u64,
+        len: 1 << 20,
+    };
+    initiator.transfer(&[request], options).await.unwrap();
+    assert!(
+        bytes(remote, 1 << 20) == bytes(local.as_ptr(), 1 << 20),
+        "write landed wrong"
+    );
 }
 
 /// A `redis-server` on a free loopback port, stopped on drop; none where Redis is not installed.
@@ -255,21 +266,13 @@ async fn redis_metadata_carries_descriptors() {
         .expect("the descriptor is in Redis");
     assert!(published.contains(&format!("{}", remote.as_ptr() as u64)));
 
-    let local = initiator.allocate(1 << 20).unwrap();
-    fill(local.as_ptr(), 1 << 20, 5);
-    let segment = initiator.open_segment("redis-target").await.unwrap();
-    let request = TransferRequest {
-        op: Opcode::Write,
-        segment: segment.id,
-        local_addr: local.as_ptr() as usize,
-        remote_addr: remote.as_ptr() as u64,
-        len: 1 << 20,
-    };
-    initiator
-        .transfer(&[request], SubmitOptions::default())
-        .await
-        .unwrap();
-    assert!(bytes(remote.as_ptr(), 1 << 20) == bytes(local.as_ptr(), 1 << 20));
+    write_one_mib(
+        &initiator,
+        "redis-target",
+        remote.as_ptr(),
+        SubmitOptions::default(),
+    )
+    .await;
 
     initiator.close().await;
     target.close().await;
