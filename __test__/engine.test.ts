@@ -167,6 +167,10 @@ test('bad arguments are MooncakeErrors with stable codes', async (t) => {
     await t.throwsAsync(TransferEngine.create({ localServerName: 'x', metadata: 'etcd://127.0.0.1:2379' }), {
       code: 'ERR_NOT_IMPLEMENTED',
     } as never)
+    // Nothing listens on port 1: publishing fails with a metadata error, not a hang.
+    await t.throwsAsync(TransferEngine.create({ localServerName: 'x', metadata: 'redis://127.0.0.1:1' }), {
+      code: 'ERR_METADATA',
+    } as never)
     await t.throwsAsync(TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE', protocol: 'udp' as never }), {
       code: 'ERR_INVALID_ARGUMENT',
     } as never)
