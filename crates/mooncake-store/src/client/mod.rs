@@ -111,13 +111,18 @@ pub struct StoreClient {
 
 /// Engine memory with every page already backed (see [`Arena::populate`]): the segment and
 /// the staging buffer are written all the time, and a host short of memory fails here.
-async fn backed(engine: &TransferEngine, len: usize) -> Result<Arc<Arena>> {
+fn backed(engine: &TransferEngine, len: usize) -> Result<Arc<Arena>> {
     let arena = engine.allocate(len)?;
-    let populating = arena.clone();
-    tokio::task::spawn_blocking(move || populating.populate())
-        .await
-        .map_err(|e| Error::new(ErrorKind::InternalError, format!("backing memory: {e}")))??;
+    arena.populate()?;
     Ok(arena)
+}
+
+/// [`backed`], off the async workers (backing a GiB takes a quarter of a second).
+async fn backed_blocking(engine: &Arc<TransferEngine>, len: usize) -> Result<Arc<Arena>> {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || backed(&engine, len))
+        .await
+        .map_err(|e| Error::new(ErrorKind::InternalError, format!("backing memory: {e}")))?
 }
 
 impl StoreClient {
@@ -144,7 +149,7 @@ impl StoreClient {
             .unwrap_or_default();
         let mut segments = Vec::new();
         if config.global_segment_size > 0 {
-            let arena = backed(&engine, config.global_segment_size as usize).await?;
+            let arena = backed_blocking(&engine, config.global_segment_size as usize).await?;
             let spec = SegmentSpec {
                 id: SegmentId::random(),
                 name: name.clone(),
@@ -177,14 +182,10 @@ impl StoreClient {
         }
         let staging = match config.local_buffer_size {
             0 => None,
-            size => Some(backed(&engine, size as usize).await?),
+            size => Some(backed_blocking(&engine, size as usize).await?),
         };
         let reserve_engine = engine.clone();
-        let grow: buffer::Grow = Box::new(move |len| {
-            let arena = reserve_engine.allocate(len)?;
-            arena.populate()?;
-            Ok(arena)
-        });
+        let grow: buffer::Grow = Box::new(move |len| backed(&reserve_engine, len));
         let local = Arc::new(LocalBuffer::new(staging, Some(grow)));
         let client = Arc::new(Self {
             engine,
