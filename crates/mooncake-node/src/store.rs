@@ -335,27 +335,29 @@ impl NativeStore {
         self.inner.engine().segment_name().to_owned()
     }
 
-    /// Stores a copy of `value` (insert if absent).
-    #[napi]
-    pub async fn put(&self, key: String, value: Buffer, config: Option<PutConfig>) -> Result<()> {
-        self.inner
-            .put(&key, &value, &write_config(config)?)
-            .await
-            .napi()
+    /// Stores a copy of `value` (insert if absent). The copy is taken before this returns,
+    /// so the caller may change `value` as soon as it has the promise.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn put<'env>(
+        &self,
+        env: &'env Env,
+        key: String,
+        value: &[u8],
+        config: Option<PutConfig>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        write_copy(env, &self.inner, key, value, config, false)
     }
 
-    /// Inserts or replaces.
-    #[napi]
-    pub async fn upsert(
+    /// Inserts or replaces; the copy is taken before this returns, as in `put`.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn upsert<'env>(
         &self,
+        env: &'env Env,
         key: String,
-        value: Buffer,
+        value: &[u8],
         config: Option<PutConfig>,
-    ) -> Result<()> {
-        self.inner
-            .upsert(&key, &value, &write_config(config)?)
-            .await
-            .napi()
+    ) -> Result<PromiseRaw<'env, ()>> {
+        write_copy(env, &self.inner, key, value, config, true)
     }
 
     /// Stores registered memory (zero copy).
@@ -445,26 +447,19 @@ impl NativeStore {
             .map(|n| n as f64)
     }
 
-    /// Batch of copying puts.
-    #[napi]
-    pub async fn batch_put(
+    /// Batch of copying puts; the copies are taken before this returns, as in `put`.
+    #[napi(ts_return_type = "Promise<Array<BatchItem>>")]
+    pub fn batch_put<'env>(
         &self,
+        env: &'env Env,
         keys: Vec<String>,
-        values: Vec<Buffer>,
+        values: Vec<&[u8]>,
         config: Option<PutConfig>,
-    ) -> Result<Vec<BatchItem>> {
+    ) -> Result<PromiseRaw<'env, Vec<BatchItem>>> {
         if keys.len() != values.len() {
             return Err(invalid("keys and values differ in number"));
         }
-        let config = write_config(config)?;
-        let refs: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
-        Ok(self
-            .inner
-            .batch_put(&keys, &refs, &config)
-            .await
-            .into_iter()
-            .map(done)
-            .collect())
+        write_copies(env, &self.inner, keys, &values, config, false)
     }
 
     /// Batch of zero-copy puts.
@@ -620,6 +615,47 @@ impl NativeStore {
         );
         Ok(())
     }
+}
+
+/// Puts and upserts of copies: the copy is taken on the JavaScript thread, before the promise
+/// exists, so the caller may reuse its Buffer at once; the write runs in the background.
+fn write_copies<'env>(
+    env: &'env Env,
+    inner: &Arc<StoreClient>,
+    keys: Vec<String>,
+    values: &[&[u8]],
+    config: Option<PutConfig>,
+    upsert: bool,
+) -> Result<PromiseRaw<'env, Vec<BatchItem>>> {
+    let config = write_config(config)?;
+    let staged = inner.stage_values(values).napi()?;
+    let inner = inner.clone();
+    env.spawn_future(async move {
+        Ok(inner
+            .write_staged(&keys, staged, &config, upsert)
+            .await
+            .into_iter()
+            .map(done)
+            .collect())
+    })
+}
+
+/// [`write_copies`] of one value, whose promise rejects on failure.
+fn write_copy<'env>(
+    env: &'env Env,
+    inner: &Arc<StoreClient>,
+    key: String,
+    value: &[u8],
+    config: Option<PutConfig>,
+    upsert: bool,
+) -> Result<PromiseRaw<'env, ()>> {
+    let config = write_config(config)?;
+    let staged = inner.stage_values(&[value]).napi()?;
+    let inner = inner.clone();
+    env.spawn_future(async move {
+        let mut results = inner.write_staged(&[key], staged, &config, upsert).await;
+        results.pop().unwrap_or(Ok(())).napi()
+    })
 }
 
 fn done(result: mooncake_common::Result<()>) -> BatchItem {

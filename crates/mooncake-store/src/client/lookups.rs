@@ -12,7 +12,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 use tokio::sync::oneshot;
 
 use super::master_client::MasterClient;
-use super::{replicas, Replica};
+use super::transfer::{checked_replicas, Replica};
 use crate::master::service::from_outcome;
 use crate::proto;
 
@@ -55,6 +55,21 @@ impl Lookups {
             .unwrap_or_else(|_| Err(Error::new(ErrorKind::RpcFail, "the lookup was dropped")))
     }
 
+    /// The replicas of every key in one request, one answer per key.
+    pub(super) async fn lookup_batch(&self, keys: &[String]) -> Vec<Lookup> {
+        let request = proto::BatchGetReplicaListRequest {
+            keys: keys.to_vec(),
+        };
+        match self
+            .master
+            .call(|mut g| async move { g.batch_get_replica_list(request).await })
+            .await
+        {
+            Ok(reply) => answers(keys.iter(), reply.results),
+            Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
     /// Sends waves until nobody waits.
     async fn drain(self: Arc<Self>) {
         loop {
@@ -90,15 +105,8 @@ impl Lookups {
             .call(|mut g| async move { g.batch_get_replica_list(request).await });
         match answers.await {
             Ok(answers) => {
-                let mut results = answers.results.into_iter();
-                for (key, reply) in wave {
-                    let answer = match results.next() {
-                        Some(r) => parse(&key, r.outcome.as_ref(), &r.replicas, r.lease_ttl_ms),
-                        None => Err(Error::new(
-                            ErrorKind::RpcFail,
-                            "the master answered fewer keys than asked",
-                        )),
-                    };
+                let parsed = answers_for(&wave, answers.results);
+                for ((_, reply), answer) in wave.into_iter().zip(parsed) {
                     let _ = reply.send(answer);
                 }
             }
@@ -111,20 +119,43 @@ impl Lookups {
     }
 }
 
-/// One key's answer: its replicas, or why there are none to read.
-pub(super) fn parse(
+fn answers_for(
+    wave: &[(String, oneshot::Sender<Lookup>)],
+    results: Vec<proto::GetReplicaListResponse>,
+) -> Vec<Lookup> {
+    answers(wave.iter().map(|(key, _)| key), results)
+}
+
+/// One answer per key, in order; keys the master did not answer fail.
+fn answers<'a>(
+    keys: impl Iterator<Item = &'a String>,
+    results: Vec<proto::GetReplicaListResponse>,
+) -> Vec<Lookup> {
+    let mut results = results.into_iter();
+    keys.map(|key| match results.next() {
+        Some(r) => parse(key, r.outcome.as_ref(), &r.replicas, r.lease_ttl_ms),
+        None => Err(Error::new(
+            ErrorKind::Protocol,
+            "the master answered fewer keys than asked",
+        )),
+    })
+    .collect()
+}
+
+/// One key's answer: its replicas, checked, or why there are none to read.
+fn parse(
     key: &str,
     outcome: Option<&proto::Outcome>,
     list: &[proto::Replica],
     lease_ttl_ms: u64,
 ) -> Lookup {
     from_outcome(outcome)?;
-    let list = replicas(list);
     if list.is_empty() {
         return Err(Error::new(
             ErrorKind::ObjectNotFound,
             format!("'{key}' has no readable replica"),
         ));
     }
+    let list = checked_replicas(key, list, None)?;
     Ok((list, Duration::from_millis(lease_ttl_ms)))
 }

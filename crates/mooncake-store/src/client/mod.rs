@@ -10,22 +10,28 @@
 //! fails. A read that outlives its lease re-validates the replica it used instead of
 //! returning bytes that may have been replaced.
 //!
+//! - [`writes`]: puts and upserts, each step naming its write;
+//! - [`reads`]: gets, replica fallback and lease re-validation;
+//! - [`transfer`]: replica lists checked, bytes moved, read deadlines;
+//! - [`lookups`]: concurrent replica lookups coalesced;
 //! - [`master_client`]: RPC plumbing;
 //! - [`buffer`]: the staging buffer.
 
 pub mod buffer;
 mod lookups;
 pub mod master_client;
+mod reads;
+mod transfer;
+mod writes;
 
-use std::collections::HashMap;
+pub use writes::StagedValues;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mooncake_common::{EngineConfig, Error, ErrorKind, Result};
-use mooncake_te::engine::SubmitOptions;
-use mooncake_te::{Opcode, SegmentId as EngineSegment, TransferEngine, TransferRequest};
-use mooncake_transport::copy::copy_bytes;
+use mooncake_te::TransferEngine;
 use mooncake_transport::Arena;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use self::buffer::LocalBuffer;
 use self::lookups::Lookups;
 use self::master_client::MasterClient;
+use self::transfer::ReadPace;
 use crate::master::service::{from_outcome, to_segment, to_uuid};
 use crate::master::types::{ClientId, SegmentId, SegmentSpec, SoftPin, WriteConfig};
 use crate::proto;
@@ -70,30 +77,8 @@ impl StoreConfig {
     }
 }
 
-/// A replica as the client uses it.
-#[derive(Debug, Clone)]
-struct Replica {
-    id: u64,
-    endpoint: String,
-    address: u64,
-    size: u64,
-}
-
-fn replicas(list: &[proto::Replica]) -> Vec<Replica> {
-    list.iter()
-        .map(|r| Replica {
-            id: r.id,
-            endpoint: r.transport_endpoint.clone(),
-            address: r.buffer_address,
-            size: r.size,
-        })
-        .collect()
-}
-
 /// How often the client pings the master.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
-/// Attempts of a read whose lease keeps running out.
-const READ_ATTEMPTS: usize = 3;
 
 /// A store client.
 pub struct StoreClient {
@@ -103,6 +88,7 @@ pub struct StoreClient {
     id: ClientId,
     segments: Vec<(SegmentSpec, Arc<Arena>)>,
     local: Arc<LocalBuffer>,
+    pace: ReadPace,
     host_id: String,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -194,6 +180,7 @@ impl StoreClient {
             id,
             segments,
             local,
+            pace: ReadPace::new(),
             host_id,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -268,323 +255,6 @@ impl StoreClient {
         }
     }
 
-    // ----- writes ---------------------------------------------------------------------------
-
-    /// Stores `value` under `key` (insert if absent: an existing key is left as it is).
-    pub async fn put(&self, key: &str, value: &[u8], config: &WriteConfig) -> Result<()> {
-        self.staged_write(key, value, config, false).await
-    }
-
-    /// Inserts or replaces `value` under `key`.
-    pub async fn upsert(&self, key: &str, value: &[u8], config: &WriteConfig) -> Result<()> {
-        self.staged_write(key, value, config, true).await
-    }
-
-    async fn staged_write(
-        &self,
-        key: &str,
-        value: &[u8],
-        config: &WriteConfig,
-        upsert: bool,
-    ) -> Result<()> {
-        self.ensure_open()?;
-        if value.is_empty() {
-            return Err(Error::new(
-                ErrorKind::InvalidParams,
-                format!("'{key}': the value must not be empty"),
-            ));
-        }
-        let staged = self.stage(value.len())?;
-        // SAFETY: the staging range is registered memory this call owns until it returns.
-        unsafe { copy_bytes(value.as_ptr(), staged.addr() as *mut u8, value.len()) };
-        self.write_one(key, staged.addr(), value.len(), config, upsert)
-            .await
-    }
-
-    /// Stores `len` bytes of registered memory at `addr` under `key` (zero copy).
-    pub async fn put_from(
-        &self,
-        key: &str,
-        addr: usize,
-        len: usize,
-        config: &WriteConfig,
-    ) -> Result<()> {
-        self.ensure_open()?;
-        self.write_one(key, addr, len, config, false).await
-    }
-
-    /// Inserts or replaces `key` from registered memory (zero copy).
-    pub async fn upsert_from(
-        &self,
-        key: &str,
-        addr: usize,
-        len: usize,
-        config: &WriteConfig,
-    ) -> Result<()> {
-        self.ensure_open()?;
-        self.write_one(key, addr, len, config, true).await
-    }
-
-    async fn write_one(
-        &self,
-        key: &str,
-        addr: usize,
-        len: usize,
-        config: &WriteConfig,
-        upsert: bool,
-    ) -> Result<()> {
-        let results = self
-            .write_from(&[key.to_owned()], &[(addr, len)], config, upsert)
-            .await;
-        results.into_iter().next().unwrap_or(Ok(()))
-    }
-
-    /// Batch of zero-copy puts; one result per key, failures isolated per key.
-    pub async fn batch_put_from(
-        &self,
-        keys: &[String],
-        ranges: &[(usize, usize)],
-        config: &WriteConfig,
-    ) -> Vec<Result<()>> {
-        if let Err(e) = self.ensure_open() {
-            return keys.iter().map(|_| Err(e.clone())).collect();
-        }
-        self.write_from(keys, ranges, config, false).await
-    }
-
-    /// Batch of copying puts.
-    pub async fn batch_put(
-        &self,
-        keys: &[String],
-        values: &[&[u8]],
-        config: &WriteConfig,
-    ) -> Vec<Result<()>> {
-        if let Err(e) = self.ensure_open() {
-            return keys.iter().map(|_| Err(e.clone())).collect();
-        }
-        let mut staged = Vec::with_capacity(values.len());
-        let mut ranges = Vec::with_capacity(values.len());
-        for value in values {
-            match self.stage(value.len().max(1)) {
-                Ok(s) => {
-                    // SAFETY: as in `staged_write`.
-                    unsafe { copy_bytes(value.as_ptr(), s.addr() as *mut u8, value.len()) };
-                    ranges.push((s.addr(), value.len()));
-                    staged.push(s);
-                }
-                Err(e) => return keys.iter().map(|_| Err(e.clone())).collect(),
-            }
-        }
-        self.write_from(keys, &ranges, config, false).await
-    }
-
-    async fn write_from(
-        &self,
-        keys: &[String],
-        ranges: &[(usize, usize)],
-        config: &WriteConfig,
-        upsert: bool,
-    ) -> Vec<Result<()>> {
-        let mut results: Vec<Result<()>> = vec![Ok(()); keys.len()];
-        if keys.len() != ranges.len() {
-            let e = Error::new(
-                ErrorKind::InvalidParams,
-                "keys and buffers differ in number",
-            );
-            return keys.iter().map(|_| Err(e.clone())).collect();
-        }
-        for (i, (key, (addr, len))) in keys.iter().zip(ranges).enumerate() {
-            if *len == 0 {
-                results[i] = Err(Error::new(
-                    ErrorKind::InvalidParams,
-                    format!("'{key}': the value must not be empty"),
-                ));
-            } else if !self.engine.is_registered(*addr, *len) {
-                results[i] = Err(Error::new(
-                    ErrorKind::InvalidParams,
-                    format!("'{key}': the buffer is not registered (registerBuffer it, or use allocate)"),
-                ));
-            }
-        }
-        let todo: Vec<usize> = (0..keys.len()).filter(|i| results[*i].is_ok()).collect();
-        if todo.is_empty() {
-            return results;
-        }
-        let mut wire = config_to_wire(config);
-        if wire.host_id.is_empty() {
-            wire.host_id = self.host_id.clone();
-        }
-        let request = proto::BatchPutStartRequest {
-            client_id: Some(to_uuid(self.id.0)),
-            keys: todo.iter().map(|i| keys[*i].clone()).collect(),
-            sizes: todo.iter().map(|i| ranges[*i].1 as u64).collect(),
-            config: Some(wire),
-        };
-        let started = if upsert {
-            self.master
-                .call(|mut g| async move { g.batch_upsert_start(request).await })
-                .await
-        } else {
-            self.master
-                .call(|mut g| async move { g.batch_put_start(request).await })
-                .await
-        };
-        let started = match started {
-            Ok(s) => s.results,
-            Err(e) => {
-                for i in &todo {
-                    results[*i] = Err(e.clone());
-                }
-                return results;
-            }
-        };
-        // Plan every replica write: local ones are copies, remote ones one engine batch.
-        let mut plan: Vec<(usize, Vec<Replica>)> = Vec::new();
-        for (i, reply) in todo.iter().zip(started) {
-            match from_outcome(reply.outcome.as_ref()) {
-                Ok(()) => plan.push((*i, replicas(&reply.replicas))),
-                // Put is insert-if-absent, as in Mooncake: the key already holds a value.
-                Err(e) if e.kind() == ErrorKind::ObjectAlreadyExists && !upsert => {}
-                Err(e) => results[*i] = Err(e),
-            }
-        }
-        let outcomes = self
-            .move_bytes(
-                plan.iter()
-                    .flat_map(|(i, reps)| reps.iter().map(move |r| (*i, r.clone())))
-                    .map(|(i, r)| (i, Opcode::Write, ranges[i].0, r))
-                    .collect(),
-            )
-            .await;
-        let mut failed: HashMap<usize, Error> = HashMap::new();
-        for (i, outcome) in outcomes {
-            if let Err(e) = outcome {
-                failed.entry(i).or_insert(e);
-            }
-        }
-        let (mut commit, mut revoke) = (Vec::new(), Vec::new());
-        for (i, _) in &plan {
-            match failed.remove(i) {
-                None => commit.push(*i),
-                Some(e) => {
-                    results[*i] = Err(Error::new(
-                        ErrorKind::TransferFail,
-                        format!("'{}': {}", keys[*i], e.message()),
-                    ));
-                    revoke.push(*i);
-                }
-            }
-        }
-        for (indices, end) in [(commit, true), (revoke, false)] {
-            if indices.is_empty() {
-                continue;
-            }
-            let request = proto::BatchKeysRequest {
-                client_id: Some(to_uuid(self.id.0)),
-                keys: indices.iter().map(|i| keys[*i].clone()).collect(),
-            };
-            let reply = if end {
-                self.master
-                    .call(|mut g| async move { g.batch_put_end(request).await })
-                    .await
-            } else {
-                self.master
-                    .call(|mut g| async move { g.batch_put_revoke(request).await })
-                    .await
-            };
-            match reply {
-                Ok(reply) if end => {
-                    for (i, outcome) in indices.iter().zip(reply.results) {
-                        if let Err(e) = from_outcome(Some(&outcome)) {
-                            results[*i] = Err(e);
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) if end => {
-                    for i in &indices {
-                        results[*i] = Err(e.clone());
-                    }
-                }
-                Err(e) => tracing::warn!("revoking failed writes: {e}"),
-            }
-        }
-        results
-    }
-
-    /// Moves bytes for `(item, op, local address, replica)` tuples: copies for replicas in
-    /// this process, one engine batch for the rest. Returns each tuple's outcome by item.
-    async fn move_bytes(
-        &self,
-        work: Vec<(usize, Opcode, usize, Replica)>,
-    ) -> Vec<(usize, Result<()>)> {
-        let mut outcomes = Vec::with_capacity(work.len());
-        let mut remote: Vec<(usize, TransferRequest)> = Vec::new();
-        let own = self.engine.segment_name();
-        for (item, op, local, replica) in work {
-            if replica.endpoint == own
-                && self
-                    .engine
-                    .is_registered(replica.address as usize, replica.size as usize)
-            {
-                let (src, dst) = match op {
-                    Opcode::Write => (local as *const u8, replica.address as *mut u8),
-                    Opcode::Read => (replica.address as *const u8, local as *mut u8),
-                };
-                // SAFETY: both ranges are registered memory of this process (checked above and
-                // by the caller), and distinct: one is in our segment, the other in the caller's.
-                unsafe { copy_bytes(src, dst, replica.size as usize) };
-                outcomes.push((item, Ok(())));
-                continue;
-            }
-            match self.segment(&replica.endpoint).await {
-                Ok(segment) => remote.push((
-                    item,
-                    TransferRequest {
-                        op,
-                        segment,
-                        local_addr: local,
-                        remote_addr: replica.address,
-                        len: replica.size as usize,
-                    },
-                )),
-                Err(e) => outcomes.push((item, Err(e))),
-            }
-        }
-        if remote.is_empty() {
-            return outcomes;
-        }
-        let requests: Vec<TransferRequest> = remote.iter().map(|(_, r)| *r).collect();
-        match self.engine.submit(
-            &requests,
-            SubmitOptions {
-                copy_on_caller: true,
-                ..SubmitOptions::default()
-            },
-        ) {
-            Err(e) => outcomes.extend(remote.iter().map(|(i, _)| (*i, Err(e.clone())))),
-            Ok(batch) => {
-                let _ = self.engine.wait(batch).await;
-                let reports = self.engine.status(batch).unwrap_or_default();
-                self.engine.release_batch(batch);
-                for ((item, _), report) in remote.iter().zip(reports) {
-                    outcomes.push((
-                        *item,
-                        match report.error {
-                            None => Ok(()),
-                            Some(e) => Err(e),
-                        },
-                    ));
-                }
-            }
-        }
-        outcomes
-    }
-
-    async fn segment(&self, endpoint: &str) -> Result<EngineSegment> {
-        Ok(self.engine.open_segment(endpoint).await?.id)
-    }
-
     fn stage(&self, len: usize) -> Result<Staged> {
         match self.local.take(len) {
             Some(s) => Ok(Staged::Local(s)),
@@ -594,308 +264,6 @@ impl StoreClient {
                 arena: self.engine.allocate(len)?,
             })),
         }
-    }
-
-    // ----- reads ----------------------------------------------------------------------------
-
-    /// The value of `key`.
-    pub async fn get(&self, key: &str) -> Result<Value> {
-        self.ensure_open()?;
-        // Read straight into the memory the value is returned in: a block of the (registered)
-        // staging buffer, or else a vector registered privately for this one read.
-        let mut value: Option<Value> = None;
-        let mut registered: Option<usize> = None;
-        let result = self
-            .read_object(key, |size| {
-                if let Some(addr) = registered.take() {
-                    let _ = self.engine.unregister(addr);
-                }
-                let len = size.max(1) as usize;
-                if let Some(mut staged) = self.local.take(len) {
-                    let addr = staged.as_mut_ptr() as usize;
-                    value = Some(Value::Staged(staged));
-                    return Ok(addr);
-                }
-                // Left uninitialised: the read writes it before anything reads it.
-                let mut owned = Vec::with_capacity(len);
-                let addr = owned.as_mut_ptr() as usize;
-                // SAFETY: the vector outlives the registration: it is unregistered below before
-                // the vector is moved out, and never reallocated meanwhile.
-                unsafe { self.engine.register_private(addr, len, Box::new(())) }?;
-                registered = Some(addr);
-                value = Some(Value::Owned(owned));
-                Ok(addr)
-            })
-            .await;
-        if let Some(addr) = registered {
-            let _ = self.engine.unregister(addr);
-        }
-        let size = result? as usize;
-        let mut value = value
-            .ok_or_else(|| Error::new(ErrorKind::InternalError, "read without a destination"))?;
-        // SAFETY: the read succeeded, so it wrote `size` bytes at the destination.
-        unsafe { value.filled(size) };
-        Ok(value)
-    }
-
-    /// Reads `key` into registered memory at `addr` (capacity `cap`); returns its size.
-    pub async fn get_into(&self, key: &str, addr: usize, cap: usize) -> Result<u64> {
-        self.ensure_open()?;
-        if !self.engine.is_registered(addr, cap.max(1)) {
-            return Err(Error::new(
-                ErrorKind::InvalidParams,
-                "the buffer is not registered (registerBuffer it, or use allocate)",
-            ));
-        }
-        self.read_object(key, |size| {
-            if size as usize > cap {
-                Err(Error::new(
-                    ErrorKind::BufferOverflow,
-                    format!("'{key}' is {size} bytes; the buffer holds {cap}"),
-                ))
-            } else {
-                Ok(addr)
-            }
-        })
-        .await
-    }
-
-    /// One read: the replica list (one RPC), a destination for the size it names, the bytes,
-    /// and the lease check. Returns the size.
-    async fn read_object(
-        &self,
-        key: &str,
-        mut destination: impl FnMut(u64) -> Result<usize>,
-    ) -> Result<u64> {
-        let mut last = None;
-        let mut target: Option<(u64, usize)> = None;
-        for _ in 0..READ_ATTEMPTS {
-            let asked = Instant::now();
-            let (list, ttl) = self.lookups.lookup(key).await?;
-            let size = list[0].size;
-            let addr = match target {
-                Some((known, addr)) if known == size => addr,
-                _ => {
-                    let addr = destination(size)?;
-                    target = Some((size, addr));
-                    addr
-                }
-            };
-            let used = self.read_any(key, addr, &list).await?;
-            if Instant::now() < asked + ttl {
-                return Ok(size);
-            }
-            // The lease ran out while reading: the bytes are good only if the replica we read
-            // is still the object's (ids change on removal, eviction and rewrite).
-            match self.lookups.lookup(key).await {
-                Ok((now, _)) if now.iter().any(|r| r.id == used) => return Ok(size),
-                Ok(_) => {
-                    last = Some(Error::new(
-                        ErrorKind::LeaseExpired,
-                        format!("'{key}' changed while being read"),
-                    ))
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            Error::new(ErrorKind::LeaseExpired, format!("'{key}' kept changing"))
-        }))
-    }
-
-    /// Batch of zero-copy reads; one result (the size) per key.
-    pub async fn batch_get_into(
-        &self,
-        keys: &[String],
-        ranges: &[(usize, usize)],
-    ) -> Vec<Result<u64>> {
-        if keys.len() != ranges.len() {
-            let e = Error::new(
-                ErrorKind::InvalidParams,
-                "keys and buffers differ in number",
-            );
-            return keys.iter().map(|_| Err(e.clone())).collect();
-        }
-        self.batch_read(keys, |i, size| {
-            let (addr, cap) = ranges[i];
-            if !self.engine.is_registered(addr, cap.max(1)) {
-                return Err(Error::new(
-                    ErrorKind::InvalidParams,
-                    "the buffer is not registered",
-                ));
-            }
-            if size as usize > cap {
-                return Err(Error::new(
-                    ErrorKind::BufferOverflow,
-                    format!("'{}' is {size} bytes; the buffer holds {cap}", keys[i]),
-                ));
-            }
-            Ok((addr, cap))
-        })
-        .await
-    }
-
-    /// Batch of copying reads; all transfers overlap.
-    pub async fn batch_get(&self, keys: &[String]) -> Vec<Result<Value>> {
-        let mut staged: Vec<Option<Staged>> = keys.iter().map(|_| None).collect();
-        let sizes = self
-            .batch_read(keys, |i, size| {
-                let block = self.stage(size.max(1) as usize)?;
-                let range = (block.addr(), size.max(1) as usize);
-                staged[i] = Some(block);
-                Ok(range)
-            })
-            .await;
-        sizes
-            .into_iter()
-            .zip(staged)
-            .map(|(size, block)| {
-                let size = size? as usize;
-                let block = block.ok_or_else(|| {
-                    Error::new(ErrorKind::InternalError, "read without a destination")
-                })?;
-                Ok(match block {
-                    Staged::Local(mut staging) => {
-                        staging.truncate(size);
-                        Value::Staged(staging)
-                    }
-                    // A temporary allocation goes away with `block`: copy out of it.
-                    temporary => {
-                        // SAFETY: the read filled `size` bytes of the allocation, alive here.
-                        Value::Owned(
-                            unsafe {
-                                std::slice::from_raw_parts(temporary.addr() as *const u8, size)
-                            }
-                            .to_vec(),
-                        )
-                    }
-                })
-            })
-            .collect()
-    }
-
-    /// The batch read path: one master round trip for every key's replicas, one engine batch
-    /// for every key's best replica into the memory `destination(index, size)` names, and the
-    /// careful single-key path for keys whose first choice failed or whose lease ran out.
-    async fn batch_read(
-        &self,
-        keys: &[String],
-        mut destination: impl FnMut(usize, u64) -> Result<(usize, usize)>,
-    ) -> Vec<Result<u64>> {
-        if let Err(e) = self.ensure_open() {
-            return keys.iter().map(|_| Err(e.clone())).collect();
-        }
-        let asked = Instant::now();
-        let request = proto::BatchGetReplicaListRequest {
-            keys: keys.to_vec(),
-        };
-        let lists = match self
-            .master
-            .call(|mut g| async move { g.batch_get_replica_list(request).await })
-            .await
-        {
-            Ok(reply) => reply.results,
-            Err(e) => return keys.iter().map(|_| Err(e.clone())).collect(),
-        };
-        let mut results: Vec<Result<u64>> = Vec::with_capacity(keys.len());
-        let mut work = Vec::new();
-        let mut pending: Vec<Option<((usize, usize), Duration)>> = Vec::with_capacity(keys.len());
-        for (i, reply) in lists.iter().enumerate().take(keys.len()) {
-            let planned = lookups::parse(
-                &keys[i],
-                reply.outcome.as_ref(),
-                &reply.replicas,
-                reply.lease_ttl_ms,
-            )
-            .and_then(|(list, ttl)| {
-                let best = self.preference(&list).swap_remove(0);
-                let range = destination(i, best.size)?;
-                Ok((best, range, ttl))
-            });
-            match planned {
-                Ok((best, range, ttl)) => {
-                    results.push(Ok(best.size));
-                    work.push((i, Opcode::Read, range.0, best));
-                    pending.push(Some((range, ttl)));
-                }
-                Err(e) => {
-                    results.push(Err(e));
-                    pending.push(None);
-                }
-            }
-        }
-        let mut failed = vec![false; keys.len()];
-        for (i, outcome) in self.move_bytes(work).await {
-            failed[i] |= outcome.is_err();
-        }
-        for (i, entry) in pending.iter().enumerate() {
-            let Some(((addr, cap), ttl)) = entry else {
-                continue;
-            };
-            // A failed first choice, or a lease that ran out: take the careful single-key path,
-            // which falls back across replicas and re-validates.
-            if failed[i] || Instant::now() >= asked + *ttl {
-                results[i] = self.get_into(&keys[i], *addr, *cap).await;
-            }
-        }
-        results.resize_with(keys.len(), || {
-            Err(Error::new(
-                ErrorKind::RpcFail,
-                "the master answered fewer keys than asked",
-            ))
-        });
-        results
-    }
-
-    /// Replicas best first: this process, then this host, then the rest.
-    fn preference(&self, list: &[Replica]) -> Vec<Replica> {
-        let own = self.engine.segment_name();
-        let host = &self.host_id;
-        let mut sorted = list.to_vec();
-        sorted.sort_by_key(|r| {
-            if r.endpoint == own {
-                0
-            } else if mooncake_te::address::split_host_port(&r.endpoint)
-                .is_ok_and(|(h, _)| &h == host)
-            {
-                1
-            } else {
-                2
-            }
-        });
-        sorted
-    }
-
-    /// Reads from the best replica, falling back to the next on failure; returns the id of
-    /// the replica read.
-    async fn read_any(&self, key: &str, addr: usize, list: &[Replica]) -> Result<u64> {
-        let mut last = None;
-        for replica in self.preference(list) {
-            let id = replica.id;
-            match self
-                .move_bytes(vec![(0, Opcode::Read, addr, replica)])
-                .await
-                .pop()
-            {
-                Some((_, Ok(()))) => return Ok(id),
-                Some((_, Err(e))) => {
-                    tracing::debug!(
-                        key,
-                        replica = id,
-                        "replica read failed, trying the next: {e}"
-                    );
-                    last = Some(e);
-                }
-                None => {}
-            }
-        }
-        Err(Error::new(
-            ErrorKind::TransferFail,
-            format!(
-                "every replica of '{key}' failed: {}",
-                last.map(|e| e.message().to_owned()).unwrap_or_default()
-            ),
-        ))
     }
 
     // ----- queries and removal --------------------------------------------------------------

@@ -26,5 +26,5 @@ pub use server::{MasterServer, MasterServerConfig};
 pub use state::{Master, MasterStats, SegmentReport};
 pub use types::{
     ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,
-    WriteConfig,
+    WriteConfig, WriteGrant, WriteId,
 };

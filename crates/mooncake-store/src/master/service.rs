@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::types::{
     ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,
-    WriteConfig,
+    WriteConfig, WriteGrant, WriteId,
 };
 use super::Master;
 use crate::proto;
@@ -153,15 +153,16 @@ pub fn to_replica(d: &ReplicaDesc) -> proto::Replica {
     }
 }
 
-fn put_response(result: Result<Vec<ReplicaDesc>>) -> proto::PutStartResponse {
+fn put_response(result: Result<WriteGrant>) -> proto::PutStartResponse {
     match result {
-        Ok(replicas) => proto::PutStartResponse {
+        Ok(grant) => proto::PutStartResponse {
             outcome: Some(proto::Outcome::default()),
-            replicas: replicas.iter().map(to_replica).collect(),
+            replicas: grant.replicas.iter().map(to_replica).collect(),
+            write_id: grant.write.0,
         },
         Err(e) => proto::PutStartResponse {
             outcome: Some(outcome(&Err(e))),
-            replicas: Vec::new(),
+            ..Default::default()
         },
     }
 }
@@ -226,19 +227,38 @@ impl MasterService {
         Ok(Response::new(proto::BatchPutStartResponse { results }))
     }
 
-    fn batch_keys(
+    /// Ends or revokes writes: every key with the write id its start returned.
+    fn batch_writes(
         &self,
         op: &'static str,
         request: proto::BatchKeysRequest,
-        apply: impl Fn(&mut Master, ClientId, &str) -> Result<()>,
+        apply: impl Fn(&mut Master, ClientId, &str, WriteId) -> Result<()>,
     ) -> Reply<proto::BatchOutcome> {
         let client = ClientId(uuid(request.client_id, "client_id")?);
+        if request.keys.len() != request.write_ids.len() {
+            return Err(bad_request(format!(
+                "{} keys but {} write ids",
+                request.keys.len(),
+                request.write_ids.len()
+            )));
+        }
         let results: Vec<_> = {
             let mut master = self.master();
             request
                 .keys
                 .iter()
-                .map(|key| outcome(&apply(&mut master, client, key)))
+                .zip(&request.write_ids)
+                .map(|(key, write)| {
+                    let result = if *write == 0 {
+                        Err(Error::new(
+                            ErrorKind::InvalidParams,
+                            format!("'{key}': the write id its start returned is required"),
+                        ))
+                    } else {
+                        apply(&mut master, client, key, WriteId(*write))
+                    };
+                    outcome(&result)
+                })
                 .collect()
         };
         self.counters.count(
@@ -268,18 +288,19 @@ impl MasterService {
     }
 
     /// A single-key end or revoke: the batch path with one key.
-    fn one_key(
+    fn one_write(
         &self,
         op: &'static str,
         r: proto::KeyRequest,
-        apply: impl Fn(&mut Master, ClientId, &str) -> Result<()>,
+        apply: impl Fn(&mut Master, ClientId, &str, WriteId) -> Result<()>,
     ) -> Reply<proto::Outcome> {
         let batch = proto::BatchKeysRequest {
             client_id: r.client_id,
             keys: vec![r.key],
+            write_ids: vec![r.write_id],
         };
         Ok(Response::new(first(
-            self.batch_keys(op, batch, apply)?.into_inner().results,
+            self.batch_writes(op, batch, apply)?.into_inner().results,
         )))
     }
 
@@ -379,14 +400,15 @@ impl proto::master_server::Master for MasterService {
 
     async fn put_end(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
         let now = Instant::now();
-        self.one_key("put_end", request.into_inner(), |m, c, k| {
-            m.put_end(now, c, k)
+        self.one_write("put_end", request.into_inner(), |m, c, k, w| {
+            m.put_end(now, c, k, w)
         })
     }
 
     async fn put_revoke(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
-        self.one_key("put_revoke", request.into_inner(), |m, c, k| {
-            m.put_revoke(c, k)
+        let now = Instant::now();
+        self.one_write("put_revoke", request.into_inner(), |m, c, k, w| {
+            m.put_revoke(now, c, k, w)
         })
     }
 
@@ -409,8 +431,8 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::BatchKeysRequest>,
     ) -> Reply<proto::BatchOutcome> {
         let now = Instant::now();
-        self.batch_keys("put_end", request.into_inner(), |m, c, k| {
-            m.put_end(now, c, k)
+        self.batch_writes("put_end", request.into_inner(), |m, c, k, w| {
+            m.put_end(now, c, k, w)
         })
     }
 
@@ -418,8 +440,9 @@ impl proto::master_server::Master for MasterService {
         &self,
         request: Request<proto::BatchKeysRequest>,
     ) -> Reply<proto::BatchOutcome> {
-        self.batch_keys("put_revoke", request.into_inner(), |m, c, k| {
-            m.put_revoke(c, k)
+        let now = Instant::now();
+        self.batch_writes("put_revoke", request.into_inner(), |m, c, k, w| {
+            m.put_revoke(now, c, k, w)
         })
     }
 

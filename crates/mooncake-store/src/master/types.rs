@@ -24,6 +24,20 @@ impl SegmentId {
     }
 }
 
+/// Names one write: what `PutStart`/`UpsertStart` returned. `PutEnd` and `PutRevoke` must name
+/// it, so a late or duplicate step of an older write can never commit or free a newer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WriteId(pub u64);
+
+/// What a write's first step grants: its id and where its replicas go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteGrant {
+    /// The write's id.
+    pub write: WriteId,
+    /// The replicas to fill (PROCESSING).
+    pub replicas: Vec<ReplicaDesc>,
+}
+
 /// A segment a client contributes: `size` bytes of its engine memory at `base`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentSpec {

@@ -1,20 +1,33 @@
 //! Everything the master knows, and every way it changes.
+//!
+//! - this file: the state, segments and clients, reads, removal and reports;
+//! - [`writes`]: the two phases of a write, each step named by its [`WriteId`];
+//! - [`space`]: allocation, and space parked until nobody can still touch it;
+//! - [`upkeep`]: the periodic tick: liveness, abandoned writes, eviction.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod space;
+mod upkeep;
+mod writes;
+
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
 
+use self::space::Parked;
 use super::allocator::{Block, SegmentAllocator};
 use super::config::MasterConfig;
-use super::placement::{self, Candidate};
 use super::types::{
-    ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,
-    WriteConfig,
+    ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin, WriteId,
 };
 
 const MIN_SEGMENT_SIZE: u64 = 1 << 10;
 const MAX_SEGMENT_SIZE: u64 = 1 << 40;
+
+/// A segment whose client went silent and came back takes no new replicas for this long:
+/// bytes that were in flight to a frozen owner land as it wakes up, moments before its first
+/// ping.
+const REMOUNT_SETTLE: Duration = Duration::from_secs(2);
 
 struct SegmentEntry {
     spec: SegmentSpec,
@@ -22,6 +35,18 @@ struct SegmentEntry {
     allocator: SegmentAllocator,
     /// Set by a graceful unmount: readable, no new objects, unmounted at this time.
     unmount_at: Option<Instant>,
+    /// No new replicas before this.
+    allocatable_at: Instant,
+    /// Its client went silent at this time. The segment serves nothing and takes nothing, but
+    /// keeps its allocator: the owner may only be frozen, and its old blocks stay parked while
+    /// a writer or reader may still touch them, so that a remount can never hand them out.
+    dead_since: Option<Instant>,
+}
+
+impl SegmentEntry {
+    fn alive(&self) -> bool {
+        self.dead_since.is_none()
+    }
 }
 
 struct ClientEntry {
@@ -40,6 +65,8 @@ struct Replica {
 
 struct Object {
     size: u64,
+    /// The current write: the one whose replicas these are (PROCESSING) or were (COMPLETE).
+    write: WriteId,
     writer: ClientId,
     put_start: Instant,
     replicas: Vec<Replica>,
@@ -71,13 +98,6 @@ impl Object {
     }
 }
 
-/// Space kept out of circulation until a slow writer or a late reader is surely done with it.
-struct Discarded {
-    segment: SegmentId,
-    block: Block,
-    release_at: Instant,
-}
-
 /// Counters for metrics.
 #[derive(Debug, Clone, Default)]
 pub struct MasterStats {
@@ -87,6 +107,8 @@ pub struct MasterStats {
     pub soft_pinned_keys: u64,
     /// Bytes reserved in all segments.
     pub allocated_bytes: u64,
+    /// Bytes of that reserved by no object: parked until no writer or reader can touch them.
+    pub parked_bytes: u64,
     /// Bytes mounted.
     pub capacity_bytes: u64,
     /// Mounted segments.
@@ -128,8 +150,9 @@ pub struct Master {
     segments: BTreeMap<SegmentId, SegmentEntry>,
     clients: HashMap<ClientId, ClientEntry>,
     objects: HashMap<String, Object>,
-    discarded: Vec<Discarded>,
+    parked: Vec<Parked>,
     next_replica: u64,
+    next_write: u64,
     need_eviction: bool,
     last_sweep: Option<Instant>,
     stats: MasterStats,
@@ -144,8 +167,9 @@ impl Master {
             segments: BTreeMap::new(),
             clients: HashMap::new(),
             objects: HashMap::new(),
-            discarded: Vec::new(),
+            parked: Vec::new(),
             next_replica: 1,
+            next_write: 1,
             need_eviction: false,
             last_sweep: None,
             stats: MasterStats::default(),
@@ -159,49 +183,87 @@ impl Master {
 
     // ----- segments and clients -------------------------------------------------------------
 
-    /// Mounts a segment. Mounting the same id again is a no-op.
+    /// Mounts a segment. Mounting the same id again with the same spec is a no-op, or brings
+    /// back a segment whose client had gone silent.
+    ///
+    /// A segment is refused when its range wraps, when its size is outside 1 KiB-1 TiB, or
+    /// when it overlaps a mounted segment of the same endpoint or name: two segments over the
+    /// same memory would hand the same bytes to two objects.
     pub fn mount_segment(
         &mut self,
         now: Instant,
         client: ClientId,
         spec: SegmentSpec,
     ) -> Result<()> {
+        let end = spec.base.checked_add(spec.size);
         if spec.base == 0
+            || end.is_none()
             || !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&spec.size)
             || spec.name.is_empty()
+            || spec.te_endpoint.is_empty()
         {
             return Err(Error::new(
                 ErrorKind::InvalidParams,
                 format!(
-                    "segment '{}' at {:#x} of {} bytes: needs a name, a non-null base and 1 KiB-1 TiB",
+                    "segment '{}' at {:#x} of {} bytes: needs a name, an endpoint, a non-null base, \
+                     1 KiB-1 TiB and a range that does not wrap",
                     spec.name, spec.base, spec.size
                 ),
             ));
         }
-        self.seen(now, client).ok = true;
-        if let Some(existing) = self.segments.get(&spec.id) {
+        if let Some(existing) = self.segments.get_mut(&spec.id) {
             if existing.client != client {
                 return Err(Error::new(
                     ErrorKind::InvalidParams,
                     "segment id mounted by another client",
                 ));
             }
+            if existing.spec != spec {
+                return Err(Error::new(
+                    ErrorKind::InvalidParams,
+                    format!(
+                        "segment id already mounted as '{}' at {:#x} of {} bytes",
+                        existing.spec.name, existing.spec.base, existing.spec.size
+                    ),
+                ));
+            }
+            if existing.dead_since.take().is_some() {
+                existing.allocatable_at = now + REMOUNT_SETTLE;
+                tracing::info!(segment = %spec.name, "segment back");
+            }
+            self.seen(now, client).ok = true;
             return Ok(());
         }
-        let overlaps = self.segments.values().any(|s| {
-            s.spec.name == spec.name
-                && spec.base < s.spec.base + s.spec.size
-                && s.spec.base < spec.base + spec.size
-        });
-        if overlaps {
+        let same_memory = |s: &SegmentEntry| {
+            (s.spec.te_endpoint == spec.te_endpoint || s.spec.name == spec.name)
+                && ranges_overlap(s.spec.base, s.spec.size, spec.base, spec.size)
+        };
+        let overlapping = self.segments.values().find(|s| s.alive() && same_memory(s));
+        if let Some(other) = overlapping {
             return Err(Error::new(
                 ErrorKind::InvalidParams,
                 format!(
-                    "segment at {:#x} overlaps another segment of '{}'",
-                    spec.base, spec.name
+                    "segment '{}' at {:#x} of {} bytes overlaps segment '{}' at {:#x} of {} bytes \
+                     of the same owner",
+                    spec.name,
+                    spec.base,
+                    spec.size,
+                    other.spec.name,
+                    other.spec.base,
+                    other.spec.size
                 ),
             ));
         }
+        // A silent segment over the same memory belonged to a process whose endpoint another
+        // one now holds: it is gone for good.
+        let replaced: Vec<SegmentId> = self
+            .segments
+            .iter()
+            .filter(|(_, s)| !s.alive() && same_memory(s))
+            .map(|(id, _)| *id)
+            .collect();
+        self.drop_segments(&replaced);
+        self.seen(now, client).ok = true;
         tracing::info!(segment = %spec.name, size = spec.size, "segment mounted");
         let allocator = SegmentAllocator::new(spec.size);
         self.segments.insert(
@@ -211,6 +273,8 @@ impl Master {
                 client,
                 allocator,
                 unmount_at: None,
+                allocatable_at: now,
+                dead_since: None,
             },
         );
         Ok(())
@@ -262,8 +326,12 @@ impl Master {
                 ErrorKind::InvalidParams,
                 "the segment belongs to another client",
             )),
+            Some(s) if !s.alive() => Err(Error::new(
+                ErrorKind::SegmentNotFound,
+                "the segment's client went silent: remount it first",
+            )),
             Some(s) => {
-                s.unmount_at = Some(now + grace);
+                s.unmount_at = Some(now.checked_add(grace).unwrap_or(now));
                 Ok(())
             }
         }
@@ -287,325 +355,62 @@ impl Master {
         entry
     }
 
+    /// Forgets segments with every replica and parked block on them: their owner unmounted
+    /// them (its memory goes away with them) or was replaced.
     fn drop_segments(&mut self, ids: &[SegmentId]) {
+        if ids.is_empty() {
+            return;
+        }
         for id in ids {
             if let Some(s) = self.segments.remove(id) {
                 tracing::info!(segment = %s.spec.name, "segment unmounted");
             }
         }
-        self.discarded.retain(|d| !ids.contains(&d.segment));
+        self.parked.retain(|p| !ids.contains(&p.segment));
         self.objects.retain(|_, object| {
             object.replicas.retain(|r| !ids.contains(&r.segment));
             !object.replicas.is_empty()
         });
     }
 
-    // ----- writes ---------------------------------------------------------------------------
-
-    /// Phase one of a put: allocates replicas (PROCESSING) for `size` bytes under `key`.
-    /// Fails with `ERR_OBJECT_ALREADY_EXISTS` when the key is readable or another write of it
-    /// started less than the discard timeout ago; an older unfinished write is preempted.
-    pub fn put_start(
-        &mut self,
-        now: Instant,
-        client: ClientId,
-        key: &str,
-        size: u64,
-        config: &WriteConfig,
-    ) -> Result<Vec<ReplicaDesc>> {
-        self.validate_write(key, size, config)?;
-        if let Some(object) = self.objects.get(key) {
-            if object.readable() || now < object.put_start + self.config.put_start_discard_timeout {
-                return Err(Error::new(
-                    ErrorKind::ObjectAlreadyExists,
-                    format!("'{key}' already exists"),
-                ));
-            }
-            self.stats.put_start_discards += 1;
-            self.discard_object(key, now);
-        }
-        let replicas = self.allocate(now, key, size, config)?;
-        let object = Object {
-            size,
-            writer: client,
-            put_start: now,
-            replicas,
-            lease_until: now,
-            soft_pin_until: None,
-            pending_soft_pin: config.soft_pin,
-            hard_pinned: config.hard_pin,
-        };
-        let descs = self.describe(&object);
-        self.objects.insert(key.to_owned(), object);
-        Ok(descs)
-    }
-
-    /// Phase two: the writer moved the bytes; its replicas become readable.
-    pub fn put_end(&mut self, now: Instant, client: ClientId, key: &str) -> Result<()> {
-        let default_pin = self.config.default_kv_soft_pin_ttl;
-        let object = self.writable(client, key)?;
-        if !object.writing() {
-            return Ok(());
-        }
-        for replica in &mut object.replicas {
-            replica.status = ReplicaStatus::Complete;
-        }
-        object.lease_until = object.lease_until.max(now);
-        match std::mem::take(&mut object.pending_soft_pin) {
-            SoftPin::Preserve => {}
-            SoftPin::Disable => object.soft_pin_until = None,
-            SoftPin::Enable(ttl) => object.soft_pin_until = Some(now + ttl.unwrap_or(default_pin)),
-        }
-        Ok(())
-    }
-
-    /// Abandons a write: its replicas are freed, and the object erased if none is left.
-    pub fn put_revoke(&mut self, client: ClientId, key: &str) -> Result<()> {
-        let object = self.writable(client, key)?;
-        if !object.writing() {
-            return Err(Error::new(
-                ErrorKind::InvalidWrite,
-                format!("no write of '{key}' is in progress"),
-            ));
-        }
-        let (freed, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut object.replicas)
-            .into_iter()
-            .partition(|r| r.status == ReplicaStatus::Processing);
-        object.replicas = keep;
-        let empty = object.replicas.is_empty();
-        for replica in freed {
-            self.free(replica.segment, replica.block);
-        }
-        if empty {
-            self.objects.remove(key);
-        }
-        Ok(())
-    }
-
-    /// Insert or update. Absent keys behave as [`put_start`](Self::put_start). A readable
-    /// object of the same size that no reader holds a lease on is rewritten in place (its
-    /// replicas go back to PROCESSING and the same addresses are returned); otherwise new
-    /// space is allocated and the old replicas are released once their readers' leases end.
-    /// A write in progress is preempted.
-    pub fn upsert_start(
-        &mut self,
-        now: Instant,
-        client: ClientId,
-        key: &str,
-        size: u64,
-        config: &WriteConfig,
-    ) -> Result<Vec<ReplicaDesc>> {
-        self.validate_write(key, size, config)?;
-        let Some(object) = self.objects.get_mut(key) else {
-            return self.put_start(now, client, key, size, config);
-        };
-        if object.size == size && object.readable() && !object.writing() && !object.leased(now) {
-            // New ids: a reader that re-validates by replica id sees the rewrite.
-            for replica in &mut object.replicas {
-                replica.status = ReplicaStatus::Processing;
-                replica.id = self.next_replica;
-                self.next_replica += 1;
-            }
-            object.writer = client;
-            object.put_start = now;
-            object.pending_soft_pin = config.soft_pin;
-            let descs = self.describe(&self.objects[key]);
-            return Ok(descs);
-        }
-        let hard_pinned = object.hard_pinned;
-        let soft_pin_until = object.soft_pin_until;
-        let replicas = self.allocate(now, key, size, config)?;
-        self.discard_object(key, now);
-        let object = Object {
-            size,
-            writer: client,
-            put_start: now,
-            replicas,
-            lease_until: now,
-            soft_pin_until,
-            pending_soft_pin: config.soft_pin,
-            hard_pinned: hard_pinned || config.hard_pin,
-        };
-        let descs = self.describe(&object);
-        self.objects.insert(key.to_owned(), object);
-        Ok(descs)
-    }
-
-    fn validate_write(&self, key: &str, size: u64, config: &WriteConfig) -> Result<()> {
-        let invalid = |message: String| Err(Error::new(ErrorKind::InvalidParams, message));
-        if key.is_empty() {
-            return invalid("the key must not be empty".into());
-        }
-        if size == 0 {
-            return invalid(format!("'{key}': the value must not be empty"));
-        }
-        if config.replica_num == 0 {
-            return invalid("replicaNum must be at least 1".into());
-        }
-        let names: HashSet<&str> = self
-            .segments
-            .values()
-            .map(|s| s.spec.name.as_str())
-            .collect();
-        if config.replica_num as usize > names.len() {
-            return invalid(format!(
-                "replicaNum {} exceeds the {} segment(s) mounted (replicas go to distinct segments)",
-                config.replica_num,
-                names.len()
-            ));
-        }
-        if let SoftPin::Enable(Some(ttl)) = config.soft_pin {
-            if ttl > self.config.max_kv_soft_pin_ttl {
-                return invalid(format!(
-                    "soft pin TTL {ttl:?} exceeds the maximum {:?}",
-                    self.config.max_kv_soft_pin_ttl
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn writable(&mut self, client: ClientId, key: &str) -> Result<&mut Object> {
-        let object = self
-            .objects
-            .get_mut(key)
-            .ok_or_else(|| Error::new(ErrorKind::ObjectNotFound, format!("'{key}' not found")))?;
-        if object.writer != client {
-            return Err(Error::new(
-                ErrorKind::IllegalClient,
-                format!("'{key}' is being written by another client"),
-            ));
-        }
-        Ok(object)
-    }
-
-    /// Takes `key` out of the map and parks its space until nobody can still be using it: a
-    /// writer (PROCESSING replicas) until the release timeout after its start, readers until
-    /// their lease ends.
-    fn discard_object(&mut self, key: &str, now: Instant) {
-        let Some(object) = self.objects.remove(key) else {
+    /// Takes the segments of a silent client out of service: their replicas leave their
+    /// objects (objects left without one are erased), and their blocks stay parked while a
+    /// reader's lease or an unfinished write may still touch them.
+    fn silence_segments(&mut self, now: Instant, ids: &[SegmentId]) {
+        if ids.is_empty() {
             return;
-        };
-        for replica in object.replicas {
-            let release_at = match replica.status {
-                ReplicaStatus::Processing => {
-                    object.put_start + self.config.put_start_release_timeout
-                }
-                ReplicaStatus::Complete => object.lease_until.max(now),
-            };
+        }
+        let mut orphans = Vec::new();
+        let release = self.config.put_start_release_timeout;
+        self.objects.retain(|_, object| {
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut object.replicas)
+                .into_iter()
+                .partition(|r| ids.contains(&r.segment));
+            object.replicas = kept;
+            for r in gone {
+                let (release_at, writer) = match r.status {
+                    ReplicaStatus::Processing => (
+                        object.put_start + release,
+                        Some((object.writer, object.write)),
+                    ),
+                    ReplicaStatus::Complete => (object.lease_until.max(now), None),
+                };
+                orphans.push((r.segment, r.block, release_at, writer));
+            }
+            !object.replicas.is_empty()
+        });
+        for (segment, block, release_at, writer) in orphans {
             if release_at <= now {
-                self.free(replica.segment, replica.block);
+                self.free(segment, block);
             } else {
-                self.discarded.push(Discarded {
-                    segment: replica.segment,
-                    block: replica.block,
-                    release_at,
-                });
+                self.park(segment, block, release_at, writer);
             }
         }
-    }
-
-    fn allocate(
-        &mut self,
-        now: Instant,
-        key: &str,
-        size: u64,
-        config: &WriteConfig,
-    ) -> Result<Vec<Replica>> {
-        let mut replicas = self.try_allocate(key, size, config);
-        if replicas.is_empty() {
-            // Make room now rather than fail a write the cache could hold.
-            self.need_eviction = true;
-            self.evict(now);
-            replicas = self.try_allocate(key, size, config);
-        }
-        if replicas.is_empty() {
-            self.stats.put_start_alloc_failures += 1;
-            return Err(Error::new(
-                ErrorKind::NoAvailableHandle,
-                format!("no segment has {size} free bytes for '{key}'"),
-            ));
-        }
-        if replicas.len() < config.replica_num as usize {
-            self.stats.put_start_partial_allocations += 1;
-        }
-        Ok(replicas)
-    }
-
-    fn try_allocate(&mut self, key: &str, size: u64, config: &WriteConfig) -> Vec<Replica> {
-        let ids: Vec<SegmentId> = self.segments.keys().copied().collect();
-        let candidates: Vec<Candidate<'_>> = self
-            .segments
-            .values()
-            .enumerate()
-            .map(|(index, s)| Candidate {
-                index,
-                name: &s.spec.name,
-                host_id: &s.spec.host_id,
-                largest_free: if s.unmount_at.is_some() {
-                    0
-                } else {
-                    s.allocator.largest_free()
-                },
-                free_ratio: 1.0 - s.allocator.used() as f64 / s.allocator.capacity().max(1) as f64,
-            })
-            .collect();
-        let order = placement::order(
-            self.config.allocation_strategy,
-            &candidates,
-            &config.preferred_segments,
-            &config.host_id,
-            key,
-            size,
-        );
-        let mut used_names = HashSet::new();
-        let mut replicas = Vec::new();
-        for index in order {
-            if replicas.len() == config.replica_num as usize {
-                break;
-            }
-            let id = ids[index];
-            let segment = self.segments.get_mut(&id).expect("listed above");
-            if used_names.contains(&segment.spec.name) {
-                continue;
-            }
-            if let Some(block) = segment.allocator.allocate(size) {
-                used_names.insert(segment.spec.name.clone());
-                replicas.push(Replica {
-                    id: self.next_replica,
-                    segment: id,
-                    block,
-                    status: ReplicaStatus::Processing,
-                });
-                self.next_replica += 1;
+        for id in ids {
+            if let Some(s) = self.segments.get_mut(id) {
+                s.dead_since.get_or_insert(now);
             }
         }
-        replicas
-    }
-
-    fn free(&mut self, segment: SegmentId, block: Block) {
-        if let Some(s) = self.segments.get_mut(&segment) {
-            s.allocator.free(block);
-        }
-    }
-
-    fn describe(&self, object: &Object) -> Vec<ReplicaDesc> {
-        object
-            .replicas
-            .iter()
-            .filter_map(|r| {
-                let s = self.segments.get(&r.segment)?;
-                Some(ReplicaDesc {
-                    id: r.id,
-                    segment_name: s.spec.name.clone(),
-                    segment_id: s.spec.id,
-                    te_endpoint: s.spec.te_endpoint.clone(),
-                    address: s.spec.base + r.block.offset,
-                    size: object.size,
-                    status: r.status,
-                })
-            })
-            .collect()
     }
 
     // ----- reads ----------------------------------------------------------------------------
@@ -662,6 +467,26 @@ impl Master {
         keys
     }
 
+    fn describe(&self, object: &Object) -> Vec<ReplicaDesc> {
+        object
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                let s = self.segments.get(&r.segment)?;
+                Some(ReplicaDesc {
+                    id: r.id,
+                    segment_name: s.spec.name.clone(),
+                    segment_id: s.spec.id,
+                    te_endpoint: s.spec.te_endpoint.clone(),
+                    // Cannot wrap: the block lies inside the segment, whose end was checked.
+                    address: s.spec.base.checked_add(r.block.offset)?,
+                    size: object.size,
+                    status: r.status,
+                })
+            })
+            .collect()
+    }
+
     // ----- removal --------------------------------------------------------------------------
 
     /// Removes `key`. Without `force`, a leased object is refused (`ERR_OBJECT_HAS_LEASE`); an
@@ -716,156 +541,6 @@ impl Master {
             .count() as u64
     }
 
-    // ----- background work ------------------------------------------------------------------
-
-    /// Periodic work: expires silent clients, releases parked space and abandoned writes, and
-    /// evicts when usage is above the high watermark (or an allocation failed).
-    pub fn tick(&mut self, now: Instant) {
-        if self.discarded.iter().any(|d| d.release_at <= now) {
-            let (due, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.discarded)
-                .into_iter()
-                .partition(|d| d.release_at <= now);
-            self.discarded = kept;
-            for d in due {
-                self.free(d.segment, d.block);
-            }
-        }
-        // Liveness and abandoned writes scan every client and object: once a second is
-        // plenty (Mooncake's monitor period); eviction is checked on every tick.
-        if self
-            .last_sweep
-            .is_none_or(|at| now >= at + Duration::from_secs(1))
-        {
-            self.last_sweep = Some(now);
-            self.sweep(now);
-        }
-        self.evict_if_needed(now);
-    }
-
-    /// Drops silent clients with their segments, ends graceful unmounts, forgets long-gone
-    /// clients and releases abandoned writes.
-    fn sweep(&mut self, now: Instant) {
-        let ttl = self.config.client_ttl;
-        let dead: Vec<ClientId> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.ok && c.last_seen + ttl <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for client in dead {
-            if let Some(entry) = self.clients.get_mut(&client) {
-                entry.ok = false;
-            }
-            let segments: Vec<SegmentId> = self
-                .segments
-                .iter()
-                .filter(|(_, s)| s.client == client)
-                .map(|(id, _)| *id)
-                .collect();
-            if !segments.is_empty() {
-                tracing::warn!(
-                    client = client.0,
-                    "client missed its pings; dropping its segments"
-                );
-            }
-            self.drop_segments(&segments);
-        }
-        let ending: Vec<SegmentId> = self
-            .segments
-            .iter()
-            .filter(|(_, s)| s.unmount_at.is_some_and(|at| at <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        self.drop_segments(&ending);
-        let owners: HashSet<ClientId> = self.segments.values().map(|s| s.client).collect();
-        self.clients
-            .retain(|id, c| c.ok || c.last_seen + 10 * ttl > now || owners.contains(id));
-
-        let release = self.config.put_start_release_timeout;
-        let abandoned: Vec<String> = self
-            .objects
-            .iter()
-            .filter(|(_, o)| o.writing() && o.put_start + release <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in abandoned {
-            self.stats.put_start_releases += 1;
-            self.discard_object(&key, now);
-        }
-    }
-
-    fn evict_if_needed(&mut self, now: Instant) {
-        if self.used_ratio() > self.config.eviction_high_watermark_ratio {
-            self.need_eviction = true;
-        }
-        if self.need_eviction {
-            self.evict(now);
-        }
-    }
-
-    fn used_ratio(&self) -> f64 {
-        let (used, capacity) = self.segments.values().fold((0u64, 0u64), |(u, c), s| {
-            (u + s.allocator.used(), c + s.allocator.capacity())
-        });
-        if capacity == 0 {
-            0.0
-        } else {
-            used as f64 / capacity as f64
-        }
-    }
-
-    /// Mooncake's two-pass eviction: a fraction of the objects, oldest lease first; soft-pinned
-    /// objects only in the second pass, leased and hard-pinned ones never.
-    fn evict(&mut self, now: Instant) {
-        self.need_eviction = false;
-        let ratio = self.config.eviction_ratio;
-        if ratio <= 0.0 {
-            return;
-        }
-        self.stats.eviction_rounds += 1;
-        let used = self.used_ratio();
-        let high = self.config.eviction_high_watermark_ratio;
-        let target = ratio.max(used - high + ratio);
-        let lower = (target * 0.5).max(used - high);
-        let base = self.objects.values().filter(|o| o.readable()).count();
-        let ideal = (base as f64 * target).ceil() as usize;
-        let floor = (base as f64 * lower).ceil() as usize;
-
-        let evictable =
-            |o: &Object| o.readable() && !o.writing() && !o.hard_pinned && !o.leased(now);
-        let mut plain: Vec<(Instant, String)> = Vec::new();
-        let mut pinned: Vec<(Instant, String)> = Vec::new();
-        for (key, object) in &self.objects {
-            if !evictable(object) {
-                continue;
-            }
-            let entry = (object.lease_until, key.clone());
-            if object.soft_pinned(now) {
-                pinned.push(entry);
-            } else {
-                plain.push(entry);
-            }
-        }
-        plain.sort();
-        pinned.sort();
-        let mut chosen: Vec<String> = plain
-            .into_iter()
-            .take(ideal.max(1))
-            .map(|(_, k)| k)
-            .collect();
-        if chosen.len() < floor && self.config.allow_evict_soft_pinned_objects {
-            let more = floor - chosen.len();
-            chosen.extend(pinned.into_iter().take(more).map(|(_, k)| k));
-        }
-        for key in chosen {
-            if let Some(object) = self.objects.get(&key) {
-                self.stats.evicted_keys += 1;
-                self.stats.evicted_bytes += object.size;
-            }
-            self.discard_object(&key, now);
-        }
-    }
-
     // ----- reports --------------------------------------------------------------------------
 
     /// Counters and gauges.
@@ -874,19 +549,21 @@ impl Master {
         stats.keys = self.objects.len() as u64;
         stats.soft_pinned_keys =
             self.objects.values().filter(|o| o.soft_pinned(now)).count() as u64;
-        stats.segments = self.segments.len() as u64;
+        stats.segments = self.segments.values().filter(|s| s.alive()).count() as u64;
         stats.active_clients = self.clients.values().filter(|c| c.ok).count() as u64;
-        for s in self.segments.values() {
+        for s in self.segments.values().filter(|s| s.alive()) {
             stats.allocated_bytes += s.allocator.used();
             stats.capacity_bytes += s.allocator.capacity();
         }
+        stats.parked_bytes = self.parked.iter().map(|p| p.block.reserved).sum();
         stats
     }
 
-    /// Every mounted segment.
+    /// Every mounted segment (a silent client's are left out).
     pub fn segments(&self) -> Vec<SegmentReport> {
         self.segments
             .values()
+            .filter(|s| s.alive())
             .map(|s| SegmentReport {
                 spec: s.spec.clone(),
                 client: s.client,
@@ -895,7 +572,76 @@ impl Master {
             })
             .collect()
     }
+
+    /// Panics unless the state is consistent: every block (an object's or a parked one) lies
+    /// inside its segment, no two overlap, and each segment's allocator counts exactly them.
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) {
+        let mut blocks: HashMap<SegmentId, Vec<(u64, u64)>> = HashMap::new();
+        for object in self.objects.values() {
+            assert!(!object.replicas.is_empty(), "an object without replicas");
+            let names: std::collections::HashSet<_> =
+                object.replicas.iter().map(|r| r.segment).collect();
+            assert_eq!(
+                names.len(),
+                object.replicas.len(),
+                "two replicas on one segment"
+            );
+            for r in &object.replicas {
+                assert!(
+                    r.block.reserved >= object.size,
+                    "a block smaller than its object"
+                );
+                blocks
+                    .entry(r.segment)
+                    .or_default()
+                    .push((r.block.offset, r.block.reserved));
+            }
+        }
+        for p in &self.parked {
+            blocks
+                .entry(p.segment)
+                .or_default()
+                .push((p.block.offset, p.block.reserved));
+        }
+        for (id, list) in &mut blocks {
+            let segment = self
+                .segments
+                .get(id)
+                .expect("a block on an unmounted segment");
+            list.sort_unstable();
+            for pair in list.windows(2) {
+                assert!(
+                    pair[0].0 + pair[0].1 <= pair[1].0,
+                    "blocks overlap in {id:?}"
+                );
+            }
+            let end = list.last().map_or(0, |(o, r)| o + r);
+            assert!(
+                end <= segment.allocator.capacity(),
+                "a block past its segment"
+            );
+            let counted: u64 = list.iter().map(|(_, r)| r).sum();
+            assert_eq!(
+                segment.allocator.used(),
+                counted,
+                "allocated != live + parked"
+            );
+        }
+        for (id, segment) in &self.segments {
+            if !blocks.contains_key(id) {
+                assert_eq!(segment.allocator.used(), 0, "allocated bytes nobody holds");
+            }
+        }
+    }
 }
 
+fn ranges_overlap(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
+    // Both ends were checked not to wrap.
+    a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
+}
+
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

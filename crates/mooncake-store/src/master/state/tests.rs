@@ -1,6 +1,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::master::types::{WriteConfig, WriteId};
 
 const MIB: u64 = 1 << 20;
 
@@ -45,9 +46,10 @@ impl World {
 
     fn put(&mut self, key: &str, size: u64, config: &WriteConfig) -> Result<Vec<ReplicaDesc>> {
         let client = self.clients[0];
-        let descs = self.master.put_start(self.now, client, key, size, config)?;
-        self.master.put_end(self.now, client, key)?;
-        Ok(descs)
+        let grant = self.master.put_start(self.now, client, key, size, config)?;
+        self.master.put_end(self.now, client, key, grant.write)?;
+        self.master.check_invariants();
+        Ok(grant.replicas)
     }
 }
 
@@ -66,10 +68,11 @@ fn code<T: std::fmt::Debug>(result: Result<T>) -> ErrorKind {
 fn two_phase_put_makes_objects_readable_only_at_the_end() {
     let mut w = World::new(3, 64 * MIB, MasterConfig::default());
     let client = w.clients[0];
-    let descs = w
+    let grant = w
         .master
         .put_start(w.now, client, "k", MIB, &replicas(2))
         .unwrap();
+    let descs = &grant.replicas;
     assert_eq!(descs.len(), 2);
     assert_ne!(
         descs[0].segment_name, descs[1].segment_name,
@@ -84,11 +87,11 @@ fn two_phase_put_makes_objects_readable_only_at_the_end() {
     );
     assert!(!w.master.exist_key(w.now, "k"));
     assert_eq!(
-        code(w.master.put_end(w.now, w.clients[1], "k")),
+        code(w.master.put_end(w.now, w.clients[1], "k", grant.write)),
         ErrorKind::IllegalClient
     );
-    w.master.put_end(w.now, client, "k").unwrap();
-    w.master.put_end(w.now, client, "k").unwrap();
+    w.master.put_end(w.now, client, "k", grant.write).unwrap();
+    w.master.put_end(w.now, client, "k", grant.write).unwrap();
     let (readable, ttl) = w.master.get_replica_list(w.now, "k").unwrap();
     assert_eq!(ttl, Duration::from_secs(10));
     assert_eq!(readable.len(), 2);
@@ -133,8 +136,8 @@ fn bad_writes_get_clear_codes() {
         ErrorKind::NoAvailableHandle
     );
     assert_eq!(
-        code(w.master.put_revoke(c, "nothing")),
-        ErrorKind::ObjectNotFound
+        code(w.master.put_revoke(w.now, c, "nothing", WriteId(1))),
+        ErrorKind::InvalidWrite
     );
     assert!(
         w.master.keys().is_empty(),
@@ -147,14 +150,15 @@ fn bad_writes_get_clear_codes() {
 fn concurrent_puts_of_one_key_leave_one_version() {
     let mut w = World::new(2, 16 * MIB, MasterConfig::default());
     let (a, b) = (w.clients[0], w.clients[1]);
-    w.master
+    let grant = w
+        .master
         .put_start(w.now, a, "k", MIB, &replicas(1))
         .unwrap();
     assert_eq!(
         code(w.master.put_start(w.now, b, "k", MIB, &replicas(1))),
         ErrorKind::ObjectAlreadyExists
     );
-    w.master.put_end(w.now, a, "k").unwrap();
+    w.master.put_end(w.now, a, "k", grant.write).unwrap();
     assert_eq!(
         code(w.master.put_start(w.now, b, "k", 2 * MIB, &replicas(1))),
         ErrorKind::ObjectAlreadyExists
@@ -183,11 +187,13 @@ fn stale_writes_are_preempted_then_released() {
     w.advance(Duration::from_secs(600));
     w.master.ping(w.now, a);
     w.master.tick(w.now);
-    w.master
+    let grant = w
+        .master
         .put_start(w.now, b, "k", 3 * MIB, &replicas(1))
         .unwrap();
-    w.master.put_end(w.now, b, "k").unwrap();
+    w.master.put_end(w.now, b, "k", grant.write).unwrap();
     assert_eq!(w.master.stats(w.now).put_start_discards, 1);
+    w.master.check_invariants();
 }
 
 #[test]
@@ -213,27 +219,28 @@ fn upsert_rewrites_in_place_or_reallocates() {
         .master
         .upsert_start(w.now, c, "k", MIB, &replicas(1))
         .unwrap();
-    assert_eq!(same[0].address, first[0].address);
+    assert_eq!(same.replicas[0].address, first[0].address);
     assert_eq!(
         code(w.master.get_replica_list(w.now, "k")),
         ErrorKind::ReplicaIsNotReady
     );
-    w.master.put_end(w.now, c, "k").unwrap();
+    w.master.put_end(w.now, c, "k", same.write).unwrap();
     // A reader's lease forbids rewriting in place.
     w.master.get_replica_list(w.now, "k").unwrap();
     let moved = w
         .master
         .upsert_start(w.now, c, "k", MIB, &replicas(1))
         .unwrap();
-    assert_ne!(moved[0].address, first[0].address);
-    w.master.put_end(w.now, c, "k").unwrap();
+    assert_ne!(moved.replicas[0].address, first[0].address);
+    w.master.put_end(w.now, c, "k", moved.write).unwrap();
     // A different size always reallocates.
     let bigger = w
         .master
         .upsert_start(w.now, c, "k", 2 * MIB, &replicas(1))
         .unwrap();
-    w.master.put_end(w.now, c, "k").unwrap();
-    assert_eq!(bigger[0].size, 2 * MIB);
+    w.master.put_end(w.now, c, "k", bigger.write).unwrap();
+    assert_eq!(bigger.replicas[0].size, 2 * MIB);
+    w.master.check_invariants();
     assert_eq!(
         w.master.get_replica_list(w.now, "k").unwrap().0[0].size,
         2 * MIB
@@ -451,4 +458,270 @@ fn graceful_unmount_keeps_objects_readable_then_drops_them() {
         code(w.master.get_replica_list(w.now, "k")),
         ErrorKind::ObjectNotFound
     );
+}
+
+#[test]
+fn a_late_end_of_an_overlapped_write_commits_nothing() {
+    let mut w = World::new(2, 16 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    w.put("other", MIB, &replicas(1)).unwrap();
+    let first = w
+        .master
+        .upsert_start(w.now, c, "k", MIB, &replicas(1))
+        .unwrap();
+    let second = w
+        .master
+        .upsert_start(w.now, c, "k", MIB, &replicas(1))
+        .unwrap();
+    assert_ne!(first.write, second.write);
+    assert_eq!(
+        code(w.master.put_end(w.now, c, "k", first.write)),
+        ErrorKind::InvalidWrite,
+        "the first write is no longer current"
+    );
+    assert_eq!(
+        code(w.master.get_replica_list(w.now, "k")),
+        ErrorKind::ReplicaIsNotReady,
+        "nothing was committed on the second write's unwritten block"
+    );
+    w.master.check_invariants();
+    w.master.put_end(w.now, c, "k", second.write).unwrap();
+    let (read, _) = w.master.get_replica_list(w.now, "k").unwrap();
+    assert_eq!(read[0].address, second.replicas[0].address);
+    assert_eq!(read[0].id, second.replicas[0].id);
+}
+
+#[test]
+fn a_late_revoke_of_an_overlapped_write_frees_nothing_of_the_newer_one() {
+    let mut w = World::new(1, 4 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    let first = w
+        .master
+        .upsert_start(w.now, c, "k", MIB, &replicas(1))
+        .unwrap();
+    let second = w
+        .master
+        .upsert_start(w.now, c, "k", MIB, &replicas(1))
+        .unwrap();
+    assert_eq!(
+        code(w.master.put_revoke(w.now, c, "k", first.write)),
+        ErrorKind::InvalidWrite
+    );
+    // The newer write's block is still its own: another key cannot be given it.
+    for i in 0..3 {
+        if let Ok(grant) = w
+            .master
+            .put_start(w.now, c, &format!("x{i}"), MIB, &replicas(1))
+        {
+            assert_ne!(grant.replicas[0].address, second.replicas[0].address);
+        }
+    }
+    w.master.check_invariants();
+    w.master.put_end(w.now, c, "k", second.write).unwrap();
+    w.master.check_invariants();
+}
+
+#[test]
+fn a_write_id_names_one_key_and_one_client() {
+    let mut w = World::new(2, 16 * MIB, MasterConfig::default());
+    let (a, b) = (w.clients[0], w.clients[1]);
+    let ka = w
+        .master
+        .put_start(w.now, a, "a", MIB, &replicas(1))
+        .unwrap();
+    let kb = w
+        .master
+        .put_start(w.now, a, "b", MIB, &replicas(1))
+        .unwrap();
+    assert_eq!(
+        code(w.master.put_end(w.now, a, "a", kb.write)),
+        ErrorKind::InvalidWrite
+    );
+    assert_eq!(
+        code(w.master.put_end(w.now, b, "a", ka.write)),
+        ErrorKind::IllegalClient
+    );
+    assert_eq!(
+        code(w.master.put_revoke(w.now, b, "a", ka.write)),
+        ErrorKind::IllegalClient
+    );
+    w.master.put_end(w.now, a, "a", ka.write).unwrap();
+    assert_eq!(
+        code(w.master.put_revoke(w.now, a, "a", ka.write)),
+        ErrorKind::InvalidWrite,
+        "a committed write cannot be revoked"
+    );
+    w.master.put_revoke(w.now, a, "b", kb.write).unwrap();
+    w.master.check_invariants();
+}
+
+#[test]
+fn overlapping_and_wrapping_mounts_are_refused() {
+    let mut w = World::new(1, 16 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    let mounted = w.master.segments()[0].spec.clone();
+    // Another name over the same memory of the same endpoint.
+    let alias = SegmentSpec {
+        id: SegmentId(2),
+        name: "alias".into(),
+        base: mounted.base + MIB,
+        ..mounted.clone()
+    };
+    assert_eq!(
+        code(w.master.mount_segment(w.now, c, alias)),
+        ErrorKind::InvalidParams
+    );
+    // The same addresses in another process are other memory.
+    let elsewhere = SegmentSpec {
+        id: SegmentId(3),
+        name: "elsewhere".into(),
+        te_endpoint: "127.0.0.1:16000".into(),
+        ..mounted.clone()
+    };
+    w.master
+        .mount_segment(w.now, ClientId(9), elsewhere)
+        .unwrap();
+    let wraps = SegmentSpec {
+        id: SegmentId(4),
+        name: "wraps".into(),
+        te_endpoint: "127.0.0.1:17000".into(),
+        base: u64::MAX - 4096,
+        size: 8192,
+        ..mounted.clone()
+    };
+    assert_eq!(
+        code(w.master.mount_segment(w.now, c, wraps)),
+        ErrorKind::InvalidParams
+    );
+    let huge = SegmentSpec {
+        id: SegmentId(5),
+        name: "huge".into(),
+        te_endpoint: "127.0.0.1:18000".into(),
+        size: (1 << 40) + 1,
+        ..mounted.clone()
+    };
+    assert_eq!(
+        code(w.master.mount_segment(w.now, c, huge)),
+        ErrorKind::InvalidParams
+    );
+    let moved = SegmentSpec {
+        base: mounted.base + 4096,
+        ..mounted.clone()
+    };
+    assert_eq!(
+        code(w.master.mount_segment(w.now, c, moved)),
+        ErrorKind::InvalidParams,
+        "one id, two ranges"
+    );
+    assert_eq!(w.master.segments().len(), 2);
+    w.master.check_invariants();
+}
+
+#[test]
+fn a_write_no_segment_can_hold_evicts_nothing() {
+    let mut w = World::new(2, 8 * MIB, MasterConfig::default());
+    for i in 0..8 {
+        w.put(&format!("k{i}"), MIB, &replicas(1)).unwrap();
+    }
+    for _ in 0..30 {
+        assert_eq!(
+            code(
+                w.master
+                    .put_start(w.now, w.clients[0], "big", 9 * MIB, &replicas(1))
+            ),
+            ErrorKind::NoAvailableHandle
+        );
+    }
+    let stats = w.master.stats(w.now);
+    assert_eq!(stats.evicted_keys, 0);
+    assert_eq!(stats.eviction_rounds, 0);
+    assert_eq!(w.master.keys().len(), 8);
+}
+
+#[test]
+fn preempted_writes_give_their_space_back_when_their_writer_lets_go() {
+    let mut w = World::new(1, 16 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    // Two concurrent upserts of one key, over and over: the older one always loses.
+    for _ in 0..55 {
+        let older = w
+            .master
+            .upsert_start(w.now, c, "k", 2 * MIB, &replicas(1))
+            .unwrap();
+        let newer = w
+            .master
+            .upsert_start(w.now, c, "k", 2 * MIB, &replicas(1))
+            .unwrap();
+        assert_eq!(
+            code(w.master.put_end(w.now, c, "k", older.write)),
+            ErrorKind::InvalidWrite
+        );
+        w.master.put_end(w.now, c, "k", newer.write).unwrap();
+        w.master.check_invariants();
+        w.advance(Duration::from_millis(10));
+    }
+    let stats = w.master.stats(w.now);
+    assert_eq!(stats.parked_bytes, 0);
+    assert_eq!(stats.allocated_bytes, 2 * MIB);
+}
+
+#[test]
+fn revoked_space_waits_for_bytes_in_flight_then_goes_back() {
+    let mut w = World::new(1, 4 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    let grant = w
+        .master
+        .put_start(w.now, c, "k", 3 * MIB, &replicas(1))
+        .unwrap();
+    w.master.put_revoke(w.now, c, "k", grant.write).unwrap();
+    assert!(w.master.keys().is_empty());
+    assert_eq!(w.master.stats(w.now).parked_bytes, 3 * MIB);
+    assert_eq!(
+        code(w.master.put_start(w.now, c, "x", 3 * MIB, &replicas(1))),
+        ErrorKind::NoAvailableHandle,
+        "bytes of the revoked write may still land"
+    );
+    w.advance(Duration::from_secs(11));
+    w.master.ping(w.now, c);
+    w.master.tick(w.now);
+    assert_eq!(w.master.stats(w.now).parked_bytes, 0);
+    w.master
+        .put_start(w.now, c, "x", 3 * MIB, &replicas(1))
+        .unwrap();
+    w.master.check_invariants();
+}
+
+#[test]
+fn a_silent_client_that_comes_back_never_hands_out_a_block_still_being_read() {
+    let mut w = World::new(1, 2 * MIB, MasterConfig::default());
+    let c = w.clients[0];
+    let spec = w.master.segments()[0].spec.clone();
+    let placed = w.put("k", MIB, &replicas(1)).unwrap();
+    let lease = Duration::from_secs(30);
+    w.master.config.default_kv_lease_ttl = lease;
+    // A reader takes a 30 s lease, then the owner freezes for 11 s.
+    w.master.get_replica_list(w.now, "k").unwrap();
+    w.advance(Duration::from_secs(11));
+    w.master.tick(w.now);
+    assert!(
+        w.master.keys().is_empty(),
+        "the object went with its holder"
+    );
+    assert_eq!(w.master.ping(w.now, c), ClientStatus::NeedRemount);
+    w.master.remount_segments(w.now, c, vec![spec]).unwrap();
+    w.advance(Duration::from_secs(3));
+    // While the reader's lease lasts, new writes never get the block it reads.
+    for i in 0..4 {
+        if let Ok(grant) = w
+            .master
+            .put_start(w.now, c, &format!("n{i}"), MIB, &replicas(1))
+        {
+            assert_ne!(grant.replicas[0].address, placed[0].address);
+        }
+    }
+    w.master.check_invariants();
+    w.advance(Duration::from_secs(30));
+    w.master.ping(w.now, c);
+    w.master.tick(w.now);
+    assert_eq!(w.master.stats(w.now).parked_bytes, 0);
 }

@@ -1,0 +1,341 @@
+//! Writes: `PutStart` (or `UpsertStart`) names the write and its replicas, one engine batch
+//! fills them, and `PutEnd` (or `PutRevoke`) names the same write, so a late step of one write
+//! can never commit or free another's space.
+
+use std::collections::HashMap;
+
+use mooncake_common::{Error, ErrorKind, Result};
+use mooncake_te::Opcode;
+use mooncake_transport::copy::copy_bytes;
+
+use super::transfer::{checked_replicas, Move, Replica};
+use super::{config_to_wire, Staged, StoreClient};
+use crate::master::service::{from_outcome, to_uuid};
+use crate::master::types::WriteConfig;
+use crate::proto;
+
+/// Values copied into staging, ready for [`StoreClient::write_staged`]. The copy is taken when
+/// this is made, so the caller may reuse its memory as soon as it has one.
+pub struct StagedValues {
+    blocks: Vec<Staged>,
+    lens: Vec<usize>,
+}
+
+impl StoreClient {
+    /// Copies `values` into registered staging now.
+    pub fn stage_values(&self, values: &[&[u8]]) -> Result<StagedValues> {
+        self.ensure_open()?;
+        let mut blocks = Vec::with_capacity(values.len());
+        let mut lens = Vec::with_capacity(values.len());
+        for value in values {
+            let block = self.stage(value.len().max(1))?;
+            // SAFETY: the block is at least `value.len()` bytes of registered memory that
+            // this call owns; `value` is the caller's, alive for the call.
+            unsafe { copy_bytes(value.as_ptr(), block.addr() as *mut u8, value.len()) };
+            blocks.push(block);
+            lens.push(value.len());
+        }
+        Ok(StagedValues { blocks, lens })
+    }
+
+    /// Writes staged values under `keys` (one per value); one result per key.
+    pub async fn write_staged(
+        &self,
+        keys: &[String],
+        staged: StagedValues,
+        config: &WriteConfig,
+        upsert: bool,
+    ) -> Vec<Result<()>> {
+        if let Err(e) = self.ensure_open() {
+            return keys.iter().map(|_| Err(e.clone())).collect();
+        }
+        let ranges: Vec<(usize, usize)> = staged
+            .blocks
+            .iter()
+            .zip(&staged.lens)
+            .map(|(block, len)| (block.addr(), *len))
+            .collect();
+        // `staged` lives until the transfers are done.
+        let results = self.write_from(keys, &ranges, config, upsert).await;
+        drop(staged);
+        results
+    }
+
+    /// Stores `value` under `key` (insert if absent: an existing key is left as it is).
+    pub async fn put(&self, key: &str, value: &[u8], config: &WriteConfig) -> Result<()> {
+        self.write_copy(key, value, config, false).await
+    }
+
+    /// Inserts or replaces `value` under `key`.
+    pub async fn upsert(&self, key: &str, value: &[u8], config: &WriteConfig) -> Result<()> {
+        self.write_copy(key, value, config, true).await
+    }
+
+    async fn write_copy(
+        &self,
+        key: &str,
+        value: &[u8],
+        config: &WriteConfig,
+        upsert: bool,
+    ) -> Result<()> {
+        let staged = self.stage_values(&[value])?;
+        first(
+            self.write_staged(&[key.to_owned()], staged, config, upsert)
+                .await,
+        )
+    }
+
+    /// Stores `len` bytes of registered memory at `addr` under `key` (zero copy).
+    pub async fn put_from(
+        &self,
+        key: &str,
+        addr: usize,
+        len: usize,
+        config: &WriteConfig,
+    ) -> Result<()> {
+        self.ensure_open()?;
+        first(
+            self.write_from(&[key.to_owned()], &[(addr, len)], config, false)
+                .await,
+        )
+    }
+
+    /// Inserts or replaces `key` from registered memory (zero copy).
+    pub async fn upsert_from(
+        &self,
+        key: &str,
+        addr: usize,
+        len: usize,
+        config: &WriteConfig,
+    ) -> Result<()> {
+        self.ensure_open()?;
+        first(
+            self.write_from(&[key.to_owned()], &[(addr, len)], config, true)
+                .await,
+        )
+    }
+
+    /// Batch of zero-copy puts; one result per key, failures isolated per key.
+    pub async fn batch_put_from(
+        &self,
+        keys: &[String],
+        ranges: &[(usize, usize)],
+        config: &WriteConfig,
+    ) -> Vec<Result<()>> {
+        if let Err(e) = self.ensure_open() {
+            return keys.iter().map(|_| Err(e.clone())).collect();
+        }
+        self.write_from(keys, ranges, config, false).await
+    }
+
+    /// Batch of copying puts.
+    pub async fn batch_put(
+        &self,
+        keys: &[String],
+        values: &[&[u8]],
+        config: &WriteConfig,
+    ) -> Vec<Result<()>> {
+        match self.stage_values(values) {
+            Ok(staged) => self.write_staged(keys, staged, config, false).await,
+            Err(e) => keys.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    async fn write_from(
+        &self,
+        keys: &[String],
+        ranges: &[(usize, usize)],
+        config: &WriteConfig,
+        upsert: bool,
+    ) -> Vec<Result<()>> {
+        let mut results: Vec<Result<()>> = vec![Ok(()); keys.len()];
+        if keys.len() != ranges.len() {
+            let e = Error::new(
+                ErrorKind::InvalidParams,
+                "keys and buffers differ in number",
+            );
+            return keys.iter().map(|_| Err(e.clone())).collect();
+        }
+        for (i, (key, (addr, len))) in keys.iter().zip(ranges).enumerate() {
+            if *len == 0 {
+                results[i] = Err(Error::new(
+                    ErrorKind::InvalidParams,
+                    format!("'{key}': the value must not be empty"),
+                ));
+            } else if !self.engine.is_registered(*addr, *len) {
+                results[i] = Err(Error::new(
+                    ErrorKind::InvalidParams,
+                    format!("'{key}': the buffer is not registered (registerBuffer it, or use allocate)"),
+                ));
+            }
+        }
+        let todo: Vec<usize> = (0..keys.len()).filter(|i| results[*i].is_ok()).collect();
+        if todo.is_empty() {
+            return results;
+        }
+        let mut wire = config_to_wire(config);
+        if wire.host_id.is_empty() {
+            wire.host_id = self.host_id.clone();
+        }
+        let request = proto::BatchPutStartRequest {
+            client_id: Some(to_uuid(self.id.0)),
+            keys: todo.iter().map(|i| keys[*i].clone()).collect(),
+            sizes: todo.iter().map(|i| ranges[*i].1 as u64).collect(),
+            config: Some(wire),
+        };
+        let started = if upsert {
+            self.master
+                .call(|mut g| async move { g.batch_upsert_start(request).await })
+                .await
+        } else {
+            self.master
+                .call(|mut g| async move { g.batch_put_start(request).await })
+                .await
+        };
+        let started = match started {
+            Ok(s) => s.results,
+            Err(e) => {
+                for i in &todo {
+                    results[*i] = Err(e.clone());
+                }
+                return results;
+            }
+        };
+        if started.len() != todo.len() {
+            let e = Error::new(
+                ErrorKind::Protocol,
+                format!(
+                    "the master answered {} of {} write starts",
+                    started.len(),
+                    todo.len()
+                ),
+            );
+            // Writes it did start are left to its release timeout.
+            for i in &todo {
+                results[*i] = Err(e.clone());
+            }
+            return results;
+        }
+        // Every write the master granted: (item, write id, replicas).
+        let mut granted: Vec<(usize, u64, Vec<Replica>)> = Vec::new();
+        for (i, reply) in todo.iter().zip(started) {
+            let key = &keys[*i];
+            match from_outcome(reply.outcome.as_ref()) {
+                Ok(()) if reply.write_id == 0 => {
+                    results[*i] = Err(Error::new(
+                        ErrorKind::Protocol,
+                        format!("the master started a write of '{key}' without naming it"),
+                    ));
+                }
+                Ok(()) => {
+                    match checked_replicas(key, &reply.replicas, Some(ranges[*i].1 as u64)) {
+                        Ok(list) => granted.push((*i, reply.write_id, list)),
+                        Err(e) => {
+                            // Nothing was written: give the space back.
+                            granted.push((*i, reply.write_id, Vec::new()));
+                            results[*i] = Err(e);
+                        }
+                    }
+                }
+                // Put is insert-if-absent, as in Mooncake: the key already holds a value.
+                Err(e) if e.kind() == ErrorKind::ObjectAlreadyExists && !upsert => {}
+                Err(e) => results[*i] = Err(e),
+            }
+        }
+        let work: Vec<Move> = granted
+            .iter()
+            .flat_map(|(i, _, list)| {
+                list.iter().map(move |replica| Move {
+                    item: *i,
+                    op: Opcode::Write,
+                    local: ranges[*i].0,
+                    len: ranges[*i].1,
+                    replica: replica.clone(),
+                })
+            })
+            .collect();
+        let mut failed: HashMap<usize, Error> = HashMap::new();
+        for (i, outcome) in self.move_bytes(work, None).await {
+            if let Err(e) = outcome {
+                failed.entry(i).or_insert(e);
+            }
+        }
+        let (mut commit, mut revoke) = (Vec::new(), Vec::new());
+        for (i, write, _) in &granted {
+            if results[*i].is_err() {
+                revoke.push((*i, *write));
+                continue;
+            }
+            match failed.remove(i) {
+                None => commit.push((*i, *write)),
+                Some(e) => {
+                    results[*i] = Err(Error::new(
+                        ErrorKind::TransferFail,
+                        format!("'{}': {}", keys[*i], e.message()),
+                    ));
+                    revoke.push((*i, *write));
+                }
+            }
+        }
+        self.finish_writes(keys, &commit, true, &mut results).await;
+        self.finish_writes(keys, &revoke, false, &mut results).await;
+        results
+    }
+
+    /// `PutEnd` (`commit`) or `PutRevoke` for `(item, write id)` pairs.
+    async fn finish_writes(
+        &self,
+        keys: &[String],
+        writes: &[(usize, u64)],
+        commit: bool,
+        results: &mut [Result<()>],
+    ) {
+        if writes.is_empty() {
+            return;
+        }
+        let request = proto::BatchKeysRequest {
+            client_id: Some(to_uuid(self.id.0)),
+            keys: writes.iter().map(|(i, _)| keys[*i].clone()).collect(),
+            write_ids: writes.iter().map(|(_, w)| *w).collect(),
+        };
+        let reply = if commit {
+            self.master
+                .call(|mut g| async move { g.batch_put_end(request).await })
+                .await
+        } else {
+            self.master
+                .call(|mut g| async move { g.batch_put_revoke(request).await })
+                .await
+        };
+        match reply {
+            Ok(reply) if commit => {
+                let mut outcomes = reply.results.into_iter();
+                for (i, _) in writes {
+                    let outcome = outcomes.next().map_or_else(
+                        || {
+                            Err(Error::new(
+                                ErrorKind::Protocol,
+                                "the master answered fewer commits than asked",
+                            ))
+                        },
+                        |o| from_outcome(Some(&o)),
+                    );
+                    if let Err(e) = outcome {
+                        results[*i] = Err(e);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) if commit => {
+                for (i, _) in writes {
+                    results[*i] = Err(e.clone());
+                }
+            }
+            Err(e) => tracing::warn!("revoking failed writes: {e}"),
+        }
+    }
+}
+
+fn first(results: Vec<Result<()>>) -> Result<()> {
+    results.into_iter().next().unwrap_or(Ok(()))
+}
