@@ -70,10 +70,26 @@ export function pattern(seed: number, offset: number, length: number): Buffer {
   return out
 }
 
-/** Fills `buffer` with the pattern of `seed`, as if it started at `offset`. */
+/**
+ * Fills `buffer` with the pattern of `seed`, as if it started at `offset`. Self-describing, as
+ * `mooncake_common::pattern` in the core: every 8-byte word holds its own absolute offset
+ * (little-endian) with the seed in bits 40-63, so a slice at the wrong offset or from another
+ * source never matches.
+ */
 export function fillPattern(buffer: Uint8Array, seed: number, offset = 0): void {
+  const TWO32 = 2 ** 32
+  let word = -1
+  let low = 0
+  let high = 0
   for (let i = 0; i < buffer.length; i++) {
-    const x = offset + i
-    buffer[i] = (x * 31 + seed + (x >>> 8) * 7) & 0xff
+    const at = offset + i
+    const w = at - (at % 8)
+    if (w !== word) {
+      word = w
+      low = w % TWO32
+      high = (Math.floor(w / TWO32) ^ (seed << 8)) >>> 0
+    }
+    const k = at % 8
+    buffer[i] = k < 4 ? (low >>> (8 * k)) & 0xff : (high >>> (8 * (k - 4))) & 0xff
   }
 }

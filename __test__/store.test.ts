@@ -5,7 +5,7 @@ import { createInterface } from 'node:readline'
 import test from 'ava'
 
 import { MasterServer, MooncakeError, MooncakeStore, type MasterServerOptions } from '../src'
-import { runFixture } from './helpers'
+import { pattern, runFixture } from './helpers'
 
 const MiB = 1 << 20
 
@@ -222,6 +222,69 @@ test('zero-copy batch APIs land bytes in registered buffers', async (t) => {
     t.deepEqual(sizes, keys.map(() => MiB))
     t.true(target.equals(source))
     t.is(await client.removeByRegex(/^zc\//, { force: true }), 8)
+  } finally {
+    await c.close()
+  }
+})
+
+test('put copies the value before it returns: changing the Buffer afterwards changes nothing', async (t) => {
+  const c = await cluster(2, 32 * MiB)
+  try {
+    const client = await c.client()
+    const value = Buffer.alloc(4 * MiB, 0x5a)
+    const original = Buffer.from(value)
+    const put = client.put('copied', value)
+    value.fill(0)
+    await put
+    const upsert = client.upsert('copied', value.fill(0x33))
+    value.fill(0)
+    await upsert
+    t.true((await client.get('copied')).equals(Buffer.alloc(4 * MiB, 0x33)))
+    const batch = client.batchPut(['b1', 'b2'], [original, original])
+    original.fill(1)
+    t.deepEqual(await batch, [undefined, undefined])
+    t.true((await client.get('b1')).equals(Buffer.alloc(4 * MiB, 0x5a)))
+  } finally {
+    await c.close()
+  }
+})
+
+test('a frozen replica holder costs a read well under a second, not the I/O timeout', async (t) => {
+  const c = await cluster(2, 64 * MiB)
+  try {
+    // Over TCP: shared memory reads a frozen process's pages without it.
+    const client = await MooncakeStore.connect({
+      masterAddress: c.master.address,
+      metadata: c.metadata,
+      localServerName: `frozen-reader-${process.pid}`,
+      ipOrHostName: '127.0.0.1',
+      protocol: 'tcp',
+      globalSegmentSize: 0,
+    })
+    try {
+      const values = Array.from({ length: 8 }, (_, i) => pattern(i + 1, 0, MiB))
+      const keys = values.map((_, i) => `frozen/${i}`)
+      t.deepEqual(await client.batchPut(keys, values, { replicaNum: 2 }), keys.map(() => undefined))
+      for (const key of keys) await client.get(key) // warm connections and the read pace
+      c.nodes[0].child.kill('SIGSTOP')
+      let worst = 0
+      for (const [i, key] of keys.entries()) {
+        const started = performance.now()
+        const got = await client.get(key)
+        worst = Math.max(worst, performance.now() - started)
+        t.true(got.equals(values[i]), `${key} read back wrong`)
+      }
+      const batchStarted = performance.now()
+      const batch = await client.batchGet(keys)
+      const batchTook = performance.now() - batchStarted
+      t.true(batch.every((v, i) => Buffer.isBuffer(v) && v.equals(values[i])))
+      t.log(`worst get with a frozen holder: ${worst.toFixed(0)} ms; batch of 8: ${batchTook.toFixed(0)} ms`)
+      // Loose bounds for a shared machine; the I/O timeout this replaces is 14-30 s.
+      t.true(worst < 5000, `worst get took ${worst} ms`)
+      t.true(batchTook < 5000, `the batch took ${batchTook} ms`)
+    } finally {
+      await client.close()
+    }
   } finally {
     await c.close()
   }

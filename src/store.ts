@@ -98,7 +98,10 @@ export class MooncakeStore {
     return this.inner.segmentName
   }
 
-  /** Stores a copy of `value` under `key`. Insert if absent: if the key exists, it is left as it is. */
+  /**
+   * Stores a copy of `value` under `key`. Insert if absent: if the key exists, it is left as it is. The copy is taken
+   * before this returns, so `value` may be reused at once.
+   */
   put(key: string, value: Uint8Array | string, options?: PutOptions): Promise<void> {
     return nativeAsync(() => this.inner.put(key, bytes(value), putConfig(options)))
   }
@@ -118,7 +121,10 @@ export class MooncakeStore {
     return nativeAsync(() => this.inner.getInto(key, buffer))
   }
 
-  /** Inserts or replaces `key` (in place when the size is equal and no reader holds a lease). */
+  /**
+   * Inserts or replaces `key` (in place when the size is equal and no reader holds a lease). The copy is taken before this
+   * returns. When two writes of one key overlap, the later one wins and the earlier rejects with `ERR_INVALID_WRITE`.
+   */
   upsert(key: string, value: Uint8Array | string, options?: PutOptions): Promise<void> {
     return nativeAsync(() => this.inner.upsert(key, bytes(value), putConfig(options)))
   }
@@ -128,7 +134,7 @@ export class MooncakeStore {
     return nativeAsync(() => this.inner.upsertFrom(key, buffer, putConfig(options)))
   }
 
-  /** Stores many values; all transfers overlap. Resolves to `undefined` or a {@link MooncakeError} per key. */
+  /** Stores copies of many values (taken before this returns); all transfers overlap. Resolves to `undefined` or a {@link MooncakeError} per key. */
   async batchPut(keys: string[], values: (Uint8Array | string)[], options?: PutOptions): Promise<(MooncakeError | undefined)[]> {
     const items = await nativeAsync(() => this.inner.batchPut(keys, values.map(bytes), putConfig(options)))
     return items.map(itemError)

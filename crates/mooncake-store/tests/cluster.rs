@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use mooncake_common::{EngineConfig, ErrorKind};
+use mooncake_common::{pattern, EngineConfig, ErrorKind};
 use mooncake_store::client::{StoreClient, StoreConfig};
 use mooncake_store::master::{MasterServer, MasterServerConfig, WriteConfig};
 
@@ -32,9 +32,7 @@ async fn client_staging(master: &MasterServer, segment: u64, staging: u64) -> Ar
 }
 
 fn value(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
-        .collect()
+    pattern::bytes(u64::from(seed), 0, len)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

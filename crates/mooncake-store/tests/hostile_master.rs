@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use mooncake_common::{EngineConfig, ErrorKind};
+use mooncake_common::{pattern, EngineConfig, ErrorKind};
 use mooncake_store::client::{StoreClient, StoreConfig};
 use mooncake_store::master::service::{MasterService, OpCounters};
 use mooncake_store::master::{Master, MasterConfig, WriteConfig};
@@ -149,10 +149,7 @@ const VALUE: usize = 64 << 10;
 const GUARD: u8 = 0xA5;
 
 fn value() -> Vec<u8> {
-    (0..VALUE as u32)
-        .flat_map(|i| (i ^ 0x5EED_0000).to_le_bytes())
-        .take(VALUE)
-        .collect()
+    pattern::bytes(1, 0, VALUE)
 }
 
 /// Reads `key` with `getInto` into the first half of a registered region whose second half

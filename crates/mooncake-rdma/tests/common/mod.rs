@@ -66,9 +66,7 @@ impl Node {
     pub fn fill(&self, seed: u8) {
         // SAFETY: the arena is ours and nothing transfers into it now.
         let bytes = unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.region.len()) };
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8;
-        }
+        mooncake_common::pattern::fill(bytes, u64::from(seed), 0);
     }
 
     pub fn bytes(&self, offset: usize, len: usize) -> Vec<u8> {
