@@ -535,6 +535,86 @@ async fn shared_memory_respects_unregister_and_owner_close() {
     initiator.close().await;
 }
 
+// Unregistering a buffer frees its shared-memory slot, and the next registration takes the
+// same slot. A peer still holding the old descriptor names that slot: its copy must be
+// refused, not land in the new registration. Checked for both paths: a mapped arena
+// (re-registered as caller memory at the same address) and process_vm (caller memory
+// registered again at the same address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_descriptor_never_reaches_a_reused_shared_memory_slot() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine_over("P2PHANDSHAKE", "127.0.0.1", Protocol::Shm).await;
+    let len = 1 << 20;
+    let local = initiator.allocate(len).unwrap();
+    fill_unique(local.as_ptr(), len, 1 << 60);
+    let arena = target.allocate(len).unwrap();
+    let mut caller = vec![0u8; len].into_boxed_slice();
+    let caller_ptr = caller.as_mut_ptr();
+    // SAFETY: `caller` outlives both engines; the test closes them before dropping it.
+    unsafe { target.register(caller_ptr as usize, len, "*", Box::new(())) }.unwrap();
+
+    for (what, memory) in [("mapped arena", arena.as_ptr()), ("process_vm", caller_ptr)] {
+        let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+        let write = TransferRequest {
+            op: Opcode::Write,
+            segment: segment.id,
+            local_addr: local.as_ptr() as usize,
+            remote_addr: memory as u64,
+            len,
+        };
+        initiator
+            .transfer(&[write], SubmitOptions::default())
+            .await
+            .unwrap();
+        // The initiator keeps this descriptor: nothing tells it about the changes below.
+        target.unregister(memory as usize).unwrap();
+        // SAFETY: as above; the arena's mapping lives as long as `arena`.
+        unsafe { target.register(memory as usize, len, "*", Box::new(())) }.unwrap();
+        fill_unique(memory, len, 2 << 60);
+        let err = initiator
+            .transfer(&[write], SubmitOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::AddressNotRegistered,
+            "{what}: {err:?}"
+        );
+        let untouched = target.allocate(len).unwrap();
+        fill_unique(untouched.as_ptr(), len, 2 << 60);
+        assert_same(
+            bytes(memory, len),
+            bytes(untouched.as_ptr(), len),
+            &format!("{what}: the new registration"),
+        );
+        target.unregister(untouched.as_ptr() as usize).unwrap();
+        // A peer with a fresh descriptor reaches the new registration.
+        let fresh = engine_over("P2PHANDSHAKE", "127.0.0.1", Protocol::Shm).await;
+        let source = fresh.allocate(len).unwrap();
+        fill_unique(source.as_ptr(), len, 3 << 60);
+        let segment = fresh.open_segment(target.segment_name()).await.unwrap();
+        let request = TransferRequest {
+            segment: segment.id,
+            local_addr: source.as_ptr() as usize,
+            ..write
+        };
+        fresh
+            .transfer(&[request], SubmitOptions::default())
+            .await
+            .unwrap();
+        assert_same(
+            bytes(memory, len),
+            bytes(source.as_ptr(), len),
+            &format!("{what}: a write through a fresh descriptor"),
+        );
+        fresh.close().await;
+    }
+    assert_eq!(sent_through(&initiator, TransportKind::Tcp), 0);
+    initiator.close().await;
+    target.close().await;
+    drop(caller);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forcing_shared_memory_needs_a_same_host_target() {
     let mut config = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
