@@ -150,7 +150,8 @@ impl Local {
                 }
                 if let Some(slot) = region.slot() {
                     let mut shm = serde_json::Map::new();
-                    shm.insert("slot".to_owned(), slot.into());
+                    shm.insert("slot".to_owned(), slot.index.into());
+                    shm.insert("generation".to_owned(), slot.generation.into());
                     if let Some(arena) = region.backing_arena() {
                         shm.insert("arena".to_owned(), arena.id().into());
                     }

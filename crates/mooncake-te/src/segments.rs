@@ -227,11 +227,16 @@ fn tcp_paths(desc: &SegmentDesc, version: Version, local: &[LocalRail]) -> Optio
     (!paths.is_empty()).then_some(TcpPeer { paths })
 }
 
-/// The shared-memory description of a buffer, if its owner published one.
+/// The shared-memory description of a buffer, if its owner published one. One without a
+/// slot generation (an owner from before generations) is not reached through shared memory:
+/// its slot alone could name a region registered after the one it describes.
 pub(crate) fn shm_buffer(buffer: &mooncake_metadata::BufferDesc) -> Option<ShmBuffer> {
     let shm = buffer.extra.get("shm")?;
     Some(ShmBuffer {
         slot: u32::try_from(shm.get("slot")?.as_u64()?).ok()?,
+        generation: u32::try_from(shm.get("generation")?.as_u64()?)
+            .ok()
+            .filter(|g| *g != 0)?,
         arena: shm.get("arena").and_then(|a| a.as_u64()),
     })
 }

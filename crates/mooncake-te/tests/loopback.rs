@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bytes, fill};
+use common::{bytes, fill, fill_unique};
 use mooncake_common::config::Protocol;
 use mooncake_common::EngineConfig;
 use mooncake_metadata::http::MetadataServer;
@@ -319,22 +319,14 @@ async fn close_settles_pending_work_and_refuses_more() {
     );
 }
 
-// Known bug: about one run in ten, some v1 reads after v1 writes return zeros (the server
-// finds the remote range still zero after the test saw the writes land). v2 is not affected.
-#[ignore = "flaky: some v1 reads return zeros about one run in ten"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speaks_tcp_data_protocol_v1_when_asked() {
     let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
-    let mut config = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
-    config.advertised_host = Some("127.0.0.1".into());
-    config.tcp_force_v1 = true;
-    config.protocol = Protocol::Tcp;
-    config.slice_size = 64 << 10;
-    let initiator = TransferEngine::start(config).await.unwrap();
+    let initiator = v1_initiator().await;
     let len = 3 << 20;
     let remote = target.allocate(len).unwrap();
     let local = initiator.allocate(2 * len).unwrap();
-    fill(local.as_ptr(), len, 42);
+    fill_unique(local.as_ptr(), len, 0x42 << 56);
     let segment = initiator.open_segment(target.segment_name()).await.unwrap();
     let write = TransferRequest {
         op: Opcode::Write,
@@ -352,23 +344,19 @@ async fn speaks_tcp_data_protocol_v1_when_asked() {
         .transfer(&[write], SubmitOptions::default())
         .await
         .unwrap();
-    // v1 reports a write done once it left our socket, before the peer applied it (the
-    // reason v2 exists), so wait for the bytes to land before reading them back.
-    let landed = async {
-        while bytes(remote.as_ptr(), len) != bytes(local.as_ptr(), len) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), landed)
-        .await
-        .expect("v1 write never landed");
+    assert_same(
+        bytes(remote.as_ptr(), len),
+        bytes(local.as_ptr(), len),
+        "a completed v1 write has landed",
+    );
     initiator
         .transfer(&[read], SubmitOptions::default())
         .await
         .unwrap();
-    assert!(
-        bytes(local.as_ptr(), len) == &bytes(local.as_ptr(), 2 * len)[len..],
-        "v1 read-back differs"
+    assert_same(
+        &bytes(local.as_ptr(), 2 * len)[len..],
+        bytes(local.as_ptr(), len),
+        "v1 read-back",
     );
     // v1 has no reject status: the server closes, and the slice fails instead of hanging.
     let outside = TransferRequest {
@@ -384,6 +372,119 @@ async fn speaks_tcp_data_protocol_v1_when_asked() {
         err.kind(),
         ErrorKind::AddressNotRegistered,
         "caught by the descriptor check first"
+    );
+    initiator.close().await;
+    target.close().await;
+}
+
+/// An engine that speaks TCP v1 to everyone, over 4 lanes, in 64 KiB slices.
+async fn v1_initiator() -> Arc<TransferEngine> {
+    let mut config = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
+    config.advertised_host = Some("127.0.0.1".into());
+    config.tcp_force_v1 = true;
+    config.protocol = Protocol::Tcp;
+    config.tcp_lanes_per_peer = 4;
+    config.slice_size = 64 << 10;
+    TransferEngine::start(config).await.unwrap()
+}
+
+/// Asserts `got == want`, naming the 64 KiB slices that differ and where the first wrong
+/// word came from (see `fill_unique`).
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    // A copy, so that bytes still arriving do not change the story halfway.
+    let got = &got.to_vec()[..];
+    let slices: Vec<usize> = (0..got.len().div_ceil(64 << 10))
+        .filter(|i| {
+            let range = i * (64 << 10)..((i + 1) * (64 << 10)).min(got.len());
+            got[range.clone()] != want[range]
+        })
+        .collect();
+    let first = got.iter().zip(want).position(|(g, w)| g != w).unwrap_or(0) / 8 * 8;
+    let word = |b: &[u8]| u64::from_le_bytes(b[first..first + 8].try_into().unwrap());
+    panic!(
+        "{what}: 64 KiB slices {slices:?} differ; first at byte {first:#x}: got {:#x}, want {:#x}",
+        word(got),
+        word(want)
+    );
+}
+
+// A v1 write reports done once the peer applied it, so the bytes are there when it completes
+// and a read right after it, on any lane, returns them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_writes_have_landed_when_they_complete() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = v1_initiator().await;
+    let len = 3 << 20;
+    let remote = target.allocate(len).unwrap();
+    let local = initiator.allocate(2 * len).unwrap();
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    for round in 0..40u64 {
+        // Each round writes the range at a different offset, so stale bytes show.
+        let offset = (round as usize * 4104) % (64 << 10);
+        let size = len - offset;
+        fill_unique(local.as_ptr(), size, round << 48);
+        let write = TransferRequest {
+            op: Opcode::Write,
+            segment: segment.id,
+            local_addr: local.as_ptr() as usize,
+            remote_addr: remote.as_ptr() as u64 + offset as u64,
+            len: size,
+        };
+        let read = TransferRequest {
+            op: Opcode::Read,
+            local_addr: local.as_ptr() as usize + len,
+            ..write
+        };
+        initiator
+            .transfer(&[write], SubmitOptions::default())
+            .await
+            .unwrap();
+        assert_same(
+            &bytes(remote.as_ptr(), len)[offset..],
+            bytes(local.as_ptr(), size),
+            &format!("round {round}: remote memory after the write completed"),
+        );
+        initiator
+            .transfer(&[read], SubmitOptions::default())
+            .await
+            .unwrap();
+        assert_same(
+            &bytes(local.as_ptr(), 2 * len)[len..len + size],
+            bytes(local.as_ptr(), size),
+            &format!("round {round}: read right after the write"),
+        );
+    }
+    initiator.close().await;
+    target.close().await;
+}
+
+// A v1 server refuses an address by closing the connection; a write it refused must fail,
+// not count as done because its bytes left our socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_write_the_target_refused_fails() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = v1_initiator().await;
+    let remote = target.allocate(1 << 20).unwrap();
+    let local = initiator.allocate(1 << 20).unwrap();
+    fill_unique(local.as_ptr(), 1 << 20, 7 << 56);
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    // The initiator's cached descriptor still lists the buffer, so the request goes out.
+    target.unregister(remote.as_ptr() as usize).unwrap();
+    let write = TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize,
+        remote_addr: remote.as_ptr() as u64,
+        len: 1 << 20,
+    };
+    let outcome = initiator.transfer(&[write], SubmitOptions::default()).await;
+    assert!(outcome.is_err(), "a refused v1 write reported done");
+    assert!(
+        bytes(remote.as_ptr(), 1 << 20).iter().all(|b| *b == 0),
+        "a refused write touched memory"
     );
     initiator.close().await;
     target.close().await;
@@ -432,6 +533,86 @@ async fn shared_memory_respects_unregister_and_owner_close() {
     );
     assert_eq!(sent_through(&initiator, TransportKind::Tcp), 0);
     initiator.close().await;
+}
+
+// Unregistering a buffer frees its shared-memory slot, and the next registration takes the
+// same slot. A peer still holding the old descriptor names that slot: its copy must be
+// refused, not land in the new registration. Checked for both paths: a mapped arena
+// (re-registered as caller memory at the same address) and process_vm (caller memory
+// registered again at the same address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_descriptor_never_reaches_a_reused_shared_memory_slot() {
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine_over("P2PHANDSHAKE", "127.0.0.1", Protocol::Shm).await;
+    let len = 1 << 20;
+    let local = initiator.allocate(len).unwrap();
+    fill_unique(local.as_ptr(), len, 1 << 60);
+    let arena = target.allocate(len).unwrap();
+    let mut caller = vec![0u8; len].into_boxed_slice();
+    let caller_ptr = caller.as_mut_ptr();
+    // SAFETY: `caller` outlives both engines; the test closes them before dropping it.
+    unsafe { target.register(caller_ptr as usize, len, "*", Box::new(())) }.unwrap();
+
+    for (what, memory) in [("mapped arena", arena.as_ptr()), ("process_vm", caller_ptr)] {
+        let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+        let write = TransferRequest {
+            op: Opcode::Write,
+            segment: segment.id,
+            local_addr: local.as_ptr() as usize,
+            remote_addr: memory as u64,
+            len,
+        };
+        initiator
+            .transfer(&[write], SubmitOptions::default())
+            .await
+            .unwrap();
+        // The initiator keeps this descriptor: nothing tells it about the changes below.
+        target.unregister(memory as usize).unwrap();
+        // SAFETY: as above; the arena's mapping lives as long as `arena`.
+        unsafe { target.register(memory as usize, len, "*", Box::new(())) }.unwrap();
+        fill_unique(memory, len, 2 << 60);
+        let err = initiator
+            .transfer(&[write], SubmitOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::AddressNotRegistered,
+            "{what}: {err:?}"
+        );
+        let untouched = target.allocate(len).unwrap();
+        fill_unique(untouched.as_ptr(), len, 2 << 60);
+        assert_same(
+            bytes(memory, len),
+            bytes(untouched.as_ptr(), len),
+            &format!("{what}: the new registration"),
+        );
+        target.unregister(untouched.as_ptr() as usize).unwrap();
+        // A peer with a fresh descriptor reaches the new registration.
+        let fresh = engine_over("P2PHANDSHAKE", "127.0.0.1", Protocol::Shm).await;
+        let source = fresh.allocate(len).unwrap();
+        fill_unique(source.as_ptr(), len, 3 << 60);
+        let segment = fresh.open_segment(target.segment_name()).await.unwrap();
+        let request = TransferRequest {
+            segment: segment.id,
+            local_addr: source.as_ptr() as usize,
+            ..write
+        };
+        fresh
+            .transfer(&[request], SubmitOptions::default())
+            .await
+            .unwrap();
+        assert_same(
+            bytes(memory, len),
+            bytes(source.as_ptr(), len),
+            &format!("{what}: a write through a fresh descriptor"),
+        );
+        fresh.close().await;
+    }
+    assert_eq!(sent_through(&initiator, TransportKind::Tcp), 0);
+    initiator.close().await;
+    target.close().await;
+    drop(caller);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,8 @@ use std::sync::{Arc, RwLock};
 
 use mooncake_common::{Error, ErrorKind, Result};
 
+use crate::shm::control::Slot;
+
 /// A shared read-write mapping of a file descriptor, unmapped on drop.
 pub struct Mapping {
     ptr: NonNull<u8>,
@@ -211,7 +213,7 @@ pub struct Region {
     len: usize,
     location: String,
     backing: Backing,
-    slot: Option<u32>,
+    slot: Option<Slot>,
     remote: bool,
 }
 
@@ -249,7 +251,7 @@ impl Region {
     }
 
     /// Tags the region with its slot in the shared-memory control table.
-    pub fn with_slot(mut self, slot: Option<u32>) -> Self {
+    pub fn with_slot(mut self, slot: Option<Slot>) -> Self {
         self.slot = slot;
         self
     }
@@ -267,7 +269,7 @@ impl Region {
     }
 
     /// Its slot in the shared-memory control table, if same-host peers may reach it.
-    pub fn slot(&self) -> Option<u32> {
+    pub fn slot(&self) -> Option<Slot> {
         self.slot
     }
 

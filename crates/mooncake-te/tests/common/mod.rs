@@ -10,6 +10,17 @@ pub(crate) fn fill(ptr: *mut u8, len: usize, seed: u8) {
     }
 }
 
+/// Fills `len` bytes at `ptr` so that every 8-byte word is its own offset XOR `seed`: a wrong
+/// byte tells where it came from (the offset) and from which fill (the seed).
+pub(crate) fn fill_unique(ptr: *mut u8, len: usize, seed: u64) {
+    // SAFETY: as above.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    for (i, word) in bytes.chunks_mut(8).enumerate() {
+        let value = ((i * 8) as u64 ^ seed).to_le_bytes();
+        word.copy_from_slice(&value[..word.len()]);
+    }
+}
+
 /// The `len` bytes at `ptr`.
 pub(crate) fn bytes<'a>(ptr: *mut u8, len: usize) -> &'a [u8] {
     // SAFETY: as above.

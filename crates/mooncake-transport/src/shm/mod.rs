@@ -7,8 +7,9 @@
 //!
 //! Registration is still enforced. Every region a peer may touch has a slot in the owner's
 //! [`control`] table, a shared array of words the peer maps too. A copy first takes a use of
-//! the slot, which fails once the owner has unregistered the region, and the owner's unregister
-//! waits for uses to drain. A peer that loses its connection to the owner (the owner exited or
+//! the slot, which fails once the owner has unregistered the region (or registered another in
+//! its slot: the descriptor names the slot's generation too), and the owner's unregister waits
+//! for uses to drain. A peer that loses its connection to the owner (the owner exited or
 //! closed) drops every mapping of that owner and fails further copies.
 //!
 //! - [`control`]: the slot table, both sides;
@@ -24,7 +25,7 @@ pub mod peer;
 pub mod server;
 pub mod transport;
 
-pub use control::{ControlTable, ControlView};
+pub use control::{ControlTable, ControlView, Slot};
 pub use peer::{Path, RemoteRange, ShmBuffer, ShmPeer, ShmTarget};
 pub use server::ShmServer;
 pub use transport::{ShmSlice, ShmTransport};

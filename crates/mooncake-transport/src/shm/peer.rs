@@ -13,7 +13,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 use sendfd::RecvWithFd;
 use serde::{Deserialize, Serialize};
 
-use super::control::{ControlView, SLOTS};
+use super::control::{ControlView, Slot, SLOTS};
 use super::server::{KIND_ARENA, KIND_CONTROL, KIND_WATCH, REPLY_LEN};
 use crate::copy::copy_bytes;
 use crate::memory::{Mapping, Region};
@@ -38,6 +38,10 @@ pub struct ShmTarget {
 pub struct ShmBuffer {
     /// Its slot in the owner's control table.
     pub slot: u32,
+    /// The generation the slot was claimed in for this buffer; a copy is refused once the
+    /// slot holds another one. 0 (absent) names no claim and is always refused.
+    #[serde(default)]
+    pub generation: u32,
     /// The arena that holds it (whole), if engine-owned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arena: Option<u64>,
@@ -169,7 +173,11 @@ impl ShmPeer {
                 format!("the same-host peer behind @{} is gone", self.target.socket),
             ));
         }
-        let Some(_use) = self.control.acquire(remote.buffer.slot) else {
+        let slot = Slot {
+            index: remote.buffer.slot,
+            generation: remote.buffer.generation,
+        };
+        let Some(_use) = self.control.acquire(slot) else {
             if let Some(id) = remote.buffer.arena {
                 // Unregistered for good: let go of our mapping of it.
                 self.arenas

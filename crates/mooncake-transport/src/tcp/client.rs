@@ -43,7 +43,9 @@ pub struct PeerAddr {
     pub host: String,
     /// TCP data port.
     pub port: u16,
-    /// Protocol version to speak.
+    /// Protocol version to speak. Either way a write is reported done only once the peer
+    /// has applied it: by its status frame in v2, by the answer to a one-byte read sent
+    /// behind it on the same connection in v1 ([`super::wire`]).
     pub version: Version,
 }
 
@@ -594,7 +596,20 @@ impl Lane {
                 // SAFETY: the engine checked the range lies in `slice.region`, which the
                 // slice keeps registered and mapped.
                 let payload = unsafe { slice.region.bytes(slice.local_addr, slice.len) };
-                conn.write_all(payload).await.map_err(io)
+                conn.write_all(payload).await.map_err(io)?;
+                if slice.len == 0 {
+                    return Ok(());
+                }
+                // v1 acknowledges nothing, and bytes that left our socket may still sit in
+                // the peer's receive buffer: reporting the write then would let a read on
+                // another lane overtake it, and a caller commit bytes that never landed. A
+                // session serves its requests in order, so the answer to this one-byte read
+                // proves the write before it was applied.
+                conn.write_all(&v1_fence(slice)?.encode())
+                    .await
+                    .map_err(io)?;
+                let mut echo = [0u8; 1];
+                conn.read_exact(&mut echo).await.map_err(io).map(drop)
             }
             (Opcode::Write, Version::V2) => {
                 // SAFETY: as above.
@@ -704,6 +719,23 @@ async fn connect(path: &TcpPath) -> std::io::Result<TcpStream> {
     stream.set_nodelay(true)?;
     socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(USER_TIMEOUT))?;
     Ok(stream)
+}
+
+/// The one-byte v1 read that follows a non-empty v1 write on its connection: the write's
+/// last byte, which lies in the range the server just accepted.
+fn v1_fence(slice: &Slice) -> Result<Header> {
+    let last = slice
+        .len
+        .checked_sub(1)
+        .and_then(|last| u64::try_from(last).ok())
+        .and_then(|last| slice.remote_addr.checked_add(last))
+        .ok_or_else(|| Error::invalid(format!("{slice:?} wraps the address space")))?;
+    Ok(Header {
+        size: 1,
+        addr: last,
+        op: Op::Read,
+        version: Version::V1,
+    })
 }
 
 async fn read_status<R: AsyncReadExt + Unpin>(reader: &mut R) -> std::io::Result<Option<Status>> {

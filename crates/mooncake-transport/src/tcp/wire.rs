@@ -12,6 +12,11 @@
 //! v2 WRITE: header, payload, then the server answers a status once the bytes are applied.
 //! v2 READ: header; the server answers a status, then the payload. v1 has no status frames and
 //! a rejected address just closes the connection.
+//!
+//! A session serves its requests in order. Our client relies on that to acknowledge v1 writes:
+//! it follows each v1 WRITE with a one-byte v1 READ of the write's last byte on the same
+//! connection, and reports the write only when that byte arrives (Mooncake's v1 client reports
+//! it when the last byte leaves the socket, before the peer has applied anything).
 
 /// Size of the request header.
 pub const HEADER_LEN: usize = 24;
