@@ -269,7 +269,11 @@ async function startRedis(): Promise<{ proc: ChildProcess; url: string } | undef
   const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no'], {
     stdio: 'ignore',
   })
-  const up = await Promise.race([once(proc, 'spawn').then(() => true), once(proc, 'error').then(() => false)])
+  // Not `once(proc, 'spawn')`: it rejects on 'error', and a missing binary would end the bench.
+  const up = await new Promise<boolean>((resolve) => {
+    proc.once('spawn', () => resolve(true))
+    proc.once('error', () => resolve(false))
+  })
   if (!up) {
     console.error('redis-server not found: install it (apt-get install redis-server) for the comparison')
     return undefined

@@ -65,7 +65,8 @@ pub struct EngineConfig {
     pub tcp_lanes_per_peer: usize,
     /// Largest piece a request is cut into; pieces spread over the lanes. Default 1 MiB.
     pub slice_size: usize,
-    /// Speak TCP data protocol v1 even to v2 peers (`MC_TCP_PROTO=1`).
+    /// Speak TCP data protocol v1 even to v2 peers (`MC_TCP_PROTO=1`). A v1 write still
+    /// completes only once applied: a one-byte read behind it on its connection proves it.
     pub tcp_force_v1: bool,
     /// Key prefix component (`MC_METADATA_CLUSTER_ID`).
     pub cluster_id: Option<String>,

@@ -17,10 +17,24 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use mooncake_common::{Error, ErrorKind, Result};
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{BoxFuture, MemoryStore, MetadataStore};
+
+/// What `curl_easy_escape`, and so Mooncake's client, escapes: everything but letters, digits
+/// and `-._~`. Mooncake's own metadata server stores keys as they were spelled, so a key must
+/// be spelled exactly this way for both sides to find each other's entries there.
+const CURL_ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A key as it goes into the query string.
+fn escape(key: &str) -> String {
+    utf8_percent_encode(key, CURL_ESCAPED).to_string()
+}
 
 /// Mooncake's client timeout for one metadata request.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
@@ -53,11 +67,7 @@ impl HttpStore {
     }
 
     async fn call(&self, method: Method, key: &str, body: Option<&str>) -> Result<Option<Bytes>> {
-        let uri = format!(
-            "{}?key={}",
-            self.url,
-            utf8_percent_encode(key, NON_ALPHANUMERIC)
-        );
+        let uri = format!("{}?key={}", self.url, escape(key));
         let mut request = Request::builder().method(method.clone()).uri(&uri);
         if body.is_some() {
             request = request.header("content-type", "application/json");
@@ -128,7 +138,8 @@ struct KeyQuery {
     key: Option<String>,
 }
 
-/// The metadata routes (`/metadata`, `/health`) over `store`.
+/// The metadata routes (`/metadata`, `/health`) over `store`. Keys are unescaped, so a key
+/// escaped as Mooncake's client does and one escaped further name the same entry.
 pub fn router(store: Arc<MemoryStore>) -> Router {
     async fn get_key(
         State(store): State<Arc<MemoryStore>>,
@@ -252,6 +263,33 @@ mod tests {
         server.close().await;
         let err = client.get(key).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Metadata);
+    }
+
+    #[test]
+    fn keys_are_escaped_as_curl_does() {
+        assert_eq!(
+            escape("mooncake/ram/node-1.a_b~c d+e:f@g%"),
+            "mooncake%2Fram%2Fnode-1.a_b~c%20d%2Be%3Af%40g%25"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_server_finds_a_key_however_it_was_escaped() {
+        let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+        let client = HttpStore::new(&server.url()).unwrap();
+        client.put("mooncake/ram/node-1.x_y~z", "{}").await.unwrap();
+        let base = server.url();
+        let http: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        for spelling in [
+            "mooncake%2Fram%2Fnode-1.x_y~z",
+            "mooncake%2Fram%2Fnode%2D1%2Ex%5Fy%7Ez",
+        ] {
+            let uri: hyper::Uri = format!("{base}?key={spelling}").parse().unwrap();
+            let response = http.get(uri).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{spelling}");
+        }
+        server.close().await;
     }
 
     #[test]

@@ -1,24 +1,13 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
-/// Fills `len` bytes at `ptr` with a pattern that depends on `seed`.
-pub(crate) fn fill(ptr: *mut u8, len: usize, seed: u8) {
+/// Fills `len` bytes at `ptr` with the self-describing pattern of `seed`
+/// (`mooncake_common::pattern`): every 8-byte word holds its offset and the seed, so a wrong
+/// byte tells where it came from and from which fill.
+pub(crate) fn fill(ptr: *mut u8, len: usize, seed: u64) {
     // SAFETY: test buffers come from `allocate` and are `len` long.
     let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
-    }
-}
-
-/// Fills `len` bytes at `ptr` so that every 8-byte word is its own offset XOR `seed`: a wrong
-/// byte tells where it came from (the offset) and from which fill (the seed).
-pub(crate) fn fill_unique(ptr: *mut u8, len: usize, seed: u64) {
-    // SAFETY: as above.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    for (i, word) in bytes.chunks_mut(8).enumerate() {
-        let value = ((i * 8) as u64 ^ seed).to_le_bytes();
-        word.copy_from_slice(&value[..word.len()]);
-    }
+    mooncake_common::pattern::fill(bytes, seed, 0);
 }
 
 /// The `len` bytes at `ptr`.
