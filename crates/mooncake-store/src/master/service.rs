@@ -14,8 +14,9 @@ use super::types::{
 use super::Master;
 use crate::proto;
 
-/// The version `ServiceReady` reports; clients refuse a master of another major version.
-pub const STORE_VERSION: &str = "mooncake-kv-store/1";
+/// The version `ServiceReady` reports; clients refuse a master of another version. 2: writes
+/// are named by the write id their start returned.
+pub const STORE_VERSION: &str = "mooncake-kv-store/2";
 
 /// Requests and failures per operation, for `master_<op>_requests_total` and
 /// `master_<op>_failures_total`.
