@@ -93,3 +93,14 @@ export function fillPattern(buffer: Uint8Array, seed: number, offset = 0): void 
     buffer[i] = k < 4 ? (low >>> (8 * k)) & 0xff : (high >>> (8 * (k - 4))) & 0xff
   }
 }
+
+/** The codes a busy store answers under contention; anything else in a torture run is a finding. */
+export const CONTENDED_STORE_CODES: ReadonlySet<string> = new Set([
+  'ERR_OBJECT_NOT_FOUND',
+  'ERR_REPLICA_IS_NOT_READY',
+  'ERR_OBJECT_HAS_LEASE',
+  'ERR_OBJECT_ALREADY_EXISTS',
+  'ERR_INVALID_WRITE',
+  'ERR_NO_AVAILABLE_HANDLE',
+  'ERR_LEASE_EXPIRED',
+])

@@ -93,11 +93,7 @@ impl StoreClient {
         len: usize,
         config: &WriteConfig,
     ) -> Result<()> {
-        self.ensure_open()?;
-        first(
-            self.write_from(&[key.to_owned()], &[(addr, len)], config, false)
-                .await,
-        )
+        self.write_registered(key, (addr, len), config, false).await
     }
 
     /// Inserts or replaces `key` from registered memory (zero copy).
@@ -108,9 +104,19 @@ impl StoreClient {
         len: usize,
         config: &WriteConfig,
     ) -> Result<()> {
+        self.write_registered(key, (addr, len), config, true).await
+    }
+
+    async fn write_registered(
+        &self,
+        key: &str,
+        range: (usize, usize),
+        config: &WriteConfig,
+        upsert: bool,
+    ) -> Result<()> {
         self.ensure_open()?;
         first(
-            self.write_from(&[key.to_owned()], &[(addr, len)], config, true)
+            self.write_from(&[key.to_owned()], &[range], config, upsert)
                 .await,
         )
     }
