@@ -8,7 +8,7 @@ use mooncake_te::{bench, Opcode, TransferEngine};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
-use crate::engine::{bigint_u64, to_len};
+use crate::convert::{bigint_u64, to_len};
 use crate::error::{invalid, IntoNapi};
 
 /// What to run.

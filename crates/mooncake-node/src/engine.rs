@@ -11,7 +11,8 @@ use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 
-use crate::error::{invalid, to_napi, IntoNapi};
+use crate::convert::{bigint_u64, to_len};
+use crate::error::{invalid, to_napi, to_napi_reason, IntoNapi};
 
 /// Options of `TransferEngine.create`.
 #[napi(object)]
@@ -594,27 +595,4 @@ fn submit_options(options: Option<NativeSubmitOptions>) -> Result<SubmitOptions>
         notify: options.notify,
         ..SubmitOptions::default()
     })
-}
-
-/// The `[ERR_...] message` form of a core error, for per-item failures.
-pub(crate) fn to_napi_reason(error: mooncake_common::Error) -> String {
-    to_napi(error).reason
-}
-
-pub(crate) fn to_len(value: f64, what: &str) -> Result<usize> {
-    if value.is_finite() && value >= 0.0 && value.fract() == 0.0 && value <= (1u64 << 53) as f64 {
-        Ok(value as usize)
-    } else {
-        Err(invalid(format!(
-            "{what} must be a non-negative integer, not {value}"
-        )))
-    }
-}
-
-pub(crate) fn bigint_u64(value: &BigInt, what: &str) -> Result<u64> {
-    let (negative, raw, lossless) = value.get_u64();
-    if negative || !lossless {
-        return Err(invalid(format!("{what} must be an unsigned 64-bit bigint")));
-    }
-    Ok(raw)
 }

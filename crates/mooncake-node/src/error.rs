@@ -49,3 +49,8 @@ pub fn error_catalog() -> Vec<ErrorCode> {
         })
         .collect()
 }
+
+/// The `[ERR_...] message` form of a core error, for per-item failures.
+pub(crate) fn to_napi_reason(error: mooncake_common::Error) -> String {
+    to_napi(error).reason
+}

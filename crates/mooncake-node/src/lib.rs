@@ -7,8 +7,10 @@
 #![cfg_attr(test, allow(dead_code))]
 
 mod bench;
+mod convert;
 mod engine;
 mod error;
+mod master;
 mod metadata_server;
 mod store;
 
