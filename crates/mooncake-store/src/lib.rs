@@ -6,10 +6,14 @@
 //!   writes and client liveness. Every operation takes the current time, so tests drive time.
 //!   Around it: the gRPC service, the admin HTTP server and the running server;
 //! - [`client`]: the store client, which mounts memory and moves object bytes peer to peer
-//!   through the Transfer Engine.
+//!   through the Transfer Engine;
+//! - [`wire`]: the master's wire, both sides: conversions, outcomes, the protocol version;
+//! - [`allocator`]: the offset allocator of a segment (the master's) or of staging (a client's).
 
+pub mod allocator;
 pub mod client;
 pub mod master;
+pub mod wire;
 
 /// Code generated from `proto/mooncake_store.proto`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use mooncake_common::Result;
 use mooncake_transport::Arena;
 
-use crate::master::allocator::{Block, SegmentAllocator};
+use crate::allocator::{Block, SegmentAllocator};
 
 /// The most the reserve grows to. JavaScript engines collect garbage after every few dozen
 /// MiB of new Buffers, which frees their blocks; a reader that holds more than this gets

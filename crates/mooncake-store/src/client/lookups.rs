@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 
 use super::master_client::MasterClient;
 use super::transfer::{checked_replicas, Replica};
-use crate::master::service::from_outcome;
 use crate::proto;
+use crate::wire::from_outcome;
 
 /// A key's replicas and how long the lease on them lasts.
 pub(super) type Lookup = Result<(Vec<Replica>, Duration)>;

@@ -5,8 +5,8 @@ use std::time::Duration;
 use mooncake_common::{Error, ErrorKind, Result};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::master::service::STORE_VERSION;
 use crate::proto::master_client::MasterClient as Grpc;
+use crate::wire::STORE_VERSION;
 
 /// A connection to the master.
 #[derive(Clone)]

@@ -40,9 +40,9 @@ use self::buffer::LocalBuffer;
 use self::lookups::Lookups;
 use self::master_client::MasterClient;
 use self::transfer::ReadPace;
-use crate::master::service::{from_outcome, to_segment, to_uuid};
-use crate::master::types::{ClientId, SegmentId, SegmentSpec, SoftPin, WriteConfig};
+use crate::master::types::{ClientId, SegmentId, SegmentSpec};
 use crate::proto;
+use crate::wire::{from_outcome, to_segment, to_uuid};
 
 /// Everything a client needs to start.
 #[derive(Debug, Clone)]
@@ -464,24 +464,5 @@ impl Staged {
 impl Drop for Temporary {
     fn drop(&mut self) {
         let _ = self.engine.unregister(self.arena.as_ptr() as usize);
-    }
-}
-
-fn config_to_wire(config: &WriteConfig) -> proto::ReplicateConfig {
-    let (action, ttl) = match config.soft_pin {
-        SoftPin::Preserve => (proto::SoftPinAction::SoftPinPreserve, None),
-        SoftPin::Enable(ttl) => (
-            proto::SoftPinAction::SoftPinEnable,
-            ttl.map(|t| t.as_millis() as u64),
-        ),
-        SoftPin::Disable => (proto::SoftPinAction::SoftPinDisable, None),
-    };
-    proto::ReplicateConfig {
-        replica_num: config.replica_num,
-        preferred_segments: config.preferred_segments.clone(),
-        soft_pin_action: action as i32,
-        soft_pin_ttl_ms: ttl,
-        with_hard_pin: config.hard_pin,
-        host_id: config.host_id.clone(),
     }
 }

@@ -9,10 +9,10 @@ use mooncake_te::Opcode;
 use mooncake_transport::copy::copy_bytes;
 
 use super::transfer::{checked_replicas, Move, Replica};
-use super::{config_to_wire, Staged, StoreClient};
-use crate::master::service::{from_outcome, to_uuid};
+use super::{Staged, StoreClient};
 use crate::master::types::WriteConfig;
 use crate::proto;
+use crate::wire::{from_outcome, to_uuid, to_write_config};
 
 /// Values copied into staging, ready for [`StoreClient::write_staged`]. The copy is taken when
 /// this is made, so the caller may reuse its memory as soon as it has one.
@@ -179,7 +179,7 @@ impl StoreClient {
         if todo.is_empty() {
             return results;
         }
-        let mut wire = config_to_wire(config);
+        let mut wire = to_write_config(config);
         if wire.host_id.is_empty() {
             wire.host_id = self.host_id.clone();
         }

@@ -5,14 +5,12 @@
 //! [`Master::tick`] (eviction, abandoned writes, client liveness); tests call the same methods
 //! with a clock of their own.
 //!
-//! - [`allocator`]: one offset allocator per mounted segment;
 //! - [`placement`]: which segments receive the replicas of an object;
 //! - [`config`]: the master's knobs and Mooncake's defaults;
 //! - [`types`]: ids, replica descriptors, write configuration;
 //! - [`service`]: the gRPC service over the state machine;
 //! - [`server`]: a running master: RPC, periodic tick, admin HTTP, embedded metadata server.
 
-pub mod allocator;
 pub mod config;
 pub mod placement;
 pub mod server;

@@ -7,16 +7,12 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 use tonic::{Request, Response, Status};
 
-use super::types::{
-    ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,
-    WriteConfig, WriteGrant, WriteId,
-};
+use super::types::{ClientId, ClientStatus, ReplicaDesc, SegmentId, WriteGrant, WriteId};
 use super::Master;
 use crate::proto;
-
-/// The version `ServiceReady` reports; clients refuse a master of another version. 2: writes
-/// are named by the write id their start returned.
-pub const STORE_VERSION: &str = "mooncake-kv-store/2";
+use crate::wire::{
+    from_segment, from_uuid, from_write_config, to_outcome, to_replica, to_status, STORE_VERSION,
+};
 
 /// Requests and failures per operation, for `master_<op>_requests_total` and
 /// `master_<op>_failures_total`.
@@ -64,94 +60,13 @@ impl MasterService {
     }
 }
 
-fn outcome(result: &Result<()>) -> proto::Outcome {
-    match result {
-        Ok(()) => proto::Outcome::default(),
-        Err(e) => proto::Outcome {
-            code: e.kind().errno().unwrap_or(-1),
-            error: e.kind().code().to_owned(),
-            message: e.message().to_owned(),
-        },
-    }
-}
-
 fn uuid(value: Option<proto::Uuid>, what: &str) -> std::result::Result<u128, Status> {
     let value = value.ok_or_else(|| bad_request(format!("{what} is required")))?;
-    Ok(u128::from(value.high) << 64 | u128::from(value.low))
+    Ok(from_uuid(value))
 }
 
 fn bad_request(message: String) -> Status {
     Status::invalid_argument(format!("[{}] {message}", ErrorKind::InvalidParams.code()))
-}
-
-/// `u128` to the wire.
-pub fn to_uuid(value: u128) -> proto::Uuid {
-    proto::Uuid {
-        high: (value >> 64) as u64,
-        low: value as u64,
-    }
-}
-
-fn segment(value: Option<proto::Segment>) -> std::result::Result<SegmentSpec, Status> {
-    let s = value.ok_or_else(|| bad_request("segment is required".into()))?;
-    Ok(SegmentSpec {
-        id: SegmentId(uuid(s.id, "segment id")?),
-        name: s.name,
-        base: s.base,
-        size: s.size,
-        te_endpoint: s.te_endpoint,
-        protocol: s.protocol,
-        host_id: s.host_id,
-    })
-}
-
-/// Domain segment to the wire.
-pub fn to_segment(spec: &SegmentSpec) -> proto::Segment {
-    proto::Segment {
-        id: Some(to_uuid(spec.id.0)),
-        name: spec.name.clone(),
-        base: spec.base,
-        size: spec.size,
-        te_endpoint: spec.te_endpoint.clone(),
-        protocol: spec.protocol.clone(),
-        host_id: spec.host_id.clone(),
-    }
-}
-
-fn write_config(config: Option<proto::ReplicateConfig>) -> WriteConfig {
-    let Some(c) = config else {
-        return WriteConfig::default();
-    };
-    let soft_pin = match proto::SoftPinAction::try_from(c.soft_pin_action).unwrap_or_default() {
-        proto::SoftPinAction::SoftPinPreserve => SoftPin::Preserve,
-        proto::SoftPinAction::SoftPinEnable => {
-            SoftPin::Enable(c.soft_pin_ttl_ms.map(Duration::from_millis))
-        }
-        proto::SoftPinAction::SoftPinDisable => SoftPin::Disable,
-    };
-    WriteConfig {
-        replica_num: c.replica_num,
-        preferred_segments: c.preferred_segments,
-        soft_pin,
-        hard_pin: c.with_hard_pin,
-        host_id: c.host_id,
-    }
-}
-
-/// Replica to the wire.
-pub fn to_replica(d: &ReplicaDesc) -> proto::Replica {
-    proto::Replica {
-        id: d.id,
-        segment_name: d.segment_name.clone(),
-        segment_id: Some(to_uuid(d.segment_id.0)),
-        transport_endpoint: d.te_endpoint.clone(),
-        buffer_address: d.address,
-        size: d.size,
-        status: match d.status {
-            ReplicaStatus::Processing => proto::ReplicaStatus::Processing as i32,
-            ReplicaStatus::Complete => proto::ReplicaStatus::Complete as i32,
-        },
-    }
 }
 
 fn put_response(result: Result<WriteGrant>) -> proto::PutStartResponse {
@@ -162,7 +77,7 @@ fn put_response(result: Result<WriteGrant>) -> proto::PutStartResponse {
             write_id: grant.write.0,
         },
         Err(e) => proto::PutStartResponse {
-            outcome: Some(outcome(&Err(e))),
+            outcome: Some(to_outcome(&Err(e))),
             ..Default::default()
         },
     }
@@ -176,7 +91,7 @@ fn replica_list(result: Result<(Vec<ReplicaDesc>, Duration)>) -> proto::GetRepli
             lease_ttl_ms: ttl.as_millis() as u64,
         },
         Err(e) => proto::GetReplicaListResponse {
-            outcome: Some(outcome(&Err(e))),
+            outcome: Some(to_outcome(&Err(e))),
             ..Default::default()
         },
     }
@@ -199,7 +114,7 @@ impl MasterService {
                 request.sizes.len()
             )));
         }
-        let config = write_config(request.config);
+        let config = from_write_config(request.config);
         let now = Instant::now();
         let results: Vec<_> = {
             let mut master = self.master();
@@ -258,7 +173,7 @@ impl MasterService {
                     } else {
                         apply(&mut master, client, key, WriteId(*write))
                     };
-                    outcome(&result)
+                    to_outcome(&result)
                 })
                 .collect()
         };
@@ -307,7 +222,7 @@ impl MasterService {
 
     fn single(&self, op: &'static str, result: Result<()>) -> Reply<proto::Outcome> {
         self.counters.count(op, 1, usize::from(result.is_err()));
-        Ok(Response::new(outcome(&result)))
+        Ok(Response::new(to_outcome(&result)))
     }
 }
 
@@ -345,7 +260,7 @@ impl proto::master_server::Master for MasterService {
     ) -> Reply<proto::Outcome> {
         let r = request.into_inner();
         let client = ClientId(uuid(r.client_id, "client_id")?);
-        let spec = segment(r.segment)?;
+        let spec = from_segment(r.segment).map_err(|e| to_status(&e))?;
         let result = self.master().mount_segment(Instant::now(), client, spec);
         self.single("mount_segment", result)
     }
@@ -359,7 +274,7 @@ impl proto::master_server::Master for MasterService {
         let specs = r
             .segments
             .into_iter()
-            .map(|s| segment(Some(s)))
+            .map(|s| from_segment(Some(s)).map_err(|e| to_status(&e)))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let result = self
             .master()
@@ -533,7 +448,7 @@ impl proto::master_server::Master for MasterService {
             let mut master = self.master();
             r.keys
                 .iter()
-                .map(|k| outcome(&master.remove(now, k, r.force)))
+                .map(|k| to_outcome(&master.remove(now, k, r.force)))
                 .collect()
         };
         self.counters.count(
@@ -568,31 +483,5 @@ impl proto::master_server::Master for MasterService {
         let count = self.master().remove_all(Instant::now(), force);
         self.counters.count("remove_all", 1, 0);
         Ok(Response::new(proto::CountResponse { count }))
-    }
-}
-
-/// A whole-call failure, as a gRPC status whose message carries the stable code.
-pub fn to_status(error: &Error) -> Status {
-    let message = format!("[{}] {}", error.kind().code(), error.message());
-    match error.kind() {
-        ErrorKind::InvalidParams | ErrorKind::InvalidArgument => Status::invalid_argument(message),
-        ErrorKind::ObjectNotFound | ErrorKind::SegmentNotFound => Status::not_found(message),
-        _ => Status::failed_precondition(message),
-    }
-}
-
-/// A proto outcome back to a result (client side).
-pub fn from_outcome(outcome: Option<&proto::Outcome>) -> Result<()> {
-    match outcome {
-        None => Ok(()),
-        Some(o) if o.code == 0 => Ok(()),
-        Some(o) => {
-            let kind = ErrorKind::ALL
-                .iter()
-                .copied()
-                .find(|k| k.code() == o.error)
-                .unwrap_or(ErrorKind::InternalError);
-            Err(Error::new(kind, o.message.clone()))
-        }
     }
 }

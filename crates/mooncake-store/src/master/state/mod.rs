@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 
 use self::space::Parked;
-use super::allocator::{Block, SegmentAllocator};
 use super::config::MasterConfig;
 use super::types::{
     ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin, WriteId,
 };
+use crate::allocator::{Block, SegmentAllocator};
 
 const MIN_SEGMENT_SIZE: u64 = 1 << 10;
 const MAX_SEGMENT_SIZE: u64 = 1 << 40;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 
 use super::{Master, Replica};
-use crate::master::allocator::Block;
+use crate::allocator::Block;
 use crate::master::placement::{self, Candidate};
 use crate::master::types::{ClientId, ReplicaStatus, SegmentId, WriteConfig, WriteId};
 
