@@ -4,12 +4,13 @@
 //! Layout:
 //! - [`keys`]: Mooncake's key scheme (`mooncake/[cluster/]ram/<name>`, `.../rpc_meta/<name>`);
 //! - [`segment`]: the segment descriptor JSON and the RPC address entry;
-//! - [`store`]: the [`MetadataStore`] trait and [`connect`], which picks a backend from a
-//!   connection string;
+//! - [`store`]: the [`MetadataStore`] trait and an in-process store;
+//! - [`backend`]: [`connect`], which picks a backend from a connection string;
 //! - [`http`]: the HTTP backend (client) and the embedded HTTP metadata server;
 //! - [`redis`]: the Redis backend;
 //! - [`handshake`]: Mooncake's handshake framing (sans-IO), its listener and its client.
 
+pub mod backend;
 pub mod handshake;
 pub mod http;
 pub mod keys;
@@ -17,6 +18,7 @@ pub mod redis;
 pub mod segment;
 pub mod store;
 
+pub use backend::{connect, MetadataBackend};
 pub use keys::Keys;
 pub use segment::{BufferDesc, RpcMeta, SegmentDesc};
-pub use store::{connect, MetadataBackend, MetadataStore};
+pub use store::MetadataStore;

@@ -1,4 +1,5 @@
-//! One O(1) offset allocator per mounted segment.
+//! An O(1) offset allocator over a range: a mounted segment (the master's) or staging memory (a
+//! client's).
 //!
 //! `offset-allocator` manages 32-bit units; segments beyond 3 GiB count in power-of-two units
 //! so their unit count stays in range (the allocation granularity grows with them, as in

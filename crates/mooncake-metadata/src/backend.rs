@@ -1,0 +1,82 @@
+//! Which metadata world an engine lives in, picked from a Mooncake connection string. P2P
+//! handshake mode has no store at all: descriptors travel over the handshake socket.
+
+use std::sync::Arc;
+
+use mooncake_common::{Error, ErrorKind, Result};
+
+use crate::http::HttpStore;
+use crate::redis::RedisStore;
+use crate::store::MetadataStore;
+
+/// The metadata world an engine lives in.
+#[derive(Clone)]
+pub enum MetadataBackend {
+    /// No central store: descriptors are exchanged over the handshake socket and a segment's
+    /// name is its `host:port`.
+    P2pHandshake,
+    /// A central key/value store.
+    Store(Arc<dyn MetadataStore>),
+}
+
+impl std::fmt::Debug for MetadataBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::P2pHandshake => f.write_str("P2PHANDSHAKE"),
+            Self::Store(_) => f.write_str("Store"),
+        }
+    }
+}
+
+/// Picks a backend from a Mooncake connection string: `P2PHANDSHAKE`,
+/// `http://host:port/path`, `redis://host:port`. A string without `proto://` means etcd, as in
+/// Mooncake.
+pub fn connect(conn: &str) -> Result<MetadataBackend> {
+    let conn = conn.trim();
+    if conn == "P2PHANDSHAKE" {
+        return Ok(MetadataBackend::P2pHandshake);
+    }
+    let (proto, _) = conn.split_once("://").unwrap_or(("etcd", conn));
+    match proto {
+        "http" => Ok(MetadataBackend::Store(Arc::new(HttpStore::new(conn)?))),
+        "redis" => Ok(MetadataBackend::Store(Arc::new(RedisStore::new(
+            conn,
+        )?))),
+        "etcd" | "https" => Err(Error::new(
+            ErrorKind::NotImplemented,
+            format!("the '{proto}' metadata backend is not available in this build; use P2PHANDSHAKE, http:// or redis://"),
+        )),
+        other => Err(Error::invalid(format!(
+            "unknown metadata backend '{other}' in '{conn}'"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_strings_pick_backends() {
+        assert!(matches!(
+            connect("P2PHANDSHAKE").unwrap(),
+            MetadataBackend::P2pHandshake
+        ));
+        assert!(matches!(
+            connect("http://127.0.0.1:8080/metadata").unwrap(),
+            MetadataBackend::Store(_)
+        ));
+        assert!(matches!(
+            connect("redis://127.0.0.1:6379").unwrap(),
+            MetadataBackend::Store(_)
+        ));
+        assert_eq!(
+            connect("10.0.0.1:2379").unwrap_err().kind(),
+            ErrorKind::NotImplemented
+        );
+        assert_eq!(
+            connect("gopher://x").unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+    }
+}
