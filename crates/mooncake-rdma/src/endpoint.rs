@@ -23,7 +23,7 @@ use std::time::Instant;
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::handshake::messages::ConnectionMessage;
 
-use crate::transport::Piece;
+use crate::piece::Piece;
 use crate::verbs::{
     gid_to_string, CompletionQueue, ProtectionDomain, QpCap, QpTransition, QueuePair, RtrAttr,
 };

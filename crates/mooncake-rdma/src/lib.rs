@@ -7,6 +7,7 @@
 //! - [`endpoint`]: the endpoint state machine and both sides of the QP handshake;
 //! - [`store`]: the per-context endpoint cache (SIEVE or FIFO);
 //! - [`peer`]: a peer as its segment descriptor describes it, and slicing;
+//! - `piece`: a slice cut into pieces, each carried by one work request;
 //! - [`transport`]: [`RdmaTransport`], contexts, rails, retries;
 //! - `ibverbs` (feature `ibverbs`): the provider for real devices through libibverbs.
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod endpoint;
 pub mod gid;
 pub mod peer;
+mod piece;
 pub mod soft;
 pub mod store;
 pub mod transport;

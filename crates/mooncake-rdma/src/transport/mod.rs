@@ -41,7 +41,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::handshake::messages::ConnectionMessage;
 use mooncake_metadata::handshake::MessageType;
 use mooncake_transport::rail::{Failure, RailPolicy, RailSet, RailStats};
-use mooncake_transport::{Opcode, Region, Slice, Task};
+use mooncake_transport::{Opcode, Region, Slice};
 use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,6 +50,7 @@ use crate::config::RdmaConfig;
 use crate::endpoint::{AcceptError, ActiveStart, Endpoint, EndpointState, LinkInfo, Teardown};
 use crate::gid::select_gid;
 use crate::peer::{DeviceDesc, PriorityMatrix, RdmaPeer};
+use crate::piece::{Piece, RailEntry, SliceState};
 use crate::store::EndpointStore;
 use crate::verbs::{
     gid_to_string, parse_gid, Access, AsyncEvent, Completion, CompletionQueue, Device,
@@ -61,7 +62,6 @@ use self::context::*;
 pub use self::options::{
     BoxFuture, Connector, EndpointInfo, HandshakeConnector, RailInfo, RdmaOptions,
 };
-pub(crate) use self::pieces::Piece;
 use self::pieces::*;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

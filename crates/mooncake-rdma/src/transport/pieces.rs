@@ -1,18 +1,10 @@
-//! What moves: engine slices cut into pieces, their rails, and how an outcome is charged.
+//! What the transport keeps per piece in flight and per registration, and how an outcome is
+//! charged to a rail.
 
 use super::*;
 
 /// Consecutive local faults after which a context is taken out of service.
 pub(super) const MAX_LOCAL_FAILURES: u32 = 32;
-
-pub(super) struct RailEntry {
-    pub(super) peer: String,
-    pub(super) local_location: String,
-    pub(super) remote_location: String,
-    pub(super) preferred: Vec<(String, String)>,
-    pub(super) available: Vec<(String, String)>,
-    pub(super) set: RailSet,
-}
 
 pub(super) type RailKey = (String, String, String);
 
@@ -21,58 +13,6 @@ pub(super) struct Registration {
     pub(super) mrs: Vec<Arc<dyn MemoryRegion>>,
     pub(super) remote: bool,
     pub(super) _region: Arc<Region>,
-}
-
-/// One engine slice, reported once all its pieces settled.
-pub(crate) struct SliceState {
-    pub(super) task: Arc<Task>,
-    pub(super) len: usize,
-    pub(super) region: Mutex<Option<Arc<Region>>>,
-    pub(super) left: AtomicUsize,
-    pub(super) error: OnceLock<Error>,
-}
-
-impl SliceState {
-    pub(super) fn piece_finished(&self, outcome: Result<()>) {
-        if let Err(e) = outcome {
-            let _ = self.error.set(e);
-        }
-        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Let go of the memory before reporting: whoever awaits the task may unregister
-            // it the moment it settles.
-            drop(lock(&self.region).take());
-            match self.error.get() {
-                None => self.task.slice_done(self.len),
-                Some(e) => self.task.slice_failed(e.clone()),
-            }
-        }
-    }
-}
-
-/// A contiguous part of a slice that one work request carries.
-pub(crate) struct Piece {
-    pub(super) slice: Arc<SliceState>,
-    pub(super) op: Opcode,
-    pub(super) region_addr: usize,
-    pub(super) local_addr: usize,
-    pub(super) len: usize,
-    pub(super) remote_addr: u64,
-    pub(super) peer: Arc<RdmaPeer>,
-    pub(super) buffer: usize,
-    pub(super) rails: Arc<RailEntry>,
-    pub(super) rail: Option<usize>,
-    pub(super) avoid: Option<usize>,
-    /// A local fault happened on this device: prefer rails of another one.
-    pub(super) avoid_device: Option<String>,
-    pub(super) attempts: u32,
-    pub(super) last_error: Option<Error>,
-    pub(super) deadline: Option<TokioInstant>,
-}
-
-impl Piece {
-    pub(crate) fn expired(&self, now: TokioInstant) -> bool {
-        self.deadline.is_some_and(|d| d <= now)
-    }
 }
 
 pub(super) struct Posted {
