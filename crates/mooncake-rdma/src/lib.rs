@@ -6,7 +6,7 @@
 //! - [`gid`]: Mooncake's GID auto-selection ranking;
 //! - [`endpoint`]: the endpoint state machine and both sides of the QP handshake;
 //! - [`store`]: the per-context endpoint cache (SIEVE or FIFO);
-//! - [`peer`]: a peer as its segment descriptor describes it, and slicing;
+//! - [`peer`]: a peer as its segment descriptor describes it;
 //! - `piece`: a slice cut into pieces, each carried by one work request;
 //! - [`transport`]: [`RdmaTransport`], contexts, rails, retries;
 //! - `ibverbs` (feature `ibverbs`): the provider for real devices through libibverbs.

@@ -1,4 +1,4 @@
-//! What the transport knows of a peer, parsed from its segment descriptor, and slicing.
+//! What the transport knows of a peer, parsed from its segment descriptor.
 
 use std::collections::BTreeMap;
 
@@ -174,75 +174,4 @@ pub fn matrix_to_json(matrix: &PriorityMatrix) -> serde_json::Value {
             .map(|(loc, (p, a))| (loc.clone(), serde_json::json!([p, a])))
             .collect(),
     )
-}
-
-/// Cuts `len` bytes into slices of `slice_size`, merging a tail of at most `fragment_limit`
-/// into the slice before it (Mooncake's `SliceLengthCalculator`). Returns (offset, length).
-pub fn split(len: usize, slice_size: usize, fragment_limit: usize) -> Vec<(usize, usize)> {
-    let slice_size = slice_size.max(1);
-    let mut out = Vec::with_capacity(len / slice_size + 1);
-    let mut offset = 0;
-    while offset < len {
-        let remaining = len - offset;
-        let n = if remaining <= slice_size.saturating_add(fragment_limit) {
-            remaining
-        } else {
-            slice_size
-        };
-        out.push((offset, n));
-        offset += n;
-    }
-    out
-}
-
-/// Like [`split`], with each slice also clipped so that it never crosses `limit(offset)`
-/// bytes from its start (the end of the buffer that holds it).
-pub fn split_clipped(
-    len: usize,
-    slice_size: usize,
-    fragment_limit: usize,
-    mut limit: impl FnMut(usize) -> Option<usize>,
-) -> Option<Vec<(usize, usize)>> {
-    let slice_size = slice_size.max(1);
-    let mut out = Vec::with_capacity(len / slice_size + 1);
-    let mut offset = 0;
-    while offset < len {
-        let remaining = len - offset;
-        let mut n = if remaining <= slice_size.saturating_add(fragment_limit) {
-            remaining
-        } else {
-            slice_size
-        };
-        let room = limit(offset)?;
-        if room == 0 {
-            return None;
-        }
-        n = n.min(room);
-        out.push((offset, n));
-        offset += n;
-    }
-    Some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn split_merges_small_tails() {
-        assert_eq!(split(0, 64, 16), vec![]);
-        assert_eq!(split(80, 64, 16), vec![(0, 80)]);
-        assert_eq!(split(81, 64, 16), vec![(0, 64), (64, 17)]);
-        assert_eq!(split(200, 64, 16), vec![(0, 64), (64, 64), (128, 72)]);
-    }
-
-    #[test]
-    fn clipping_respects_buffer_ends() {
-        // A buffer boundary 100 bytes in.
-        let cut = split_clipped(200, 64, 16, |off| {
-            Some(if off < 100 { 100 - off } else { 1000 })
-        });
-        assert_eq!(cut, Some(vec![(0, 64), (64, 36), (100, 64), (164, 36)]));
-        assert_eq!(split_clipped(10, 64, 16, |_| None), None);
-    }
 }

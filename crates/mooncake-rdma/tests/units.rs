@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use mooncake_common::ErrorKind;
 use mooncake_rdma::gid::select_gid;
-use mooncake_rdma::peer::split;
 use mooncake_rdma::store::{EndpointStore, StoreKind};
 use mooncake_rdma::verbs::{GidEntry, GidType};
 use mooncake_rdma::RdmaPeer;
@@ -80,20 +79,6 @@ fn gid_ranking_prefers_routable_roce_v2() {
         "a null GID is never chosen"
     );
     assert_eq!(select_gid(&table, Some(2)), Some(2), "MC_GID_INDEX wins");
-}
-
-#[test]
-fn tail_merge_slicing() {
-    const K: usize = 1024;
-    assert_eq!(split(64 * K + 16 * K, 64 * K, 16 * K), vec![(0, 80 * K)]);
-    assert_eq!(
-        split(64 * K + 16 * K + 1, 64 * K, 16 * K),
-        vec![(0, 64 * K), (64 * K, 16 * K + 1)]
-    );
-    assert_eq!(
-        split(200 * K, 64 * K, 16 * K),
-        vec![(0, 64 * K), (64 * K, 64 * K), (128 * K, 72 * K)]
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mooncake_metadata::handshake::frame::{self, MessageType};
-use mooncake_te::slicing;
 use mooncake_transport::copy::copy_bytes;
 use mooncake_transport::rail::{RailPolicy, RailSet};
+use mooncake_transport::slicing;
 use mooncake_transport::tcp::wire::{Header, Op, Status, Version};
 use mooncake_transport::{BatchProgress, MemoryRegistry, Region, Task};
 
@@ -18,13 +18,13 @@ fn slicing(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("64 MiB request into 1 MiB slices", |b| {
         b.iter(|| {
-            slicing::slices(black_box(64 << 20), black_box(1 << 20))
+            slicing::slices(black_box(64 << 20), black_box(1 << 20), 1 << 18)
                 .map(|(_, l)| l)
                 .sum::<usize>()
         })
     });
     group.bench_function("slice_count", |b| {
-        b.iter(|| slicing::slice_count(black_box(10 << 20 | 12345), black_box(1 << 20)))
+        b.iter(|| slicing::slice_count(black_box(10 << 20 | 12345), black_box(1 << 20), 1 << 18))
     });
     group.finish();
 }

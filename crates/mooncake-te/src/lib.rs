@@ -8,7 +8,6 @@
 //!   close;
 //! - [`segments`]: opening remote segments and caching their descriptors;
 //! - [`batch`]: batches of tasks, their status and how they are awaited;
-//! - [`slicing`]: how a request is cut into slices;
 //! - [`stats`]: requests and bytes per transport;
 //! - [`address`]: `host[:port]` parsing and listener binding;
 //! - [`bench`]: the load generator behind `mooncake bench`.
@@ -18,7 +17,6 @@ pub mod batch;
 pub mod bench;
 pub mod engine;
 pub mod segments;
-pub mod slicing;
 pub mod stats;
 
 pub use batch::{BatchId, TaskReport};

@@ -6,6 +6,7 @@
 //! - [`copy`]: bulk copies, with streaming stores for large ones;
 //! - [`completion`]: per-task and per-batch progress, which slices report into;
 //! - [`rail`]: the paths to a peer over several devices, selection and rail health;
+//! - [`slicing`]: how every transport cuts a request into pieces;
 //! - [`shm`]: same-host transfers through mapped arenas (and `process_vm_*`);
 //! - [`tcp`]: Mooncake's TCP data protocol (v1 and v2): the wire codec, the server that serves
 //!   registered memory, and the client with persistent lanes per peer.
@@ -18,6 +19,7 @@ pub mod copy;
 pub mod memory;
 pub mod rail;
 pub mod shm;
+pub mod slicing;
 pub mod tcp;
 
 pub use completion::{BatchProgress, Task, TaskStatus};

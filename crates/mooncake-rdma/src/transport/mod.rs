@@ -41,7 +41,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::handshake::messages::ConnectionMessage;
 use mooncake_metadata::handshake::MessageType;
 use mooncake_transport::rail::{Failure, RailPolicy, RailSet, RailStats};
-use mooncake_transport::{Opcode, Region, Slice};
+use mooncake_transport::{slicing, Opcode, Region, Slice};
 use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -376,13 +376,8 @@ impl RdmaTransport {
         let mut out = Vec::new();
         let mut offset = 0usize;
         while offset < slice.len {
-            let remaining = slice.len - offset;
-            let mut n = if remaining <= slice_size.saturating_add(config.fragment_limit) {
-                remaining
-            } else {
-                slice_size
-            };
-            n = n.min(u32::MAX as usize);
+            let mut n = slicing::next_len(slice.len - offset, slice_size, config.fragment_limit)
+                .min(u32::MAX as usize);
             let local = slice.local_addr + offset;
             let remote = slice
                 .remote_addr

@@ -59,7 +59,11 @@ impl TransferEngine {
         let mut tasks = Vec::with_capacity(requests.len());
         let last = requests.len().saturating_sub(1);
         for (i, (request, (segment, region))) in requests.iter().zip(resolved.iter()).enumerate() {
-            let count = slicing::slice_count(request.len, self.config.slice_size);
+            let count = slicing::slice_count(
+                request.len,
+                self.config.slice_size,
+                slicing::default_fragment_limit(self.config.slice_size),
+            );
             let task = Task::new(count as u32, progress.clone());
             tasks.push(task.clone());
             if count == 0 {

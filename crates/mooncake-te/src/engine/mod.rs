@@ -35,6 +35,7 @@ use mooncake_transport::rail::{RailPolicy, RailStats};
 use mooncake_transport::shm::{
     self, ControlTable, RemoteRange, ShmPeer, ShmServer, ShmSlice, ShmTarget, ShmTransport,
 };
+use mooncake_transport::slicing;
 use mooncake_transport::tcp::{TcpClient, TcpClientConfig, TcpServer};
 use mooncake_transport::{Arena, BatchProgress, MemoryRegistry, Opcode, Region, Slice, Task};
 use tokio::sync::{Notify, OnceCell};
@@ -49,7 +50,6 @@ use crate::batch::{Batch, BatchId, PendingNotify, TaskReport};
 use crate::segments::{
     shm_buffer, RailAddr, RemoteSegment, Resolver, SegmentId, SegmentInfo, SegmentTable,
 };
-use crate::slicing;
 use crate::stats::{TransportKind, TransportStats};
 
 use self::local::*;

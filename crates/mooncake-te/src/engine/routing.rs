@@ -12,7 +12,11 @@ impl TransferEngine {
             deadline,
             copy_here,
         } = job;
-        let pieces = slicing::slices(request.len, self.config.slice_size);
+        let pieces = slicing::slices(
+            request.len,
+            self.config.slice_size,
+            slicing::default_fragment_limit(self.config.slice_size),
+        );
         let slice_at = |(offset, len): (usize, usize)| Slice {
             op: request.op,
             local_addr: request.local_addr + offset,
@@ -180,7 +184,11 @@ impl TransferEngine {
             match outcome {
                 Ok(()) => engine.dispatch(job),
                 Err(error) => {
-                    for _ in 0..slicing::slice_count(len, engine.config.slice_size) {
+                    for _ in 0..slicing::slice_count(
+                        len,
+                        engine.config.slice_size,
+                        slicing::default_fragment_limit(engine.config.slice_size),
+                    ) {
                         job.task.slice_failed(error.clone());
                     }
                 }
