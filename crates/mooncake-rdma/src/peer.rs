@@ -1,13 +1,10 @@
 //! What the transport knows of a peer, parsed from its segment descriptor.
 
-use std::collections::BTreeMap;
-
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::SegmentDesc;
 use serde::{Deserialize, Serialize};
 
-/// A priority matrix: location → (preferred device names, available device names).
-pub type PriorityMatrix = BTreeMap<String, (Vec<String>, Vec<String>)>;
+pub use mooncake_topology::PriorityMatrix;
 
 /// One device as a segment descriptor publishes it (`devices: [{name, lid, gid}]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,7 +104,7 @@ impl RdmaPeer {
         }
         let matrix = match desc.extra.get("priority_matrix") {
             None | Some(serde_json::Value::Null) => PriorityMatrix::new(),
-            Some(v) => parse_matrix(v).map_err(|e| malformed(name, e))?,
+            Some(v) => PriorityMatrix::deserialize(v).map_err(|e| malformed(name, e))?,
         };
         let server_name = desc
             .extra
@@ -147,31 +144,4 @@ impl RdmaPeer {
     pub fn device(&self, name: &str) -> Option<&DeviceDesc> {
         self.devices.iter().find(|d| d.name == name)
     }
-}
-
-/// Parses a priority matrix (`{"cpu:0": [["mlx5_0"], ["mlx5_1"]]}`).
-pub fn parse_matrix(value: &serde_json::Value) -> std::result::Result<PriorityMatrix, String> {
-    let object = value
-        .as_object()
-        .ok_or("priority_matrix is not an object")?;
-    let mut matrix = PriorityMatrix::new();
-    for (location, entry) in object {
-        let pair: Vec<Vec<String>> = serde_json::from_value(entry.clone())
-            .map_err(|e| format!("priority_matrix[{location}]: {e}"))?;
-        let [preferred, available]: [Vec<String>; 2] = pair
-            .try_into()
-            .map_err(|_| format!("priority_matrix[{location}] is not a pair of lists"))?;
-        matrix.insert(location.clone(), (preferred, available));
-    }
-    Ok(matrix)
-}
-
-/// A priority matrix as Mooncake publishes it.
-pub fn matrix_to_json(matrix: &PriorityMatrix) -> serde_json::Value {
-    serde_json::Value::Object(
-        matrix
-            .iter()
-            .map(|(loc, (p, a))| (loc.clone(), serde_json::json!([p, a])))
-            .collect(),
-    )
 }

@@ -134,8 +134,8 @@ async fn a_cq_error_takes_the_device_out_of_service() {
     while a
         .transport
         .priority_matrix()
-        .values()
-        .any(|(p, _)| p.contains(&"mlx_a0".to_owned()))
+        .iter()
+        .any(|(_, e)| e.preferred.contains(&"mlx_a0".to_owned()))
     {
         assert!(Instant::now() < deadline, "CQ error never handled");
         tokio::time::sleep(Duration::from_millis(5)).await;

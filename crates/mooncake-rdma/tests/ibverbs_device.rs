@@ -34,8 +34,14 @@ async fn loopback_write_and_read_on_a_real_device() {
         eprintln!("MOONCAKE_TEST_RDMA_DEVICE is not set; skipping");
         return;
     };
-    let mut matrix = std::collections::BTreeMap::new();
-    matrix.insert("cpu:0".to_owned(), (vec![device.clone()], Vec::new()));
+    let mut matrix = mooncake_topology::PriorityMatrix::new();
+    matrix.insert(
+        "cpu:0",
+        mooncake_topology::Entry {
+            preferred: vec![device.clone()],
+            available: Vec::new(),
+        },
+    );
     let options = RdmaOptions::new("loop", vec![device.clone()], matrix.clone());
     let transport =
         RdmaTransport::new(Arc::new(IbvProvider::new()), options, Arc::new(NoRpc)).unwrap();

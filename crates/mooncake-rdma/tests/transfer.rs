@@ -205,8 +205,8 @@ async fn every_rail_down_fails_with_no_rail() {
     while a
         .transport
         .priority_matrix()
-        .values()
-        .any(|(p, a)| !p.is_empty() || !a.is_empty())
+        .iter()
+        .any(|(_, e)| !e.preferred.is_empty() || !e.available.is_empty())
     {
         assert!(Instant::now() < deadline, "port events never processed");
         tokio::time::sleep(Duration::from_millis(5)).await;

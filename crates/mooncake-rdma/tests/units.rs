@@ -145,7 +145,10 @@ async fn peer_keys_are_resolved_by_device_name() {
     assert_eq!(peer.rkey(0, "mlx_b0"), Some(rkeys[0]));
     assert_eq!(peer.rkey(0, "mlx_b1"), Some(rkeys[1]));
     assert_ne!(rkeys[0], rkeys[1]);
-    assert_eq!(peer.matrix["cpu:0"].0, vec!["mlx_b1".to_owned()]);
+    assert_eq!(
+        peer.matrix.get("cpu:0").unwrap().preferred,
+        vec!["mlx_b1".to_owned()]
+    );
 
     // Transfers with that matrix land only on mlx_b1 (preferred), with its key.
     a.fill(12);

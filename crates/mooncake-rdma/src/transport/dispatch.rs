@@ -24,8 +24,8 @@ impl Inner {
         let (mut lp, mut la) = self
             .matrix
             .get(local_location)
-            .or_else(|| self.matrix.get("*"))
-            .map(|(p, a)| (mine(p), mine(a)))
+            .or_else(|| self.matrix.get(WILDCARD))
+            .map(|e| (mine(&e.preferred), mine(&e.available)))
             .unwrap_or_default();
         if lp.is_empty() && la.is_empty() {
             lp = self.contexts.iter().map(|c| c.name.clone()).collect();
@@ -41,8 +41,8 @@ impl Inner {
         let (mut rp, mut ra) = peer
             .matrix
             .get(&remote_location)
-            .or_else(|| peer.matrix.get("*"))
-            .map(|(p, a)| (theirs(p), theirs(a)))
+            .or_else(|| peer.matrix.get(WILDCARD))
+            .map(|e| (theirs(&e.preferred), theirs(&e.available)))
             .unwrap_or_default();
         if rp.is_empty() && ra.is_empty() {
             rp = peer

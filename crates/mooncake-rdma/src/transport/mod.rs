@@ -49,13 +49,14 @@ use tokio_util::task::TaskTracker;
 use crate::config::RdmaConfig;
 use crate::endpoint::{AcceptError, ActiveStart, Endpoint, EndpointState, LinkInfo, Teardown};
 use crate::gid::select_gid;
-use crate::peer::{DeviceDesc, PriorityMatrix, RdmaPeer};
+use crate::peer::{DeviceDesc, RdmaPeer};
 use crate::piece::{Piece, RailEntry, SliceState};
 use crate::store::EndpointStore;
 use crate::verbs::{
     gid_to_string, parse_gid, Access, AsyncEvent, Completion, CompletionQueue, Device,
     MemoryRegion, PortState, ProtectionDomain, Provider, WcStatus, WorkRequest, WrOp,
 };
+use mooncake_topology::{Entry, PriorityMatrix, WILDCARD};
 
 pub(crate) use self::context::Context;
 use self::context::*;
@@ -193,19 +194,19 @@ impl RdmaTransport {
     /// The local priority matrix to publish: only devices that are open and usable.
     pub fn priority_matrix(&self) -> PriorityMatrix {
         let usable = |name: &String| self.inner.context(name).is_some_and(|ctx| ctx.usable());
-        self.inner
-            .matrix
-            .iter()
-            .map(|(loc, (p, a))| {
-                (
-                    loc.clone(),
-                    (
-                        p.iter().filter(|n| usable(n)).cloned().collect(),
-                        a.iter().filter(|n| usable(n)).cloned().collect(),
-                    ),
-                )
-            })
-            .collect()
+        let mut published = PriorityMatrix::new();
+        for (location, entry) in self.inner.matrix.iter() {
+            let only_usable =
+                |names: &[String]| names.iter().filter(|n| usable(n)).cloned().collect();
+            published.insert(
+                location,
+                Entry {
+                    preferred: only_usable(&entry.preferred),
+                    available: only_usable(&entry.available),
+                },
+            );
+        }
+        published
     }
 
     /// Registers `region` on every context. The transport keeps a reference to the region

@@ -1,17 +1,18 @@
 //! Two transports, "A" and "B", on one software fabric.
 #![allow(dead_code, unreachable_pub)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use mooncake_common::Result;
 use mooncake_metadata::handshake::messages::ConnectionMessage;
 use mooncake_metadata::{BufferDesc, SegmentDesc};
-use mooncake_rdma::peer::{matrix_to_json, PriorityMatrix};
+use mooncake_rdma::peer::PriorityMatrix;
 use mooncake_rdma::transport::BoxFuture;
 use mooncake_rdma::verbs::Provider;
 use mooncake_rdma::{Connector, RdmaConfig, RdmaOptions, RdmaPeer, RdmaTransport, SoftFabric};
+use mooncake_topology::Entry;
 use mooncake_transport::rail::RailPolicy;
 use mooncake_transport::{Arena, BatchProgress, Opcode, Region, Slice, Task};
 
@@ -82,8 +83,10 @@ impl Node {
             "devices".into(),
             serde_json::to_value(self.transport.local_devices()).unwrap(),
         );
-        desc.extra
-            .insert("priority_matrix".into(), matrix_to_json(&self.matrix));
+        desc.extra.insert(
+            "priority_matrix".into(),
+            serde_json::to_value(&self.matrix).unwrap(),
+        );
         let (lkeys, rkeys) = self.transport.buffer_keys(self.region.addr()).unwrap();
         let mut extra = serde_json::Map::new();
         extra.insert("lkey".into(), serde_json::json!(lkeys));
@@ -103,10 +106,13 @@ impl Node {
 }
 
 pub fn matrix(devices: &[&str]) -> PriorityMatrix {
-    let mut m = BTreeMap::new();
+    let mut m = PriorityMatrix::new();
     m.insert(
-        "cpu:0".to_owned(),
-        (devices.iter().map(|s| s.to_string()).collect(), Vec::new()),
+        "cpu:0",
+        Entry {
+            preferred: devices.iter().map(|s| s.to_string()).collect(),
+            available: Vec::new(),
+        },
     );
     m
 }

@@ -49,7 +49,7 @@ impl Local {
             );
             desc.extra.insert(
                 "priority_matrix".to_owned(),
-                matrix_to_json(&rdma.priority_matrix()),
+                serde_json::to_value(rdma.priority_matrix()).unwrap_or_default(),
             );
         }
         desc.buffers = self

@@ -27,7 +27,6 @@ use mooncake_metadata::handshake::{
     HandshakeHandler, HandshakeServer, MessageType,
 };
 use mooncake_metadata::{BufferDesc, Keys, MetadataBackend, MetadataStore, RpcMeta, SegmentDesc};
-use mooncake_rdma::peer::matrix_to_json;
 use mooncake_rdma::verbs::Provider;
 use mooncake_rdma::{HandshakeConnector, RdmaOptions, RdmaPeer, RdmaTransport};
 use mooncake_topology::{memory_location, DiscoverOptions, PriorityMatrix, Topology};

@@ -177,14 +177,7 @@ pub(super) fn start_rdma(
     let devices = matrix.devices();
     let started = match verbs {
         Some(verbs) if !devices.is_empty() => {
-            let by_name = matrix
-                .iter()
-                .map(|(location, entry)| {
-                    let entry = (entry.preferred.clone(), entry.available.clone());
-                    (location.to_owned(), entry)
-                })
-                .collect();
-            let mut options = RdmaOptions::new(name, devices, by_name);
+            let mut options = RdmaOptions::new(name, devices, matrix.clone());
             options.config.retry_cnt = config.retry_budget;
             let connector = Arc::new(HandshakeConnector {
                 connect_timeout: config.connect_timeout,
