@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
+import { createServer, type AddressInfo } from 'node:net'
 import { createInterface } from 'node:readline'
 
 import test from 'ava'
@@ -287,5 +288,37 @@ test('a frozen replica holder costs a read well under a second, not the I/O time
     }
   } finally {
     await c.close()
+  }
+})
+
+test('a store node takes every engine option', async (t) => {
+  const master = await MasterServer.start({ rpcPort: 0, metricsPort: -1 })
+  try {
+    const probe = createServer().listen(0, '127.0.0.1')
+    await once(probe, 'listening')
+    const port = (probe.address() as AddressInfo).port
+    probe.close()
+    const store = await MooncakeStore.connect({
+      masterAddress: master.address,
+      metadata: 'P2PHANDSHAKE',
+      rpcPort: port,
+      tcpLanesPerPeer: 2,
+      sliceSize: 256 << 10,
+      retryCount: 3,
+      globalSegmentSize: 4 * MiB,
+    })
+    try {
+      t.is(store.segmentName, `127.0.0.1:${port}`)
+      await store.put('k', pattern(9, 0, MiB))
+      t.true((await store.get('k')).equals(pattern(9, 0, MiB)))
+    } finally {
+      await store.close()
+    }
+    const refused = await t.throwsAsync(MooncakeStore.connect({ masterAddress: master.address, metadata: 'P2PHANDSHAKE', retryCount: 500 }), {
+      instanceOf: MooncakeError,
+    })
+    t.is(refused?.code, 'ERR_INVALID_ARGUMENT')
+  } finally {
+    await master.close()
   }
 })

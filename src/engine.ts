@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events'
 
-import type { NativeBatch, NativeEngine, NativeRequest } from './binding'
+import type { EngineOptions, NativeBatch, NativeEngine, NativeRequest } from './binding'
 import { createEngine } from './native'
 import { invalidArgument, MooncakeError, native, nativeAsync, toMooncakeError } from './errors'
 
@@ -186,6 +186,12 @@ export class Batch {
   }
 }
 
+/** Engine options as the native layer takes them (a matrix object becomes its JSON). */
+export function nativeEngineOptions(options: TransferEngineOptions): EngineOptions {
+  const { topology, ...rest } = options
+  return { ...rest, topology: topology === undefined || typeof topology === 'string' ? topology : JSON.stringify(topology) }
+}
+
 /**
  * A Mooncake transfer engine: one segment of registered memory that peers read and write, and
  * batched one-sided reads and writes of other segments, over Mooncake's wire protocols.
@@ -213,13 +219,8 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
   static async create(options: TransferEngineOptions): Promise<TransferEngine> {
     if (typeof options !== 'object' || options === null) throw invalidArgument('options are required')
     let engine: TransferEngine | undefined
-    const { topology, ...rest } = options
-    const nativeOptions = {
-      ...rest,
-      topology: topology === undefined || typeof topology === 'string' ? topology : JSON.stringify(topology),
-    }
     const inner = await nativeAsync(() =>
-      createEngine(nativeOptions, (event) => {
+      createEngine(nativeEngineOptions(options), (event) => {
         engine?.emit('notify', event)
       }),
     )

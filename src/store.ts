@@ -1,21 +1,18 @@
 import type { BatchItem, NativeStore, PutConfig } from './binding'
 import { connectStore } from './native'
+import { nativeEngineOptions, type TransferEngineOptions } from './engine'
 import { invalidArgument, MooncakeError, native, nativeAsync, toMooncakeError } from './errors'
 
-/** Options of {@link MooncakeStore.connect}. */
-export interface MooncakeStoreOptions {
+/**
+ * Options of {@link MooncakeStore.connect}: the node's Transfer Engine takes every
+ * {@link TransferEngineOptions} (devices, ports, lanes, slice size, retries, topology, ...), and
+ * the store adds its own.
+ */
+export interface MooncakeStoreOptions extends Omit<TransferEngineOptions, 'localServerName'> {
   /** The master's `host:port` ({@link MasterServer.address}). */
   masterAddress: string
-  /** Transfer Engine metadata: `'P2PHANDSHAKE'`, `'http://host:port/metadata'` or `'redis://host:port'`. */
-  metadata: string
   /** This node's name. Default `'127.0.0.1'`. */
   localServerName?: string
-  /** Address peers reach this node at. */
-  ipOrHostName?: string
-  /** Transport for object bytes: `'auto'` (default: shared memory on this host, RDMA where both ends have it, TCP otherwise), `'tcp'`, `'shm'`, `'rdma'`. */
-  protocol?: 'auto' | 'tcp' | 'shm' | 'rdma'
-  /** Offer shared memory to same-host peers. Default true. */
-  sharedMemory?: boolean
   /** Bytes of memory this node contributes to the pool. Default 16 MiB; 0 makes a pure client. */
   globalSegmentSize?: number
   /**
@@ -90,7 +87,10 @@ export class MooncakeStore {
   /** Starts a node: its Transfer Engine, its segment mounted at the master, its heartbeat. */
   static async connect(options: MooncakeStoreOptions): Promise<MooncakeStore> {
     if (typeof options !== 'object' || options === null) throw invalidArgument('options are required')
-    return new MooncakeStore(await nativeAsync(() => connectStore(options, () => undefined)))
+    const { masterAddress, globalSegmentSize, localBufferSize, rpcTimeoutMs, ...engine } = options
+    const store = { masterAddress, globalSegmentSize, localBufferSize, rpcTimeoutMs }
+    const engineOptions = nativeEngineOptions({ localServerName: '127.0.0.1', ...engine })
+    return new MooncakeStore(await nativeAsync(() => connectStore(engineOptions, store, () => undefined)))
   }
 
   /** This node's segment name (what `preferredSegments` refers to). */

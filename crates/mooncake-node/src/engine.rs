@@ -50,7 +50,7 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
-    fn into_config(self) -> Result<EngineConfig> {
+    pub(crate) fn into_config(self) -> Result<EngineConfig> {
         let mut config = EngineConfig::from_env(self.local_server_name, self.metadata);
         if let Some(protocol) = self.protocol {
             config.protocol = Protocol::parse(&protocol).napi()?;

@@ -3,14 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_common::config::Protocol;
-use mooncake_common::EngineConfig;
 use mooncake_store::client::{StoreClient, StoreConfig, Value};
 use mooncake_store::master::{SoftPin, WriteConfig};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 use crate::convert::{millis, to_len, KeepAlive};
+use crate::engine::EngineOptions;
 use crate::error::{invalid, to_napi_reason, IntoNapi};
 
 /// Options of `MooncakeStore.connect`.
@@ -18,16 +17,6 @@ use crate::error::{invalid, to_napi_reason, IntoNapi};
 pub struct StoreOptions {
     /// Master `host:port`.
     pub master_address: String,
-    /// Transfer Engine metadata: `P2PHANDSHAKE` or `http://host:port/metadata`.
-    pub metadata: String,
-    /// This client's name (default 127.0.0.1).
-    pub local_server_name: Option<String>,
-    /// Address peers reach this client at.
-    pub ip_or_host_name: Option<String>,
-    /// `auto`, `tcp` or `shm`.
-    pub protocol: Option<String>,
-    /// Offer shared memory to same-host peers (default true).
-    pub shared_memory: Option<bool>,
     /// Bytes contributed to the pool (default 16 MiB; 0: a pure requester).
     pub global_segment_size: Option<f64>,
     /// Registered staging for the copying APIs (default 16 MiB).
@@ -106,24 +95,14 @@ pub struct NativeStore {
 }
 
 /// Connects a store client; it keeps the process alive until closed.
-#[napi(ts_args_type = "options: StoreOptions, keepAlive: () => void")]
-pub async fn connect_store(options: StoreOptions, keep_alive: KeepAlive) -> Result<NativeStore> {
+#[napi(ts_args_type = "engine: EngineOptions, options: StoreOptions, keepAlive: () => void")]
+pub async fn connect_store(
+    engine: EngineOptions,
+    options: StoreOptions,
+    keep_alive: KeepAlive,
+) -> Result<NativeStore> {
     crate::init_logging();
-    let mut engine = EngineConfig::from_env(
-        options
-            .local_server_name
-            .unwrap_or_else(|| "127.0.0.1".into()),
-        options.metadata,
-    );
-    if let Some(host) = options.ip_or_host_name {
-        engine.advertised_host = Some(host);
-    }
-    if let Some(p) = options.protocol {
-        engine.protocol = Protocol::parse(&p).napi()?;
-    }
-    if let Some(shared) = options.shared_memory {
-        engine.shared_memory = shared;
-    }
+    let engine = engine.into_config()?;
     let mut config = StoreConfig::new(engine);
     config.master_address = options.master_address;
     if let Some(size) = options.global_segment_size {

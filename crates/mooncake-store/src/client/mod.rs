@@ -142,7 +142,13 @@ impl StoreClient {
                 base: arena.as_ptr() as u64,
                 size: arena.len() as u64,
                 te_endpoint: name.clone(),
-                protocol: "tcp".to_owned(),
+                // Mooncake's field: what peers reach the segment with.
+                protocol: if engine.transports().contains(&"rdma") {
+                    "rdma"
+                } else {
+                    "tcp"
+                }
+                .to_owned(),
                 host_id: host_id.clone(),
             };
             engine.publish_now().await?;
