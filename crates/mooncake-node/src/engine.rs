@@ -19,7 +19,7 @@ use crate::error::{invalid, to_napi, to_napi_reason, IntoNapi};
 pub struct EngineOptions {
     /// `host` or `host:port`; in P2P mode the segment name becomes `host:<rpc port>`.
     pub local_server_name: String,
-    /// `P2PHANDSHAKE` or `http://host:port/metadata`.
+    /// `P2PHANDSHAKE`, `http://host:port/metadata` or `redis://host:port`.
     pub metadata: String,
     /// `auto`, `tcp`, `shm` or `rdma`.
     pub protocol: Option<String>,
@@ -218,7 +218,7 @@ pub struct NativeSubmitOptions {
 /// Traffic through one transport.
 #[napi(object)]
 pub struct TransportStat {
-    /// `tcp` or `shm`.
+    /// `tcp`, `shm` or `rdma`.
     pub transport: String,
     /// Requests submitted through it.
     pub requests: f64,
