@@ -229,7 +229,7 @@ async function lastLine(proc: ChildProcess): Promise<string> {
   let last = ''
   createInterface({ input: proc.stdout! }).on('line', (line) => (last = line))
   const [code] = await once(proc, 'exit')
-  if (code !== 0) throw new MooncakeError('ERR_TRANSFER_FAIL', `bench process exited with ${code}`)
+  if (code !== 0) throw new MooncakeError('ERR_TRANSFER_FAILED', `bench process exited with ${code}`)
   return last
 }
 

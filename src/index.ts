@@ -20,7 +20,7 @@ export {
   type TransferRequest,
   type TransportStats,
 } from './engine'
-export { MooncakeError } from './errors'
+export { ERROR_CODES, MooncakeError, type MooncakeErrorCode } from './errors'
 export { MasterServer, type MasterServerOptions } from './master'
 export { MetadataServer, startMetadataServer, type MetadataServerOptions } from './metadata-server'
 export { MooncakeStore, type MooncakeStoreOptions, type PutOptions, type RemoveOptions } from './store'

@@ -12,7 +12,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// Bad input from the caller: zero length, empty name, malformed option.
+    /// Bad input from the caller: zero length, empty name or key, malformed option, impossible
+    /// replica count.
     InvalidArgument,
     /// More requests than the batch can hold.
     TooManyRequests,
@@ -52,12 +53,10 @@ pub enum ErrorKind {
     BufferBusy,
     /// A peer sent a frame that breaks the protocol.
     Protocol,
-    /// A transfer failed for a reason the peer did not explain.
+    /// Moving bytes failed: a transfer the peer did not explain, or every replica of an object.
     TransferFailed,
     /// Every rail (local NIC, peer NIC pair) to the target is down or out of retries.
     NoRail,
-    /// Store: bad parameters (empty key, zero size, impossible replica count, ...).
-    InvalidParams,
     /// Store: no segment has room for the object.
     NoAvailableHandle,
     /// Store: the key does not exist.
@@ -78,8 +77,6 @@ pub enum ErrorKind {
     SegmentNotFound,
     /// Store: a replica is in use by a master-side task.
     ObjectReplicaBusy,
-    /// Store: moving object bytes failed.
-    TransferFail,
     /// Store: the master could not be reached.
     RpcFail,
     /// Store: the master did not answer in time.
@@ -119,7 +116,6 @@ impl ErrorKind {
         Self::Protocol,
         Self::TransferFailed,
         Self::NoRail,
-        Self::InvalidParams,
         Self::NoAvailableHandle,
         Self::ObjectNotFound,
         Self::ObjectAlreadyExists,
@@ -130,7 +126,6 @@ impl ErrorKind {
         Self::InvalidWrite,
         Self::SegmentNotFound,
         Self::ObjectReplicaBusy,
-        Self::TransferFail,
         Self::RpcFail,
         Self::RpcTimeout,
         Self::InvalidVersion,
@@ -164,7 +159,6 @@ impl ErrorKind {
             Self::Protocol => "ERR_PROTOCOL",
             Self::TransferFailed => "ERR_TRANSFER_FAILED",
             Self::NoRail => "ERR_NO_RAIL",
-            Self::InvalidParams => "ERR_INVALID_PARAMS",
             Self::NoAvailableHandle => "ERR_NO_AVAILABLE_HANDLE",
             Self::ObjectNotFound => "ERR_OBJECT_NOT_FOUND",
             Self::ObjectAlreadyExists => "ERR_OBJECT_ALREADY_EXISTS",
@@ -175,7 +169,6 @@ impl ErrorKind {
             Self::InvalidWrite => "ERR_INVALID_WRITE",
             Self::SegmentNotFound => "ERR_SEGMENT_NOT_FOUND",
             Self::ObjectReplicaBusy => "ERR_OBJECT_REPLICA_BUSY",
-            Self::TransferFail => "ERR_TRANSFER_FAIL",
             Self::RpcFail => "ERR_RPC_FAIL",
             Self::RpcTimeout => "ERR_RPC_TIMEOUT",
             Self::InvalidVersion => "ERR_INVALID_VERSION",
@@ -186,21 +179,20 @@ impl ErrorKind {
     }
 
     /// Mooncake's numeric code, where one exists: the Transfer Engine's `ERR_*` values
-    /// (`include/error.h`) and the Store's `ErrorCode` values (`types.h`).
+    /// (`include/error.h`) and the Store's `ErrorCode` values (`types.h`). Where the two name
+    /// different errors with one number (-1, -101, -200), the Store's keeps it, so that every
+    /// number names one kind; the string code is the identity either way.
     pub const fn errno(self) -> Option<i32> {
         Some(match self {
-            Self::InvalidArgument => -1,
             Self::TooManyRequests => -2,
             Self::AddressNotRegistered => -3,
             Self::BatchBusy => -4,
             Self::DeviceNotFound => -6,
             Self::AddressOverlapped => -7,
             Self::NotSupportedTransport => -8,
-            Self::Dns => -101,
             Self::Socket => -102,
             Self::MalformedJson => -103,
             Self::RejectHandshake => -104,
-            Self::Metadata => -200,
             Self::Endpoint => -201,
             Self::Context => -202,
             Self::Memory => -302,
@@ -210,7 +202,7 @@ impl ErrorKind {
             Self::SegmentNotFound => -101,
             Self::NoAvailableHandle => -200,
             Self::InvalidVersion => -300,
-            Self::InvalidParams => -600,
+            Self::InvalidArgument => -600,
             Self::IllegalClient => -601,
             Self::InvalidWrite => -700,
             Self::ReplicaIsNotReady => -703,
@@ -219,7 +211,7 @@ impl ErrorKind {
             Self::ObjectHasLease => -706,
             Self::LeaseExpired => -707,
             Self::ObjectReplicaBusy => -714,
-            Self::TransferFail => -800,
+            Self::TransferFailed => -800,
             Self::RpcFail => -900,
             Self::RpcTimeout => -901,
             Self::UnavailableInCurrentStatus => -1010,
@@ -312,11 +304,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn codes_are_unique_and_prefixed() {
-        let mut seen = std::collections::HashSet::new();
+    fn codes_and_numbers_are_unique() {
+        let mut codes = std::collections::HashSet::new();
+        let mut numbers = std::collections::HashSet::new();
         for kind in ErrorKind::ALL {
             assert!(kind.code().starts_with("ERR_"));
-            assert!(seen.insert(kind.code()), "duplicate code {}", kind.code());
+            assert!(codes.insert(kind.code()), "duplicate code {}", kind.code());
+            if let Some(errno) = kind.errno() {
+                assert!(numbers.insert(errno), "{errno} names two kinds");
+            }
         }
     }
 

@@ -1,9 +1,9 @@
 //! Core errors to JavaScript. The stable code travels at the front of the message as
-//! `[ERR_...] `, because promise rejections only carry napi's own status; the TypeScript facade
-//! turns it into a `MooncakeError` with `code`, `errno` and the "Caused by" chain.
+//! `[ERR_...] `, and each cause on a `Caused by: ` line after it, because promise rejections
+//! only carry napi's own status; the TypeScript facade turns that into a `MooncakeError` with
+//! `code`, `errno` and a `cause` chain.
 
-use mooncake_common::{Error, ErrorKind};
-use napi_derive::napi;
+use mooncake_common::Error;
 
 /// Converts a core error.
 pub(crate) fn to_napi(error: Error) -> napi::Error {
@@ -27,27 +27,6 @@ impl<T> IntoNapi<T> for mooncake_common::Result<T> {
 /// An argument error with the stable code.
 pub(crate) fn invalid(message: impl Into<String>) -> napi::Error {
     to_napi(Error::invalid(message))
-}
-
-/// One entry of the error catalogue.
-#[napi(object)]
-pub struct ErrorCode {
-    /// Stable string code.
-    pub code: String,
-    /// Mooncake's numeric code, where it has one.
-    pub errno: Option<i32>,
-}
-
-/// Every error code the core can produce.
-#[napi]
-pub fn error_catalog() -> Vec<ErrorCode> {
-    ErrorKind::ALL
-        .iter()
-        .map(|kind| ErrorCode {
-            code: kind.code().to_owned(),
-            errno: kind.errno(),
-        })
-        .collect()
 }
 
 /// The `[ERR_...] message` form of a core error, for per-item failures.

@@ -74,7 +74,8 @@ pub fn to_segment(spec: &SegmentSpec) -> proto::Segment {
 
 /// A segment from the wire; its id is required.
 pub fn from_segment(value: Option<proto::Segment>) -> Result<SegmentSpec> {
-    let missing = |what: &str| Error::new(ErrorKind::InvalidParams, format!("{what} is required"));
+    let missing =
+        |what: &str| Error::new(ErrorKind::InvalidArgument, format!("{what} is required"));
     let s = value.ok_or_else(|| missing("segment"))?;
     Ok(SegmentSpec {
         id: SegmentId(from_uuid(s.id.ok_or_else(|| missing("segment id"))?)),
@@ -148,7 +149,7 @@ pub fn to_replica(d: &ReplicaDesc) -> proto::Replica {
 pub fn to_status(error: &Error) -> Status {
     let message = format!("[{}] {}", error.kind().code(), error.message());
     match error.kind() {
-        ErrorKind::InvalidParams | ErrorKind::InvalidArgument => Status::invalid_argument(message),
+        ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::ObjectNotFound | ErrorKind::SegmentNotFound => Status::not_found(message),
         _ => Status::failed_precondition(message),
     }

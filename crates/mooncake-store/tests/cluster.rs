@@ -93,14 +93,14 @@ async fn put_get_across_clients_with_replicas() {
             .await
             .unwrap_err()
             .kind(),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     assert_eq!(
         a.put("k", b"", &WriteConfig::default())
             .await
             .unwrap_err()
             .kind(),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     let three = WriteConfig {
         replica_num: 3,
@@ -108,7 +108,7 @@ async fn put_get_across_clients_with_replicas() {
     };
     assert_eq!(
         a.put("k", b"x", &three).await.unwrap_err().kind(),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     assert_eq!(
         c.get("missing").await.unwrap_err().kind(),

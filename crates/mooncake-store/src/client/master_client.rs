@@ -26,7 +26,7 @@ impl MasterClient {
         let endpoint = Endpoint::from_shared(uri)
             .map_err(|e| {
                 Error::new(
-                    ErrorKind::InvalidParams,
+                    ErrorKind::InvalidArgument,
                     format!("master address '{address}': {e}"),
                 )
             })?

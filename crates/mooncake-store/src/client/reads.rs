@@ -73,7 +73,7 @@ impl StoreClient {
     ) -> Result<u64> {
         if !self.engine.is_registered(addr, cap.max(1)) {
             return Err(Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 "the buffer is not registered (registerBuffer it, or use allocate)",
             ));
         }
@@ -146,7 +146,7 @@ impl StoreClient {
     ) -> Vec<Result<u64>> {
         if keys.len() != ranges.len() {
             let e = Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 "keys and buffers differ in number",
             );
             return keys.iter().map(|_| Err(e.clone())).collect();
@@ -155,7 +155,7 @@ impl StoreClient {
             let (addr, cap) = ranges[i];
             if !self.engine.is_registered(addr, cap.max(1)) {
                 return Err(Error::new(
-                    ErrorKind::InvalidParams,
+                    ErrorKind::InvalidArgument,
                     "the buffer is not registered",
                 ));
             }
@@ -322,7 +322,7 @@ impl StoreClient {
             }
         }
         Err(Error::new(
-            ErrorKind::TransferFail,
+            ErrorKind::TransferFailed,
             format!(
                 "every replica of '{key}' failed: {}",
                 last.map(|e| e.message().to_owned()).unwrap_or_default()

@@ -157,7 +157,7 @@ impl StoreClient {
         let mut results: Vec<Result<()>> = vec![Ok(()); keys.len()];
         if keys.len() != ranges.len() {
             let e = Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 "keys and buffers differ in number",
             );
             return keys.iter().map(|_| Err(e.clone())).collect();
@@ -165,12 +165,12 @@ impl StoreClient {
         for (i, (key, (addr, len))) in keys.iter().zip(ranges).enumerate() {
             if *len == 0 {
                 results[i] = Err(Error::new(
-                    ErrorKind::InvalidParams,
+                    ErrorKind::InvalidArgument,
                     format!("'{key}': the value must not be empty"),
                 ));
             } else if !self.engine.is_registered(*addr, *len) {
                 results[i] = Err(Error::new(
-                    ErrorKind::InvalidParams,
+                    ErrorKind::InvalidArgument,
                     format!("'{key}': the buffer is not registered (registerBuffer it, or use allocate)"),
                 ));
             }
@@ -276,7 +276,7 @@ impl StoreClient {
                 None => commit.push((*i, *write)),
                 Some(e) => {
                     results[*i] = Err(Error::new(
-                        ErrorKind::TransferFail,
+                        ErrorKind::TransferFailed,
                         format!("'{}': {}", keys[*i], e.message()),
                     ));
                     revoke.push((*i, *write));

@@ -24,7 +24,7 @@ impl AllocationStrategy {
             "free_ratio_first" => Ok(Self::FreeRatioFirst),
             "local_first" => Ok(Self::LocalFirst),
             other => Err(Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 format!(
                     "unknown allocation strategy '{other}' (random, free_ratio_first, local_first)"
                 ),
@@ -78,7 +78,7 @@ impl Default for MasterConfig {
 impl MasterConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str| Err(Error::new(ErrorKind::InvalidParams, what.to_owned()));
+        let bad = |what: &str| Err(Error::new(ErrorKind::InvalidArgument, what.to_owned()));
         if !(0.0..=1.0).contains(&self.eviction_ratio) {
             return bad("eviction ratio must be within 0-1");
         }

@@ -66,7 +66,7 @@ fn uuid(value: Option<proto::Uuid>, what: &str) -> std::result::Result<u128, Sta
 }
 
 fn bad_request(message: String) -> Status {
-    Status::invalid_argument(format!("[{}] {message}", ErrorKind::InvalidParams.code()))
+    Status::invalid_argument(format!("[{}] {message}", ErrorKind::InvalidArgument.code()))
 }
 
 fn put_response(result: Result<WriteGrant>) -> proto::PutStartResponse {
@@ -167,7 +167,7 @@ impl MasterService {
                 .map(|(key, write)| {
                     let result = if *write == 0 {
                         Err(Error::new(
-                            ErrorKind::InvalidParams,
+                            ErrorKind::InvalidArgument,
                             format!("'{key}': the write id its start returned is required"),
                         ))
                     } else {

@@ -203,7 +203,7 @@ impl Master {
             || spec.te_endpoint.is_empty()
         {
             return Err(Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 format!(
                     "segment '{}' at {:#x} of {} bytes: needs a name, an endpoint, a non-null base, \
                      1 KiB-1 TiB and a range that does not wrap",
@@ -214,13 +214,13 @@ impl Master {
         if let Some(existing) = self.segments.get_mut(&spec.id) {
             if existing.client != client {
                 return Err(Error::new(
-                    ErrorKind::InvalidParams,
+                    ErrorKind::InvalidArgument,
                     "segment id mounted by another client",
                 ));
             }
             if existing.spec != spec {
                 return Err(Error::new(
-                    ErrorKind::InvalidParams,
+                    ErrorKind::InvalidArgument,
                     format!(
                         "segment id already mounted as '{}' at {:#x} of {} bytes",
                         existing.spec.name, existing.spec.base, existing.spec.size
@@ -241,7 +241,7 @@ impl Master {
         let overlapping = self.segments.values().find(|s| s.alive() && same_memory(s));
         if let Some(other) = overlapping {
             return Err(Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 format!(
                     "segment '{}' at {:#x} of {} bytes overlaps segment '{}' at {:#x} of {} bytes \
                      of the same owner",
@@ -301,7 +301,7 @@ impl Master {
         match self.segments.get(&id) {
             None => Ok(()),
             Some(s) if s.client != client => Err(Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 "the segment belongs to another client",
             )),
             Some(_) => {
@@ -323,7 +323,7 @@ impl Master {
         match self.segments.get_mut(&id) {
             None => Err(Error::new(ErrorKind::SegmentNotFound, "no such segment")),
             Some(s) if s.client != client => Err(Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 "the segment belongs to another client",
             )),
             Some(s) if !s.alive() => Err(Error::new(
@@ -517,7 +517,7 @@ impl Master {
     pub fn remove_by_regex(&mut self, now: Instant, pattern: &str, force: bool) -> Result<u64> {
         let re = regex::Regex::new(pattern).map_err(|e| {
             Error::new(
-                ErrorKind::InvalidParams,
+                ErrorKind::InvalidArgument,
                 format!("bad regex '{pattern}': {e}"),
             )
         })?;

@@ -109,19 +109,19 @@ fn bad_writes_get_clear_codes() {
     let c = w.clients[0];
     assert_eq!(
         code(w.master.put_start(w.now, c, "", 1, &replicas(1))),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     assert_eq!(
         code(w.master.put_start(w.now, c, "k", 0, &replicas(1))),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     assert_eq!(
         code(w.master.put_start(w.now, c, "k", 1, &replicas(0))),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     assert_eq!(
         code(w.master.put_start(w.now, c, "k", 1, &replicas(3))),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     let too_long = WriteConfig {
         soft_pin: SoftPin::Enable(Some(Duration::from_secs(25 * 3600))),
@@ -129,7 +129,7 @@ fn bad_writes_get_clear_codes() {
     };
     assert_eq!(
         code(w.master.put_start(w.now, c, "k", 1, &too_long)),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     assert_eq!(
         code(w.master.put_start(w.now, c, "k", 5 * MIB, &replicas(1))),
@@ -279,7 +279,7 @@ fn leases_block_removal_unless_forced() {
     );
     assert_eq!(
         code(w.master.remove_by_regex(w.now, "(", false)),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     assert_eq!(w.master.remove_all(w.now, false), 1);
 }
@@ -397,18 +397,18 @@ fn mounts_are_checked_and_idempotent() {
     w.master.mount_segment(w.now, c, spec.clone()).unwrap();
     assert_eq!(
         code(w.master.mount_segment(w.now, ClientId(7), spec.clone())),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     spec.id = SegmentId(5);
     assert_eq!(
         code(w.master.mount_segment(w.now, c, spec.clone())),
-        ErrorKind::InvalidParams,
+        ErrorKind::InvalidArgument,
         "overlap"
     );
     spec.base = 0;
     assert_eq!(
         code(w.master.mount_segment(w.now, c, spec.clone())),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     w.master.unmount_segment(c, SegmentId(1000)).unwrap();
     w.master.unmount_segment(c, SegmentId(1000)).unwrap();
@@ -434,7 +434,7 @@ fn graceful_unmount_keeps_objects_readable_then_drops_them() {
             SegmentId(1000),
             Duration::ZERO
         )),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     assert_eq!(
         code(
@@ -569,7 +569,7 @@ fn overlapping_and_wrapping_mounts_are_refused() {
     };
     assert_eq!(
         code(w.master.mount_segment(w.now, c, alias)),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     // The same addresses in another process are other memory.
     let elsewhere = SegmentSpec {
@@ -591,7 +591,7 @@ fn overlapping_and_wrapping_mounts_are_refused() {
     };
     assert_eq!(
         code(w.master.mount_segment(w.now, c, wraps)),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     let huge = SegmentSpec {
         id: SegmentId(5),
@@ -602,7 +602,7 @@ fn overlapping_and_wrapping_mounts_are_refused() {
     };
     assert_eq!(
         code(w.master.mount_segment(w.now, c, huge)),
-        ErrorKind::InvalidParams
+        ErrorKind::InvalidArgument
     );
     let moved = SegmentSpec {
         base: mounted.base + 4096,
@@ -610,7 +610,7 @@ fn overlapping_and_wrapping_mounts_are_refused() {
     };
     assert_eq!(
         code(w.master.mount_segment(w.now, c, moved)),
-        ErrorKind::InvalidParams,
+        ErrorKind::InvalidArgument,
         "one id, two ranges"
     );
     assert_eq!(w.master.segments().len(), 2);

@@ -212,7 +212,7 @@ impl Master {
     }
 
     fn validate_write(&self, key: &str, size: u64, config: &WriteConfig) -> Result<()> {
-        let invalid = |message: String| Err(Error::new(ErrorKind::InvalidParams, message));
+        let invalid = |message: String| Err(Error::new(ErrorKind::InvalidArgument, message));
         if key.is_empty() {
             return invalid("the key must not be empty".into());
         }
