@@ -110,7 +110,7 @@ pub(crate) async fn run(
 }
 
 /// Starts the raw socket pump server on its own thread; returns its port.
-#[napi]
+#[napi(catch_unwind)]
 pub fn raw_pump_serve(host: String, port: u32, buffer_size: f64) -> Result<u32> {
     let port = u16::try_from(port).map_err(|_| invalid("port must be within 0-65535"))?;
     bench::raw::serve(&host, port, to_len(buffer_size, "bufferSize")?)

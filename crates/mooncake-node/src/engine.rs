@@ -172,7 +172,7 @@ pub struct PeerRails {
 
 /// The host's topology, as `mooncake topology` prints it (`json`: as JSON, with the matrix).
 /// `root` points discovery at another sysfs tree.
-#[napi]
+#[napi(catch_unwind)]
 pub fn describe_topology(root: Option<String>, json: Option<bool>) -> Result<String> {
     let mut options = mooncake_topology::DiscoverOptions::from_env();
     if let Some(root) = root {
@@ -292,31 +292,31 @@ impl NativeEngine {
 
     /// Allocates registered engine memory, returned as a Buffer that stays valid for as long as
     /// JavaScript holds it (even after `close`).
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn allocate<'env>(&self, env: &'env Env, size: f64) -> Result<BufferSlice<'env>> {
         allocate(env, &self.inner, size)
     }
 
     /// Registers caller memory; it is referenced until `unregister`.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn register(&self, buffer: Uint8Array, location: Option<String>) -> Result<()> {
         register(&self.inner, buffer, location)
     }
 
     /// Unregisters a buffer passed to `register` or returned by `allocate`.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn unregister(&self, buffer: &[u8]) -> Result<()> {
         self.inner.unregister(buffer.as_ptr() as usize).napi()
     }
 
     /// Address of the first byte of `buffer`, as peers target it.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn address_of(&self, buffer: &[u8]) -> BigInt {
         BigInt::from(buffer.as_ptr() as u64)
     }
 
     /// Whether `buffer` lies inside registered memory.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn is_registered(&self, buffer: &[u8]) -> bool {
         self.inner
             .is_registered(buffer.as_ptr() as usize, buffer.len())
@@ -342,7 +342,7 @@ impl NativeEngine {
     }
 
     /// Submits a batch.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn submit(
         &self,
         requests: Vec<NativeRequest>,
@@ -360,7 +360,7 @@ impl NativeEngine {
     }
 
     /// Submits a batch and resolves when it completes.
-    #[napi(ts_return_type = "Promise<void>")]
+    #[napi(catch_unwind, ts_return_type = "Promise<void>")]
     pub fn transfer<'env>(
         &self,
         env: &'env Env,
@@ -385,7 +385,7 @@ impl NativeEngine {
     }
 
     /// Requests and bytes submitted through each transport since start.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn stats(&self) -> Vec<TransportStat> {
         self.inner
             .stats()
@@ -399,13 +399,13 @@ impl NativeEngine {
     }
 
     /// The NIC priority matrix, as Mooncake's JSON.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn topology(&self) -> String {
         self.inner.topology().to_json()
     }
 
     /// The transports this engine can use.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn transports(&self) -> Vec<String> {
         self.inner
             .transports()
@@ -415,7 +415,7 @@ impl NativeEngine {
     }
 
     /// Every rail to every peer used so far.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn rail_stats(&self) -> Vec<PeerRails> {
         self.inner
             .rail_stats()
@@ -474,7 +474,7 @@ impl NativeBatch {
     }
 
     /// Per-task status, in request order.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn status(&self) -> Result<Vec<TaskStatusInfo>> {
         Ok(self
             .engine

@@ -140,7 +140,7 @@ impl NativeStore {
 
     /// Stores a copy of `value` (insert if absent). The copy is taken before this returns,
     /// so the caller may change `value` as soon as it has the promise.
-    #[napi(ts_return_type = "Promise<void>")]
+    #[napi(catch_unwind, ts_return_type = "Promise<void>")]
     pub fn put<'env>(
         &self,
         env: &'env Env,
@@ -152,7 +152,7 @@ impl NativeStore {
     }
 
     /// Inserts or replaces; the copy is taken before this returns, as in `put`.
-    #[napi(ts_return_type = "Promise<void>")]
+    #[napi(catch_unwind, ts_return_type = "Promise<void>")]
     pub fn upsert<'env>(
         &self,
         env: &'env Env,
@@ -195,7 +195,7 @@ impl NativeStore {
 
     /// The value of `key`. It is read straight into memory that the returned Buffer then
     /// wraps (a block of the staging buffer, given back when the Buffer is collected).
-    #[napi(ts_return_type = "Promise<Buffer>")]
+    #[napi(catch_unwind, ts_return_type = "Promise<Buffer>")]
     pub fn get<'env>(
         &self,
         env: &'env Env,
@@ -251,7 +251,7 @@ impl NativeStore {
     }
 
     /// Batch of copying puts; the copies are taken before this returns, as in `put`.
-    #[napi(ts_return_type = "Promise<Array<BatchItem>>")]
+    #[napi(catch_unwind, ts_return_type = "Promise<Array<BatchItem>>")]
     pub fn batch_put<'env>(
         &self,
         env: &'env Env,
@@ -386,19 +386,19 @@ impl NativeStore {
     }
 
     /// Registered memory for the zero-copy APIs.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn allocate<'env>(&self, env: &'env Env, size: f64) -> Result<BufferSlice<'env>> {
         crate::engine::allocate(env, self.inner.engine(), size)
     }
 
     /// Registers caller memory for the zero-copy APIs.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn register_buffer(&self, buffer: Uint8Array) -> Result<()> {
         crate::engine::register(self.inner.engine(), buffer, None)
     }
 
     /// Unregisters a buffer.
-    #[napi]
+    #[napi(catch_unwind)]
     pub fn unregister_buffer(&self, buffer: &[u8]) -> Result<()> {
         self.inner
             .engine()
