@@ -3,7 +3,7 @@ import { randomBytes, randomInt } from 'node:crypto'
 import test from 'ava'
 
 import { MooncakeError, TransferEngine, type TransferRequest } from '../src'
-import { pattern, startPeer, stopPeer, type PeerInfo } from './helpers'
+import { fillPattern, pattern, startPeer, stopPeer, type PeerInfo } from './helpers'
 
 async function localEngine(): Promise<TransferEngine> {
   return TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE', protocol: 'tcp' })
@@ -161,7 +161,9 @@ test('bad arguments are MooncakeErrors with stable codes', async (t) => {
     const ok = { op: 'read' as const, segment, local, remoteAddress: engine.addressOf(local) }
     t.throws(() => engine.submit([{ ...ok, length: 8192 }]), { code: 'ERR_INVALID_ARGUMENT' } as never)
     t.throws(() => engine.submit([{ ...ok, op: 'copy' as never }]), { code: 'ERR_INVALID_ARGUMENT' } as never)
-    t.throws(() => engine.submit([{ ...ok, segment: { ...segment, id: 999n } }]), { code: 'ERR_INVALID_ARGUMENT' } as never)
+    t.throws(() => engine.submit([{ ...ok, segment: { ...segment } }]), { code: 'ERR_INVALID_ARGUMENT' } as never, 'a copy of a segment is not a segment')
+    t.false('id' in segment, 'no engine handle leaks')
+    t.true(Object.isFrozen(segment))
     t.throws(() => engine.submit([{ ...ok, remoteAddress: 5 as never }]), { code: 'ERR_INVALID_ARGUMENT' } as never)
     await t.throwsAsync(engine.transfer([ok], { timeoutMs: -5 }), { code: 'ERR_INVALID_ARGUMENT' } as never)
     await t.throwsAsync(TransferEngine.create({ localServerName: 'x', metadata: 'etcd://127.0.0.1:2379' }), {
@@ -183,4 +185,28 @@ test('bad arguments are MooncakeErrors with stable codes', async (t) => {
   }
   const error = await t.throwsAsync(Promise.resolve().then(() => engine.allocate(16)))
   t.is((error as MooncakeError).code, 'ERR_CLOSED')
+})
+
+test('write and read take an options object; transports() is typed', async (t) => {
+  const target = await TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE' })
+  const engine = await TransferEngine.create({ localServerName: '127.0.0.1', metadata: 'P2PHANDSHAKE', protocol: 'tcp' })
+  try {
+    const remote = target.allocate(1 << 16)
+    const segment = await engine.openSegment(target.segmentName)
+    const local = engine.allocate(1 << 16)
+    fillPattern(local, 3)
+    const base = segment.buffers[0].address
+    await engine.write(segment, local, base + 100n, { length: 4096, localOffset: 512, timeoutMs: 5000 })
+    t.true(remote.subarray(100, 4196).equals(local.subarray(512, 4608)))
+    const back = engine.allocate(8192)
+    await engine.read(segment, back, base + 100n, { length: 4096, localOffset: 1000 })
+    t.true(back.subarray(1000, 5096).equals(local.subarray(512, 4608)))
+    await engine.read(segment, back, base + 100n, 16, 7) // the positional form still works
+    t.true(back.subarray(7, 23).equals(local.subarray(512, 528)))
+    const transports: ('tcp' | 'shm' | 'rdma')[] = engine.transports()
+    t.true(transports.includes('tcp'))
+  } finally {
+    await engine.close()
+    await target.close()
+  }
 })

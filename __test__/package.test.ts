@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process'
+import { execFileSync, spawnSync } from 'node:child_process'
 import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -43,5 +43,29 @@ test('an RDMA binary that cannot load (no libibverbs) falls back to the plain on
     t.is(out.trim(), 'tcp,shm')
   } finally {
     rmSync(copy, { recursive: true, force: true })
+  }
+})
+
+test('an ES module TypeScript consumer sees the named exports, and no default export that fails at run time', (t) => {
+  const dir = mkdtempSync(join(root, '.esm-consumer-'))
+  try {
+    writeFileSync(
+      join(dir, 'named.mts'),
+      "import { MooncakeStore, type MooncakeErrorCode } from 'mooncake-kv'\nexport const code: MooncakeErrorCode = 'ERR_TIMEOUT'\nexport { MooncakeStore }\n",
+    )
+    writeFileSync(join(dir, 'default.mts'), "import m from 'mooncake-kv'\nexport default m\n")
+    const tsc = (file: string) =>
+      spawnSync(
+        process.execPath,
+        [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '--noEmit', '--strict', '--module', 'node16', '--types', 'node', join(dir, file)],
+        { cwd: root, encoding: 'utf8' },
+      )
+    const named = tsc('named.mts')
+    t.is(named.status, 0, named.stdout)
+    const fallback = tsc('default.mts')
+    t.not(fallback.status, 0, 'a default import does not compile')
+    t.regex(fallback.stdout, /no default export/)
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
   }
 })

@@ -12,6 +12,8 @@ for (const file of readdirSync(src)) {
   }
 }
 
-// Node finds the CommonJS build's named exports statically, so ESM re-exports them as-is.
+// Node finds the CommonJS build's named exports statically, so ESM re-exports them as-is; its
+// types say the same (named exports, no default), so an ESM consumer's compiler sees what runs.
 writeFileSync(join(dist, 'index.mjs'), "export * from './index.js'\n")
+writeFileSync(join(dist, 'index.d.mts'), "export * from './index.js'\n")
 chmodSync(join(dist, 'cli.js'), 0o755)

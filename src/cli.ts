@@ -16,7 +16,7 @@ import type { BenchReport } from './binding'
 import { describeTopology, memcpyBench, rawPumpRun, rawPumpServe } from './native'
 import { benchStore } from './bench-store'
 import { nativeAsync, native, MooncakeError } from './errors'
-import { TransferEngine, type TransferRequest } from './engine'
+import { segmentHandle, TransferEngine, type TransferRequest } from './engine'
 import { MasterServer, type MasterServerOptions } from './master'
 import { startMetadataServer } from './metadata-server'
 import { MooncakeStore } from './store'
@@ -147,7 +147,7 @@ async function bench(argv: string[]): Promise<void> {
       ? await benchViaJs(engine, { segment, remote, buffer, op, blockSize, batchSize, threads, duration })
       : await nativeAsync(() =>
           engine.native.bench({
-            segment: segment.id,
+            segment: segmentHandle(segment)!,
             remoteAddress: remote.address,
             remoteLength: remote.length,
             local: buffer,

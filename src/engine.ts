@@ -101,9 +101,28 @@ export interface Segment {
   readonly name: string
   /** Its registered buffers, as of the last refresh. */
   readonly buffers: readonly BufferDescriptor[]
-  /** Engine-internal handle. */
-  readonly id: bigint
 }
+
+/** The engine's handle of each segment it opened; requests name segments by these. */
+const handles = new WeakMap<Segment, bigint>()
+
+/** The native handle of a segment from {@link TransferEngine.openSegment}. */
+export function segmentHandle(segment: Segment): bigint | undefined {
+  return typeof segment === 'object' && segment !== null ? handles.get(segment) : undefined
+}
+
+/** Options of {@link TransferEngine.write} and {@link TransferEngine.read}. */
+export interface ReadWriteOptions {
+  /** Bytes to move. Default: the rest of `local` after `localOffset`. */
+  length?: number
+  /** Offset into `local`. Default 0. */
+  localOffset?: number
+  /** The request must finish within this many ms, or it fails with `ERR_TIMEOUT`. */
+  timeoutMs?: number
+}
+
+/** The transports an engine can use. */
+export type TransportName = 'tcp' | 'shm' | 'rdma'
 
 /** A one-sided request. */
 export interface TransferRequest {
@@ -167,8 +186,12 @@ export interface NotifyEvent {
  * write those bytes from JavaScript meanwhile.
  */
 export class Batch {
-  /** @hideconstructor */
-  constructor(private readonly inner: NativeBatch) {}
+  private constructor(private readonly inner: NativeBatch) {}
+
+  /** @internal */
+  static of(inner: NativeBatch): Batch {
+    return new Batch(inner)
+  }
 
   /** Resolves when every request completed; rejects with the first failure (a {@link MooncakeError}). Never stays pending: dead peers, timeouts and `close()` settle it. */
   done(): Promise<void> {
@@ -268,18 +291,39 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
   }
 
   /** Opens a segment by name (`host:port` in P2P mode). Cached after the first call. */
-  openSegment(name: string): Promise<Segment> {
-    return nativeAsync(() => this.inner.openSegment(name))
+  async openSegment(name: string): Promise<Segment> {
+    const { id, ...info } = await nativeAsync(() => this.inner.openSegment(name))
+    const segment: Segment = Object.freeze({ name: info.name, buffers: Object.freeze(info.buffers.map((b) => Object.freeze(b))) })
+    handles.set(segment, id)
+    return segment
   }
 
-  /** Writes `local[localOffset, localOffset + length)` to `remoteAddress` in `segment`. */
-  write(segment: Segment, local: Uint8Array, remoteAddress: bigint, length?: number, localOffset?: number): Promise<void> {
-    return this.transfer([{ op: 'write', segment, local, remoteAddress, length, localOffset }])
+  /**
+   * Writes `local[localOffset, localOffset + length)` to `remoteAddress` in `segment`. The
+   * fourth argument is the options object, or `length` (then `localOffset` fifth).
+   */
+  write(segment: Segment, local: Uint8Array, remoteAddress: bigint, options?: ReadWriteOptions | number, localOffset?: number): Promise<void> {
+    return this.oneSided('write', segment, local, remoteAddress, options, localOffset)
   }
 
-  /** Reads `length` bytes at `remoteAddress` in `segment` into `local` at `localOffset`. */
-  read(segment: Segment, local: Uint8Array, remoteAddress: bigint, length?: number, localOffset?: number): Promise<void> {
-    return this.transfer([{ op: 'read', segment, local, remoteAddress, length, localOffset }])
+  /**
+   * Reads `length` bytes at `remoteAddress` in `segment` into `local` at `localOffset`. The
+   * fourth argument is the options object, or `length` (then `localOffset` fifth).
+   */
+  read(segment: Segment, local: Uint8Array, remoteAddress: bigint, options?: ReadWriteOptions | number, localOffset?: number): Promise<void> {
+    return this.oneSided('read', segment, local, remoteAddress, options, localOffset)
+  }
+
+  private oneSided(
+    op: 'read' | 'write',
+    segment: Segment,
+    local: Uint8Array,
+    remoteAddress: bigint,
+    options: ReadWriteOptions | number | undefined,
+    localOffset: number | undefined,
+  ): Promise<void> {
+    const { length, timeoutMs, ...rest } = typeof options === 'object' && options !== null ? options : { length: options, localOffset }
+    return this.transfer([{ op, segment, local, remoteAddress, length, localOffset: rest.localOffset }], timeoutMs === undefined ? undefined : { timeoutMs })
   }
 
   /** Runs a batch and resolves when every request completed; rejects with the first failure. */
@@ -289,7 +333,7 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
 
   /** Submits a batch and returns at once; await {@link Batch.done}. */
   submit(requests: readonly TransferRequest[], options?: TransferOptions): Batch {
-    return new Batch(native(() => this.inner.submit(toNative(requests), options)))
+    return Batch.of(native(() => this.inner.submit(toNative(requests), options)))
   }
 
   /** Sends a notification to a segment; its engine emits `'notify'`. */
@@ -314,8 +358,8 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
   }
 
   /** The transports this engine can use: `'tcp'`, `'shm'` unless shared memory is off, `'rdma'` when it runs. */
-  transports(): string[] {
-    return native(() => this.inner.transports())
+  transports(): TransportName[] {
+    return native(() => this.inner.transports()) as TransportName[]
   }
 
   /** The rails to every peer used so far, keyed by the peer's first data address. */
@@ -345,12 +389,11 @@ function toNative(requests: readonly TransferRequest[]): NativeRequest[] {
     if (typeof request !== 'object' || request === null) throw invalidArgument(`request ${i} is not an object`)
     const { op, segment, local, remoteAddress } = request
     if (!(local instanceof Uint8Array)) throw invalidArgument(`request ${i}: local must be a Buffer or Uint8Array`)
-    if (typeof segment !== 'object' || segment === null || typeof segment.id !== 'bigint') {
-      throw invalidArgument(`request ${i}: segment must come from openSegment()`)
-    }
+    const handle = segmentHandle(segment)
+    if (handle === undefined) throw invalidArgument(`request ${i}: segment must come from openSegment()`)
     if (typeof remoteAddress !== 'bigint') throw invalidArgument(`request ${i}: remoteAddress must be a bigint`)
     const localOffset = request.localOffset ?? 0
     const length = request.length ?? local.byteLength - localOffset
-    return { op, segment: segment.id, local, localOffset, remoteAddress, length }
+    return { op, segment: handle, local, localOffset, remoteAddress, length }
   })
 }

@@ -11,6 +11,7 @@ export {
   type BufferDescriptor,
   type NotifyEvent,
   type PriorityMatrix,
+  type ReadWriteOptions,
   type RailStats,
   type Segment,
   type TaskStatus,
@@ -18,6 +19,7 @@ export {
   type TransferEngineOptions,
   type TransferOptions,
   type TransferRequest,
+  type TransportName,
   type TransportStats,
 } from './engine'
 export { ERROR_CODES, MooncakeError, type MooncakeErrorCode } from './errors'

@@ -12,8 +12,12 @@ export interface MetadataServerOptions {
 
 /** A running HTTP metadata server (Mooncake's `GET/PUT/DELETE /metadata?key=` protocol). */
 export class MetadataServer {
-  /** @hideconstructor */
-  constructor(private readonly inner: NativeMetadataServer) {}
+  private constructor(private readonly inner: NativeMetadataServer) {}
+
+  /** @internal */
+  static of(inner: NativeMetadataServer): MetadataServer {
+    return new MetadataServer(inner)
+  }
 
   /** The URL engines pass as `metadata`: `http://host:port/metadata`. */
   get url(): string {
@@ -34,5 +38,5 @@ export class MetadataServer {
 /** Starts an HTTP metadata server in this process. */
 export async function startMetadataServer(options: MetadataServerOptions = {}): Promise<MetadataServer> {
   const inner = await nativeAsync(() => startNative(options.host ?? '127.0.0.1', options.port ?? 0))
-  return new MetadataServer(inner)
+  return MetadataServer.of(inner)
 }
