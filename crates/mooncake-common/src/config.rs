@@ -19,6 +19,16 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Its name: `auto`, `tcp`, `shm` or `rdma`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Tcp => "tcp",
+            Self::Shm => "shm",
+            Self::Rdma => "rdma",
+        }
+    }
+
     /// Parses `auto`, `tcp`, `shm` or `rdma`.
     pub fn parse(text: &str) -> crate::Result<Self> {
         match text {
@@ -39,7 +49,7 @@ pub struct EngineConfig {
     /// This engine's name: `host` or `host:port`. In P2P mode the published name becomes
     /// `host:<handshake port>`.
     pub local_server_name: String,
-    /// `P2PHANDSHAKE` or `http://host:port/metadata`.
+    /// `P2PHANDSHAKE`, `http://host:port/metadata` or `redis://host:port`.
     pub metadata: String,
     /// Transport choice. Default: auto.
     pub protocol: Protocol,

@@ -742,3 +742,54 @@ async fn private_registrations_serve_local_transfers_only() {
     initiator.close().await;
     target.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_moves_its_own_memory_in_process_and_over_tcp_when_told() {
+    for (protocol, expected) in [
+        (Protocol::Auto, TransportKind::Shm),
+        (Protocol::Tcp, TransportKind::Tcp),
+    ] {
+        let engine = engine_over("P2PHANDSHAKE", "127.0.0.1", protocol).await;
+        let len = 3 << 20;
+        let a = engine.allocate(len).unwrap();
+        let b = engine.allocate(len).unwrap();
+        fill(a.as_ptr(), len, 11);
+        let own = engine.open_segment(engine.segment_name()).await.unwrap();
+        let request =
+            |op, local: &Arc<mooncake_transport::Arena>, remote: u64, n| TransferRequest {
+                op,
+                segment: own.id,
+                local_addr: local.as_ptr() as usize,
+                remote_addr: remote,
+                len: n,
+            };
+        let b_addr = b.as_ptr() as u64;
+        engine
+            .transfer(
+                &[request(Opcode::Write, &a, b_addr, len)],
+                SubmitOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            bytes(b.as_ptr(), len) == bytes(a.as_ptr(), len),
+            "{protocol:?}: write"
+        );
+        // Within one buffer: its second half read into its first.
+        let half = len / 2;
+        let second_half = bytes(b.as_ptr(), len)[half..].to_vec();
+        engine
+            .transfer(
+                &[request(Opcode::Read, &b, b_addr + half as u64, half)],
+                SubmitOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            bytes(b.as_ptr(), half) == &second_half[..],
+            "{protocol:?}: read"
+        );
+        assert_eq!(sent_through(&engine, expected), 2, "{protocol:?}");
+        engine.close().await;
+    }
+}

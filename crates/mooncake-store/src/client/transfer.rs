@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_te::engine::SubmitOptions;
 use mooncake_te::{Opcode, SegmentId as EngineSegment, TransferRequest};
-use mooncake_transport::copy::copy_bytes;
 
 use super::StoreClient;
 use crate::proto;
@@ -152,9 +151,10 @@ impl ReadPace {
 }
 
 impl StoreClient {
-    /// Moves the bytes of every [`Move`]: copies for replicas in this process, one engine batch
-    /// for the rest, every request finishing within `deadline` if one is given. Returns each
-    /// move's outcome by item; once it returns, no byte of any move is still in flight.
+    /// Moves the bytes of every [`Move`] with one engine batch (the engine copies replicas in
+    /// this process itself), every request finishing within `deadline` if one is given.
+    /// Returns each move's outcome by item; once it returns, no byte of any move is still in
+    /// flight.
     pub(super) async fn move_bytes(
         &self,
         work: Vec<Move>,
@@ -162,7 +162,6 @@ impl StoreClient {
     ) -> Vec<(usize, Result<()>)> {
         let mut outcomes = Vec::with_capacity(work.len());
         let mut remote: Vec<(usize, TransferRequest)> = Vec::new();
-        let own = self.engine.segment_name();
         for m in work {
             let Move {
                 item,
@@ -179,18 +178,6 @@ impl StoreClient {
                         format!("a {len}-byte move to a {}-byte replica", replica.size),
                     )),
                 ));
-                continue;
-            }
-            if replica.endpoint == own && self.engine.is_registered(replica.address as usize, len) {
-                let (src, dst) = match op {
-                    Opcode::Write => (local as *const u8, replica.address as *mut u8),
-                    Opcode::Read => (replica.address as *const u8, local as *mut u8),
-                };
-                // SAFETY: both ranges are `len` bytes of registered memory of this process
-                // (checked above, and by the caller for `local`), and distinct: one is in our
-                // segment, the other in the caller's memory.
-                unsafe { copy_bytes(src, dst, len) };
-                outcomes.push((item, Ok(())));
                 continue;
             }
             match self.segment(&replica.endpoint).await {

@@ -5,7 +5,8 @@
 //! - [`local`]: the published descriptor and the handshake listener's answers;
 //! - [`memory`]: registered memory;
 //! - [`batches`]: submission and completion;
-//! - [`routing`]: a transport per request;
+//! - [`transports`]: the transports behind one trait, and the router that picks one;
+//! - [`routing`]: requests cut into slices and dispatched;
 //! - [`notify`]: notifications between segments.
 
 mod batches;
@@ -14,6 +15,7 @@ mod memory;
 mod notify;
 mod routing;
 mod startup;
+mod transports;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +30,7 @@ use mooncake_metadata::handshake::{
 };
 use mooncake_metadata::{BufferDesc, Keys, MetadataBackend, MetadataStore, RpcMeta, SegmentDesc};
 use mooncake_rdma::verbs::Provider;
-use mooncake_rdma::{HandshakeConnector, RdmaOptions, RdmaPeer, RdmaTransport};
+use mooncake_rdma::{HandshakeConnector, RdmaOptions, RdmaTransport};
 use mooncake_topology::{memory_location, DiscoverOptions, PriorityMatrix, Topology};
 use mooncake_transport::rail::{RailPolicy, RailStats};
 use mooncake_transport::shm::{
@@ -53,6 +55,7 @@ use crate::stats::{TransportKind, TransportStats};
 
 use self::local::*;
 use self::routing::*;
+use self::transports::{InProcess, Rdma, Router, SharedMemory, Tcp, Transport};
 
 /// One request of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -108,9 +111,10 @@ pub struct TransferEngine {
     resolver: Resolver,
     handshake: HandshakeServer,
     data: TcpServer,
-    tcp: TcpClient,
+    tcp: Arc<TcpClient>,
     shm_server: Option<ShmServer>,
-    shm: Option<ShmTransport>,
+    shm: Option<Arc<ShmTransport>>,
+    router: Router,
     discovered: Topology,
     matrix: PriorityMatrix,
     stats: TransportStats,
@@ -250,12 +254,8 @@ impl TransferEngine {
         }
         self.handshake.close().await;
         self.data.close().await;
-        self.tcp.close().await;
-        if let Some(rdma) = &self.local.rdma {
-            rdma.close().await;
-        }
-        if let Some(shm) = &self.shm {
-            shm.close().await;
+        for transport in self.router.transports() {
+            transport.close().await;
         }
         self.tracker.close();
         self.tracker.wait().await;

@@ -1,4 +1,5 @@
-//! Routing: a transport per request (shared memory, RDMA or TCP), and what each carried.
+//! Dispatch: a request cut into slices and handed to the transport the router picks, and what
+//! each transport carried.
 
 use super::*;
 
@@ -26,35 +27,16 @@ impl TransferEngine {
             task: task.clone(),
             deadline,
         };
-        match self.route(&segment, &request) {
-            Ok(Route::Tcp) => {
-                self.stats.record(TransportKind::Tcp, request.len);
-                tracing::debug!(segment = %segment.name, len = request.len, "request via tcp");
-                self.tcp.submit(&segment.tcp, pieces.map(slice_at));
-            }
-            Ok(Route::Rdma(rdma, peer)) => {
-                self.stats.record(TransportKind::Rdma, request.len);
-                tracing::debug!(segment = %segment.name, len = request.len, "request via rdma");
-                rdma.submit(&peer, pieces.map(slice_at).collect());
-            }
-            Ok(Route::Shm(transport, peer, remote)) => {
-                self.stats.record(TransportKind::Shm, request.len);
-                tracing::debug!(segment = %segment.name, len = request.len, path = ?peer.path(&remote.buffer), "request via shared memory");
-                let slices = pieces
-                    .map(|(offset, len)| ShmSlice {
-                        op: request.op,
-                        region: region.clone(),
-                        local_addr: request.local_addr + offset,
-                        len,
-                        remote: RemoteRange {
-                            addr: remote.addr + offset as u64,
-                            ..remote
-                        },
-                        task: task.clone(),
-                        deadline,
-                    })
-                    .collect();
-                transport.submit(&peer, slices, copy_here);
+        match self.router.route(&segment, &request) {
+            Ok(transport) => {
+                self.stats.record(transport.kind(), request.len);
+                tracing::debug!(segment = %segment.name, len = request.len, via = transport.kind().name(), "request routed");
+                transport.submit(
+                    &segment,
+                    &request,
+                    pieces.map(slice_at).collect(),
+                    copy_here,
+                );
             }
             Err(error) => {
                 for _ in pieces {
@@ -62,75 +44,6 @@ impl TransferEngine {
                 }
             }
         }
-    }
-
-    /// Under `auto`: shared memory when the target is on this host and the buffer is
-    /// reachable that way, else RDMA when both ends have it and the buffer has remote keys,
-    /// else TCP. A forced protocol takes its own path or fails.
-    pub(super) fn route(
-        &self,
-        segment: &RemoteSegment,
-        request: &TransferRequest,
-    ) -> Result<Route<'_>> {
-        let protocol = self.config.protocol;
-        let mut unreachable = None;
-        if matches!(protocol, Protocol::Auto | Protocol::Shm) {
-            if let (Some(transport), Some(target)) = (&self.shm, segment.same_host()) {
-                let desc = segment.desc();
-                let buffer = desc.buffer_containing(request.remote_addr, request.len as u64);
-                let shared = buffer.and_then(|b| Some((b.addr, shm_buffer(b)?)));
-                if let Some((buffer_addr, buffer)) = shared {
-                    match transport.peer(&target) {
-                        Ok(peer) if peer.path(&buffer).is_some() => {
-                            let remote = RemoteRange {
-                                buffer,
-                                buffer_addr,
-                                addr: request.remote_addr,
-                            };
-                            return Ok(Route::Shm(transport, peer, remote));
-                        }
-                        Ok(_) => {
-                            tracing::debug!(segment = %segment.name, "buffer outside arenas and process_vm not permitted; using tcp")
-                        }
-                        Err(e) => {
-                            tracing::debug!(segment = %segment.name, "same-host peer unreachable ({e}); using tcp");
-                            unreachable = Some(e);
-                        }
-                    }
-                }
-            }
-            if self.config.protocol == Protocol::Shm {
-                return Err(unreachable.unwrap_or_else(|| {
-                    Error::new(
-                        ErrorKind::NotSupportedTransport,
-                        format!(
-                            "no shared-memory path to [{:#x}, +{}) in '{}'",
-                            request.remote_addr, request.len, segment.name
-                        ),
-                    )
-                }));
-            }
-        }
-        if matches!(protocol, Protocol::Auto | Protocol::Rdma) {
-            if let (Some(rdma), Some(peer)) = (&self.local.rdma, segment.rdma()) {
-                let keyed = peer
-                    .buffer_index(request.remote_addr)
-                    .is_some_and(|i| !peer.buffers[i].rkeys.is_empty());
-                if keyed {
-                    return Ok(Route::Rdma(rdma, peer));
-                }
-            }
-            if protocol == Protocol::Rdma {
-                return Err(Error::new(
-                    ErrorKind::NotSupportedTransport,
-                    format!(
-                        "no RDMA path to [{:#x}, +{}) in '{}'",
-                        request.remote_addr, request.len, segment.name
-                    ),
-                ));
-            }
-        }
-        Ok(Route::Tcp)
     }
 
     /// The rails to every peer used so far: TCP ones by the peer's first data address, RDMA
@@ -195,13 +108,6 @@ impl TransferEngine {
             }
         });
     }
-}
-
-/// Where a request goes.
-pub(super) enum Route<'a> {
-    Tcp,
-    Rdma(&'a RdmaTransport, Arc<RdmaPeer>),
-    Shm(&'a ShmTransport, Arc<ShmPeer>, RemoteRange),
 }
 
 /// One request on its way to a transport.

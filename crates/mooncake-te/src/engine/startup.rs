@@ -61,7 +61,7 @@ impl TransferEngine {
                         pid: std::process::id(),
                         probe: control.addr() as u64,
                     };
-                    let transport = ShmTransport::new(tokio::runtime::Handle::current())?;
+                    let transport = Arc::new(ShmTransport::new(tokio::runtime::Handle::current())?);
                     (Some(server), Some((control, target)), Some(transport))
                 }
                 None => (None, None, None),
@@ -83,7 +83,7 @@ impl TransferEngine {
             config.handshake_max_connections,
         )?;
         let data = TcpServer::start(data_listener, registry)?;
-        let tcp = TcpClient::new(
+        let tcp = Arc::new(TcpClient::new(
             TcpClientConfig {
                 lanes_per_peer: config.tcp_lanes_per_peer,
                 connect_timeout: config.connect_timeout,
@@ -94,7 +94,7 @@ impl TransferEngine {
                 },
             },
             tokio::runtime::Handle::current(),
-        );
+        ));
         let keys = Keys::new(config.cluster_id.as_deref());
         let publisher = match &backend {
             MetadataBackend::Store(store) => Some(Arc::new(Publisher {
@@ -104,6 +104,18 @@ impl TransferEngine {
             })),
             MetadataBackend::P2pHandshake => None,
         };
+        let mut transports: Vec<Arc<dyn Transport>> = vec![Arc::new(InProcess {
+            local: local.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        })];
+        if let Some(shm) = &shm {
+            transports.push(Arc::new(SharedMemory(shm.clone())));
+        }
+        if let Some(rdma) = &local.rdma {
+            transports.push(Arc::new(Rdma(rdma.clone())));
+        }
+        transports.push(Arc::new(Tcp(tcp.clone())));
+        let router = Router::new(config.protocol, transports);
         let engine = Arc::new(Self {
             resolver: Resolver {
                 backend,
@@ -118,6 +130,7 @@ impl TransferEngine {
             tcp,
             shm_server,
             shm,
+            router,
             discovered,
             matrix,
             stats: TransportStats::default(),
