@@ -32,7 +32,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::wire::{Header, Op, Status, Version, STATUS_LEN};
+use super::exchange::{ClientExchange, ClientStep, StatusVerdict};
+use super::wire::{Op, Status, Version, STATUS_LEN};
 use crate::rail::{Failure, RailPolicy, RailSet, RailStats};
 use crate::{Opcode, Slice};
 
@@ -567,95 +568,77 @@ impl Lane {
         outcome
     }
 
+    /// Performs the steps of one request ([`ClientExchange`]) on this lane's connection.
     async fn exchange(&mut self, slice: &Slice) -> Result<()> {
         let version = self.path().version;
         let peer = self.path().to_string();
-        let conn = self.connection().await?;
-        let header = Header {
-            size: slice.len as u64,
-            addr: slice.remote_addr,
-            op: match slice.op {
-                Opcode::Read => Op::Read,
-                Opcode::Write => Op::Write,
-            },
-            version,
+        let op = match slice.op {
+            Opcode::Read => Op::Read,
+            Opcode::Write => Op::Write,
         };
+        let plan = ClientExchange::new(op, version, slice.remote_addr, slice.len as u64)
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        let conn = self.connection().await?;
         let io = |e: std::io::Error| Error::socket(format!("data exchange with {peer}"), e);
-        let rejected = || {
-            Error::new(
+        let judge = |frame: Option<Status>| match ClientExchange::on_status(frame) {
+            StatusVerdict::Continue => Ok(()),
+            StatusVerdict::Rejected => Err(Error::new(
                 ErrorKind::AddressNotRegistered,
                 format!(
                     "{peer} rejected {} bytes at {:#x}: not inside one registered buffer",
                     slice.len, slice.remote_addr
                 ),
-            )
+            )),
+            StatusVerdict::Broken => Err(bad_status(&peer, frame)),
         };
-        match (slice.op, version) {
-            (Opcode::Write, Version::V1) => {
-                conn.write_all(&header.encode()).await.map_err(io)?;
-                // SAFETY: the engine checked the range lies in `slice.region`, which the
-                // slice keeps registered and mapped.
-                let payload = unsafe { slice.region.bytes(slice.local_addr, slice.len) };
-                conn.write_all(payload).await.map_err(io)?;
-                if slice.len == 0 {
-                    return Ok(());
+        let mut steps = plan.steps().iter().peekable();
+        while let Some(step) = steps.next() {
+            match step {
+                ClientStep::SendHeader(header) => {
+                    conn.write_all(&header.encode()).await.map_err(io)?;
                 }
-                // v1 acknowledges nothing, and bytes that left our socket may still sit in
-                // the peer's receive buffer: reporting the write then would let a read on
-                // another lane overtake it, and a caller commit bytes that never landed. A
-                // session serves its requests in order, so the answer to this one-byte read
-                // proves the write before it was applied.
-                conn.write_all(&v1_fence(slice)?.encode())
-                    .await
-                    .map_err(io)?;
-                let mut echo = [0u8; 1];
-                conn.read_exact(&mut echo).await.map_err(io).map(drop)
-            }
-            (Opcode::Write, Version::V2) => {
-                // SAFETY: as above.
-                let payload = unsafe { slice.region.bytes(slice.local_addr, slice.len) };
-                let (mut rx, mut tx) = conn.split();
-                let send = async {
-                    tx.write_all(&header.encode()).await?;
-                    tx.write_all(payload).await
-                };
-                // The status is read while the body is still going out, so an early reject
-                // ends the write instead of surfacing as a broken pipe.
-                let status = read_status(&mut rx);
-                tokio::pin!(send, status);
-                tokio::select! {
-                    sent = &mut send => match sent {
-                        Ok(()) => match status.await.map_err(io)? {
-                            Some(Status::Ok) => Ok(()),
-                            Some(Status::AddressRejected) => Err(rejected()),
-                            other => Err(bad_status(&peer, other)),
+                ClientStep::SendPayload => {
+                    // SAFETY: the engine checked the range lies in `slice.region`, which the
+                    // slice keeps registered and mapped.
+                    let payload = unsafe { slice.region.bytes(slice.local_addr, slice.len) };
+                    if steps.next_if_eq(&&ClientStep::ReadStatus).is_none() {
+                        conn.write_all(payload).await.map_err(io)?;
+                        continue;
+                    }
+                    // The status is read while the body is still going out, so an early
+                    // reject ends the write instead of surfacing as a broken pipe.
+                    let (mut rx, mut tx) = conn.split();
+                    let status = read_status(&mut rx);
+                    let send = tx.write_all(payload);
+                    tokio::pin!(send, status);
+                    tokio::select! {
+                        sent = &mut send => match sent {
+                            Ok(()) => judge(status.await.map_err(io)?)?,
+                            Err(e) => match tokio::time::timeout(Duration::from_millis(200), status).await {
+                                Ok(Ok(frame @ Some(Status::AddressRejected))) => judge(frame)?,
+                                _ => return Err(io(e)),
+                            },
                         },
-                        Err(e) => match tokio::time::timeout(Duration::from_millis(200), status).await {
-                            Ok(Ok(Some(Status::AddressRejected))) => Err(rejected()),
-                            _ => Err(io(e)),
+                        early = &mut status => match early.map_err(io)? {
+                            Some(Status::Ok) => return Err(bad_status(&peer, Some(Status::Ok))),
+                            frame => judge(frame)?,
                         },
-                    },
-                    early = &mut status => match early.map_err(io)? {
-                        Some(Status::AddressRejected) => Err(rejected()),
-                        other => Err(bad_status(&peer, other)),
-                    },
-                }
-            }
-            (Opcode::Read, _) => {
-                conn.write_all(&header.encode()).await.map_err(io)?;
-                if version == Version::V2 {
-                    match read_status(conn).await.map_err(io)? {
-                        Some(Status::Ok) => {}
-                        Some(Status::AddressRejected) => return Err(rejected()),
-                        other => return Err(bad_status(&peer, other)),
                     }
                 }
-                // SAFETY: the range lies in `slice.region` (checked by the engine) and the
-                // transfer rule keeps everyone else off it until the slice settles.
-                let target = unsafe { slice.region.bytes_mut(slice.local_addr, slice.len) };
-                conn.read_exact(target).await.map_err(io).map(drop)
+                ClientStep::ReadStatus => judge(read_status(conn).await.map_err(io)?)?,
+                ClientStep::ReadPayload => {
+                    // SAFETY: the range lies in `slice.region` (checked by the engine) and the
+                    // transfer rule keeps everyone else off it until the slice settles.
+                    let target = unsafe { slice.region.bytes_mut(slice.local_addr, slice.len) };
+                    conn.read_exact(target).await.map_err(io)?;
+                }
+                ClientStep::ReadFence => {
+                    let mut echo = [0u8; 1];
+                    conn.read_exact(&mut echo).await.map_err(io)?;
+                }
             }
         }
+        Ok(())
     }
 
     async fn connection(&mut self) -> Result<&mut TcpStream> {
@@ -719,23 +702,6 @@ async fn connect(path: &TcpPath) -> std::io::Result<TcpStream> {
     stream.set_nodelay(true)?;
     socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(USER_TIMEOUT))?;
     Ok(stream)
-}
-
-/// The one-byte v1 read that follows a non-empty v1 write on its connection: the write's
-/// last byte, which lies in the range the server just accepted.
-fn v1_fence(slice: &Slice) -> Result<Header> {
-    let last = slice
-        .len
-        .checked_sub(1)
-        .and_then(|last| u64::try_from(last).ok())
-        .and_then(|last| slice.remote_addr.checked_add(last))
-        .ok_or_else(|| Error::invalid(format!("{slice:?} wraps the address space")))?;
-    Ok(Header {
-        size: 1,
-        addr: last,
-        op: Op::Read,
-        version: Version::V1,
-    })
 }
 
 async fn read_status<R: AsyncReadExt + Unpin>(reader: &mut R) -> std::io::Result<Option<Status>> {

@@ -12,7 +12,8 @@ use mooncake_common::{Error, Result, Service};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::wire::{Header, Op, Status, Version, HEADER_LEN};
+use super::exchange::{serve, ServerStep};
+use super::wire::{Header, HEADER_LEN};
 use crate::memory::MemoryRegistry;
 
 /// A running data server.
@@ -75,33 +76,36 @@ async fn session(mut stream: TcpStream, registry: &MemoryRegistry) -> Result<(),
         let range = usize::try_from(request.addr)
             .ok()
             .zip(usize::try_from(request.size).ok());
-        let Some(region) = range.and_then(|(addr, len)| registry.find_remote(addr, len)) else {
-            if request.version == Version::V2 {
-                stream.write_all(&Status::AddressRejected.encode()).await?;
-            }
-            return Err(SessionError::Rejected {
-                addr: request.addr,
-                size: request.size,
-            });
-        };
-        let (addr, len) = (request.addr as usize, request.size as usize);
-        match request.op {
-            Op::Write => {
-                // SAFETY: `find` proved the range lies inside `region`, which stays mapped
-                // while we hold it; peers writing registered memory is the engine's contract.
-                let target = unsafe { region.bytes_mut(addr, len) };
-                stream.read_exact(target).await?;
-                if request.version == Version::V2 {
-                    stream.write_all(&Status::Ok.encode()).await?;
+        let region = range.and_then(|(addr, len)| registry.find_remote(addr, len));
+        for step in serve(&request, region.is_some()) {
+            // `serve` asks for the payload only of a range `region` holds.
+            let (Some(region), Some((addr, len))) = (&region, range) else {
+                match step {
+                    ServerStep::SendStatus(status) => stream.write_all(&status.encode()).await?,
+                    _ => {
+                        return Err(SessionError::Rejected {
+                            addr: request.addr,
+                            size: request.size,
+                        })
+                    }
                 }
-            }
-            Op::Read => {
-                if request.version == Version::V2 {
-                    stream.write_all(&Status::Ok.encode()).await?;
+                continue;
+            };
+            match step {
+                ServerStep::ReadPayload => {
+                    // SAFETY: `find_remote` proved the range lies inside `region`, which stays
+                    // mapped while we hold it; peers writing registered memory is the
+                    // engine's contract.
+                    let target = unsafe { region.bytes_mut(addr, len) };
+                    stream.read_exact(target).await?;
                 }
-                // SAFETY: as above, for reading.
-                let source = unsafe { region.bytes(addr, len) };
-                stream.write_all(source).await?;
+                ServerStep::SendPayload => {
+                    // SAFETY: as above, for reading.
+                    let source = unsafe { region.bytes(addr, len) };
+                    stream.write_all(source).await?;
+                }
+                ServerStep::SendStatus(status) => stream.write_all(&status.encode()).await?,
+                ServerStep::Close => return Ok(()),
             }
         }
     }
