@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::*;
-use crate::master::types::{WriteConfig, WriteGrant};
+use crate::master::types::{ReplicaDesc, WriteConfig, WriteGrant};
 
 const CLIENTS: usize = 3;
 const KEYS: usize = 6;

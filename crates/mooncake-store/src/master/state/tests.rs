@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::master::types::{WriteConfig, WriteId};
+use crate::master::types::{ReplicaDesc, WriteConfig, WriteId};
 
 const MIB: u64 = 1 << 20;
 
