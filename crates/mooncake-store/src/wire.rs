@@ -23,27 +23,38 @@ pub fn to_outcome(result: &Result<()>) -> proto::Outcome {
             code: e.kind().errno().unwrap_or(-1),
             error: e.kind().code().to_owned(),
             message: e.message().to_owned(),
+            kind: to_kind(e.kind()),
         },
     }
 }
 
-/// A per-key outcome back to a result. A missing outcome is a broken reply, not a success.
+/// A kind as the proto's `ErrorKind` numbers it: its place in the catalogue, from 1.
+fn to_kind(kind: ErrorKind) -> i32 {
+    ErrorKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .and_then(|i| i32::try_from(i + 1).ok())
+        .unwrap_or(0)
+}
+
+/// A per-key outcome back to a result. A missing outcome is a broken reply, not a success; a
+/// kind this side does not know is an internal error.
 pub fn from_outcome(outcome: Option<&proto::Outcome>) -> Result<()> {
-    match outcome {
-        None => Err(Error::new(
+    let Some(o) = outcome else {
+        return Err(Error::new(
             ErrorKind::Protocol,
             "the master's reply carries no outcome",
-        )),
-        Some(o) if o.code == 0 => Ok(()),
-        Some(o) => {
-            let kind = ErrorKind::ALL
-                .iter()
-                .copied()
-                .find(|k| k.code() == o.error)
-                .unwrap_or(ErrorKind::InternalError);
-            Err(Error::new(kind, o.message.clone()))
-        }
+        ));
+    };
+    if o.kind == 0 && o.code == 0 {
+        return Ok(());
     }
+    let kind = usize::try_from(o.kind)
+        .ok()
+        .and_then(|i| i.checked_sub(1))
+        .and_then(|i| ErrorKind::ALL.get(i).copied())
+        .unwrap_or(ErrorKind::InternalError);
+    Err(Error::new(kind, o.message.clone()))
 }
 
 /// `u128` to the wire.
@@ -152,5 +163,26 @@ pub fn to_status(error: &Error) -> Status {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::ObjectNotFound | ErrorKind::SegmentNotFound => Status::not_found(message),
         _ => Status::failed_precondition(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_protos_kinds_are_the_catalogue() {
+        for kind in ErrorKind::ALL {
+            let wire = proto::ErrorKind::try_from(to_kind(*kind)).unwrap();
+            assert_eq!(wire.as_str_name(), kind.code());
+            let outcome = to_outcome(&Err(Error::new(*kind, "x")));
+            assert_eq!(from_outcome(Some(&outcome)).unwrap_err().kind(), *kind);
+        }
+        assert_eq!(
+            proto::ErrorKind::try_from(ErrorKind::ALL.len() as i32 + 1).ok(),
+            None
+        );
+        assert!(from_outcome(Some(&proto::Outcome::default())).is_ok());
+        assert_eq!(from_outcome(None).unwrap_err().kind(), ErrorKind::Protocol);
     }
 }
