@@ -104,3 +104,13 @@ export const CONTENDED_STORE_CODES: ReadonlySet<string> = new Set([
   'ERR_NO_AVAILABLE_HANDLE',
   'ERR_LEASE_EXPIRED',
 ])
+
+/** What a torture worker saw: operations, reads and how many were verified, wrong reads, codes. */
+export interface TortureReport {
+  worker: number
+  ops: number
+  reads: number
+  verified: number
+  wrong: string[]
+  codes: Record<string, number>
+}

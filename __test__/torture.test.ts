@@ -7,16 +7,7 @@ import { createInterface } from 'node:readline'
 import test from 'ava'
 
 import { MasterServer } from '../src'
-import { CONTENDED_STORE_CODES, runFixture } from './helpers'
-
-interface Report {
-  worker: number
-  ops: number
-  reads: number
-  verified: number
-  wrong: string[]
-  codes: Record<string, number>
-}
+import { CONTENDED_STORE_CODES, runFixture, type TortureReport as Report } from './helpers'
 
 const SECONDS = Number(process.env.MOONCAKE_TORTURE_SECONDS ?? 40)
 
