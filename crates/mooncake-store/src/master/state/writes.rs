@@ -36,26 +36,15 @@ impl Master {
             self.discard_object(key, now);
         }
         let replicas = self.allocate(now, key, size, config)?;
-        let object = Object {
-            size,
-            write: self.new_write(),
-            writer: client,
-            put_start: now,
-            replicas,
-            lease_until: now,
-            soft_pin_until: None,
-            pending_soft_pin: config.soft_pin,
-            hard_pinned: config.hard_pin,
-        };
+        let object = self.new_object(now, client, size, config, replicas);
         Ok(self.insert_writing(key, object))
     }
 
     /// Insert or update. Absent keys behave as [`put_start`](Self::put_start). A readable
     /// object of the same size, with at least the replicas asked for, that no reader holds a
-    /// lease on is rewritten in place (its
-    /// replicas go back to PROCESSING with new ids and the same addresses); otherwise new
-    /// space is allocated and the old replicas are parked until their readers' leases end.
-    /// A write in progress is preempted.
+    /// lease on is rewritten in place (its replicas go back to PROCESSING with new ids and the
+    /// same addresses); otherwise new space is allocated and the old replicas are parked until
+    /// their readers' leases end. A write in progress is preempted.
     pub fn upsert_start(
         &mut self,
         now: Instant,
@@ -96,18 +85,33 @@ impl Master {
             self.stats.put_start_discards += 1;
         }
         self.discard_object(key, now);
-        let object = Object {
+        // The replaced object's pins pass on.
+        let mut object = self.new_object(now, client, size, config, replicas);
+        object.soft_pin_until = soft_pin_until;
+        object.hard_pinned |= hard_pinned;
+        Ok(self.insert_writing(key, object))
+    }
+
+    /// A new object whose write fills freshly allocated `replicas`.
+    fn new_object(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        size: u64,
+        config: &WriteConfig,
+        replicas: Vec<super::Replica>,
+    ) -> Object {
+        Object {
             size,
             write: self.new_write(),
             writer: client,
             put_start: now,
             replicas,
             lease_until: now,
-            soft_pin_until,
+            soft_pin_until: None,
             pending_soft_pin: config.soft_pin,
-            hard_pinned: hard_pinned || config.hard_pin,
-        };
-        Ok(self.insert_writing(key, object))
+            hard_pinned: config.hard_pin,
+        }
     }
 
     /// Phase two: the writer moved the bytes of `write`; its replicas become readable. Ending
