@@ -3,8 +3,7 @@
 
 use super::*;
 
-/// A boxed future, for object-safe async traits.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use mooncake_metadata::store::BoxFuture;
 
 /// The active side of the RDMA handshake: delivers a Connection message to a peer's
 /// handshake listener and returns its reply.

@@ -7,6 +7,7 @@
 //! - [`Tcp`]: anyone, over Mooncake's TCP data protocol.
 
 use super::*;
+use mooncake_metadata::store::BoxFuture;
 use mooncake_transport::copy::copy_bytes;
 
 /// One way of moving slices.
@@ -31,10 +32,6 @@ pub(crate) trait Transport: Send + Sync {
     /// Stops: every slice still pending settles.
     fn close(&self) -> BoxFuture<'_, ()>;
 }
-
-/// A boxed, sendable future.
-pub(crate) type BoxFuture<'a, T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// The transports in the order `auto` tries them, and the protocol that limits the choice.
 pub(crate) struct Router {
