@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use mooncake_common::{Error, ErrorKind, Result};
 
+use crate::etcd::EtcdStore;
 use crate::http::HttpStore;
 use crate::redis::RedisStore;
 use crate::store::MetadataStore;
@@ -29,8 +30,8 @@ impl std::fmt::Debug for MetadataBackend {
 }
 
 /// Picks a backend from a Mooncake connection string: `P2PHANDSHAKE`,
-/// `http://host:port/path`, `redis://host:port`. A string without `proto://` means etcd, as in
-/// Mooncake.
+/// `http://host:port/path`, `redis://host:port`, `etcd://h1:2379,h2:2379`. A string without
+/// `proto://` means etcd, as in Mooncake (`h1:2379;h2:2379`). Stores connect on first use.
 pub fn connect(conn: &str) -> Result<MetadataBackend> {
     let conn = conn.trim();
     if conn == "P2PHANDSHAKE" {
@@ -42,9 +43,10 @@ pub fn connect(conn: &str) -> Result<MetadataBackend> {
         "redis" => Ok(MetadataBackend::Store(Arc::new(RedisStore::new(
             conn,
         )?))),
-        "etcd" | "https" => Err(Error::new(
+        "etcd" => Ok(MetadataBackend::Store(Arc::new(EtcdStore::new(conn)?))),
+        "https" => Err(Error::new(
             ErrorKind::NotImplemented,
-            format!("the '{proto}' metadata backend is not available in this build; use P2PHANDSHAKE, http:// or redis://"),
+            format!("the '{proto}' metadata backend is not available in this build; use P2PHANDSHAKE, http://, redis:// or etcd://"),
         )),
         other => Err(Error::invalid(format!(
             "unknown metadata backend '{other}' in '{conn}'"
@@ -70,8 +72,23 @@ mod tests {
             connect("redis://127.0.0.1:6379").unwrap(),
             MetadataBackend::Store(_)
         ));
+        for etcd in [
+            "10.0.0.1:2379",
+            "10.0.0.1:2379;10.0.0.2:2379",
+            "etcd://10.0.0.1:2379,10.0.0.2:2379",
+            "etcd://10.0.0.1:2379;10.0.0.2:2379",
+        ] {
+            assert!(
+                matches!(connect(etcd).unwrap(), MetadataBackend::Store(_)),
+                "{etcd}"
+            );
+        }
         assert_eq!(
-            connect("10.0.0.1:2379").unwrap_err().kind(),
+            connect("etcd://").unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            connect("https://10.0.0.1/metadata").unwrap_err().kind(),
             ErrorKind::NotImplemented
         );
         assert_eq!(

@@ -8,9 +8,11 @@
 //! - [`backend`]: [`connect`], which picks a backend from a connection string;
 //! - [`http`]: the HTTP backend (client) and the embedded HTTP metadata server;
 //! - [`redis`]: the Redis backend;
+//! - [`etcd`]: the etcd backend (Mooncake's default);
 //! - [`handshake`]: Mooncake's handshake framing (sans-IO), its listener and its client.
 
 pub mod backend;
+pub mod etcd;
 pub mod handshake;
 pub mod http;
 pub mod keys;

@@ -1,5 +1,5 @@
-//! Where segment descriptors live: [`MetadataStore`], a key/value store of JSON strings (HTTP
-//! and Redis now; etcd plugs in behind the same trait), and an in-process one.
+//! Where segment descriptors live: [`MetadataStore`], a key/value store of JSON strings (HTTP,
+//! Redis and etcd), and an in-process one.
 
 use std::collections::HashMap;
 use std::future::Future;

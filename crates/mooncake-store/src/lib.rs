@@ -19,4 +19,9 @@ pub mod wire;
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod proto {
     tonic::include_proto!("mooncake.store.v1");
+
+    /// Code generated from `proto/mooncake_journal.proto`: the master's log.
+    pub mod journal {
+        tonic::include_proto!("mooncake.store.v1.journal");
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use mooncake_common::{pattern, EngineConfig, ErrorKind};
 use mooncake_store::client::{StoreClient, StoreConfig};
-use mooncake_store::master::service::{MasterService, OpCounters};
+use mooncake_store::master::service::{MasterService, OpCounters, Role};
 use mooncake_store::master::{Master, MasterConfig, WriteConfig};
 use mooncake_store::proto::master_server::{Master as Rpc, MasterServer as Grpc};
 use mooncake_store::proto::*;
@@ -122,7 +122,8 @@ liar! {
 /// A lying master on loopback, and its address.
 async fn liar(lie: Lie) -> String {
     let state = Arc::new(Mutex::new(Master::new(MasterConfig::default()).unwrap()));
-    let honest = MasterService::new(state, Arc::new(OpCounters::default()));
+    let (_, leading) = tokio::sync::watch::channel(Role::Leader(None));
+    let honest = MasterService::new(state, leading, Arc::new(OpCounters::default()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use clap::Parser;
-use mooncake_store::master::{AllocationStrategy, MasterConfig, MasterServer, MasterServerConfig};
+use mooncake_store::master::{
+    AllocationStrategy, Durability, HaConfig, MasterConfig, MasterServer, MasterServerConfig,
+};
 
 /// Mooncake Store master.
 #[derive(Debug, Parser)]
@@ -55,6 +57,19 @@ struct Args {
     /// Space of abandoned writes is freed this long after their start (seconds).
     #[arg(long, alias = "put_start_release_timeout_sec", default_value_t = 600)]
     put_start_release_timeout_sec: u64,
+    /// Keep the metadata log and snapshots here (fsync'd): a restarted master recovers every
+    /// acknowledged object.
+    #[arg(long, alias = "data_dir", conflicts_with = "enable_ha")]
+    data_dir: Option<std::path::PathBuf>,
+    /// High availability: elect a leader through etcd and keep the metadata log there.
+    #[arg(long, alias = "enable_ha", requires = "etcd_endpoints")]
+    enable_ha: bool,
+    /// etcd endpoints for HA, `h1:2379;h2:2379`.
+    #[arg(long, visible_alias = "ha-backend-connstring", aliases = ["etcd_endpoints", "ha_backend_connstring"])]
+    etcd_endpoints: Option<String>,
+    /// Masters of one cluster share it; clients set MC_STORE_CLUSTER_ID to the same.
+    #[arg(long, alias = "cluster_id", default_value = "mooncake_cluster")]
+    cluster_id: String,
 }
 
 fn duration(text: &str, bare: f64) -> Result<Duration, String> {
@@ -96,7 +111,19 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    let durability = match (&args.data_dir, args.enable_ha, &args.etcd_endpoints) {
+        (_, true, Some(endpoints)) => match HaConfig::new(endpoints, &args.cluster_id) {
+            Ok(ha) => Durability::Etcd(ha),
+            Err(e) => {
+                eprintln!("mooncake-master: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        },
+        (Some(dir), _, _) => Durability::Disk(dir.clone()),
+        _ => Durability::Memory,
+    };
     let config = MasterServerConfig {
+        durability,
         host: args.rpc_address,
         rpc_port: args.rpc_port,
         metrics_port: Some(args.metrics_port),
@@ -130,9 +157,25 @@ async fn main() -> std::process::ExitCode {
     if let Some(url) = server.metadata_url() {
         println!("metadata server: {url}");
     }
-    let _ = tokio::signal::ctrl_c().await;
+    stopped().await;
     server.close().await;
     std::process::ExitCode::SUCCESS
+}
+
+/// SIGINT or SIGTERM: a leader then hands over at once instead of letting its lease run out.
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn tracing_subscriber_init() {

@@ -9,9 +9,13 @@
 //! - [`config`]: the master's knobs and Mooncake's defaults;
 //! - [`types`]: ids, replica descriptors, write configuration;
 //! - [`service`]: the gRPC service over the state machine;
+//! - [`log`]: the durable log of what the master acknowledged (local disk or etcd);
+//! - [`ha`]: leader election through etcd, and standbys that follow the leader's log;
 //! - [`server`]: a running master: RPC, periodic tick, admin HTTP, embedded metadata server.
 
 pub mod config;
+pub mod ha;
+pub mod log;
 pub mod placement;
 pub mod server;
 pub mod service;
@@ -20,7 +24,8 @@ pub mod types;
 mod state;
 
 pub use config::{AllocationStrategy, MasterConfig};
-pub use server::{MasterServer, MasterServerConfig};
+pub use ha::HaConfig;
+pub use server::{Durability, MasterServer, MasterServerConfig};
 pub use state::{Master, MasterStats, SegmentReport};
 pub use types::{
     ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,10 +14,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use mooncake_common::{Error, Result};
 use mooncake_metadata::http::MetadataServer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::service::{MasterService, OpCounters};
+use super::ha::{self, HaConfig, HaStatus};
+use super::log::disk::DiskLog;
+use super::log::{Log, LogStore, SnapshotPolicy};
+use super::service::{MasterService, OpCounters, Role};
 use super::{Master, MasterConfig};
 use crate::proto::master_server::MasterServer as GrpcMaster;
 
@@ -36,6 +41,20 @@ pub struct MasterServerConfig {
     pub http_metadata_port: Option<u16>,
     /// The state machine's configuration.
     pub master: MasterConfig,
+    /// Where the metadata survives a restart. Default: nowhere.
+    pub durability: Durability,
+}
+
+/// Where a master keeps what it acknowledged.
+#[derive(Debug, Clone, Default)]
+pub enum Durability {
+    /// In memory only: a restart forgets every object (Mooncake's default).
+    #[default]
+    Memory,
+    /// A log and snapshots in a local directory, fsync'd: a restarted master recovers.
+    Disk(PathBuf),
+    /// High availability: masters elect a leader through etcd and keep the log there.
+    Etcd(HaConfig),
 }
 
 impl Default for MasterServerConfig {
@@ -46,6 +65,7 @@ impl Default for MasterServerConfig {
             metrics_port: Some(9003),
             http_metadata_port: None,
             master: MasterConfig::default(),
+            durability: Durability::Memory,
         }
     }
 }
@@ -64,6 +84,9 @@ impl MasterServer {
     pub async fn start(config: MasterServerConfig) -> Result<Self> {
         let state = Arc::new(Mutex::new(Master::new(config.master.clone())?));
         let counters = Arc::new(OpCounters::default());
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (role_tx, role) = watch::channel(Role::Standby);
         let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.rpc_port))
             .await
             .map_err(|e| {
@@ -75,10 +98,34 @@ impl MasterServer {
         let rpc_addr = listener
             .local_addr()
             .map_err(|e| Error::socket("master RPC address", e))?;
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let ha = match &config.durability {
+            Durability::Memory => {
+                role_tx.send_replace(Role::Leader(None));
+                None
+            }
+            Durability::Disk(dir) => {
+                let log = recover_from_disk(dir, &state, &shutdown, &tracker).await?;
+                role_tx.send_replace(Role::Leader(Some(log)));
+                None
+            }
+            Durability::Etcd(ha) => {
+                let advertised = ha.advertised(&config.host, rpc_addr.port());
+                Some(ha::start(
+                    ha.clone(),
+                    advertised,
+                    state.clone(),
+                    role_tx,
+                    shutdown.clone(),
+                    &tracker,
+                )?)
+            }
+        };
 
-        let service = GrpcMaster::new(MasterService::new(state.clone(), counters.clone()));
+        let service = GrpcMaster::new(MasterService::new(
+            state.clone(),
+            role.clone(),
+            counters.clone(),
+        ));
         let stop = shutdown.clone();
         tracker.spawn(async move {
             // A reply's trailers go out in a write of their own; without TCP_NODELAY they wait
@@ -94,14 +141,24 @@ impl MasterServer {
             }
         });
 
-        let (ticked, stop) = (state.clone(), shutdown.clone());
+        let (ticked, stop, ticker_role) = (state.clone(), shutdown.clone(), role.clone());
         tracker.spawn(async move {
             let mut interval = tokio::time::interval(TICK);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = interval.tick() => lock(&ticked).tick(Instant::now()),
+                    _ = interval.tick() => {
+                        let Role::Leader(log) = ticker_role.borrow().clone() else {
+                            continue;
+                        };
+                        let mut master = lock(&ticked);
+                        master.tick(Instant::now());
+                        // Evictions and dropped segments are changes too.
+                        if let Some(log) = log {
+                            log.submit(&mut master);
+                        }
+                    }
                 }
             }
         });
@@ -120,7 +177,12 @@ impl MasterServer {
                 let addr = listener
                     .local_addr()
                     .map_err(|e| Error::socket("admin HTTP address", e))?;
-                let app = admin_routes(Admin { state, counters });
+                let app = admin_routes(Admin {
+                    state,
+                    counters,
+                    role,
+                    ha,
+                });
                 let stop = shutdown.clone();
                 tracker.spawn(async move {
                     let served = axum::serve(listener, app)
@@ -177,10 +239,54 @@ fn lock(state: &Mutex<Master>) -> std::sync::MutexGuard<'_, Master> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Loads what `dir` holds, starts its log, and makes the new epoch durable.
+async fn recover_from_disk(
+    dir: &std::path::Path,
+    state: &Arc<Mutex<Master>>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Log> {
+    let store = Arc::new(DiskLog::open(dir)?);
+    let recovered = store.load().await?;
+    let now = Instant::now();
+    let (objects, entries) = (
+        recovered.snapshot.as_ref().map_or(0, |s| s.objects.len()),
+        recovered.entries.len(),
+    );
+    {
+        let mut master = lock(state);
+        let config = master.config().clone();
+        *master = Master::recover(config, now, recovered.snapshot, recovered.entries)?;
+        master.begin_epoch(now);
+    }
+    let log = Log::start(
+        store,
+        state.clone(),
+        SnapshotPolicy::default(),
+        shutdown.clone(),
+        tracker,
+        None,
+    );
+    let seq = log.submit(&mut lock(state));
+    if let Some(seq) = seq {
+        log.durable(seq).await?;
+    }
+    tracing::info!(
+        dir = %dir.display(),
+        snapshot_objects = objects,
+        entries,
+        keys = lock(state).keys().len(),
+        "metadata recovered"
+    );
+    Ok(log)
+}
+
 #[derive(Clone)]
 struct Admin {
     state: Arc<Mutex<Master>>,
     counters: Arc<OpCounters>,
+    role: watch::Receiver<Role>,
+    ha: Option<HaStatus>,
 }
 
 #[derive(serde::Deserialize)]
@@ -191,12 +297,7 @@ struct KeyQuery {
 fn admin_routes(admin: Admin) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route(
-            "/health",
-            get(|| async {
-                Json(serde_json::json!({ "status": "ok", "role": "leader", "service_ready": true }))
-            }),
-        )
+        .route("/health", get(health))
         .route("/query_key", get(query_key))
         .route(
             "/get_all_keys",
@@ -205,6 +306,34 @@ fn admin_routes(admin: Admin) -> Router {
         .route("/get_all_segments", get(all_segments))
         .route("/get_segments_detail", get(segments_detail))
         .with_state(admin)
+}
+
+async fn health(State(admin): State<Admin>) -> Json<serde_json::Value> {
+    let role = admin.role.borrow().clone();
+    let applied = lock(&admin.state).last_seq();
+    let (role_name, log) = match &role {
+        Role::Leader(log) => ("leader", log.as_ref().map(Log::progress)),
+        Role::Standby => ("standby", None),
+    };
+    let mut body = serde_json::json!({
+        "status": "ok",
+        "role": role_name,
+        "service_ready": matches!(role, Role::Leader(_)),
+        "applied_seq": applied,
+    });
+    if let Some(log) = log {
+        body["durable_seq"] = log.durable.into();
+        body["log_failed"] = log.failed.into();
+    }
+    if let Some(ha) = &admin.ha {
+        let status = ha.snapshot();
+        body["leader"] = status.leader.into();
+        body["view_version"] = status.view_version.into();
+        body["leader_seq"] = status.leader_seq.into();
+        body["lag"] = status.leader_seq.saturating_sub(applied).into();
+        body["failovers"] = status.promotions.into();
+    }
+    Json(body)
 }
 
 async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
@@ -292,6 +421,69 @@ async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
         "counter",
         stats.put_start_releases,
     );
+    let applied = lock(&admin.state).last_seq();
+    gauge(
+        "master_log_applied_seq",
+        "The last log entry this master applied or wrote.",
+        "gauge",
+        applied,
+    );
+    if let Role::Leader(Some(log)) = &*admin.role.borrow() {
+        let progress = log.progress();
+        gauge(
+            "master_log_durable_seq",
+            "The last durable log entry.",
+            "gauge",
+            progress.durable,
+        );
+        gauge(
+            "master_log_appends_total",
+            "Writes to the log (each carries one or more entries).",
+            "counter",
+            progress.appends,
+        );
+        gauge(
+            "master_log_entries_total",
+            "Log entries written.",
+            "counter",
+            progress.entries,
+        );
+        gauge(
+            "master_log_snapshots_total",
+            "Snapshots that replaced the log.",
+            "counter",
+            progress.snapshots,
+        );
+        if let Some(at) = progress.snapshot_at {
+            gauge(
+                "master_log_snapshot_age_seconds",
+                "Seconds since the last snapshot.",
+                "gauge",
+                at.elapsed().as_secs(),
+            );
+        }
+    }
+    if let Some(ha) = &admin.ha {
+        let status = ha.snapshot();
+        gauge(
+            "master_ha_failovers_total",
+            "Times this master became the leader.",
+            "counter",
+            status.promotions,
+        );
+        gauge(
+            "master_ha_is_leader",
+            "1 while this master leads.",
+            "gauge",
+            u64::from(matches!(&*admin.role.borrow(), Role::Leader(_))),
+        );
+        gauge(
+            "master_ha_log_lag_entries",
+            "Entries the leader has written that this master has not applied.",
+            "gauge",
+            status.leader_seq.saturating_sub(applied),
+        );
+    }
     for (op, requests, failures) in admin.counters.snapshot() {
         let _ = writeln!(
             out,

@@ -5,8 +5,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use super::log::Log;
 use super::types::{ClientId, ClientStatus, ReplicaDesc, SegmentId, WriteGrant, WriteId};
 use super::Master;
 use crate::proto;
@@ -41,23 +43,80 @@ impl OpCounters {
     }
 }
 
-/// The service: the state machine behind a lock, and counters.
+/// What this master is doing now.
+#[derive(Clone, Default)]
+pub enum Role {
+    /// Serving; with a log, a change is acknowledged only once its entry is durable.
+    Leader(Option<Log>),
+    /// Following the leader's log; serves nothing.
+    #[default]
+    Standby,
+}
+
+/// The service: the state machine behind a lock, this master's role, and counters.
 #[derive(Clone)]
 pub struct MasterService {
     state: Arc<Mutex<Master>>,
+    role: watch::Receiver<Role>,
     counters: Arc<OpCounters>,
 }
 
 impl MasterService {
-    /// Serves `state`.
-    pub fn new(state: Arc<Mutex<Master>>, counters: Arc<OpCounters>) -> Self {
-        Self { state, counters }
+    /// Serves `state` while `role` says it leads.
+    pub fn new(
+        state: Arc<Mutex<Master>>,
+        role: watch::Receiver<Role>,
+        counters: Arc<OpCounters>,
+    ) -> Self {
+        Self {
+            state,
+            role,
+            counters,
+        }
     }
 
-    fn master(&self) -> MutexGuard<'_, Master> {
+    /// The state, when this master serves.
+    fn master(&self) -> std::result::Result<MutexGuard<'_, Master>, Status> {
+        self.leading()?;
         // Every state-machine method leaves the state consistent even when it returns early.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
+
+    /// This master's log when it leads (`None` without one), or why it does not serve.
+    fn leading(&self) -> std::result::Result<Option<Log>, Status> {
+        match &*self.role.borrow() {
+            Role::Leader(Some(log)) if !log.healthy() => Err(unavailable(
+                "this master can no longer make changes durable; it acknowledges nothing",
+            )),
+            Role::Leader(log) => Ok(log.clone()),
+            Role::Standby => Err(unavailable("this master is a standby; ask the leader")),
+        }
+    }
+
+    /// Runs `change` under the lock, queues the log entry it produced before any other change
+    /// can take the lock, and waits until that entry is durable.
+    async fn durably<T>(
+        &self,
+        change: impl FnOnce(&mut Master) -> T,
+    ) -> std::result::Result<T, Status> {
+        let log = self.leading()?;
+        let (out, seq) = {
+            let mut master = self.master()?;
+            let out = change(&mut master);
+            (out, log.as_ref().and_then(|log| log.submit(&mut master)))
+        };
+        if let (Some(log), Some(seq)) = (log, seq) {
+            log.durable(seq).await.map_err(|e| to_status(&e))?;
+        }
+        Ok(out)
+    }
+}
+
+fn unavailable(message: &str) -> Status {
+    Status::unavailable(format!(
+        "[{}] {message}",
+        ErrorKind::UnavailableInCurrentStatus.code()
+    ))
 }
 
 fn uuid(value: Option<proto::Uuid>, what: &str) -> std::result::Result<u128, Status> {
@@ -100,7 +159,7 @@ fn replica_list(result: Result<(Vec<ReplicaDesc>, Duration)>) -> proto::GetRepli
 type Reply<T> = std::result::Result<Response<T>, Status>;
 
 impl MasterService {
-    fn batch_start(
+    async fn batch_start(
         &self,
         op: &'static str,
         request: proto::BatchPutStartRequest,
@@ -116,22 +175,24 @@ impl MasterService {
         }
         let config = from_write_config(request.config);
         let now = Instant::now();
-        let results: Vec<_> = {
-            let mut master = self.master();
-            request
-                .keys
-                .iter()
-                .zip(&request.sizes)
-                .map(|(key, size)| {
-                    let r = if upsert {
-                        master.upsert_start(now, client, key, *size, &config)
-                    } else {
-                        master.put_start(now, client, key, *size, &config)
-                    };
-                    put_response(r)
-                })
-                .collect()
-        };
+        // An upsert in place stops the log vouching for the old bytes before they change.
+        let results: Vec<_> = self
+            .durably(|master| {
+                request
+                    .keys
+                    .iter()
+                    .zip(&request.sizes)
+                    .map(|(key, size)| {
+                        let r = if upsert {
+                            master.upsert_start(now, client, key, *size, &config)
+                        } else {
+                            master.put_start(now, client, key, *size, &config)
+                        };
+                        put_response(r)
+                    })
+                    .collect()
+            })
+            .await?;
         self.counters.count(
             op,
             results.len(),
@@ -144,7 +205,7 @@ impl MasterService {
     }
 
     /// Ends or revokes writes: every key with the write id its start returned.
-    fn batch_writes(
+    async fn batch_writes(
         &self,
         op: &'static str,
         request: proto::BatchKeysRequest,
@@ -158,25 +219,26 @@ impl MasterService {
                 request.write_ids.len()
             )));
         }
-        let results: Vec<_> = {
-            let mut master = self.master();
-            request
-                .keys
-                .iter()
-                .zip(&request.write_ids)
-                .map(|(key, write)| {
-                    let result = if *write == 0 {
-                        Err(Error::new(
-                            ErrorKind::InvalidArgument,
-                            format!("'{key}': the write id its start returned is required"),
-                        ))
-                    } else {
-                        apply(&mut master, client, key, WriteId(*write))
-                    };
-                    to_outcome(&result)
-                })
-                .collect()
-        };
+        let results: Vec<_> = self
+            .durably(|master| {
+                request
+                    .keys
+                    .iter()
+                    .zip(&request.write_ids)
+                    .map(|(key, write)| {
+                        let result = if *write == 0 {
+                            Err(Error::new(
+                                ErrorKind::InvalidArgument,
+                                format!("'{key}': the write id its start returned is required"),
+                            ))
+                        } else {
+                            apply(master, client, key, WriteId(*write))
+                        };
+                        to_outcome(&result)
+                    })
+                    .collect()
+            })
+            .await?;
         self.counters.count(
             op,
             results.len(),
@@ -186,7 +248,7 @@ impl MasterService {
     }
 
     /// A single-key start: the batch path with one key.
-    fn one_start(
+    async fn one_start(
         &self,
         op: &'static str,
         r: proto::PutStartRequest,
@@ -199,12 +261,15 @@ impl MasterService {
             config: r.config,
         };
         Ok(Response::new(first(
-            self.batch_start(op, batch, upsert)?.into_inner().results,
+            self.batch_start(op, batch, upsert)
+                .await?
+                .into_inner()
+                .results,
         )))
     }
 
     /// A single-key end or revoke: the batch path with one key.
-    fn one_write(
+    async fn one_write(
         &self,
         op: &'static str,
         r: proto::KeyRequest,
@@ -216,7 +281,10 @@ impl MasterService {
             write_ids: vec![r.write_id],
         };
         Ok(Response::new(first(
-            self.batch_writes(op, batch, apply)?.into_inner().results,
+            self.batch_writes(op, batch, apply)
+                .await?
+                .into_inner()
+                .results,
         )))
     }
 
@@ -243,7 +311,7 @@ impl proto::master_server::Master for MasterService {
 
     async fn ping(&self, request: Request<proto::PingRequest>) -> Reply<proto::PingResponse> {
         let client = ClientId(uuid(request.into_inner().client_id, "client_id")?);
-        let status = self.master().ping(Instant::now(), client);
+        let status = self.master()?.ping(Instant::now(), client);
         self.counters.count("ping", 1, 0);
         Ok(Response::new(proto::PingResponse {
             view_version: 0,
@@ -261,7 +329,9 @@ impl proto::master_server::Master for MasterService {
         let r = request.into_inner();
         let client = ClientId(uuid(r.client_id, "client_id")?);
         let spec = from_segment(r.segment).map_err(|e| to_status(&e))?;
-        let result = self.master().mount_segment(Instant::now(), client, spec);
+        let result = self
+            .durably(|m| m.mount_segment(Instant::now(), client, spec))
+            .await?;
         self.single("mount_segment", result)
     }
 
@@ -277,8 +347,8 @@ impl proto::master_server::Master for MasterService {
             .map(|s| from_segment(Some(s)).map_err(|e| to_status(&e)))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let result = self
-            .master()
-            .remount_segments(Instant::now(), client, specs);
+            .durably(|m| m.remount_segments(Instant::now(), client, specs))
+            .await?;
         self.single("remount_segment", result)
     }
 
@@ -289,7 +359,7 @@ impl proto::master_server::Master for MasterService {
         let r = request.into_inner();
         let client = ClientId(uuid(r.client_id, "client_id")?);
         let id = SegmentId(uuid(r.segment_id, "segment_id")?);
-        let result = self.master().unmount_segment(client, id);
+        let result = self.durably(|m| m.unmount_segment(client, id)).await?;
         self.single("unmount_segment", result)
     }
 
@@ -302,8 +372,8 @@ impl proto::master_server::Master for MasterService {
         let id = SegmentId(uuid(r.segment_id, "segment_id")?);
         let grace = Duration::from_millis(r.grace_period_ms);
         let result = self
-            .master()
-            .graceful_unmount_segment(Instant::now(), client, id, grace);
+            .durably(|m| m.graceful_unmount_segment(Instant::now(), client, id, grace))
+            .await?;
         self.single("graceful_unmount_segment", result)
     }
 
@@ -312,6 +382,7 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::PutStartRequest>,
     ) -> Reply<proto::PutStartResponse> {
         self.one_start("put_start", request.into_inner(), false)
+            .await
     }
 
     async fn put_end(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
@@ -319,6 +390,7 @@ impl proto::master_server::Master for MasterService {
         self.one_write("put_end", request.into_inner(), |m, c, k, w| {
             m.put_end(now, c, k, w)
         })
+        .await
     }
 
     async fn put_revoke(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
@@ -326,6 +398,7 @@ impl proto::master_server::Master for MasterService {
         self.one_write("put_revoke", request.into_inner(), |m, c, k, w| {
             m.put_revoke(now, c, k, w)
         })
+        .await
     }
 
     async fn upsert_start(
@@ -333,6 +406,7 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::PutStartRequest>,
     ) -> Reply<proto::PutStartResponse> {
         self.one_start("upsert_start", request.into_inner(), true)
+            .await
     }
 
     async fn batch_put_start(
@@ -340,6 +414,7 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::BatchPutStartRequest>,
     ) -> Reply<proto::BatchPutStartResponse> {
         self.batch_start("put_start", request.into_inner(), false)
+            .await
     }
 
     async fn batch_put_end(
@@ -350,6 +425,7 @@ impl proto::master_server::Master for MasterService {
         self.batch_writes("put_end", request.into_inner(), |m, c, k, w| {
             m.put_end(now, c, k, w)
         })
+        .await
     }
 
     async fn batch_put_revoke(
@@ -360,6 +436,7 @@ impl proto::master_server::Master for MasterService {
         self.batch_writes("put_revoke", request.into_inner(), |m, c, k, w| {
             m.put_revoke(now, c, k, w)
         })
+        .await
     }
 
     async fn batch_upsert_start(
@@ -367,6 +444,7 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::BatchPutStartRequest>,
     ) -> Reply<proto::BatchPutStartResponse> {
         self.batch_start("upsert_start", request.into_inner(), true)
+            .await
     }
 
     async fn get_replica_list(
@@ -390,7 +468,7 @@ impl proto::master_server::Master for MasterService {
         let keys = request.into_inner().keys;
         let now = Instant::now();
         let results: Vec<_> = {
-            let mut master = self.master();
+            let mut master = self.master()?;
             keys.iter()
                 .map(|k| replica_list(master.get_replica_list(now, k)))
                 .collect()
@@ -413,7 +491,7 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::ExistKeyRequest>,
     ) -> Reply<proto::ExistKeyResponse> {
         let key = request.into_inner().key;
-        let exists = self.master().exist_key(Instant::now(), &key);
+        let exists = self.master()?.exist_key(Instant::now(), &key);
         self.counters.count("exist_key", 1, 0);
         Ok(Response::new(proto::ExistKeyResponse { exists }))
     }
@@ -425,7 +503,7 @@ impl proto::master_server::Master for MasterService {
         let keys = request.into_inner().keys;
         let now = Instant::now();
         let exists: Vec<bool> = {
-            let mut master = self.master();
+            let mut master = self.master()?;
             keys.iter().map(|k| master.exist_key(now, k)).collect()
         };
         self.counters.count("exist_key", exists.len(), 0);
@@ -434,7 +512,9 @@ impl proto::master_server::Master for MasterService {
 
     async fn remove(&self, request: Request<proto::RemoveRequest>) -> Reply<proto::Outcome> {
         let r = request.into_inner();
-        let result = self.master().remove(Instant::now(), &r.key, r.force);
+        let result = self
+            .durably(|m| m.remove(Instant::now(), &r.key, r.force))
+            .await?;
         self.single("remove", result)
     }
 
@@ -444,13 +524,14 @@ impl proto::master_server::Master for MasterService {
     ) -> Reply<proto::BatchOutcome> {
         let r = request.into_inner();
         let now = Instant::now();
-        let results: Vec<_> = {
-            let mut master = self.master();
-            r.keys
-                .iter()
-                .map(|k| to_outcome(&master.remove(now, k, r.force)))
-                .collect()
-        };
+        let results: Vec<_> = self
+            .durably(|master| {
+                r.keys
+                    .iter()
+                    .map(|k| to_outcome(&master.remove(now, k, r.force)))
+                    .collect()
+            })
+            .await?;
         self.counters.count(
             "remove",
             results.len(),
@@ -465,8 +546,8 @@ impl proto::master_server::Master for MasterService {
     ) -> Reply<proto::CountResponse> {
         let r = request.into_inner();
         let result = self
-            .master()
-            .remove_by_regex(Instant::now(), &r.pattern, r.force);
+            .durably(|m| m.remove_by_regex(Instant::now(), &r.pattern, r.force))
+            .await?;
         self.counters
             .count("remove_by_regex", 1, usize::from(result.is_err()));
         match result {
@@ -480,7 +561,9 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::RemoveAllRequest>,
     ) -> Reply<proto::CountResponse> {
         let force = request.into_inner().force;
-        let count = self.master().remove_all(Instant::now(), force);
+        let count = self
+            .durably(|m| m.remove_all(Instant::now(), force))
+            .await?;
         self.counters.count("remove_all", 1, 0);
         Ok(Response::new(proto::CountResponse { count }))
     }

@@ -4,18 +4,21 @@
 //! - [`reads`]: replica lists, leases, existence and the admin views;
 //! - [`writes`]: the two phases of a write, each step named by its [`WriteId`];
 //! - [`space`]: allocation, and space parked until nobody can still touch it;
-//! - [`upkeep`]: the periodic tick: liveness, abandoned writes, eviction.
+//! - [`upkeep`]: the periodic tick: liveness, abandoned writes, eviction;
+//! - [`journal`]: the log entries of what clients saw acknowledged, and recovery from them.
 
+mod journal;
 mod reads;
 mod space;
 mod upkeep;
 mod writes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
 
+use self::journal::Journal;
 use self::space::Parked;
 use super::config::MasterConfig;
 use super::types::{
@@ -158,6 +161,11 @@ pub struct Master {
     need_eviction: bool,
     last_sweep: Option<Instant>,
     stats: MasterStats,
+    /// Present when the master keeps a log.
+    journal: Option<Journal>,
+    /// Recovered segments whose owners have not mounted them again; their replicas are not
+    /// served, and are dropped when the owner does not return within the client TTL.
+    awaiting_owner: HashSet<SegmentId>,
 }
 
 impl Master {
@@ -175,6 +183,8 @@ impl Master {
             need_eviction: false,
             last_sweep: None,
             stats: MasterStats::default(),
+            journal: None,
+            awaiting_owner: HashSet::new(),
         })
     }
 
@@ -233,6 +243,7 @@ impl Master {
                 existing.allocatable_at = now + REMOUNT_SETTLE;
                 tracing::info!(segment = %spec.name, "segment back");
             }
+            self.awaiting_owner.remove(&spec.id);
             self.seen(now, client).ok = true;
             return Ok(());
         }
@@ -267,6 +278,7 @@ impl Master {
         self.drop_segments(&replaced);
         self.seen(now, client).ok = true;
         tracing::info!(segment = %spec.name, size = spec.size, "segment mounted");
+        self.touch_segment(spec.id);
         let allocator = SegmentAllocator::new(spec.size);
         self.segments.insert(
             spec.id,
@@ -367,12 +379,22 @@ impl Master {
             if let Some(s) = self.segments.remove(id) {
                 tracing::info!(segment = %s.spec.name, "segment unmounted");
             }
+            self.awaiting_owner.remove(id);
+            self.touch_segment(*id);
         }
         self.parked.retain(|p| !ids.contains(&p.segment));
-        self.objects.retain(|_, object| {
+        let mut touched = Vec::new();
+        self.objects.retain(|key, object| {
+            let before = object.replicas.len();
             object.replicas.retain(|r| !ids.contains(&r.segment));
+            if object.replicas.len() != before {
+                touched.push(key.clone());
+            }
             !object.replicas.is_empty()
         });
+        for key in touched {
+            self.touch_key(&key);
+        }
     }
 
     /// Takes the segments of a silent client out of service: their replicas leave their
@@ -383,12 +405,16 @@ impl Master {
             return;
         }
         let mut orphans = Vec::new();
+        let mut touched = Vec::new();
         let release = self.config.put_start_release_timeout;
-        self.objects.retain(|_, object| {
+        self.objects.retain(|key, object| {
             let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut object.replicas)
                 .into_iter()
                 .partition(|r| ids.contains(&r.segment));
             object.replicas = kept;
+            if !gone.is_empty() {
+                touched.push(key.clone());
+            }
             for r in gone {
                 let (release_at, writer) = match r.status {
                     ReplicaStatus::Processing => (
@@ -401,6 +427,9 @@ impl Master {
             }
             !object.replicas.is_empty()
         });
+        for key in touched {
+            self.touch_key(&key);
+        }
         for (segment, block, release_at, writer) in orphans {
             if release_at <= now {
                 self.free(segment, block);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 
 use super::{Master, Object};
-use crate::master::types::{ReplicaDesc, ReplicaStatus};
+use crate::master::types::{ReplicaDesc, ReplicaStatus, SegmentId};
 
 impl Master {
     // ----- reads ----------------------------------------------------------------------------
@@ -20,7 +20,7 @@ impl Master {
         let ttl = self.config.default_kv_lease_ttl;
         let object = self
             .objects
-            .get_mut(key)
+            .get(key)
             .ok_or_else(|| Error::new(ErrorKind::ObjectNotFound, format!("'{key}' not found")))?;
         if !object.readable() {
             return Err(Error::new(
@@ -28,26 +28,41 @@ impl Master {
                 format!("'{key}' is still being written"),
             ));
         }
-        object.lease_until = object.lease_until.max(now + ttl);
-        let object = &self.objects[key];
-        let descs = self
+        let descs: Vec<ReplicaDesc> = self
             .describe(object)
             .into_iter()
-            .filter(|d| d.status == ReplicaStatus::Complete)
+            .filter(|d| d.status == ReplicaStatus::Complete && self.serving(d.segment_id))
             .collect();
+        if descs.is_empty() {
+            return Err(Error::new(
+                ErrorKind::ReplicaIsNotReady,
+                format!("'{key}': the nodes that hold it have not mounted their memory again yet"),
+            ));
+        }
+        if let Some(object) = self.objects.get_mut(key) {
+            object.lease_until = object.lease_until.max(now + ttl);
+        }
         Ok((descs, ttl))
     }
 
     /// Whether `key` is readable; a readable key gets a read lease.
     pub fn exist_key(&mut self, now: Instant, key: &str) -> bool {
         let ttl = self.config.default_kv_lease_ttl;
-        match self.objects.get_mut(key) {
-            Some(object) if object.readable() => {
-                object.lease_until = object.lease_until.max(now + ttl);
-                true
-            }
-            _ => false,
+        let servable = self.objects.get(key).is_some_and(|object| {
+            object
+                .replicas
+                .iter()
+                .any(|r| r.status == ReplicaStatus::Complete && self.serving(r.segment))
+        });
+        if let (true, Some(object)) = (servable, self.objects.get_mut(key)) {
+            object.lease_until = object.lease_until.max(now + ttl);
         }
+        servable
+    }
+
+    /// Whether replicas on `segment` may be read: its owner is alive and has mounted it.
+    fn serving(&self, segment: SegmentId) -> bool {
+        self.segments.get(&segment).is_some_and(|s| s.alive())
     }
 
     /// The replicas of `key` without a lease (admin view).

@@ -108,6 +108,9 @@ impl Master {
         let Some(object) = self.objects.remove(key) else {
             return;
         };
+        if object.readable() {
+            self.touch_key(key);
+        }
         for replica in object.replicas {
             let (release_at, writer) = match replica.status {
                 ReplicaStatus::Processing => (
@@ -231,11 +234,5 @@ impl Master {
             }
         }
         replicas
-    }
-
-    pub(super) fn free(&mut self, segment: SegmentId, block: Block) {
-        if let Some(s) = self.segments.get_mut(&segment) {
-            s.allocator.free(block);
-        }
     }
 }

@@ -51,6 +51,27 @@ impl Master {
             }
             self.silence_segments(now, &segments);
         }
+        // Recovered segments whose owners did not come back: their replicas are gone.
+        let unclaimed: Vec<SegmentId> = self
+            .awaiting_owner
+            .iter()
+            .filter(|id| {
+                self.segments
+                    .get(id)
+                    .is_none_or(|s| s.dead_since.is_some_and(|at| at + ttl <= now))
+            })
+            .copied()
+            .collect();
+        if !unclaimed.is_empty() {
+            tracing::warn!(
+                segments = unclaimed.len(),
+                "recovered segments were not mounted again within the client TTL; their replicas are dropped"
+            );
+            for id in &unclaimed {
+                self.awaiting_owner.remove(id);
+            }
+            self.silence_segments(now, &unclaimed);
+        }
         let ending: Vec<SegmentId> = self
             .segments
             .iter()

@@ -64,7 +64,11 @@ impl Master {
             && !object.leased(now);
         if in_place {
             let write = self.new_write();
-            let mut object = self.objects.remove(key).expect("looked up above");
+            // Its bytes are about to change: the log must stop vouching for them first.
+            self.touch_key(key);
+            let Some(mut object) = self.objects.remove(key) else {
+                return Err(Error::new(ErrorKind::InternalError, "object vanished"));
+            };
             // New ids: a reader that re-validates by replica id sees the rewrite.
             for replica in &mut object.replicas {
                 replica.status = ReplicaStatus::Processing;
@@ -141,6 +145,7 @@ impl Master {
             SoftPin::Disable => object.soft_pin_until = None,
             SoftPin::Enable(ttl) => object.soft_pin_until = Some(now + ttl.unwrap_or(default_pin)),
         }
+        self.touch_key(key);
         Ok(())
     }
 

@@ -1,0 +1,24 @@
+//! Tells the tests whether this host runs `etcd` (Debian's `etcd-server`): `etcd_server`, so
+//! that a test needing it is reported as ignored rather than passing without running. Probed
+//! again when PATH changes; after installing etcd, `cargo clean -p mooncake-metadata` probes
+//! anew.
+
+use std::process::{Command, Stdio};
+
+fn runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(etcd_server)");
+    println!("cargo::rerun-if-env-changed=PATH");
+    println!("cargo::rerun-if-changed=build.rs");
+    if runs("etcd", &["--version"]) {
+        println!("cargo::rustc-cfg=etcd_server");
+    }
+}

@@ -1,0 +1,240 @@
+//! etcd as the metadata store, as Mooncake's default plugin: a connection string without a
+//! scheme (`10.0.0.1:2379`), or `etcd://a:2379,b:2379`; Mooncake's `;` separates endpoints as
+//! well as `,`. Keys are stored as the engine spells them, values as the JSON text it passes.
+//!
+//! One client per endpoint, made on first use (so [`EtcdStore::new`] needs no runtime and never
+//! blocks) and remade after a failed call. Calls stick to the endpoint that last answered and
+//! move on to the next one when it fails, as etcd's Go client does: etcd-client's own balanced
+//! channel keeps routing calls to a dead member (each fails with its connect error), so it
+//! cannot carry a cluster through the loss of a member.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::http::uri::Authority;
+use etcd_client::{Client, ConnectOptions};
+use mooncake_common::{Error, ErrorKind, Result};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::store::{BoxFuture, MetadataStore};
+
+/// Connecting to one endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// One request to one endpoint: long enough for a member to see a new leader elected.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(2000);
+/// One operation, every try included: a dead cluster is an error within this.
+const OPERATION_TIMEOUT: Duration = Duration::from_millis(4000);
+/// Pause after every endpoint failed in turn (a leader election, say), doubled up to the cap.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Client of an etcd cluster holding the metadata.
+pub struct EtcdStore {
+    endpoints: Vec<String>,
+    clients: Vec<Mutex<Option<Client>>>,
+    /// The endpoint that answered last, tried first.
+    current: AtomicUsize,
+}
+
+impl EtcdStore {
+    /// A client for the endpoints in `conn`: `etcd://h1:2379,h2:2379`, `etcd://h1:2379;h2:2379`
+    /// or the same without the scheme. Connects on first use.
+    pub fn new(conn: &str) -> Result<Self> {
+        let list = conn.trim().strip_prefix("etcd://").unwrap_or(conn.trim());
+        Self::with_endpoints(
+            list.split([',', ';'])
+                .map(str::trim)
+                .filter(|e| !e.is_empty()),
+        )
+        .map_err(|e| Error::invalid(format!("etcd metadata address '{conn}': {}", e.message())))
+    }
+
+    /// A client for `endpoints`, each `host:port` (or `http://host:port`). Connects on first
+    /// use.
+    pub fn with_endpoints<I, S>(endpoints: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        if endpoints.is_empty() {
+            return Err(Error::invalid("no etcd endpoints"));
+        }
+        for endpoint in &endpoints {
+            let authority = endpoint.strip_prefix("http://").unwrap_or(endpoint);
+            let valid = authority
+                .trim_end_matches('/')
+                .parse::<Authority>()
+                .is_ok_and(|a| a.port().is_some());
+            if !valid {
+                return Err(Error::invalid(format!(
+                    "etcd endpoint '{endpoint}' must look like host:port"
+                )));
+            }
+        }
+        Ok(Self {
+            clients: endpoints.iter().map(|_| Mutex::new(None)).collect(),
+            endpoints,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// The endpoints this store uses.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    async fn client(&self, index: usize) -> Result<Client> {
+        let mut slot = self.clients[index].lock().await;
+        if let Some(client) = slot.as_ref() {
+            return Ok(client.clone());
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(ATTEMPT_TIMEOUT);
+        // etcd-client dials lazily, so this returns at once; the callers' timeouts cover a
+        // version that would dial here.
+        let client = Client::connect([&self.endpoints[index]], Some(options))
+            .await
+            .map_err(|e| self.failed("connect", index, e))?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Runs `call` against the endpoints in turn, from the one that answered last, until one
+    /// answers or [`OPERATION_TIMEOUT`] passes. Every operation here is idempotent (the same
+    /// value put again, an absent key deleted again), so a call that may have reached a
+    /// member before failing is safe to repeat.
+    async fn run<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + OPERATION_TIMEOUT;
+        let count = self.endpoints.len();
+        let mut index = self.current.load(Ordering::Relaxed) % count;
+        let mut backoff = FIRST_BACKOFF;
+        let mut tries = 0;
+        loop {
+            let attempt = async {
+                let client = self.client(index).await?;
+                call(client).await.map_err(|e| self.failed(what, index, e))
+            };
+            let limit = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+            let error = match tokio::time::timeout_at(limit, attempt).await {
+                Ok(Ok(value)) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => self.error(what, index, "no answer in time"),
+            };
+            self.clients[index].lock().await.take();
+            index = (index + 1) % count;
+            tries += 1;
+            if tries % count == 0 {
+                tokio::time::sleep_until(deadline.min(Instant::now() + backoff)).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            if Instant::now() >= deadline {
+                return Err(error);
+            }
+        }
+    }
+
+    fn error(&self, what: &str, index: usize, why: impl std::fmt::Display) -> Error {
+        let endpoint = &self.endpoints[index];
+        let message = if self.endpoints.len() == 1 {
+            format!("etcd {what} at {endpoint}: {why}")
+        } else {
+            let all = self.endpoints.join(",");
+            format!("etcd {what} at {all} (last tried {endpoint}): {why}")
+        };
+        Error::new(ErrorKind::Metadata, message)
+    }
+
+    fn failed(&self, what: &str, index: usize, e: etcd_client::Error) -> Error {
+        self.error(what, index, &e).with_source(e)
+    }
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MetadataStore for EtcdStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(async move {
+            let response = self
+                .run(
+                    "GET",
+                    |mut client| async move { client.get(key, None).await },
+                )
+                .await?;
+            match response.kvs().first() {
+                None => Ok(None),
+                Some(kv) => kv.value_str().map(|v| Some(v.to_owned())).map_err(|_| {
+                    Error::new(
+                        ErrorKind::MalformedJson,
+                        format!("metadata '{key}' is not UTF-8"),
+                    )
+                }),
+            }
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, value: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.run("PUT", |mut client| async move {
+                client.put(key, value, None).await
+            })
+            .await
+            .map(drop)
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.run("DELETE", |mut client| async move {
+                client.delete(key, None).await
+            })
+            .await
+            .map(drop)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_strings_name_every_endpoint() {
+        let both = ["10.0.0.1:2379", "10.0.0.2:2379"];
+        for conn in [
+            "etcd://10.0.0.1:2379,10.0.0.2:2379",
+            "etcd://10.0.0.1:2379;10.0.0.2:2379",
+            "10.0.0.1:2379;10.0.0.2:2379",
+            " 10.0.0.1:2379 ; 10.0.0.2:2379; ",
+        ] {
+            assert_eq!(EtcdStore::new(conn).unwrap().endpoints(), both, "{conn}");
+        }
+        assert_eq!(
+            EtcdStore::new("etcd://http://h:2379").unwrap().endpoints(),
+            ["http://h:2379"]
+        );
+        for bad in ["", "etcd://", ";", "etcd://h", "h:port", "https://h:2379/x"] {
+            assert_eq!(
+                EtcdStore::new(bad).unwrap_err().kind(),
+                ErrorKind::InvalidArgument,
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! High availability through etcd, with Mooncake's names: masters of one `cluster_id` race
+//! to create `mooncake-store/<cluster_id>/master_view` bound to a lease (TTL 5 s); the winner
+//! leads and writes the log to etcd, the others apply that log as it comes and take over when
+//! the key goes away.
+//!
+//! Fencing: the leader stops answering when it cannot be sure its lease still holds (its
+//! last renewal's send time plus the TTL, less a margin), which is before etcd lets the lease
+//! go and another master can win; and every log write is conditional on the lease, so a
+//! leader that was frozen past its lease can acknowledge nothing after it wakes.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, Txn, TxnOp, WatchOptions,
+};
+use mooncake_common::{Error, ErrorKind, Result};
+use prost::Message;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::log::etcd::{etcd, ClusterKeys, EtcdLog, LeaseClock, Pieces};
+use super::log::{Log, SnapshotPolicy};
+use super::service::Role;
+use super::Master;
+use crate::proto::journal::Batch;
+
+/// Mooncake's `DEFAULT_MASTER_VIEW_LEASE_TTL_SEC`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// How much earlier than its lease's end a leader stops answering: room for clock drift
+/// between this host and etcd's.
+const LEASE_MARGIN: Duration = Duration::from_millis(1000);
+
+/// How masters find each other.
+#[derive(Debug, Clone)]
+pub struct HaConfig {
+    /// etcd endpoints, `host:port`.
+    pub endpoints: Vec<String>,
+    /// Masters (and clients) of one cluster share it. Default `mooncake_cluster`.
+    pub cluster_id: String,
+    /// The address clients reach this master's RPC at; default: the bind address and port
+    /// (127.0.0.1 for an unspecified bind address).
+    pub advertise: Option<String>,
+    /// The leader's lease. Default 5 s.
+    pub lease_ttl: Duration,
+}
+
+impl HaConfig {
+    /// HA over `endpoints` (`h1:2379;h2:2379`, commas too, `etcd://` optional).
+    pub fn new(endpoints: &str, cluster_id: &str) -> Result<Self> {
+        let endpoints = parse_endpoints(endpoints);
+        if endpoints.is_empty() {
+            return Err(Error::invalid("HA needs at least one etcd endpoint"));
+        }
+        validate_cluster_id(cluster_id)?;
+        Ok(Self {
+            endpoints,
+            cluster_id: cluster_id.to_owned(),
+            advertise: None,
+            lease_ttl: DEFAULT_LEASE_TTL,
+        })
+    }
+
+    pub(crate) fn advertised(&self, host: &str, port: u16) -> String {
+        if let Some(address) = &self.advertise {
+            return address.clone();
+        }
+        let host = match host {
+            "" | "0.0.0.0" | "::" | "[::]" => "127.0.0.1",
+            other => other,
+        };
+        format!("{host}:{port}")
+    }
+}
+
+/// `h1:2379;h2:2379`, `etcd://h1:2379,h2:2379`: the `host:port` of each endpoint.
+pub fn parse_endpoints(text: &str) -> Vec<String> {
+    let text = text.trim();
+    let text = text.strip_prefix("etcd://").unwrap_or(text);
+    text.split([';', ','])
+        .map(|e| e.trim().trim_start_matches("http://").trim_end_matches('/'))
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Mooncake's rule: `[0-9A-Za-z_.-]`, at most 128 characters.
+pub fn validate_cluster_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "cluster id '{id}': use 1-128 of [0-9A-Za-z_.-]"
+        )))
+    }
+}
+
+/// Connects to etcd with bounded waits: a dead cluster fails calls, it never hangs them.
+pub async fn connect(endpoints: &[String]) -> Result<Client> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        Client::connect(endpoints, Some(options)),
+    )
+    .await
+    .map_err(|_| etcd(format!("no answer from {}", endpoints.join(","))))?
+    .map_err(etcd)
+}
+
+/// What this master knows of the election, for `/health` and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct HaView {
+    /// The leader's address, when one is known.
+    pub leader: Option<String>,
+    /// The etcd revision of the current `master_view`.
+    pub view_version: i64,
+    /// The last log entry the leader is known to have written.
+    pub leader_seq: u64,
+    /// Times this master became the leader.
+    pub promotions: u64,
+}
+
+/// Shared [`HaView`].
+#[derive(Debug, Clone, Default)]
+pub struct HaStatus(Arc<Mutex<HaView>>);
+
+impl HaStatus {
+    /// A copy of the view.
+    pub fn snapshot(&self) -> HaView {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut HaView)) {
+        change(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// Joins the election; `role` tells the service when this master leads.
+pub(crate) fn start(
+    config: HaConfig,
+    advertised: String,
+    state: Arc<Mutex<Master>>,
+    role: watch::Sender<Role>,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<HaStatus> {
+    validate_cluster_id(&config.cluster_id)?;
+    let status = HaStatus::default();
+    let member = Member {
+        keys: ClusterKeys::new(&config.cluster_id),
+        config,
+        advertised,
+        state,
+        role,
+        stop,
+        status: status.clone(),
+    };
+    tracker.spawn(member.run());
+    Ok(status)
+}
+
+struct Member {
+    config: HaConfig,
+    keys: ClusterKeys,
+    advertised: String,
+    state: Arc<Mutex<Master>>,
+    role: watch::Sender<Role>,
+    stop: CancellationToken,
+    status: HaStatus,
+}
+
+impl Member {
+    async fn run(self) {
+        while !self.stop.is_cancelled() {
+            let result = self.term().await;
+            self.role.send_replace(Role::Standby);
+            if let Err(e) = result {
+                tracing::warn!("master HA: {e}; starting over from etcd");
+                tokio::select! {
+                    _ = self.stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                }
+            }
+        }
+    }
+
+    /// Loads the log, follows it, and leads when the view is free; returns when leadership
+    /// ends (the state then holds changes etcd may not have: it is reloaded).
+    async fn term(&self) -> Result<()> {
+        let client = connect(&self.config.endpoints).await?;
+        let log = EtcdLog::new(client.clone(), self.keys.clone());
+        let (recovered, revision) = log.load_at().await?;
+        {
+            let mut master = lock(&self.state);
+            let config = master.config().clone();
+            *master = Master::recover(
+                config,
+                Instant::now(),
+                recovered.snapshot,
+                recovered.entries,
+            )?;
+        }
+        let mut events = client
+            .watch_client()
+            .watch(
+                self.keys.root(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await
+            .map_err(etcd)?;
+        let view_key = self.keys.view();
+        let log_prefix = self.keys.log_prefix();
+        let view = client
+            .kv_client()
+            .get(view_key.clone(), None)
+            .await
+            .map_err(etcd)?;
+        let mut free = match view.kvs().first() {
+            Some(kv) => {
+                let leader = kv.value_str().unwrap_or_default().to_owned();
+                let version = kv.mod_revision();
+                self.status.update(|s| {
+                    s.leader = Some(leader);
+                    s.view_version = version;
+                });
+                false
+            }
+            None => true,
+        };
+        let mut pieces = Pieces::default();
+        loop {
+            if free {
+                free = false;
+                if let Some(won) = self.campaign(&client).await? {
+                    return self.lead(&client, &log, won).await;
+                }
+            }
+            let message = tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                message = events.message() => message.map_err(etcd)?,
+            };
+            let Some(message) = message else {
+                return Err(etcd("the watch ended"));
+            };
+            if message.canceled() {
+                return Err(etcd(format!(
+                    "the watch was cancelled: {}",
+                    message.cancel_reason()
+                )));
+            }
+            for event in message.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = kv.key_str().map_err(etcd)?;
+                if key == view_key {
+                    match event.event_type() {
+                        EventType::Delete => {
+                            free = true;
+                            self.status.update(|s| s.leader = None);
+                        }
+                        EventType::Put => {
+                            let leader = kv.value_str().unwrap_or_default().to_owned();
+                            let version = kv.mod_revision();
+                            self.status.update(|s| {
+                                s.leader = Some(leader);
+                                s.view_version = version;
+                            });
+                        }
+                    }
+                } else if key.starts_with(&log_prefix) && event.event_type() == EventType::Put {
+                    let batch = Batch::decode(kv.value()).map_err(etcd)?;
+                    let now = Instant::now();
+                    for entry in pieces.push(batch.entries) {
+                        let seq = entry.seq;
+                        lock(&self.state).apply(now, &entry)?;
+                        self.status.update(|s| s.leader_seq = s.leader_seq.max(seq));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tries to create the view bound to a new lease.
+    async fn campaign(&self, client: &Client) -> Result<Option<Won>> {
+        let mut leases = client.lease_client();
+        let granted_at = Instant::now();
+        let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
+        let lease = leases.grant(ttl, None).await.map_err(etcd)?.id();
+        let view = self.keys.view();
+        let txn = Txn::new()
+            .when([Compare::create_revision(view.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                view,
+                self.advertised.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let reply = client.kv_client().txn(txn).await.map_err(etcd)?;
+        if reply.succeeded() {
+            let revision = reply.header().map_or(0, |h| h.revision());
+            Ok(Some(Won {
+                lease,
+                revision,
+                granted_at,
+            }))
+        } else {
+            let _ = leases.revoke(lease).await;
+            Ok(None)
+        }
+    }
+
+    /// Catches up, starts a new epoch and serves until the lease or the log fails.
+    async fn lead(&self, client: &Client, log: &EtcdLog, won: Won) -> Result<()> {
+        let ttl = self.config.lease_ttl;
+        let clock = LeaseClock::new(won.granted_at + ttl.saturating_sub(LEASE_MARGIN));
+        let term_stop = self.stop.child_token();
+        let term_tasks = TaskTracker::new();
+        let (keeper, responses) = client
+            .lease_client()
+            .keep_alive(won.lease)
+            .await
+            .map_err(etcd)?;
+        term_tasks.spawn(keep_alive(
+            client.clone(),
+            won.lease,
+            keeper,
+            responses,
+            clock.clone(),
+            ttl,
+            term_stop.clone(),
+        ));
+        let result = self.serve(client, log, &won, &clock, &term_stop, &term_tasks).await;
+        self.role.send_replace(Role::Standby);
+        clock.expire();
+        term_stop.cancel();
+        term_tasks.close();
+        term_tasks.wait().await;
+        if self.stop.is_cancelled() {
+            // Let a standby take over now rather than after the lease runs out.
+            let mut leases = client.lease_client();
+            let _ = tokio::time::timeout(Duration::from_secs(1), leases.revoke(won.lease)).await;
+        }
+        self.status.update(|s| s.leader = None);
+        result
+    }
+
+    async fn serve(
+        &self,
+        client: &Client,
+        log: &EtcdLog,
+        won: &Won,
+        clock: &LeaseClock,
+        term_stop: &CancellationToken,
+        term_tasks: &TaskTracker,
+    ) -> Result<()> {
+        // The previous leader's lease is gone, so its log is final: apply the rest of it.
+        let applied = lock(&self.state).last_seq();
+        let rest = log
+            .entries_after(&mut client.kv_client(), applied, None)
+            .await?;
+        let now = Instant::now();
+        {
+            let mut master = lock(&self.state);
+            for entry in &rest {
+                master.apply(now, entry)?;
+            }
+            master.begin_epoch(now);
+        }
+        let writer = Arc::new(log.leading(won.lease, clock.clone()));
+        let log = Log::start(
+            writer,
+            self.state.clone(),
+            SnapshotPolicy::default(),
+            term_stop.clone(),
+            term_tasks,
+            Some(clock.clone()),
+        );
+        let epoch = log.submit(&mut lock(&self.state));
+        if let Some(seq) = epoch {
+            log.durable(seq).await?;
+        }
+        let seq = lock(&self.state).last_seq();
+        self.status.update(|s| {
+            s.leader = Some(self.advertised.clone());
+            s.view_version = won.revision;
+            s.leader_seq = seq;
+            s.promotions += 1;
+        });
+        self.role.send_replace(Role::Leader(Some(log.clone())));
+        tracing::info!(
+            address = %self.advertised,
+            view_version = won.revision,
+            seq,
+            "leading the cluster"
+        );
+        let mut check = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = check.tick() => {}
+            }
+            if !log.healthy() {
+                let why = log
+                    .progress()
+                    .failed
+                    .unwrap_or_else(|| "its lease could not be renewed in time".to_owned());
+                tracing::warn!("stepping down: {why}");
+                return Err(Error::new(ErrorKind::UnavailableInCurrentStatus, why));
+            }
+            let seq = lock(&self.state).last_seq();
+            self.status.update(|s| s.leader_seq = seq);
+        }
+    }
+}
+
+struct Won {
+    lease: i64,
+    revision: i64,
+    granted_at: Instant,
+}
+
+/// Renews the lease every fifth of its TTL and moves the clock; a broken stream (its etcd
+/// member died) is opened again on another member.
+async fn keep_alive(
+    client: Client,
+    lease: i64,
+    mut keeper: LeaseKeeper,
+    mut responses: LeaseKeepAliveStream,
+    clock: LeaseClock,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let period = ttl / 5;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sent = Instant::now();
+        let renewed = async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        };
+        match tokio::time::timeout(period, renewed).await {
+            Ok(Ok(Some(reply))) if reply.ttl() > 0 => {
+                let granted = Duration::from_secs(reply.ttl() as u64);
+                clock.extend(sent + granted.saturating_sub(LEASE_MARGIN));
+            }
+            Ok(Ok(Some(_))) => {
+                tracing::warn!("the leader's lease expired in etcd");
+                clock.expire();
+                return;
+            }
+            failed => {
+                tracing::warn!("lease renewal failed ({failed:?}); reopening the stream");
+                match tokio::time::timeout(period, client.lease_client().keep_alive(lease)).await {
+                    Ok(Ok((k, r))) => (keeper, responses) = (k, r),
+                    _ => tracing::warn!("could not reopen the lease stream yet"),
+                }
+            }
+        }
+    }
+}
+
+fn lock(state: &Mutex<Master>) -> std::sync::MutexGuard<'_, Master> {
+    // Every state-machine method leaves the state consistent even when it returns early.
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_in_every_form() {
+        for text in [
+            "h1:2379;h2:2379",
+            "etcd://h1:2379,h2:2379",
+            " http://h1:2379/ ; h2:2379 ",
+        ] {
+            assert_eq!(parse_endpoints(text), ["h1:2379", "h2:2379"], "{text}");
+        }
+        assert!(HaConfig::new(";", "c").is_err());
+        assert!(HaConfig::new("h:1", "bad id!").is_err());
+        assert!(HaConfig::new("h:1", &"x".repeat(129)).is_err());
+        assert!(HaConfig::new("h:1", "mooncake_cluster").is_ok());
+    }
+}

@@ -1,0 +1,461 @@
+//! The log in etcd, under `mooncake-store/<cluster_id>/`:
+//!
+//! - `master_view`: the leader's RPC address, bound to its lease (Mooncake's key);
+//! - `log/<seq>-<piece>`: a batch of entries, the key naming its first entry (zero-padded, so
+//!   keys sort in log order). An entry larger than one etcd request is stored in pieces;
+//! - `snapshot/latest` (`<seq>/<pieces>`) and `snapshot/<seq>/<piece>`: the latest snapshot.
+//!
+//! Every write is a transaction that holds only while `master_view` is still bound to the
+//! writer's lease: a leader that lost its lease (frozen, partitioned) can write nothing, so it
+//! can acknowledge nothing, once another master may have started.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, KvClient, Txn, TxnOp,
+};
+use mooncake_common::{Error, ErrorKind, Result};
+use prost::Message;
+
+use super::{BoxFuture, LogStore, Recovered};
+use crate::proto::journal::{Batch, Entry, Snapshot};
+
+/// Largest value written in one request: etcd refuses requests over 1.5 MiB by default.
+const PIECE_BYTES: usize = 1 << 20;
+/// Keys read per page when loading.
+const PAGE: i64 = 512;
+
+/// The keys of one cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterKeys {
+    root: String,
+}
+
+impl ClusterKeys {
+    /// Keys of `cluster_id` (Mooncake's `--cluster_id`).
+    pub fn new(cluster_id: &str) -> Self {
+        Self {
+            root: format!("mooncake-store/{cluster_id}/"),
+        }
+    }
+
+    /// Everything of this cluster.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The leader's address, bound to its lease.
+    pub fn view(&self) -> String {
+        format!("{}master_view", self.root)
+    }
+
+    /// Where log batches live.
+    pub fn log_prefix(&self) -> String {
+        format!("{}log/", self.root)
+    }
+
+    fn log(&self, seq: u64, piece: u32) -> String {
+        format!("{}log/{seq:020}-{piece:06}", self.root)
+    }
+
+    fn snapshot_latest(&self) -> String {
+        format!("{}snapshot/latest", self.root)
+    }
+
+    fn snapshot_piece(&self, seq: u64, piece: u32) -> String {
+        format!("{}snapshot/{seq:020}/{piece:06}", self.root)
+    }
+}
+
+/// When the leader's lease surely still holds: it stops serving at this instant.
+#[derive(Debug, Clone)]
+pub struct LeaseClock(Arc<Mutex<Instant>>);
+
+impl LeaseClock {
+    /// A clock valid until `until`.
+    pub fn new(until: Instant) -> Self {
+        Self(Arc::new(Mutex::new(until)))
+    }
+
+    /// Moves the end of validity (later only).
+    pub fn extend(&self, until: Instant) {
+        let mut at = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *at = (*at).max(until);
+    }
+
+    /// Ends validity now.
+    pub fn expire(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// Whether the lease still holds.
+    pub fn valid(&self) -> bool {
+        Instant::now() < *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The log of one cluster in etcd.
+#[derive(Clone)]
+pub struct EtcdLog {
+    client: Client,
+    keys: ClusterKeys,
+    /// Set when leading: the lease `master_view` must be bound to, and its clock.
+    fence: Option<(i64, LeaseClock)>,
+}
+
+impl EtcdLog {
+    /// Reads `keys`' log through `client`.
+    pub fn new(client: Client, keys: ClusterKeys) -> Self {
+        Self {
+            client,
+            keys,
+            fence: None,
+        }
+    }
+
+    /// The same log, written while `master_view` is bound to `lease`.
+    pub fn leading(&self, lease: i64, clock: LeaseClock) -> Self {
+        Self {
+            fence: Some((lease, clock)),
+            ..self.clone()
+        }
+    }
+
+    /// The latest snapshot and the entries after it, as of one revision, which is returned:
+    /// a watch from the next revision misses nothing.
+    pub async fn load_at(&self) -> Result<(Recovered, i64)> {
+        let mut kv = self.client.kv_client();
+        let latest = kv
+            .get(self.keys.snapshot_latest(), None)
+            .await
+            .map_err(etcd)?;
+        let revision = latest.header().map_or(0, |h| h.revision());
+        let mut snapshot = None;
+        if let Some(kv_pair) = latest.kvs().first() {
+            let text = kv_pair.value_str().map_err(etcd)?;
+            let (seq, pieces) = text
+                .split_once('/')
+                .and_then(|(s, p)| Some((s.parse::<u64>().ok()?, p.parse::<u32>().ok()?)))
+                .ok_or_else(|| corrupt(format!("snapshot pointer '{text}'")))?;
+            let mut bytes = Vec::new();
+            for piece in 0..pieces {
+                let got = kv
+                    .get(
+                        self.keys.snapshot_piece(seq, piece),
+                        Some(GetOptions::new().with_revision(revision)),
+                    )
+                    .await
+                    .map_err(etcd)?;
+                let value = got
+                    .kvs()
+                    .first()
+                    .ok_or_else(|| corrupt(format!("snapshot {seq} lacks piece {piece}")))?;
+                bytes.extend_from_slice(value.value());
+            }
+            let decoded = Snapshot::decode(bytes.as_slice()).map_err(|e| corrupt(e))?;
+            if decoded.seq != seq {
+                return Err(corrupt(format!(
+                    "snapshot {seq} says it is at entry {}",
+                    decoded.seq
+                )));
+            }
+            snapshot = Some(decoded);
+        }
+        let after = snapshot.as_ref().map_or(0, |s| s.seq);
+        let entries = self.entries_after(&mut kv, after, Some(revision)).await?;
+        Ok((Recovered { snapshot, entries }, revision))
+    }
+
+    /// Entries after `seq`, in order, reassembled from their pieces (as of `revision`, or now).
+    pub async fn entries_after(
+        &self,
+        kv: &mut KvClient,
+        seq: u64,
+        revision: Option<i64>,
+    ) -> Result<Vec<Entry>> {
+        let end = prefix_end(&self.keys.log_prefix());
+        let mut from = self.keys.log(seq.saturating_add(1), 0);
+        let mut pieces = Pieces::default();
+        let mut entries = Vec::new();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if let Some(revision) = revision {
+                options = options.with_revision(revision);
+            }
+            let page = kv.get(from.clone(), Some(options)).await.map_err(etcd)?;
+            for pair in page.kvs() {
+                let batch = Batch::decode(pair.value()).map_err(|e| corrupt(e))?;
+                entries.extend(pieces.push(batch.entries));
+            }
+            match (page.more(), page.kvs().last()) {
+                (true, Some(last)) => {
+                    let mut next = last.key().to_vec();
+                    next.push(0);
+                    from = String::from_utf8(next).map_err(|e| corrupt(e))?;
+                }
+                _ => break,
+            }
+        }
+        entries.retain(|e| e.seq > seq);
+        Ok(entries)
+    }
+
+    /// Runs `ops` in one transaction that holds only while this master leads; retries
+    /// failures of etcd itself while the lease lasts.
+    async fn fenced(&self, ops: Vec<TxnOp>) -> Result<()> {
+        let Some((lease, clock)) = &self.fence else {
+            return Err(Error::new(
+                ErrorKind::UnavailableInCurrentStatus,
+                "a standby does not write the log",
+            ));
+        };
+        let mut delay = Duration::from_millis(20);
+        loop {
+            if !clock.valid() {
+                return Err(lost());
+            }
+            let txn = Txn::new()
+                .when([Compare::lease(self.keys.view(), CompareOp::Equal, *lease)])
+                .and_then(ops.clone());
+            match self.client.kv_client().txn(txn).await {
+                Ok(reply) if reply.succeeded() => return Ok(()),
+                Ok(_) => {
+                    clock.expire();
+                    return Err(lost());
+                }
+                Err(e) => {
+                    tracing::warn!("log write to etcd failed, retrying: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+}
+
+impl LogStore for EtcdLog {
+    fn load(&self) -> BoxFuture<'_, Result<Recovered>> {
+        Box::pin(async move { Ok(self.load_at().await?.0) })
+    }
+
+    fn append<'a>(&'a self, entries: &'a [Entry]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            for (key, batch) in batches(&self.keys, entries) {
+                self.fenced(vec![TxnOp::put(key, batch.encode_to_vec(), None)])
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn compact<'a>(&'a self, snapshot: &'a Snapshot) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let bytes = snapshot.encode_to_vec();
+            let pieces: Vec<&[u8]> = if bytes.is_empty() {
+                vec![&[]]
+            } else {
+                bytes.chunks(PIECE_BYTES).collect()
+            };
+            for (i, piece) in pieces.iter().enumerate() {
+                let key = self.keys.snapshot_piece(snapshot.seq, i as u32);
+                self.fenced(vec![TxnOp::put(key, piece.to_vec(), None)])
+                    .await?;
+            }
+            let log_end = self.keys.log(snapshot.seq.saturating_add(1), 0);
+            let snapshots_end = self.keys.snapshot_piece(snapshot.seq, 0);
+            self.fenced(vec![
+                TxnOp::put(
+                    self.keys.snapshot_latest(),
+                    format!("{}/{}", snapshot.seq, pieces.len()),
+                    None,
+                ),
+                TxnOp::delete(
+                    self.keys.log_prefix(),
+                    Some(DeleteOptions::new().with_range(log_end)),
+                ),
+                TxnOp::delete(
+                    format!("{}snapshot/0", self.keys.root),
+                    Some(DeleteOptions::new().with_range(snapshots_end)),
+                ),
+            ])
+            .await?;
+            // Drop the history of what was just replaced, so etcd's space stays bounded.
+            let mut kv = self.client.kv_client();
+            if let Ok(status) = kv.get(self.keys.snapshot_latest(), None).await {
+                if let Some(revision) = status.header().map(|h| h.revision()) {
+                    if let Err(e) = kv.compact(revision, None).await {
+                        tracing::debug!("etcd history compaction: {e}");
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Entries reassembled from pieces.
+#[derive(Default)]
+pub struct Pieces {
+    partial: Option<Entry>,
+}
+
+impl Pieces {
+    /// Takes the next pieces in log order; returns the entries they complete.
+    pub fn push(&mut self, pieces: Vec<Entry>) -> Vec<Entry> {
+        let mut done = Vec::new();
+        for piece in pieces {
+            let entry = match self.partial.take() {
+                Some(mut partial) if partial.seq == piece.seq => {
+                    partial.records.extend(piece.records);
+                    partial.more = piece.more;
+                    partial
+                }
+                // A piece of another entry: the partial one was never finished (its writer
+                // lost its lease mid-entry, so it was never acknowledged).
+                _ => piece,
+            };
+            if entry.more {
+                self.partial = Some(entry);
+            } else {
+                done.push(entry);
+            }
+        }
+        done
+    }
+}
+
+/// Splits `entries` into values under PIECE_BYTES, each with its key.
+fn batches(keys: &ClusterKeys, entries: &[Entry]) -> Vec<(String, Batch)> {
+    let mut out: Vec<(String, Batch)> = Vec::new();
+    let mut size = 0;
+    for entry in entries {
+        for (piece_no, piece) in split(entry).into_iter().enumerate() {
+            let len = piece.encoded_len();
+            let full = out.last().is_none_or(|_| size + len > PIECE_BYTES);
+            if full {
+                out.push((
+                    keys.log(piece.seq, piece_no as u32),
+                    Batch::default(),
+                ));
+                size = 0;
+            }
+            size += len;
+            if let Some((_, batch)) = out.last_mut() {
+                batch.entries.push(piece);
+            }
+        }
+    }
+    out
+}
+
+/// An entry in pieces under PIECE_BYTES each (one piece when it fits).
+fn split(entry: &Entry) -> Vec<Entry> {
+    if entry.encoded_len() <= PIECE_BYTES {
+        return vec![entry.clone()];
+    }
+    let mut pieces = Vec::new();
+    let mut current = Entry {
+        seq: entry.seq,
+        records: Vec::new(),
+        more: true,
+    };
+    let mut size = 0;
+    for record in &entry.records {
+        let len = record.encoded_len() + 8;
+        if size + len > PIECE_BYTES && !current.records.is_empty() {
+            pieces.push(std::mem::replace(
+                &mut current,
+                Entry {
+                    seq: entry.seq,
+                    records: Vec::new(),
+                    more: true,
+                },
+            ));
+            size = 0;
+        }
+        size += len;
+        current.records.push(record.clone());
+    }
+    current.more = false;
+    pieces.push(current);
+    pieces
+}
+
+/// The first key after every key starting with `prefix`.
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn lost() -> Error {
+    Error::new(
+        ErrorKind::UnavailableInCurrentStatus,
+        "this master lost its leadership lease; another master may be serving",
+    )
+}
+
+/// An etcd failure.
+pub fn etcd(e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Metadata, format!("etcd: {e}"))
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::InternalError,
+        format!("the master's log in etcd is damaged: {e}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::journal::{record::Change, Record};
+
+    fn entry(seq: u64, records: usize, key_len: usize) -> Entry {
+        Entry {
+            seq,
+            records: (0..records)
+                .map(|i| Record {
+                    change: Some(Change::Erase(format!("{seq}-{i}-{}", "k".repeat(key_len)))),
+                })
+                .collect(),
+            more: false,
+        }
+    }
+
+    #[test]
+    fn large_entries_travel_in_pieces_and_come_back_whole() {
+        let keys = ClusterKeys::new("c");
+        let entries = vec![entry(1, 3, 10), entry(2, 5000, 500), entry(3, 1, 10)];
+        let batches = batches(&keys, &entries);
+        assert!(batches.len() > 2, "entry 2 needs several pieces");
+        let mut sorted: Vec<&String> = batches.iter().map(|(k, _)| k).collect();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            batches.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            "keys sort in log order"
+        );
+        for (_, batch) in &batches {
+            assert!(batch.encoded_len() <= PIECE_BYTES + 64);
+        }
+        let mut pieces = Pieces::default();
+        let back: Vec<Entry> = batches
+            .into_iter()
+            .flat_map(|(_, b)| pieces.push(b.entries))
+            .collect();
+        assert_eq!(back, entries);
+    }
+
+    #[test]
+    fn prefix_end_is_the_next_key() {
+        assert_eq!(prefix_end("a/"), b"a0".to_vec());
+    }
+}
