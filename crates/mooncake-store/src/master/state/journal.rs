@@ -141,6 +141,18 @@ impl Master {
         }
     }
 
+    /// Space freed but held until the log has the change that freed it.
+    #[cfg(test)]
+    pub(super) fn awaiting_log(&self) -> Vec<(SegmentId, Block)> {
+        self.journal.as_ref().map_or_else(Vec::new, |j| {
+            j.freed
+                .iter()
+                .copied()
+                .chain(j.awaiting.iter().map(|&(_, s, b)| (s, b)))
+                .collect()
+        })
+    }
+
     /// The last entry taken or applied.
     pub fn last_seq(&self) -> u64 {
         self.journal.as_ref().map_or(0, |j| j.last_seq)

@@ -561,6 +561,14 @@ impl Master {
                 .or_default()
                 .push((p.block.offset, p.block.reserved));
         }
+        for (segment, block) in self.awaiting_log() {
+            if self.segments.contains_key(&segment) {
+                blocks
+                    .entry(segment)
+                    .or_default()
+                    .push((block.offset, block.reserved));
+            }
+        }
         for (id, list) in &mut blocks {
             let segment = self
                 .segments

@@ -8,6 +8,13 @@
 //! ends the write and may keep filling until then, even after a newer write preempted it; a
 //! write that was revoked may still land for up to the client TTL; a frozen client does
 //! nothing until it thaws, then remounts.
+//!
+//! The durable variant keeps a log: entries become durable only at a `Flush`, and a `Crash`
+//! rebuilds the master from the durable entries (or the snapshot taken with them). The rebuilt
+//! state must be exactly the state at the last flush, and every replica it serves must hold
+//! the bytes of its write, although the crashed master went on removing, evicting and
+//! reallocating after that flush. Writes and leases in flight at a crash end with it: a real
+//! client's transfers finish long before the owners remount and their segments settle.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -16,6 +23,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::master::types::{ReplicaDesc, WriteConfig, WriteGrant};
+use crate::proto::journal::{Entry, Snapshot};
 
 const CLIENTS: usize = 3;
 const KEYS: usize = 6;
@@ -48,6 +56,8 @@ enum Op {
     Advance(u64),
     Freeze(usize),
     Thaw(usize),
+    Flush,
+    Crash,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -66,6 +76,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..2_500u64).prop_map(Op::Advance),
         1 => (0..CLIENTS).prop_map(Op::Freeze),
         1 => (0..CLIENTS).prop_map(Op::Thaw),
+        2 => Just(Op::Flush),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -144,6 +156,14 @@ struct Model {
     readers: Vec<Reader>,
     /// The write id of each key's committed value, as far as the model knows.
     committed: [Option<u64>; KEYS],
+    /// With a log: the durable entries, those not yet flushed, and the state at the last flush.
+    log: Option<Durable>,
+}
+
+struct Durable {
+    entries: Vec<Entry>,
+    pending: Vec<Entry>,
+    flushed: crate::proto::journal::Snapshot,
 }
 
 fn key_name(key: usize) -> String {
@@ -151,7 +171,7 @@ fn key_name(key: usize) -> String {
 }
 
 impl Model {
-    fn new() -> Self {
+    fn new(durable: bool) -> Self {
         let config = MasterConfig {
             put_start_discard_timeout: Duration::from_secs(5),
             // Beyond any run: a writer slower than this may clobber, by Mooncake's design.
@@ -159,7 +179,11 @@ impl Model {
             ..MasterConfig::default()
         };
         let now = Instant::now();
-        let mut master = Master::new(config.clone()).unwrap();
+        let mut master = if durable {
+            Master::recover(config.clone(), now, None, Vec::new()).unwrap()
+        } else {
+            Master::new(config.clone()).unwrap()
+        };
         let mut clients = Vec::new();
         let mut specs = Vec::new();
         for i in 0..CLIENTS {
@@ -178,7 +202,7 @@ impl Model {
             clients.push(client);
             specs.push(spec);
         }
-        Self {
+        let mut model = Self {
             master,
             now,
             config,
@@ -189,7 +213,60 @@ impl Model {
             writes: Vec::new(),
             readers: Vec::new(),
             committed: [None; KEYS],
+            log: None,
+        };
+        if durable {
+            let pending: Vec<Entry> = model.master.take_entry().into_iter().collect();
+            model.log = Some(Durable {
+                entries: Vec::new(),
+                pending,
+                flushed: Snapshot::default(),
+            });
+            model.flush();
         }
+        model
+    }
+
+    /// Every entry taken so far becomes durable.
+    fn flush(&mut self) {
+        let Some(log) = &mut self.log else { return };
+        log.entries.append(&mut log.pending);
+        if let Some(last) = log.entries.last() {
+            self.master.entries_durable(last.seq);
+        }
+        log.flushed = self.master.snapshot();
+    }
+
+    /// The master dies; a new one recovers what was durable.
+    fn crash(&mut self) {
+        let Some(log) = &mut self.log else { return };
+        log.pending.clear();
+        let from_snapshot = log.entries.len() % 2 == 0;
+        let recovered = if from_snapshot {
+            Master::recover(self.config.clone(), self.now, Some(log.flushed.clone()), Vec::new())
+        } else {
+            Master::recover(self.config.clone(), self.now, None, log.entries.clone())
+        };
+        self.master = recovered.expect("the durable log applies");
+        assert_eq!(
+            self.master.snapshot(),
+            log.flushed,
+            "recovery did not rebuild the flushed state"
+        );
+        self.master.begin_epoch(self.now);
+        log.pending.extend(self.master.take_entry());
+        for w in &mut self.writes {
+            w.state = State::Ended;
+        }
+        self.readers.clear();
+        for key in 0..KEYS {
+            self.committed[key] = self
+                .master
+                .objects
+                .get(&key_name(key))
+                .map(|o| o.write.0);
+        }
+        self.flush();
     }
 
     fn fillable(&self, w: &Write) -> bool {
@@ -253,6 +330,14 @@ impl Model {
                 } else {
                     self.master.put_start(now, c, &name, size, &config)
                 };
+                // The service answers a start only once its entry (an upsert in place stops
+                // the log vouching for the old bytes) is durable.
+                if let Some(entry) = self.master.take_entry() {
+                    if let Some(log) = &mut self.log {
+                        log.pending.push(entry);
+                    }
+                    self.flush();
+                }
                 if let Ok(grant) = started {
                     assert!(grant.write.0 > 0);
                     assert!(!grant.replicas.is_empty());
@@ -351,8 +436,12 @@ impl Model {
             Op::Advance(millis) => {
                 self.now += Duration::from_millis(millis);
                 for (i, c) in self.clients.iter().enumerate() {
-                    if !self.frozen[i] {
-                        self.master.ping(self.now, *c);
+                    if !self.frozen[i]
+                        && self.master.ping(self.now, *c) == ClientStatus::NeedRemount
+                    {
+                        self.master
+                            .remount_segments(self.now, *c, vec![self.specs[i].clone()])
+                            .unwrap();
                     }
                 }
                 self.master.tick(self.now);
@@ -369,6 +458,11 @@ impl Model {
                         .unwrap();
                 }
             }
+            Op::Flush => self.flush(),
+            Op::Crash => self.crash(),
+        }
+        if let Some(log) = &mut self.log {
+            log.pending.extend(self.master.take_entry());
         }
         self.check();
     }
@@ -404,7 +498,15 @@ proptest! {
 
     #[test]
     fn every_read_sees_its_own_write(ops in proptest::collection::vec(op(), 1..300)) {
-        let mut model = Model::new();
+        let mut model = Model::new(false);
+        for op in &ops {
+            model.apply(op);
+        }
+    }
+
+    #[test]
+    fn a_crash_recovers_exactly_what_was_durable(ops in proptest::collection::vec(op(), 1..300)) {
+        let mut model = Model::new(true);
         for op in &ops {
             model.apply(op);
         }
