@@ -104,10 +104,10 @@ impl EtcdStore {
     }
 
     /// Runs `call` against the endpoints in turn, from the one that answered last, until one
-    /// answers or [`OPERATION_TIMEOUT`] passes. Every operation here is idempotent (the same
-    /// value put again, an absent key deleted again), so a call that may have reached a
-    /// member before failing is safe to repeat.
-    async fn run<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
+    /// answers or [`OPERATION_TIMEOUT`] passes. A call that reached a member before failing
+    /// may run twice: it must be idempotent (the same value put again, an absent key deleted
+    /// again, a conditional transaction).
+    pub async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
@@ -172,7 +172,7 @@ impl MetadataStore for EtcdStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<String>>> {
         Box::pin(async move {
             let response = self
-                .run(
+                .call(
                     "GET",
                     |mut client| async move { client.get(key, None).await },
                 )
@@ -191,7 +191,7 @@ impl MetadataStore for EtcdStore {
 
     fn put<'a>(&'a self, key: &'a str, value: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.run("PUT", |mut client| async move {
+            self.call("PUT", |mut client| async move {
                 client.put(key, value, None).await
             })
             .await
@@ -201,7 +201,7 @@ impl MetadataStore for EtcdStore {
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.run("DELETE", |mut client| async move {
+            self.call("DELETE", |mut client| async move {
                 client.delete(key, None).await
             })
             .await

@@ -62,7 +62,9 @@ impl Lookups {
         };
         match self
             .master
-            .call(|mut g| async move { g.batch_get_replica_list(request).await })
+            .call(request, |mut g, r| async move {
+                g.batch_get_replica_list(r).await
+            })
             .await
         {
             Ok(reply) => answers(keys.iter(), reply.results),
@@ -91,7 +93,10 @@ impl Lookups {
             let request = proto::GetReplicaListRequest { key: key.clone() };
             let answer = self
                 .master
-                .call(|mut g| async move { g.get_replica_list(request).await })
+                .call(
+                    request,
+                    |mut g, r| async move { g.get_replica_list(r).await },
+                )
                 .await
                 .and_then(|r| parse(&key, r.outcome.as_ref(), &r.replicas, r.lease_ttl_ms));
             let _ = reply.send(answer);
@@ -100,9 +105,9 @@ impl Lookups {
         let request = proto::BatchGetReplicaListRequest {
             keys: wave.iter().map(|(key, _)| key.clone()).collect(),
         };
-        let answers = self
-            .master
-            .call(|mut g| async move { g.batch_get_replica_list(request).await });
+        let answers = self.master.call(request, |mut g, r| async move {
+            g.batch_get_replica_list(r).await
+        });
         match answers.await {
             Ok(answers) => {
                 let parsed = answers_for(&wave, answers.results);

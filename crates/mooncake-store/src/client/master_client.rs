@@ -1,86 +1,243 @@
-//! The client's side of the master RPC: timeouts, and failures mapped to store codes.
+//! The client's side of the master RPC: timeouts, failures mapped to store codes, and, with
+//! `etcd://` addresses, following the leader.
+//!
+//! An `etcd://h1:2379;h2:2379` address names a cluster of masters: the client reads the
+//! leader from `mooncake-store/<cluster_id>/master_view` (the cluster id comes from
+//! `MC_STORE_CLUSTER_ID`, default `mooncake_cluster`, as in Mooncake). When a call fails
+//! because the leader died or stepped down, the client finds the new leader and, where that is
+//! safe, calls again: every RPC is idempotent (reads, mounts, and writes naming their write id)
+//! except removals, which are repeated only when the master refused them without running them.
 
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
+use mooncake_metadata::etcd::EtcdStore;
+use mooncake_metadata::MetadataStore;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::master::ha::{parse_endpoints, validate_cluster_id};
+use crate::master::log::etcd::ClusterKeys;
 use crate::proto::master_client::MasterClient as Grpc;
 use crate::wire::STORE_VERSION;
 
-/// A connection to the master.
+/// How long a call keeps looking for a new leader: a lease (5 s) running out, an election
+/// and a catch-up, with room to spare.
+const FAILOVER_BUDGET: Duration = Duration::from_secs(20);
+/// Between two reads of the view while no new leader is there.
+const VIEW_POLL: Duration = Duration::from_millis(100);
+
+/// A connection to the master (or to whichever master leads).
 #[derive(Clone)]
 pub struct MasterClient {
-    grpc: Grpc<Channel>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     timeout: Duration,
+    /// Where the leader is written, for `etcd://` addresses.
+    view: Option<View>,
+    /// The master in use and its channel.
+    current: RwLock<(String, Grpc<Channel>)>,
+}
+
+struct View {
+    etcd: EtcdStore,
+    key: String,
 }
 
 impl MasterClient {
-    /// Connects to `address` (`host:port`) and checks the master's version.
+    /// Connects to `address` (`host:port`, or `etcd://h1:2379;h2:2379` for an HA cluster)
+    /// and checks the master's version.
     pub async fn connect(address: &str, timeout: Duration) -> Result<Self> {
-        let uri = if address.contains("://") {
-            address.to_owned()
-        } else {
-            format!("http://{address}")
+        let view = match address.trim().strip_prefix("etcd://") {
+            None => None,
+            Some(endpoints) => {
+                let cluster_id = std::env::var("MC_STORE_CLUSTER_ID")
+                    .unwrap_or_else(|_| "mooncake_cluster".to_owned());
+                validate_cluster_id(&cluster_id)?;
+                Some(View {
+                    etcd: EtcdStore::with_endpoints(parse_endpoints(endpoints))?,
+                    key: ClusterKeys::new(&cluster_id).view(),
+                })
+            }
         };
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::InvalidArgument,
-                    format!("master address '{address}': {e}"),
-                )
-            })?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|e| {
-            Error::new(
-                ErrorKind::RpcFail,
-                format!("connect to master {address}: {e}"),
-            )
-        })?;
+        let leader = match &view {
+            None => address.to_owned(),
+            Some(view) => {
+                view.wait_for_leader(None, timeout.max(FAILOVER_BUDGET))
+                    .await?
+            }
+        };
+        let channel = channel(&leader, timeout)?;
         let client = Self {
-            grpc: Grpc::new(channel),
-            timeout,
+            inner: Arc::new(Inner {
+                timeout,
+                view,
+                current: RwLock::new((leader.clone(), Grpc::new(channel))),
+            }),
         };
         let version = client
             .call(
-                |mut g| async move { g.service_ready(crate::proto::ServiceReadyRequest {}).await },
+                crate::proto::ServiceReadyRequest {},
+                |mut g, r| async move { g.service_ready(r).await },
             )
             .await?
             .version;
         if version != STORE_VERSION {
             return Err(Error::new(
                 ErrorKind::InvalidVersion,
-                format!("master at {address} speaks '{version}', this client '{STORE_VERSION}'"),
+                format!("master at {leader} speaks '{version}', this client '{STORE_VERSION}'"),
             ));
         }
         Ok(client)
     }
 
-    /// Runs one RPC, mapping transport failures to `ERR_RPC_FAIL` / `ERR_RPC_TIMEOUT` and
-    /// whole-call refusals to their stable codes.
-    pub async fn call<T, F, Fut>(&self, rpc: F) -> Result<T>
+    /// The master in use.
+    pub fn address(&self) -> String {
+        self.current().0
+    }
+
+    /// Runs one idempotent RPC; after a failover, again on the new leader.
+    pub async fn call<Req, T, F, Fut>(&self, request: Req, rpc: F) -> Result<T>
     where
-        F: FnOnce(Grpc<Channel>) -> Fut,
+        Req: Clone,
+        F: Fn(Grpc<Channel>, Req) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        let reply = tokio::time::timeout(
-            self.timeout + Duration::from_millis(100),
-            rpc(self.grpc.clone()),
-        )
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::RpcTimeout,
-                format!("master did not answer within {:?}", self.timeout),
-            )
-        })?;
+        self.run(request, rpc, true).await
+    }
+
+    /// Runs one RPC that must not run twice: repeated only when the master refused it
+    /// unrun (a standby).
+    pub async fn call_once<Req, T, F, Fut>(&self, request: Req, rpc: F) -> Result<T>
+    where
+        Req: Clone,
+        F: Fn(Grpc<Channel>, Req) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.run(request, rpc, false).await
+    }
+
+    async fn run<Req, T, F, Fut>(&self, request: Req, rpc: F, idempotent: bool) -> Result<T>
+    where
+        Req: Clone,
+        F: Fn(Grpc<Channel>, Req) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let started = Instant::now();
+        loop {
+            let (address, grpc) = self.current();
+            let error = match self.once(grpc, request.clone(), &rpc).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            let Some(view) = &self.inner.view else {
+                return Err(error);
+            };
+            let refused_unrun = error.kind() == ErrorKind::UnavailableInCurrentStatus;
+            let leader_lost =
+                refused_unrun || matches!(error.kind(), ErrorKind::RpcFail | ErrorKind::RpcTimeout);
+            let left = FAILOVER_BUDGET.saturating_sub(started.elapsed());
+            if !leader_lost || left.is_zero() {
+                return Err(error);
+            }
+            let leader = view.wait_for_leader(Some(&address), left).await;
+            if let Ok(leader) = &leader {
+                if leader != &address {
+                    tracing::info!(from = %address, to = %leader, "following the new master leader");
+                    let channel = channel(leader, self.inner.timeout)?;
+                    *self
+                        .inner
+                        .current
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()) = (leader.clone(), Grpc::new(channel));
+                }
+            }
+            if !(idempotent || refused_unrun) {
+                return Err(error);
+            }
+            if leader.is_err() {
+                return Err(error);
+            }
+        }
+    }
+
+    fn current(&self) -> (String, Grpc<Channel>) {
+        self.inner
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// One RPC, mapping transport failures to `ERR_RPC_FAIL` / `ERR_RPC_TIMEOUT` and
+    /// whole-call refusals to their stable codes.
+    async fn once<Req, T, F, Fut>(&self, grpc: Grpc<Channel>, request: Req, rpc: &F) -> Result<T>
+    where
+        F: Fn(Grpc<Channel>, Req) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let timeout = self.inner.timeout;
+        let reply = tokio::time::timeout(timeout + Duration::from_millis(100), rpc(grpc, request))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::RpcTimeout,
+                    format!("master did not answer within {timeout:?}"),
+                )
+            })?;
         match reply {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(from_status(&status)),
         }
     }
+}
+
+impl View {
+    /// The leader's address, within `budget`. When it is still `not` (the master that just
+    /// failed: it may recover, or its lease has not run out yet), after a short pause.
+    async fn wait_for_leader(&self, not: Option<&str>, budget: Duration) -> Result<String> {
+        let deadline = Instant::now() + budget;
+        loop {
+            let leader = self.etcd.get(&self.key).await;
+            if let Ok(Some(address)) = &leader {
+                if Some(address.as_str()) == not {
+                    tokio::time::sleep(VIEW_POLL).await;
+                }
+                return Ok(address.clone());
+            }
+            if Instant::now() + VIEW_POLL >= deadline {
+                return Err(match leader {
+                    Err(e) => e,
+                    Ok(_) => Error::new(
+                        ErrorKind::RpcFail,
+                        format!("no master leads (no '{}' in etcd)", self.key),
+                    ),
+                });
+            }
+            tokio::time::sleep(VIEW_POLL).await;
+        }
+    }
+}
+
+fn channel(address: &str, timeout: Duration) -> Result<Channel> {
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("master address '{address}': {e}"),
+            )
+        })?
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .timeout(timeout)
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_lazy())
 }
 
 fn from_status(status: &tonic::Status) -> Error {

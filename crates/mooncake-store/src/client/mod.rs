@@ -157,7 +157,7 @@ impl StoreClient {
                 segment: Some(to_segment(&spec)),
             };
             let outcome = master
-                .call(|mut g| async move { g.mount_segment(request).await })
+                .call(request, |mut g, r| async move { g.mount_segment(r).await })
                 .await?;
             from_outcome(Some(&outcome))?;
             segments.push((spec, arena));
@@ -168,7 +168,10 @@ impl StoreClient {
                 segments: Vec::new(),
             };
             let outcome = master
-                .call(|mut g| async move { g.re_mount_segment(request).await })
+                .call(
+                    request,
+                    |mut g, r| async move { g.re_mount_segment(r).await },
+                )
                 .await?;
             from_outcome(Some(&outcome))?;
         }
@@ -233,7 +236,7 @@ impl StoreClient {
         };
         let reply = self
             .master
-            .call(|mut g| async move { g.ping(request).await })
+            .call(request, |mut g, r| async move { g.ping(r).await })
             .await?;
         if reply.client_status == proto::ClientStatus::NeedRemount as i32 {
             tracing::warn!(
@@ -246,7 +249,10 @@ impl StoreClient {
             };
             let outcome = self
                 .master
-                .call(|mut g| async move { g.re_mount_segment(request).await })
+                .call(
+                    request,
+                    |mut g, r| async move { g.re_mount_segment(r).await },
+                )
                 .await?;
             from_outcome(Some(&outcome))?;
         }
@@ -287,7 +293,10 @@ impl StoreClient {
         };
         Ok(self
             .master
-            .call(|mut g| async move { g.batch_exist_key(request).await })
+            .call(
+                request,
+                |mut g, r| async move { g.batch_exist_key(r).await },
+            )
             .await?
             .exists)
     }
@@ -317,7 +326,7 @@ impl StoreClient {
         };
         let outcome = self
             .master
-            .call(|mut g| async move { g.remove(request).await })
+            .call_once(request, |mut g, r| async move { g.remove(r).await })
             .await?;
         from_outcome(Some(&outcome))
     }
@@ -331,7 +340,7 @@ impl StoreClient {
         };
         let reply = self
             .master
-            .call(|mut g| async move { g.batch_remove(request).await })
+            .call_once(request, |mut g, r| async move { g.batch_remove(r).await })
             .await?;
         Ok(reply
             .results
@@ -349,7 +358,10 @@ impl StoreClient {
         };
         Ok(self
             .master
-            .call(|mut g| async move { g.remove_by_regex(request).await })
+            .call_once(
+                request,
+                |mut g, r| async move { g.remove_by_regex(r).await },
+            )
             .await?
             .count)
     }
@@ -360,7 +372,7 @@ impl StoreClient {
         let request = proto::RemoveAllRequest { force };
         Ok(self
             .master
-            .call(|mut g| async move { g.remove_all(request).await })
+            .call_once(request, |mut g, r| async move { g.remove_all(r).await })
             .await?
             .count)
     }
@@ -379,7 +391,10 @@ impl StoreClient {
             };
             if let Err(e) = self
                 .master
-                .call(|mut g| async move { g.unmount_segment(request).await })
+                .call(
+                    request,
+                    |mut g, r| async move { g.unmount_segment(r).await },
+                )
                 .await
             {
                 tracing::debug!("unmount on close: {e}");

@@ -191,11 +191,17 @@ impl StoreClient {
         };
         let started = if upsert {
             self.master
-                .call(|mut g| async move { g.batch_upsert_start(request).await })
+                .call(
+                    request,
+                    |mut g, r| async move { g.batch_upsert_start(r).await },
+                )
                 .await
         } else {
             self.master
-                .call(|mut g| async move { g.batch_put_start(request).await })
+                .call(
+                    request,
+                    |mut g, r| async move { g.batch_put_start(r).await },
+                )
                 .await
         };
         let started = match started {
@@ -306,11 +312,14 @@ impl StoreClient {
         };
         let reply = if commit {
             self.master
-                .call(|mut g| async move { g.batch_put_end(request).await })
+                .call(request, |mut g, r| async move { g.batch_put_end(r).await })
                 .await
         } else {
             self.master
-                .call(|mut g| async move { g.batch_put_revoke(request).await })
+                .call(
+                    request,
+                    |mut g, r| async move { g.batch_put_revoke(r).await },
+                )
                 .await
         };
         match reply {

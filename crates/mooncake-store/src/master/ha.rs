@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, Txn, TxnOp, WatchOptions,
+    Compare, CompareOp, EventType, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use mooncake_common::{Error, ErrorKind, Result};
+use mooncake_metadata::etcd::EtcdStore;
 use prost::Message;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -102,21 +103,6 @@ pub fn validate_cluster_id(id: &str) -> Result<()> {
     }
 }
 
-/// Connects to etcd with bounded waits: a dead cluster fails calls, it never hangs them.
-pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(3))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        Client::connect(endpoints, Some(options)),
-    )
-    .await
-    .map_err(|_| etcd(format!("no answer from {}", endpoints.join(","))))?
-    .map_err(etcd)
-}
-
 /// What this master knows of the election, for `/health` and `/metrics`.
 #[derive(Debug, Clone, Default)]
 pub struct HaView {
@@ -197,7 +183,7 @@ impl Member {
     /// Loads the log, follows it, and leads when the view is free; returns when leadership
     /// ends (the state then holds changes etcd may not have: it is reloaded).
     async fn term(&self) -> Result<()> {
-        let client = connect(&self.config.endpoints).await?;
+        let client = Arc::new(EtcdStore::with_endpoints(self.config.endpoints.clone())?);
         let log = EtcdLog::new(client.clone(), self.keys.clone());
         let (recovered, revision) = log.load_at().await?;
         {
@@ -210,25 +196,24 @@ impl Member {
                 recovered.entries,
             )?;
         }
+        let root = self.keys.root().to_owned();
         let mut events = client
-            .watch_client()
-            .watch(
-                self.keys.root(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            )
-            .await
-            .map_err(etcd)?;
+            .call("watch", |mut c| {
+                let root = root.clone();
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1);
+                async move { c.watch(root, Some(options)).await }
+            })
+            .await?;
         let view_key = self.keys.view();
         let log_prefix = self.keys.log_prefix();
         let view = client
-            .kv_client()
-            .get(view_key.clone(), None)
-            .await
-            .map_err(etcd)?;
+            .call("GET", |mut c| {
+                let key = view_key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         let mut free = match view.kvs().first() {
             Some(kv) => {
                 let leader = kv.value_str().unwrap_or_default().to_owned();
@@ -294,11 +279,15 @@ impl Member {
     }
 
     /// Tries to create the view bound to a new lease.
-    async fn campaign(&self, client: &Client) -> Result<Option<Won>> {
-        let mut leases = client.lease_client();
+    async fn campaign(&self, client: &EtcdStore) -> Result<Option<Won>> {
         let granted_at = Instant::now();
         let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
-        let lease = leases.grant(ttl, None).await.map_err(etcd)?.id();
+        let lease = client
+            .call("lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
+            .await?
+            .id();
         let view = self.keys.view();
         let txn = Txn::new()
             .when([Compare::create_revision(view.clone(), CompareOp::Equal, 0)])
@@ -307,7 +296,12 @@ impl Member {
                 self.advertised.clone(),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let reply = client.kv_client().txn(txn).await.map_err(etcd)?;
+        let reply = client
+            .call("campaign", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if reply.succeeded() {
             let revision = reply.header().map_or(0, |h| h.revision());
             Ok(Some(Won {
@@ -316,22 +310,23 @@ impl Member {
                 granted_at,
             }))
         } else {
-            let _ = leases.revoke(lease).await;
+            revoke(client, lease).await;
             Ok(None)
         }
     }
 
     /// Catches up, starts a new epoch and serves until the lease or the log fails.
-    async fn lead(&self, client: &Client, log: &EtcdLog, won: Won) -> Result<()> {
+    async fn lead(&self, client: &Arc<EtcdStore>, log: &EtcdLog, won: Won) -> Result<()> {
         let ttl = self.config.lease_ttl;
         let clock = LeaseClock::new(won.granted_at + ttl.saturating_sub(LEASE_MARGIN));
         let term_stop = self.stop.child_token();
         let term_tasks = TaskTracker::new();
+        let lease = won.lease;
         let (keeper, responses) = client
-            .lease_client()
-            .keep_alive(won.lease)
-            .await
-            .map_err(etcd)?;
+            .call("lease keep-alive", |mut c| async move {
+                c.lease_keep_alive(lease).await
+            })
+            .await?;
         term_tasks.spawn(keep_alive(
             client.clone(),
             won.lease,
@@ -341,7 +336,7 @@ impl Member {
             ttl,
             term_stop.clone(),
         ));
-        let result = self.serve(client, log, &won, &clock, &term_stop, &term_tasks).await;
+        let result = self.serve(log, &won, &clock, &term_stop, &term_tasks).await;
         self.role.send_replace(Role::Standby);
         clock.expire();
         term_stop.cancel();
@@ -349,8 +344,7 @@ impl Member {
         term_tasks.wait().await;
         if self.stop.is_cancelled() {
             // Let a standby take over now rather than after the lease runs out.
-            let mut leases = client.lease_client();
-            let _ = tokio::time::timeout(Duration::from_secs(1), leases.revoke(won.lease)).await;
+            revoke(client, won.lease).await;
         }
         self.status.update(|s| s.leader = None);
         result
@@ -358,7 +352,6 @@ impl Member {
 
     async fn serve(
         &self,
-        client: &Client,
         log: &EtcdLog,
         won: &Won,
         clock: &LeaseClock,
@@ -367,9 +360,7 @@ impl Member {
     ) -> Result<()> {
         // The previous leader's lease is gone, so its log is final: apply the rest of it.
         let applied = lock(&self.state).last_seq();
-        let rest = log
-            .entries_after(&mut client.kv_client(), applied, None)
-            .await?;
+        let rest = log.entries_after(applied, None).await?;
         let now = Instant::now();
         {
             let mut master = lock(&self.state);
@@ -434,7 +425,7 @@ struct Won {
 /// Renews the lease every fifth of its TTL and moves the clock; a broken stream (its etcd
 /// member died) is opened again on another member.
 async fn keep_alive(
-    client: Client,
+    client: Arc<EtcdStore>,
     lease: i64,
     mut keeper: LeaseKeeper,
     mut responses: LeaseKeepAliveStream,
@@ -467,13 +458,24 @@ async fn keep_alive(
             }
             failed => {
                 tracing::warn!("lease renewal failed ({failed:?}); reopening the stream");
-                match tokio::time::timeout(period, client.lease_client().keep_alive(lease)).await {
+                let reopened = client.call("lease keep-alive", |mut c| async move {
+                    c.lease_keep_alive(lease).await
+                });
+                match tokio::time::timeout(period, reopened).await {
                     Ok(Ok((k, r))) => (keeper, responses) = (k, r),
                     _ => tracing::warn!("could not reopen the lease stream yet"),
                 }
             }
         }
     }
+}
+
+/// Ends a lease now (its keys go with it); bounded, and best effort.
+async fn revoke(client: &EtcdStore, lease: i64) {
+    let revoked = client.call("lease revoke", |mut c| async move {
+        c.lease_revoke(lease).await
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(1), revoked).await;
 }
 
 fn lock(state: &Mutex<Master>) -> std::sync::MutexGuard<'_, Master> {

@@ -64,9 +64,9 @@ impl DiskLog {
             Ok(bytes) => {
                 let (frames, clean) = frames(&bytes);
                 match (frames.first(), clean) {
-                    (Some(frame), true) if frames.len() == 1 => Some(
-                        Snapshot::decode(*frame).map_err(|e| corrupt(&snapshot_path, e))?,
-                    ),
+                    (Some(frame), true) if frames.len() == 1 => {
+                        Some(Snapshot::decode(*frame).map_err(|e| corrupt(&snapshot_path, e))?)
+                    }
                     _ => return Err(corrupt(&snapshot_path, "damaged frame")),
                 }
             }
@@ -254,10 +254,7 @@ mod tests {
         let torn = frame(&Batch {
             entries: vec![entry(5)],
         });
-        let mut file = OpenOptions::new()
-            .append(true)
-            .open(dir.join(LOG))
-            .unwrap();
+        let mut file = OpenOptions::new().append(true).open(dir.join(LOG)).unwrap();
         file.write_all(&torn[..torn.len() - 3]).unwrap();
         drop(file);
 

@@ -12,10 +12,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, KvClient, Txn, TxnOp,
-};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, Txn, TxnOp};
 use mooncake_common::{Error, ErrorKind, Result};
+use mooncake_metadata::etcd::EtcdStore;
 use prost::Message;
 
 use super::{BoxFuture, LogStore, Recovered};
@@ -98,20 +97,29 @@ impl LeaseClock {
 /// The log of one cluster in etcd.
 #[derive(Clone)]
 pub struct EtcdLog {
-    client: Client,
+    etcd: Arc<EtcdStore>,
     keys: ClusterKeys,
     /// Set when leading: the lease `master_view` must be bound to, and its clock.
     fence: Option<(i64, LeaseClock)>,
 }
 
 impl EtcdLog {
-    /// Reads `keys`' log through `client`.
-    pub fn new(client: Client, keys: ClusterKeys) -> Self {
+    /// Reads `keys`' log in `etcd`.
+    pub fn new(etcd: Arc<EtcdStore>, keys: ClusterKeys) -> Self {
         Self {
-            client,
+            etcd,
             keys,
             fence: None,
         }
+    }
+
+    async fn get(&self, key: String, options: Option<GetOptions>) -> Result<GetResponse> {
+        self.etcd
+            .call("GET", |mut client| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.get(key, options).await }
+            })
+            .await
     }
 
     /// The same log, written while `master_view` is bound to `lease`.
@@ -125,11 +133,7 @@ impl EtcdLog {
     /// The latest snapshot and the entries after it, as of one revision, which is returned:
     /// a watch from the next revision misses nothing.
     pub async fn load_at(&self) -> Result<(Recovered, i64)> {
-        let mut kv = self.client.kv_client();
-        let latest = kv
-            .get(self.keys.snapshot_latest(), None)
-            .await
-            .map_err(etcd)?;
+        let latest = self.get(self.keys.snapshot_latest(), None).await?;
         let revision = latest.header().map_or(0, |h| h.revision());
         let mut snapshot = None;
         if let Some(kv_pair) = latest.kvs().first() {
@@ -140,13 +144,12 @@ impl EtcdLog {
                 .ok_or_else(|| corrupt(format!("snapshot pointer '{text}'")))?;
             let mut bytes = Vec::new();
             for piece in 0..pieces {
-                let got = kv
+                let got = self
                     .get(
                         self.keys.snapshot_piece(seq, piece),
                         Some(GetOptions::new().with_revision(revision)),
                     )
-                    .await
-                    .map_err(etcd)?;
+                    .await?;
                 let value = got
                     .kvs()
                     .first()
@@ -163,17 +166,12 @@ impl EtcdLog {
             snapshot = Some(decoded);
         }
         let after = snapshot.as_ref().map_or(0, |s| s.seq);
-        let entries = self.entries_after(&mut kv, after, Some(revision)).await?;
+        let entries = self.entries_after(after, Some(revision)).await?;
         Ok((Recovered { snapshot, entries }, revision))
     }
 
     /// Entries after `seq`, in order, reassembled from their pieces (as of `revision`, or now).
-    pub async fn entries_after(
-        &self,
-        kv: &mut KvClient,
-        seq: u64,
-        revision: Option<i64>,
-    ) -> Result<Vec<Entry>> {
+    pub async fn entries_after(&self, seq: u64, revision: Option<i64>) -> Result<Vec<Entry>> {
         let end = prefix_end(&self.keys.log_prefix());
         let mut from = self.keys.log(seq.saturating_add(1), 0);
         let mut pieces = Pieces::default();
@@ -183,7 +181,7 @@ impl EtcdLog {
             if let Some(revision) = revision {
                 options = options.with_revision(revision);
             }
-            let page = kv.get(from.clone(), Some(options)).await.map_err(etcd)?;
+            let page = self.get(from.clone(), Some(options)).await?;
             for pair in page.kvs() {
                 let batch = Batch::decode(pair.value()).map_err(|e| corrupt(e))?;
                 entries.extend(pieces.push(batch.entries));
@@ -218,7 +216,14 @@ impl EtcdLog {
             let txn = Txn::new()
                 .when([Compare::lease(self.keys.view(), CompareOp::Equal, *lease)])
                 .and_then(ops.clone());
-            match self.client.kv_client().txn(txn).await {
+            let reply = self
+                .etcd
+                .call("log write", |mut client| {
+                    let txn = txn.clone();
+                    async move { client.txn(txn).await }
+                })
+                .await;
+            match reply {
                 Ok(reply) if reply.succeeded() => return Ok(()),
                 Ok(_) => {
                     clock.expire();
@@ -281,10 +286,15 @@ impl LogStore for EtcdLog {
             ])
             .await?;
             // Drop the history of what was just replaced, so etcd's space stays bounded.
-            let mut kv = self.client.kv_client();
-            if let Ok(status) = kv.get(self.keys.snapshot_latest(), None).await {
+            if let Ok(status) = self.get(self.keys.snapshot_latest(), None).await {
                 if let Some(revision) = status.header().map(|h| h.revision()) {
-                    if let Err(e) = kv.compact(revision, None).await {
+                    let compacted = self
+                        .etcd
+                        .call("compact", |mut client| async move {
+                            client.compact(revision, None).await
+                        })
+                        .await;
+                    if let Err(e) = compacted {
                         tracing::debug!("etcd history compaction: {e}");
                     }
                 }
@@ -334,10 +344,7 @@ fn batches(keys: &ClusterKeys, entries: &[Entry]) -> Vec<(String, Batch)> {
             let len = piece.encoded_len();
             let full = out.last().is_none_or(|_| size + len > PIECE_BYTES);
             if full {
-                out.push((
-                    keys.log(piece.seq, piece_no as u32),
-                    Batch::default(),
-                ));
+                out.push((keys.log(piece.seq, piece_no as u32), Batch::default()));
                 size = 0;
             }
             size += len;

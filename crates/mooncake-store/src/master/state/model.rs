@@ -243,7 +243,12 @@ impl Model {
         log.pending.clear();
         let from_snapshot = log.entries.len() % 2 == 0;
         let recovered = if from_snapshot {
-            Master::recover(self.config.clone(), self.now, Some(log.flushed.clone()), Vec::new())
+            Master::recover(
+                self.config.clone(),
+                self.now,
+                Some(log.flushed.clone()),
+                Vec::new(),
+            )
         } else {
             Master::recover(self.config.clone(), self.now, None, log.entries.clone())
         };
@@ -260,11 +265,7 @@ impl Model {
         }
         self.readers.clear();
         for key in 0..KEYS {
-            self.committed[key] = self
-                .master
-                .objects
-                .get(&key_name(key))
-                .map(|o| o.write.0);
+            self.committed[key] = self.master.objects.get(&key_name(key)).map(|o| o.write.0);
         }
         self.flush();
     }

@@ -84,7 +84,9 @@ impl Master {
         let forgotten: Vec<SegmentId> = self
             .segments
             .iter()
-            .filter(|(_, s)| !s.alive() && s.allocator.used() == 0)
+            .filter(|(id, s)| {
+                !s.alive() && s.allocator.used() == 0 && !self.awaiting_owner.contains(id)
+            })
             .map(|(id, _)| *id)
             .collect();
         self.drop_segments(&forgotten);
