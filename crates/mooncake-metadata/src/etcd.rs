@@ -86,6 +86,20 @@ impl EtcdStore {
         &self.endpoints
     }
 
+    /// Gives up on the endpoint in use (a stream on it broke): the next call starts with the
+    /// next one, on a fresh connection.
+    pub async fn skip_current(&self) {
+        let count = self.endpoints.len();
+        let index = self.current.load(Ordering::Relaxed) % count;
+        self.clients[index].lock().await.take();
+        let _ = self.current.compare_exchange(
+            index,
+            (index + 1) % count,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     async fn client(&self, index: usize) -> Result<Client> {
         let mut slot = self.clients[index].lock().await;
         if let Some(client) = slot.as_ref() {

@@ -38,16 +38,13 @@ async fn one_leader(masters: &[MasterProcess], within: Duration) -> usize {
     }
 }
 
-/// Waits until `count` puts succeeded after `since`; returns when the first one did.
+/// Waits until `count` puts that began after `since` succeeded; returns when the first one
+/// was acknowledged.
 async fn puts_after(ledger: &Mutex<Ledger>, since: Instant, count: usize) -> Duration {
     let deadline = since + Duration::from_secs(40);
     loop {
-        {
-            let ledger = ledger.lock().unwrap();
-            let after: Vec<&Instant> = ledger.successes.iter().filter(|t| **t > since).collect();
-            if after.len() >= count {
-                return **after.iter().min().unwrap() - since;
-            }
+        if let Some(first) = ledger.lock().unwrap().resumed(since, count) {
+            return first;
         }
         assert!(Instant::now() < deadline, "puts did not resume");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -57,6 +54,11 @@ async fn puts_after(ledger: &Mutex<Ledger>, since: Instant, count: usize) -> Dur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(etcd_server), ignore = "needs Debian's etcd-server")]
 async fn ha_masters_lose_no_acknowledged_put() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .try_init();
+    }
     let mut etcd = EtcdCluster::new(3).expect("etcd cluster");
     let connection = etcd.connection_string();
     let flags = ["--enable-ha", "--etcd-endpoints", connection.as_str()];
@@ -68,7 +70,10 @@ async fn ha_masters_lose_no_acknowledged_put() {
     for _ in 0..3 {
         nodes.push(store_client(&address, 64 << 20).await);
     }
-    let writers = [store_client(&address, 0).await, store_client(&address, 0).await];
+    let writers = [
+        store_client(&address, 0).await,
+        store_client(&address, 0).await,
+    ];
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = CancellationToken::new();
     let loads: Vec<_> = writers
@@ -121,8 +126,9 @@ async fn ha_masters_lose_no_acknowledged_put() {
         load.await.unwrap();
     }
 
-    let ledger = ledger.lock().unwrap();
-    let (acknowledged, read_back, whole) = verify(&writers[0], &ledger, Duration::from_secs(20)).await;
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    let (acknowledged, read_back, whole) =
+        verify(&writers[0], &ledger, Duration::from_secs(20)).await;
     println!(
         "HA faults: {acknowledged} puts acknowledged, {read_back} read back, lost {}, \
          unacknowledged found whole {whole}, {} failed",
@@ -131,7 +137,7 @@ async fn ha_masters_lose_no_acknowledged_put() {
     );
     assert_eq!(acknowledged, read_back);
     assert_eq!(failed, 0, "losing one etcd member of three failed puts");
-    drop(ledger);
+
     for w in writers {
         w.close().await;
     }

@@ -26,6 +26,8 @@ use crate::wire::STORE_VERSION;
 const FAILOVER_BUDGET: Duration = Duration::from_secs(20);
 /// Between two reads of the view while no new leader is there.
 const VIEW_POLL: Duration = Duration::from_millis(100);
+/// Between two reads of the view in the background.
+const VIEW_WATCH: Duration = Duration::from_millis(250);
 
 /// A connection to the master (or to whichever master leads).
 #[derive(Clone)]
@@ -39,6 +41,10 @@ struct Inner {
     view: Option<View>,
     /// The master in use and its channel.
     current: RwLock<(String, Grpc<Channel>)>,
+    /// Signalled when calls move to a new leader.
+    moved: tokio::sync::Notify,
+    /// Counts moves: a call in flight to a master that is no longer the leader is abandoned.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 struct View {
@@ -75,8 +81,13 @@ impl MasterClient {
                 timeout,
                 view,
                 current: RwLock::new((leader.clone(), Grpc::new(channel))),
+                moved: tokio::sync::Notify::new(),
+                generation: tokio::sync::watch::Sender::new(0),
             }),
         };
+        if client.inner.view.is_some() {
+            tokio::spawn(watch_view(Arc::downgrade(&client.inner)));
+        }
         let version = client
             .call(
                 crate::proto::ServiceReadyRequest {},
@@ -96,6 +107,12 @@ impl MasterClient {
     /// The master in use.
     pub fn address(&self) -> String {
         self.current().0
+    }
+
+    /// Resolves once calls have moved to a new leader (which knows nothing of this client
+    /// until it mounts again).
+    pub async fn moved(&self) {
+        self.inner.moved.notified().await;
     }
 
     /// Runs one idempotent RPC; after a failover, again on the new leader.
@@ -139,20 +156,13 @@ impl MasterClient {
             let leader_lost =
                 refused_unrun || matches!(error.kind(), ErrorKind::RpcFail | ErrorKind::RpcTimeout);
             let left = FAILOVER_BUDGET.saturating_sub(started.elapsed());
+            tracing::debug!(%address, elapsed = ?started.elapsed(), "master call failed: {error}");
             if !leader_lost || left.is_zero() {
                 return Err(error);
             }
             let leader = view.wait_for_leader(Some(&address), left).await;
             if let Ok(leader) = &leader {
-                if leader != &address {
-                    tracing::info!(from = %address, to = %leader, "following the new master leader");
-                    let channel = channel(leader, self.inner.timeout)?;
-                    *self
-                        .inner
-                        .current
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner()) = (leader.clone(), Grpc::new(channel));
-                }
+                self.inner.follow(leader)?;
             }
             if !(idempotent || refused_unrun) {
                 return Err(error);
@@ -164,11 +174,7 @@ impl MasterClient {
     }
 
     fn current(&self) -> (String, Grpc<Channel>) {
-        self.inner
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.inner.current()
     }
 
     /// One RPC, mapping transport failures to `ERR_RPC_FAIL` / `ERR_RPC_TIMEOUT` and
@@ -179,17 +185,65 @@ impl MasterClient {
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let timeout = self.inner.timeout;
-        let reply = tokio::time::timeout(timeout + Duration::from_millis(100), rpc(grpc, request))
-            .await
-            .map_err(|_| {
+        let mut generation = self.inner.generation.subscribe();
+        generation.mark_unchanged();
+        let call = tokio::time::timeout(timeout + Duration::from_millis(100), rpc(grpc, request));
+        let reply = tokio::select! {
+            reply = call => reply.map_err(|_| {
                 Error::new(
                     ErrorKind::RpcTimeout,
                     format!("master did not answer within {timeout:?}"),
                 )
-            })?;
+            })?,
+            // The leader changed under the call (a frozen master's reply must not count).
+            _ = generation.changed() => {
+                return Err(Error::new(
+                    ErrorKind::RpcFail,
+                    "the master leader changed during the call",
+                ))
+            }
+        };
         match reply {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(from_status(&status)),
+        }
+    }
+}
+
+impl Inner {
+    fn current(&self) -> (String, Grpc<Channel>) {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Moves calls to `leader` (nothing when they already go there).
+    fn follow(&self, leader: &str) -> Result<()> {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 == leader {
+            return Ok(());
+        }
+        tracing::info!(from = %current.0, to = %leader, "following the new master leader");
+        *current = (leader.to_owned(), Grpc::new(channel(leader, self.timeout)?));
+        drop(current);
+        self.generation.send_modify(|g| *g += 1);
+        self.moved.notify_one();
+        Ok(())
+    }
+}
+
+/// Reads the view a few times a second and moves calls to a new leader as soon as it
+/// appears, cutting short calls still waiting on the old one. Ends with the client.
+async fn watch_view(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(VIEW_WATCH).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let Some(view) = &inner.view else { return };
+        if let Ok(Some(leader)) = view.etcd.get(&view.key).await {
+            if let Err(e) = inner.follow(&leader) {
+                tracing::warn!("master leader '{leader}': {e}");
+            }
         }
     }
 }

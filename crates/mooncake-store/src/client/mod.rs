@@ -211,9 +211,14 @@ impl StoreClient {
             let mut failures = 0u32;
             let mut interval = tokio::time::interval(PING_INTERVAL);
             loop {
+                let Some(client) = weak.upgrade() else { break };
+                let master = client.master.clone();
+                drop(client);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = interval.tick() => {}
+                    // A new leader: mount there now rather than at the next ping.
+                    _ = master.moved() => {}
                 }
                 let Some(client) = weak.upgrade() else { break };
                 match client.heartbeat().await {

@@ -33,6 +33,11 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 /// How much earlier than its lease's end a leader stops answering: room for clock drift
 /// between this host and etcd's.
 const LEASE_MARGIN: Duration = Duration::from_millis(1000);
+/// How often a standby checks that the leader's RPC port still accepts connections. A port
+/// that refuses twice in a row means the leader's process is gone: its lease is revoked so
+/// that failover does not wait for the TTL. (A dead process cannot write, so nothing can be
+/// acknowledged by two leaders; a live leader never refuses.)
+const DEATH_PROBE: Duration = Duration::from_millis(200);
 
 /// How masters find each other.
 #[derive(Debug, Clone)]
@@ -214,12 +219,15 @@ impl Member {
                 async move { c.get(key, None).await }
             })
             .await?;
+        // The leader's address and lease.
+        let mut leader: Option<(String, i64)> = None;
         let mut free = match view.kvs().first() {
             Some(kv) => {
-                let leader = kv.value_str().unwrap_or_default().to_owned();
+                let address = kv.value_str().unwrap_or_default().to_owned();
                 let version = kv.mod_revision();
+                leader = Some((address.clone(), kv.lease()));
                 self.status.update(|s| {
-                    s.leader = Some(leader);
+                    s.leader = Some(address);
                     s.view_version = version;
                 });
                 false
@@ -227,15 +235,37 @@ impl Member {
             None => true,
         };
         let mut pieces = Pieces::default();
+        let mut probe = tokio::time::interval(DEATH_PROBE);
+        let mut refused = 0;
         loop {
             if free {
                 free = false;
                 if let Some(won) = self.campaign(&client).await? {
+                    tracing::info!(view_version = won.revision, "won the election");
                     return self.lead(&client, &log, won).await;
                 }
+                tracing::debug!("another master won the election");
             }
             let message = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
+                _ = probe.tick() => {
+                    refused = match &leader {
+                        Some((address, _)) if refuses(address).await => refused + 1,
+                        _ => 0,
+                    };
+                    if refused >= 2 {
+                        if let Some((address, lease)) = &leader {
+                            tracing::warn!(
+                                leader = %address,
+                                "the leader's port refuses connections: its process is gone; \
+                                 ending its lease instead of waiting it out"
+                            );
+                            revoke(&client, *lease).await;
+                        }
+                        refused = 0;
+                    }
+                    continue;
+                }
                 message = events.message() => message.map_err(etcd)?,
             };
             let Some(message) = message else {
@@ -254,13 +284,15 @@ impl Member {
                     match event.event_type() {
                         EventType::Delete => {
                             free = true;
+                            leader = None;
                             self.status.update(|s| s.leader = None);
                         }
                         EventType::Put => {
-                            let leader = kv.value_str().unwrap_or_default().to_owned();
+                            let address = kv.value_str().unwrap_or_default().to_owned();
                             let version = kv.mod_revision();
+                            leader = Some((address.clone(), kv.lease()));
                             self.status.update(|s| {
-                                s.leader = Some(leader);
+                                s.leader = Some(address);
                                 s.view_version = version;
                             });
                         }
@@ -342,10 +374,8 @@ impl Member {
         term_stop.cancel();
         term_tasks.close();
         term_tasks.wait().await;
-        if self.stop.is_cancelled() {
-            // Let a standby take over now rather than after the lease runs out.
-            revoke(client, won.lease).await;
-        }
+        // Let a standby take over now rather than when the lease runs out.
+        revoke(client, won.lease).await;
         self.status.update(|s| s.leader = None);
         result
     }
@@ -361,6 +391,7 @@ impl Member {
         // The previous leader's lease is gone, so its log is final: apply the rest of it.
         let applied = lock(&self.state).last_seq();
         let rest = log.entries_after(applied, None).await?;
+        tracing::debug!(applied, rest = rest.len(), "caught up with the log");
         let now = Instant::now();
         {
             let mut master = lock(&self.state);
@@ -422,8 +453,8 @@ struct Won {
     granted_at: Instant,
 }
 
-/// Renews the lease every fifth of its TTL and moves the clock; a broken stream (its etcd
-/// member died) is opened again on another member.
+/// Renews the lease every tenth of its TTL and moves the clock. A broken stream (its etcd
+/// member died) is opened again on another member, as long as the lease may still hold.
 async fn keep_alive(
     client: Arc<EtcdStore>,
     lease: i64,
@@ -433,7 +464,7 @@ async fn keep_alive(
     ttl: Duration,
     stop: CancellationToken,
 ) {
-    let period = ttl / 5;
+    let period = ttl / 10;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -446,28 +477,43 @@ async fn keep_alive(
             keeper.keep_alive().await?;
             responses.message().await
         };
-        match tokio::time::timeout(period, renewed).await {
+        match tokio::time::timeout(period * 2, renewed).await {
             Ok(Ok(Some(reply))) if reply.ttl() > 0 => {
                 let granted = Duration::from_secs(reply.ttl() as u64);
                 clock.extend(sent + granted.saturating_sub(LEASE_MARGIN));
+                continue;
             }
             Ok(Ok(Some(_))) => {
                 tracing::warn!("the leader's lease expired in etcd");
                 clock.expire();
                 return;
             }
-            failed => {
-                tracing::warn!("lease renewal failed ({failed:?}); reopening the stream");
-                let reopened = client.call("lease keep-alive", |mut c| async move {
-                    c.lease_keep_alive(lease).await
-                });
-                match tokio::time::timeout(period, reopened).await {
-                    Ok(Ok((k, r))) => (keeper, responses) = (k, r),
-                    _ => tracing::warn!("could not reopen the lease stream yet"),
+            failed => tracing::warn!("lease renewal failed ({failed:?}); reopening the stream"),
+        }
+        client.skip_current().await;
+        while clock.valid() && !stop.is_cancelled() {
+            let reopened = client.call("lease keep-alive", |mut c| async move {
+                c.lease_keep_alive(lease).await
+            });
+            match tokio::time::timeout(period * 4, reopened).await {
+                Ok(Ok((k, r))) => {
+                    (keeper, responses) = (k, r);
+                    break;
                 }
+                _ => client.skip_current().await,
             }
         }
     }
+}
+
+/// Whether nothing listens at `address` any more (the connection is refused, not merely slow:
+/// a frozen or partitioned leader is waited out through its lease).
+async fn refuses(address: &str) -> bool {
+    let connect = tokio::net::TcpStream::connect(address);
+    matches!(
+        tokio::time::timeout(DEATH_PROBE, connect).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Ends a lease now (its keys go with it); bounded, and best effort.

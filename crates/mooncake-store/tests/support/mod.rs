@@ -65,9 +65,22 @@ impl MasterProcess {
                 std::env::var("MOONCAKE_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mooncake-master");
+        let mut child = child;
+        if let Some(stderr) = child.stderr.take() {
+            let port = self.rpc_port;
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    eprintln!("[master :{port}] {line}");
+                }
+            });
+        }
         self.child = Some(child);
         // Its admin port opens last.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -150,6 +163,9 @@ impl Drop for MasterProcess {
 pub async fn store_client(master_address: &str, segment: u64) -> Arc<StoreClient> {
     let mut engine = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
     engine.advertised_host = Some("127.0.0.1".into());
+    // Every client lives in this one process; the shared-memory transport is for peers in
+    // other processes (and tested on its own).
+    engine.shared_memory = false;
     let mut config = StoreConfig::new(engine);
     config.master_address = master_address.to_owned();
     config.global_segment_size = segment;
@@ -168,12 +184,28 @@ pub fn value_of(key: &str) -> Vec<u8> {
     pattern::bytes(seed, 0, len)
 }
 
-/// What a load saw: each key with whether its put was acknowledged, and when puts succeeded.
+/// What a load saw: each key with whether its put was acknowledged, and when puts began and
+/// succeeded.
 #[derive(Default)]
 pub struct Ledger {
     pub keys: BTreeMap<String, bool>,
-    pub successes: Vec<Instant>,
+    /// (began, acknowledged)
+    pub successes: Vec<(Instant, Instant)>,
     pub failures: Vec<(Instant, ErrorKind)>,
+}
+
+impl Ledger {
+    /// How long after `since` the first put that began after it was acknowledged, once
+    /// `count` such puts were.
+    pub fn resumed(&self, since: Instant, count: usize) -> Option<Duration> {
+        let after: Vec<Instant> = self
+            .successes
+            .iter()
+            .filter(|(began, _)| *began > since)
+            .map(|(_, done)| *done)
+            .collect();
+        (after.len() >= count).then(|| after.iter().min().map_or(Duration::ZERO, |t| *t - since))
+    }
 }
 
 /// Puts fresh keys `<prefix>/<n>` in batches of `batch` until `stop`, recording each outcome.
@@ -192,6 +224,7 @@ pub fn spawn_load(
             n += batch;
             let values: Vec<Vec<u8>> = keys.iter().map(|k| value_of(k)).collect();
             let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+            let began = Instant::now();
             let results = client
                 .batch_put(&keys, &refs, &WriteConfig::default())
                 .await;
@@ -202,7 +235,7 @@ pub fn spawn_load(
                 for (key, result) in keys.iter().zip(results) {
                     ledger.keys.insert(key.clone(), result.is_ok());
                     match result {
-                        Ok(()) => ledger.successes.push(now),
+                        Ok(()) => ledger.successes.push((began, now)),
                         Err(e) => {
                             failed = true;
                             ledger.failures.push((now, e.kind()));

@@ -156,7 +156,7 @@ impl EtcdLog {
                     .ok_or_else(|| corrupt(format!("snapshot {seq} lacks piece {piece}")))?;
                 bytes.extend_from_slice(value.value());
             }
-            let decoded = Snapshot::decode(bytes.as_slice()).map_err(|e| corrupt(e))?;
+            let decoded = Snapshot::decode(bytes.as_slice()).map_err(corrupt)?;
             if decoded.seq != seq {
                 return Err(corrupt(format!(
                     "snapshot {seq} says it is at entry {}",
@@ -183,14 +183,14 @@ impl EtcdLog {
             }
             let page = self.get(from.clone(), Some(options)).await?;
             for pair in page.kvs() {
-                let batch = Batch::decode(pair.value()).map_err(|e| corrupt(e))?;
+                let batch = Batch::decode(pair.value()).map_err(corrupt)?;
                 entries.extend(pieces.push(batch.entries));
             }
             match (page.more(), page.kvs().last()) {
                 (true, Some(last)) => {
                     let mut next = last.key().to_vec();
                     next.push(0);
-                    from = String::from_utf8(next).map_err(|e| corrupt(e))?;
+                    from = String::from_utf8(next).map_err(corrupt)?;
                 }
                 _ => break,
             }

@@ -208,7 +208,9 @@ impl Writer {
         let Some(last) = batch.last().map(|e| e.seq) else {
             return Ok(());
         };
+        let appending = Instant::now();
         self.store.append(&batch).await?;
+        tracing::trace!(entries = batch.len(), took = ?appending.elapsed(), "log appended");
         lock(&self.state).entries_durable(last);
         let count = batch.len() as u64;
         self.report.send_modify(|p| {

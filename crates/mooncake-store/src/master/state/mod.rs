@@ -239,11 +239,14 @@ impl Master {
                     ),
                 ));
             }
-            if existing.dead_since.take().is_some() {
-                existing.allocatable_at = now + REMOUNT_SETTLE;
+            let restored = self.awaiting_owner.remove(&spec.id);
+            if let Some(since) = existing.dead_since.take() {
+                // A recovered segment's owner never went silent: only writes granted by the
+                // previous master may still be landing, and those began before this one.
+                let settled_from = if restored { since } else { now };
+                existing.allocatable_at = settled_from + REMOUNT_SETTLE;
                 tracing::info!(segment = %spec.name, "segment back");
             }
-            self.awaiting_owner.remove(&spec.id);
             self.seen(now, client).ok = true;
             return Ok(());
         }

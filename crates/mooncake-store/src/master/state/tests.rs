@@ -725,3 +725,59 @@ fn a_silent_client_that_comes_back_never_hands_out_a_block_still_being_read() {
     w.master.tick(w.now);
     assert_eq!(w.master.stats(w.now).parked_bytes, 0);
 }
+
+#[test]
+fn a_recovered_master_serves_its_objects_once_their_owners_mount_again() {
+    let mut world = World::new(2, 4 * MIB, MasterConfig::default());
+    let mut log = Vec::new();
+    world.master = Master::recover(MasterConfig::default(), world.now, None, Vec::new()).unwrap();
+    for (i, client) in world.clients.clone().into_iter().enumerate() {
+        world.mount(client, i, 4 * MIB);
+    }
+    world.put("kept", 1000, &replicas(2)).unwrap();
+    log.extend(world.master.take_entry());
+
+    // A new master from the log: the object is known, but not served before a remount.
+    world.advance(Duration::from_millis(100));
+    let mut master = Master::recover(MasterConfig::default(), world.now, None, log).unwrap();
+    master.begin_epoch(world.now);
+    assert_eq!(
+        code(master.get_replica_list(world.now, "kept")),
+        ErrorKind::ReplicaIsNotReady
+    );
+    assert_eq!(
+        master.ping(world.now, world.clients[0]),
+        ClientStatus::NeedRemount
+    );
+    let promoted = world.now;
+    world.master = master;
+    world.advance(Duration::from_millis(500));
+    world.mount(world.clients[0], 0, 4 * MIB);
+    let (served, _) = world.master.get_replica_list(world.now, "kept").unwrap();
+    assert_eq!(
+        served.len(),
+        1,
+        "only the remounted owner's replica is served"
+    );
+    // New objects go to a recovered segment once writes granted by the old master have landed.
+    assert_eq!(
+        code(
+            world
+                .master
+                .put_start(world.now, world.clients[0], "new", 10, &replicas(1))
+        ),
+        ErrorKind::NoAvailableHandle
+    );
+    world.now = promoted + REMOUNT_SETTLE;
+    world.put("new", 10, &replicas(1)).unwrap();
+
+    // The other owner never comes back: its replica goes after the client TTL.
+    world.advance(MasterConfig::default().client_ttl);
+    world.master.ping(world.now, world.clients[0]);
+    world.master.tick(world.now);
+    world.master.take_entry();
+    world.master.entries_durable(u64::MAX);
+    world.master.tick(world.now + Duration::from_secs(1));
+    world.master.check_invariants();
+    assert_eq!(world.master.query_key("kept").unwrap().len(), 1);
+}
