@@ -9,6 +9,7 @@
  *   mooncake topology                 the host's devices and NIC priority matrix
  */
 import { spawn } from 'node:child_process'
+import { resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
@@ -26,7 +27,7 @@ const USAGE = `usage: mooncake <command> [options]
 commands:
   serve             all-in-one: master, metadata server and one store node on this host
                       --host 127.0.0.1   --rpc-port 50051   --metrics-port 9003   --metadata-port 8080
-                      --global-segment-size 1GiB
+                      --global-segment-size 1GiB   --data-dir ./mooncake-data   (--no-data-dir: in memory)
   master            the Mooncake Store master
                       --rpc-address 0.0.0.0   --rpc-port 50051   --metrics-port 9003
                       --enable-http-metadata-server   --http-metadata-server-port 8080
@@ -34,6 +35,8 @@ commands:
                       --eviction-high-watermark-ratio 0.9   --eviction-ratio 0.05   --client-ttl 10s
                       --allocation-strategy random|free_ratio_first|local_first
                       --put-start-discard-timeout-sec 30   --put-start-release-timeout-sec 600
+                      --data-dir DIR   (a restarted master recovers every acknowledged object)
+                      --enable-ha --etcd-endpoints 'h1:2379;h2:2379' --cluster-id mooncake_cluster
                       (Mooncake's underscore spellings, --rpc_port and so on, work too)
   demo              two engines in two processes move 1 GiB over loopback and report throughput
   metadata-server   run an HTTP metadata server   [--host 127.0.0.1] [--port 8080]
@@ -257,6 +260,11 @@ const MASTER_OPTIONS = {
   'allocation-strategy': { type: 'string' },
   'put-start-discard-timeout-sec': { type: 'string' },
   'put-start-release-timeout-sec': { type: 'string' },
+  'data-dir': { type: 'string' },
+  'enable-ha': { type: 'boolean', default: false },
+  'etcd-endpoints': { type: 'string' },
+  'ha-backend-connstring': { type: 'string' },
+  'cluster-id': { type: 'string' },
 } as const
 
 /** Mooncake spells flags with underscores; accept both. */
@@ -284,6 +292,12 @@ function masterOptions(argv: string[]): MasterServerOptions {
     allocationStrategy: o['allocation-strategy'] as MasterServerOptions['allocationStrategy'],
     putStartDiscardTimeoutMs: ms(o['put-start-discard-timeout-sec'], 1000),
     putStartReleaseTimeoutMs: ms(o['put-start-release-timeout-sec'], 1000),
+    dataDir: o['data-dir'],
+    enableHa: o['enable-ha'],
+    etcdEndpoints: o['etcd-endpoints'] ?? o['ha-backend-connstring'],
+    clusterId: o['cluster-id'],
+    // With HA, Mooncake advertises --rpc_address: clients must reach it.
+    advertiseAddress: o['enable-ha'] && o['rpc-address'] !== '0.0.0.0' ? `${o['rpc-address']}:${o['rpc-port']}` : undefined,
   }
 }
 
@@ -306,15 +320,19 @@ async function serve(argv: string[]): Promise<void> {
       'metrics-port': { type: 'string', default: '9003' },
       'metadata-port': { type: 'string', default: '8080' },
       'global-segment-size': { type: 'string', default: '1GiB' },
+      'data-dir': { type: 'string', default: 'mooncake-data' },
+      'no-data-dir': { type: 'boolean', default: false },
     },
     strict: true,
   })
+  const dataDir = o['no-data-dir'] ? undefined : resolve(o['data-dir'])
   const server = await MasterServer.start({
     host: o.host,
     rpcPort: Number(o['rpc-port']),
     metricsPort: Number(o['metrics-port']),
     httpMetadataServer: true,
     httpMetadataPort: Number(o['metadata-port']),
+    dataDir,
   })
   const node = await MooncakeStore.connect({
     masterAddress: server.address,
@@ -326,6 +344,7 @@ async function serve(argv: string[]): Promise<void> {
   console.log(`master:          ${server.address}`)
   console.log(`metadata server: ${server.metadataUrl}`)
   console.log(`metrics:         ${server.metricsUrl}`)
+  console.log(`metadata log:    ${dataDir ?? 'none (in memory)'}`)
   console.log(`store node:      ${node.segmentName} (${o['global-segment-size']} in the pool)`)
   console.log('')
   console.log('connect from Node.js:')

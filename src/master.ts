@@ -34,6 +34,24 @@ export interface MasterServerOptions {
   putStartReleaseTimeoutMs?: number
   /** Replica placement: `'random'` (default), `'free_ratio_first'`, `'local_first'`. */
   allocationStrategy?: 'random' | 'free_ratio_first' | 'local_first'
+  /**
+   * Keep the metadata log and snapshots in this directory (fsync'd): a master that restarts,
+   * even after a crash, serves every object it had acknowledged. Default: none (a restart
+   * forgets every object, as in Mooncake).
+   */
+  dataDir?: string
+  /**
+   * High availability: masters of one `clusterId` elect a leader through etcd
+   * (`mooncake-store/<clusterId>/master_view`, lease 5 s) and keep the metadata log there;
+   * standbys follow it and take over. Clients pass `masterAddress: 'etcd://h1:2379;h2:2379'`.
+   */
+  enableHa?: boolean
+  /** etcd endpoints for `enableHa`: `'h1:2379;h2:2379'` (commas work too). */
+  etcdEndpoints?: string
+  /** Masters (and clients, through `MC_STORE_CLUSTER_ID`) of one cluster share it. Default `'mooncake_cluster'`. */
+  clusterId?: string
+  /** The address clients reach this master at, advertised through etcd. Default: `host:rpcPort`. */
+  advertiseAddress?: string
 }
 
 /**

@@ -1,6 +1,8 @@
 //! `MasterServer`.
 
-use mooncake_store::master::{AllocationStrategy, MasterServer, MasterServerConfig};
+use mooncake_store::master::{
+    AllocationStrategy, Durability, HaConfig, MasterServer, MasterServerConfig,
+};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use tokio::sync::Mutex;
@@ -41,6 +43,18 @@ pub struct MasterOptions {
     pub put_start_release_timeout_ms: Option<f64>,
     /// `random` (default), `free_ratio_first` or `local_first`.
     pub allocation_strategy: Option<String>,
+    /// Keep the metadata log and snapshots in this directory: a restarted master recovers
+    /// every acknowledged object.
+    pub data_dir: Option<String>,
+    /// High availability: elect a leader through etcd and keep the metadata log there.
+    pub enable_ha: Option<bool>,
+    /// etcd endpoints, `h1:2379;h2:2379` (with `enableHa`).
+    pub etcd_endpoints: Option<String>,
+    /// Masters of one cluster share it (default `mooncake_cluster`).
+    pub cluster_id: Option<String>,
+    /// The address clients reach this master at, advertised through etcd (default: host and
+    /// port, 127.0.0.1 for an unspecified host).
+    pub advertise_address: Option<String>,
 }
 
 impl MasterOptions {
@@ -106,6 +120,26 @@ impl MasterOptions {
             m.allocation_strategy = AllocationStrategy::parse(&s).napi()?;
         }
         m.validate().napi()?;
+        config.durability = match (self.enable_ha.unwrap_or(false), self.data_dir) {
+            (true, Some(_)) => {
+                return Err(invalid(
+                    "dataDir and enableHa exclude each other: with HA the log lives in etcd",
+                ))
+            }
+            (true, None) => {
+                let endpoints = self
+                    .etcd_endpoints
+                    .ok_or_else(|| invalid("enableHa needs etcdEndpoints"))?;
+                let cluster = self
+                    .cluster_id
+                    .unwrap_or_else(|| "mooncake_cluster".to_owned());
+                let mut ha = HaConfig::new(&endpoints, &cluster).napi()?;
+                ha.advertise = self.advertise_address;
+                Durability::Etcd(ha)
+            }
+            (false, Some(dir)) => Durability::Disk(dir.into()),
+            (false, None) => Durability::Memory,
+        };
         Ok(config)
     }
 }

@@ -6,7 +6,7 @@
 //! one per read, which spares both the master's CPU and its own.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
 use tokio::sync::oneshot;
@@ -18,6 +18,16 @@ use crate::wire::from_outcome;
 
 /// A key's replicas and how long the lease on them lasts.
 pub(super) type Lookup = Result<(Vec<Replica>, Duration)>;
+
+/// How long a read waits for the holders of a key to mount again after a master recovered:
+/// they do on their next ping, or at once when they notice a new leader.
+const RECOVERY_WAIT: Duration = Duration::from_secs(3);
+const RECOVERY_POLL: Duration = Duration::from_millis(50);
+
+/// The master knows the key but cannot serve it yet (see [`RECOVERY_WAIT`]).
+fn recovering(e: &Error) -> bool {
+    e.kind() == ErrorKind::UnavailableInCurrentStatus
+}
 
 pub(super) struct Lookups {
     master: MasterClient,
@@ -39,8 +49,22 @@ impl Lookups {
         })
     }
 
-    /// The replicas of `key`, looked up with whatever other lookups are waiting.
+    /// The replicas of `key`, looked up with whatever other lookups are waiting. A key whose
+    /// holders have yet to mount again on a master that just recovered (or took over) is
+    /// looked up again for a moment.
     pub(super) async fn lookup(self: &Arc<Self>, key: &str) -> Lookup {
+        let deadline = Instant::now() + RECOVERY_WAIT;
+        loop {
+            match self.lookup_once(key).await {
+                Err(e) if recovering(&e) && Instant::now() < deadline => {
+                    tokio::time::sleep(RECOVERY_POLL).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    async fn lookup_once(self: &Arc<Self>, key: &str) -> Lookup {
         let (reply, answer) = oneshot::channel();
         let lead = {
             let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -55,8 +79,27 @@ impl Lookups {
             .unwrap_or_else(|_| Err(Error::new(ErrorKind::RpcFail, "the lookup was dropped")))
     }
 
-    /// The replicas of every key in one request, one answer per key.
+    /// The replicas of every key in one request, one answer per key (keys whose holders have
+    /// yet to mount again are looked up again for a moment, as in [`lookup`](Self::lookup)).
     pub(super) async fn lookup_batch(&self, keys: &[String]) -> Vec<Lookup> {
+        let deadline = Instant::now() + RECOVERY_WAIT;
+        let mut answers = self.lookup_batch_once(keys).await;
+        loop {
+            let again: Vec<usize> = (0..keys.len())
+                .filter(|i| matches!(&answers[*i], Err(e) if recovering(e)))
+                .collect();
+            if again.is_empty() || Instant::now() >= deadline {
+                return answers;
+            }
+            tokio::time::sleep(RECOVERY_POLL).await;
+            let subset: Vec<String> = again.iter().map(|i| keys[*i].clone()).collect();
+            for (i, answer) in again.into_iter().zip(self.lookup_batch_once(&subset).await) {
+                answers[i] = answer;
+            }
+        }
+    }
+
+    async fn lookup_batch_once(&self, keys: &[String]) -> Vec<Lookup> {
         let request = proto::BatchGetReplicaListRequest {
             keys: keys.to_vec(),
         };

@@ -99,6 +99,14 @@ impl MasterService {
         &self,
         change: impl FnOnce(&mut Master) -> T,
     ) -> std::result::Result<T, Status> {
+        Ok(self.durably_logged(change).await?.0)
+    }
+
+    /// [`durably`](Self::durably), and whether the change wrote a log entry.
+    async fn durably_logged<T>(
+        &self,
+        change: impl FnOnce(&mut Master) -> T,
+    ) -> std::result::Result<(T, bool), Status> {
         let log = self.leading()?;
         let (out, seq) = {
             let mut master = self.master()?;
@@ -107,8 +115,9 @@ impl MasterService {
         };
         if let (Some(log), Some(seq)) = (log, seq) {
             log.durable(seq).await.map_err(|e| to_status(&e))?;
+            return Ok((out, true));
         }
-        Ok(out)
+        Ok((out, false))
     }
 }
 
@@ -175,24 +184,48 @@ impl MasterService {
         }
         let config = from_write_config(request.config);
         let now = Instant::now();
+        let start = |master: &mut Master, key: &String, size: u64| {
+            let r = if upsert {
+                master.upsert_start(now, client, key, size, &config)
+            } else {
+                master.put_start(now, client, key, size, &config)
+            };
+            put_response(r)
+        };
         // An upsert in place stops the log vouching for the old bytes before they change.
-        let results: Vec<_> = self
-            .durably(|master| {
+        let (mut results, logged): (Vec<_>, bool) = self
+            .durably_logged(|master| {
                 request
                     .keys
                     .iter()
                     .zip(&request.sizes)
-                    .map(|(key, size)| {
-                        let r = if upsert {
-                            master.upsert_start(now, client, key, *size, &config)
-                        } else {
-                            master.put_start(now, client, key, *size, &config)
-                        };
-                        put_response(r)
-                    })
+                    .map(|(key, size)| start(master, key, *size))
                     .collect()
             })
             .await?;
+        // Space that an eviction freed for these writes goes back only once the eviction is
+        // durable, which it now is: one more try for the writes that found none.
+        let no_space = |r: &proto::PutStartResponse| {
+            r.outcome
+                .as_ref()
+                .is_some_and(|o| o.kind == proto::ErrorKind::ErrNoAvailableHandle as i32)
+        };
+        if logged && results.iter().any(no_space) {
+            let retry: Vec<usize> = (0..results.len())
+                .filter(|i| no_space(&results[*i]))
+                .collect();
+            let again: Vec<_> = self
+                .durably(|master| {
+                    retry
+                        .iter()
+                        .map(|i| start(master, &request.keys[*i], request.sizes[*i]))
+                        .collect()
+                })
+                .await?;
+            for (i, r) in retry.into_iter().zip(again) {
+                results[i] = r;
+            }
+        }
         self.counters.count(
             op,
             results.len(),

@@ -260,14 +260,16 @@ impl TransferEngine {
         self.tracker.close();
         self.tracker.wait().await;
         if let Some(publisher) = &self.publisher {
-            for key in [
-                publisher.keys.segment(&self.local.name),
-                publisher.keys.rpc_meta(&self.local.name),
-            ] {
+            let remove = |key: String| async move {
                 if let Err(e) = publisher.store.delete(&key).await {
                     tracing::warn!("could not remove {key} on close: {e}");
                 }
-            }
+            };
+            // Together: against a store that is down, close waits out one timeout, not two.
+            tokio::join!(
+                remove(publisher.keys.segment(&self.local.name)),
+                remove(publisher.keys.rpc_meta(&self.local.name)),
+            );
         }
         self.local.registry.clear();
         self.set_notify_listener(None);

@@ -35,8 +35,11 @@ impl Master {
             .collect();
         if descs.is_empty() {
             return Err(Error::new(
-                ErrorKind::ReplicaIsNotReady,
-                format!("'{key}': the nodes that hold it have not mounted their memory again yet"),
+                ErrorKind::UnavailableInCurrentStatus,
+                format!(
+                    "'{key}': this master recovered it, but the nodes that hold it have not \
+                     mounted their memory again yet"
+                ),
             ));
         }
         if let Some(object) = self.objects.get_mut(key) {
