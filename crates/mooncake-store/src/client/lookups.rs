@@ -19,10 +19,11 @@ use crate::wire::from_outcome;
 /// A key's replicas and how long the lease on them lasts.
 pub(super) type Lookup = Result<(Vec<Replica>, Duration)>;
 
-/// How long a read waits for the holders of a key to mount again after a master recovered:
-/// they do on their next ping, or at once when they notice a new leader.
-const RECOVERY_WAIT: Duration = Duration::from_secs(3);
-const RECOVERY_POLL: Duration = Duration::from_millis(50);
+/// How long a read waits for the holders of a key to mount again after a master recovered
+/// (they do on their next ping, or at once when they notice a new leader), and a write for
+/// the nodes with room to take new objects again.
+pub(super) const RECOVERY_WAIT: Duration = Duration::from_secs(3);
+pub(super) const RECOVERY_POLL: Duration = Duration::from_millis(50);
 
 /// The master knows the key but cannot serve it yet (see [`RECOVERY_WAIT`]).
 fn recovering(e: &Error) -> bool {

@@ -8,6 +8,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_te::Opcode;
 use mooncake_transport::copy::copy_bytes;
 
+use super::lookups::{RECOVERY_POLL, RECOVERY_WAIT};
 use super::transfer::{checked_replicas, Move, Replica};
 use super::{Staged, StoreClient};
 use crate::master::types::WriteConfig;
@@ -189,21 +190,7 @@ impl StoreClient {
             sizes: todo.iter().map(|i| ranges[*i].1 as u64).collect(),
             config: Some(wire),
         };
-        let started = if upsert {
-            self.master
-                .call(
-                    request,
-                    |mut g, r| async move { g.batch_upsert_start(r).await },
-                )
-                .await
-        } else {
-            self.master
-                .call(
-                    request,
-                    |mut g, r| async move { g.batch_put_start(r).await },
-                )
-                .await
-        };
+        let started = self.start_writes(request, upsert).await;
         let started = match started {
             Ok(s) => s.results,
             Err(e) => {
@@ -295,6 +282,65 @@ impl StoreClient {
         self.finish_writes(keys, &commit, true, &mut results).await;
         self.finish_writes(keys, &revoke, false, &mut results).await;
         results
+    }
+
+    /// `PutStart` (or `UpsertStart`) of every key in `request`. Keys the master cannot place
+    /// yet because their room is on nodes that mounted again moments ago (after a master
+    /// recovered or took over) are started again for a moment.
+    async fn start_writes(
+        &self,
+        request: proto::BatchPutStartRequest,
+        upsert: bool,
+    ) -> Result<proto::BatchPutStartResponse> {
+        let deadline = std::time::Instant::now() + RECOVERY_WAIT;
+        let mut answers = self.start_once(request.clone(), upsert).await?;
+        loop {
+            let again: Vec<usize> = (0..answers.results.len())
+                .filter(|i| {
+                    answers.results[*i].outcome.as_ref().is_some_and(|o| {
+                        o.kind == proto::ErrorKind::ErrUnavailableInCurrentStatus as i32
+                    })
+                })
+                .collect();
+            if again.is_empty() || std::time::Instant::now() >= deadline {
+                return Ok(answers);
+            }
+            tokio::time::sleep(RECOVERY_POLL).await;
+            let retry = proto::BatchPutStartRequest {
+                keys: again.iter().map(|i| request.keys[*i].clone()).collect(),
+                sizes: again.iter().map(|i| request.sizes[*i]).collect(),
+                ..request.clone()
+            };
+            let replies = self.start_once(retry, upsert).await?;
+            if replies.results.len() != again.len() {
+                return Ok(replies);
+            }
+            for (i, reply) in again.into_iter().zip(replies.results) {
+                answers.results[i] = reply;
+            }
+        }
+    }
+
+    async fn start_once(
+        &self,
+        request: proto::BatchPutStartRequest,
+        upsert: bool,
+    ) -> Result<proto::BatchPutStartResponse> {
+        if upsert {
+            self.master
+                .call(
+                    request,
+                    |mut g, r| async move { g.batch_upsert_start(r).await },
+                )
+                .await
+        } else {
+            self.master
+                .call(
+                    request,
+                    |mut g, r| async move { g.batch_put_start(r).await },
+                )
+                .await
+        }
     }
 
     /// `PutEnd` (`commit`) or `PutRevoke` for `(item, write id)` pairs.

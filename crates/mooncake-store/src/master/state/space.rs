@@ -142,6 +142,21 @@ impl Master {
             replicas = self.try_allocate(now, key, size, config);
         }
         if replicas.is_empty() {
+            let settling = self.segments.values().any(|s| {
+                s.alive()
+                    && s.unmount_at.is_none()
+                    && s.allocatable_at > now
+                    && s.allocator.largest_free() >= size
+            });
+            if settling {
+                return Err(Error::new(
+                    ErrorKind::UnavailableInCurrentStatus,
+                    format!(
+                        "'{key}': the nodes with room for it mounted again moments ago and take \
+                         new objects shortly"
+                    ),
+                ));
+            }
             self.stats.put_start_alloc_failures += 1;
             return Err(Error::new(
                 ErrorKind::NoAvailableHandle,

@@ -766,7 +766,7 @@ fn a_recovered_master_serves_its_objects_once_their_owners_mount_again() {
                 .master
                 .put_start(world.now, world.clients[0], "new", 10, &replicas(1))
         ),
-        ErrorKind::NoAvailableHandle
+        ErrorKind::UnavailableInCurrentStatus
     );
     world.now = promoted + REMOUNT_SETTLE;
     world.put("new", 10, &replicas(1)).unwrap();
