@@ -9,7 +9,11 @@ import { invalidArgument, MooncakeError, native, nativeAsync, toMooncakeError } 
  * the store adds its own.
  */
 export interface MooncakeStoreOptions extends Omit<TransferEngineOptions, 'localServerName'> {
-  /** The master's `host:port` ({@link MasterServer.address}). */
+  /**
+   * The master's `host:port` ({@link MasterServer.address}), or `'etcd://h1:2379;h2:2379'` for
+   * masters in high availability: the client finds the leader there (cluster id from
+   * `MC_STORE_CLUSTER_ID`, default `mooncake_cluster`) and follows it through failovers.
+   */
   masterAddress: string
   /** This node's name. Default `'127.0.0.1'`. */
   localServerName?: string

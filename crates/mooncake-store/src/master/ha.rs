@@ -146,6 +146,18 @@ pub(crate) fn start(
     tracker: &TaskTracker,
 ) -> Result<HaStatus> {
     validate_cluster_id(&config.cluster_id)?;
+    let loopback = |address: &str| {
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+        matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
+    };
+    if loopback(&advertised) && !config.endpoints.iter().all(|e| loopback(e)) {
+        // Clients on other hosts could not reach it, and standbys there would take their own
+        // loopback for a dead leader.
+        return Err(Error::invalid(format!(
+            "HA masters advertise their RPC address through etcd: {advertised} is loopback but \
+             etcd is not; pass the address clients reach this master at (--rpc-address)"
+        )));
+    }
     let status = HaStatus::default();
     let member = Member {
         keys: ClusterKeys::new(&config.cluster_id),

@@ -51,6 +51,10 @@ impl DiskLog {
             .read(true)
             .open(&log_path)
             .map_err(|e| io(&log_path, "open", e))?;
+        // The log's directory entry must survive a crash as much as its contents.
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&dir, "sync", e))?;
         Ok(Self {
             dir,
             log: Arc::new(Mutex::new(log)),
