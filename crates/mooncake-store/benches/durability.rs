@@ -41,32 +41,51 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Batched puts per second and the median latency of single puts against one master.
-async fn put_figures(address: &str, seconds: u64) -> (f64, Duration) {
+async fn put_figures(address: &str, seconds: u64, inflight: usize) -> (f64, Duration) {
     let nodes = [
-        store_client(address, 256 << 20).await,
-        store_client(address, 256 << 20).await,
+        store_client(address, 768 << 20).await,
+        store_client(address, 768 << 20).await,
     ];
     let client = store_client(address, 0).await;
     let config = WriteConfig::default();
-    let batch = 64;
-    let mut done = 0usize;
+    // Several batches in flight from one client, as a serving process with several requests
+    // would have; the pool holds every value of the run, so nothing is evicted or removed
+    // while the clock runs.
+    let busy = Arc::new(Mutex::new(Duration::ZERO));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
-    let mut round = 0;
-    while started.elapsed() < Duration::from_secs(seconds) {
-        let keys: Vec<String> = (0..batch).map(|i| format!("b/{round}/{i}")).collect();
-        let values: Vec<Vec<u8>> = keys.iter().map(|_| vec![7u8; 4096]).collect();
-        let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-        done += client
-            .batch_put(&keys, &refs, &config)
-            .await
-            .iter()
-            .filter(|r| r.is_ok())
-            .count();
-        let removed = client.batch_remove(&keys, true).await;
-        drop(removed);
-        round += 1;
+    let mut writers = Vec::new();
+    for w in 0..inflight {
+        let (client, busy, done) = (client.clone(), busy.clone(), done.clone());
+        let config = config.clone();
+        writers.push(tokio::spawn(async move {
+            let mut round = 0;
+            let mut timed = Duration::ZERO;
+            while started.elapsed() < Duration::from_secs(seconds) {
+                let keys: Vec<String> = (0..64).map(|i| format!("b/{w}/{round}/{i}")).collect();
+                let values: Vec<Vec<u8>> = keys.iter().map(|_| vec![7u8; 4096]).collect();
+                let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+                let at = Instant::now();
+                let ok = client
+                    .batch_put(&keys, &refs, &config)
+                    .await
+                    .iter()
+                    .filter(|r| r.is_ok())
+                    .count();
+                timed += at.elapsed();
+                done.fetch_add(ok, std::sync::atomic::Ordering::Relaxed);
+                round += 1;
+            }
+            *busy.lock().unwrap() += timed;
+        }));
     }
-    let batched = done as f64 / started.elapsed().as_secs_f64();
+    for w in writers {
+        let _ = w.await;
+    }
+    let busy = busy.lock().unwrap().as_secs_f64() / inflight as f64;
+    let done = done.load(std::sync::atomic::Ordering::Relaxed);
+    client.remove_all(true).await.expect("remove all");
+    let batched = done as f64 / busy;
     let mut latencies = Vec::new();
     for i in 0..500 {
         let key = format!("s/{i}");
@@ -168,6 +187,9 @@ async fn log_footprint(keys: u64) {
     let started = Instant::now();
     let mut n = 0;
     while n < keys {
+        if n % 100_000 == 0 {
+            println!("  {n} puts and removes");
+        }
         let names: Vec<String> = (n..n + batch).map(|i| format!("log/{i}")).collect();
         let grants = rpc
             .batch_put_start(proto::BatchPutStartRequest {
@@ -200,21 +222,36 @@ async fn log_footprint(keys: u64) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let store = EtcdStore::with_endpoints(etcd.endpoints()).expect("etcd client");
     let prefix = "mooncake-store/mooncake_cluster/".to_owned();
-    let range = store
-        .call("GET", |mut c| {
-            let prefix = prefix.clone();
-            async move {
-                c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
-                    .await
+    let (mut count, mut bytes) = (0usize, 0usize);
+    let end = mooncake_store::master::log::etcd::prefix_end(&prefix);
+    let mut from = prefix.clone().into_bytes();
+    loop {
+        let page = store
+            .call("GET", |mut c| {
+                let (from, end) = (from.clone(), end.clone());
+                async move {
+                    let options = etcd_client::GetOptions::new()
+                        .with_range(end)
+                        .with_limit(16);
+                    c.get(from, Some(options)).await
+                }
+            })
+            .await
+            .expect("range");
+        count += page.kvs().len();
+        bytes += page
+            .kvs()
+            .iter()
+            .map(|kv| kv.key().len() + kv.value().len())
+            .sum::<usize>();
+        match (page.more(), page.kvs().last()) {
+            (true, Some(last)) => {
+                from = last.key().to_vec();
+                from.push(0);
             }
-        })
-        .await
-        .expect("range");
-    let bytes: usize = range
-        .kvs()
-        .iter()
-        .map(|kv| kv.key().len() + kv.value().len())
-        .sum();
+            _ => break,
+        }
+    }
     let status = store
         .call("status", |mut c| async move { c.status().await })
         .await
@@ -223,7 +260,7 @@ async fn log_footprint(keys: u64) {
         "log after {keys} puts and {keys} removes ({:.0} puts+removes/s): {} keys, {} bytes under \
          {prefix}; etcd db {} bytes ({} in use)",
         keys as f64 / took.as_secs_f64(),
-        range.kvs().len(),
+        count,
         bytes,
         status.db_size(),
         status.raft_used_db_size(),
@@ -236,27 +273,31 @@ async fn main() {
         println!("durability bench skipped: etcd is not installed (apt-get install etcd-server)");
         return;
     }
-    let seconds = env("DURABILITY_SECONDS", 3);
+    let seconds = env("DURABILITY_SECONDS", 2);
+    let inflight = env("DURABILITY_INFLIGHT", 4) as usize;
     let rounds = env("DURABILITY_ROUNDS", 5);
     let keys = env("DURABILITY_KEYS", 1_000_000);
 
-    println!("durability cost (2 nodes, 1 client, 4 KiB values; batches of 64):");
+    println!(
+        "durability cost (2 nodes, 1 client with {inflight} batches of 64 puts of 4 KiB in \
+         flight; single puts one at a time):"
+    );
     let dir = std::env::temp_dir().join(format!("mooncake-bench-{}", std::process::id()));
     let data_dir = dir.to_string_lossy().into_owned();
     let mut rows = Vec::new();
     for repeat in 0..3 {
         let memory = MasterProcess::start(&[]);
-        let m = put_figures(&memory.address(), seconds).await;
+        let m = put_figures(&memory.address(), seconds, inflight).await;
         drop(memory);
         let disk = MasterProcess::start(&["--data-dir", &data_dir]);
-        let d = put_figures(&disk.address(), seconds).await;
+        let d = put_figures(&disk.address(), seconds, inflight).await;
         drop(disk);
         let _ = std::fs::remove_dir_all(&dir);
         let etcd = EtcdCluster::new(3).expect("etcd");
         let connection = etcd.connection_string();
         let ha = MasterProcess::start(&["--enable-ha", "--etcd-endpoints", connection.as_str()]);
         wait_for_leader(std::slice::from_ref(&ha)).await;
-        let h = put_figures(&format!("etcd://{connection}"), seconds).await;
+        let h = put_figures(&format!("etcd://{connection}"), seconds, inflight).await;
         drop(ha);
         println!(
             "  round {repeat}: memory {:.0} puts/s p50 {:?} | data-dir {:.0} p50 {:?} | HA {:.0} p50 {:?}",

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use mooncake_common::{Error, ErrorKind, Result};
 pub use mooncake_metadata::store::BoxFuture;
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -62,16 +63,22 @@ pub struct LogProgress {
     pub failed: Option<String>,
 }
 
-/// When to replace the log with a snapshot.
+/// When to replace the log with a snapshot: after so many entries or bytes since the last
+/// one, whichever comes first.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotPolicy {
-    /// After this many entries since the last snapshot.
+    /// Entries since the last snapshot.
     pub entries: u64,
+    /// Encoded bytes since the last snapshot.
+    pub bytes: u64,
 }
 
 impl Default for SnapshotPolicy {
     fn default() -> Self {
-        Self { entries: 50_000 }
+        Self {
+            entries: 50_000,
+            bytes: 16 << 20,
+        }
     }
 }
 
@@ -110,7 +117,7 @@ impl Log {
             policy,
             report,
             snapshot_seq: 0,
-            since_snapshot: 0,
+            since_snapshot: (0, 0),
         };
         tracker.spawn(writer.run(entries, stop));
         Self {
@@ -173,7 +180,8 @@ struct Writer {
     policy: SnapshotPolicy,
     report: watch::Sender<LogProgress>,
     snapshot_seq: u64,
-    since_snapshot: u64,
+    /// Entries and bytes appended since the last snapshot.
+    since_snapshot: (u64, u64),
 }
 
 impl Writer {
@@ -213,13 +221,17 @@ impl Writer {
         tracing::trace!(entries = batch.len(), took = ?appending.elapsed(), "log appended");
         lock(&self.state).entries_durable(last);
         let count = batch.len() as u64;
+        let bytes: u64 = batch.iter().map(|e| e.encoded_len() as u64).sum();
         self.report.send_modify(|p| {
             p.durable = p.durable.max(last);
             p.appends += 1;
             p.entries += count;
         });
-        self.since_snapshot += count;
-        if self.since_snapshot >= self.policy.entries {
+        self.since_snapshot.0 += count;
+        self.since_snapshot.1 += bytes;
+        if self.since_snapshot.0 >= self.policy.entries
+            || self.since_snapshot.1 >= self.policy.bytes
+        {
             self.snapshot().await?;
         }
         Ok(())
@@ -236,7 +248,7 @@ impl Writer {
             "log compacted into a snapshot"
         );
         self.snapshot_seq = snapshot.seq;
-        self.since_snapshot = 0;
+        self.since_snapshot = (0, 0);
         lock(&self.state).entries_durable(snapshot.seq);
         self.report.send_modify(|p| {
             p.durable = p.durable.max(snapshot.seq);
