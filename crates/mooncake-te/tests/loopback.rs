@@ -793,3 +793,74 @@ async fn an_engine_moves_its_own_memory_in_process_and_over_tcp_when_told() {
         engine.close().await;
     }
 }
+
+// Same-host transfers never wait on the owner's shared-memory server from a thread that
+// server needs. Here both engines share one single-threaded runtime, so the owner's server
+// only answers while nothing else holds that thread: connecting to the owner and mapping each
+// fresh arena must not block it. A blocked thread shows as a transfer that waits out the
+// peer's socket timeout (2 s) and then falls back to TCP, or fails.
+#[tokio::test(flavor = "current_thread")]
+async fn shared_memory_never_blocks_the_runtime_its_owner_serves_on() {
+    // The peer side's socket timeout: a transfer this slow waited for an answer that could
+    // not come.
+    const IO_TIMEOUT: Duration = Duration::from_secs(2);
+    const ARENAS: usize = 16;
+    const LEN: usize = 4 << 10;
+    let target = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let initiator = engine("P2PHANDSHAKE", "127.0.0.1").await;
+    let local = initiator.allocate(2 * ARENAS * LEN).unwrap();
+    fill(local.as_ptr(), 2 * ARENAS * LEN, 11);
+    // Every arena is fresh: each write maps it first.
+    let arenas: Vec<_> = (0..2 * ARENAS)
+        .map(|_| target.allocate(LEN).unwrap())
+        .collect();
+    let segment = initiator.open_segment(target.segment_name()).await.unwrap();
+    let write = |i: usize| TransferRequest {
+        op: Opcode::Write,
+        segment: segment.id,
+        local_addr: local.as_ptr() as usize + i * LEN,
+        remote_addr: arenas[i].as_ptr() as u64,
+        len: LEN,
+    };
+    let timed = |what: String, took: Duration| {
+        assert!(
+            took < IO_TIMEOUT,
+            "{what} took {took:?}: it waited for the owner's shared-memory server"
+        );
+    };
+    // One at a time, half of them copied on the submitting thread.
+    for i in 0..ARENAS {
+        let options = SubmitOptions {
+            copy_on_caller: i % 2 == 0,
+            ..SubmitOptions::default()
+        };
+        let started = tokio::time::Instant::now();
+        let outcome = initiator.transfer(&[write(i)], options).await;
+        timed(format!("write {i}"), started.elapsed());
+        outcome.unwrap();
+    }
+    // All at once, in one batch.
+    let batch: Vec<_> = (ARENAS..2 * ARENAS).map(write).collect();
+    let on_caller = SubmitOptions {
+        copy_on_caller: true,
+        ..SubmitOptions::default()
+    };
+    let started = tokio::time::Instant::now();
+    let outcome = initiator.transfer(&batch, on_caller).await;
+    timed(format!("a batch of {ARENAS} writes"), started.elapsed());
+    outcome.unwrap();
+    for (i, arena) in arenas.iter().enumerate() {
+        assert_same(
+            bytes(arena.as_ptr(), LEN),
+            &bytes(local.as_ptr(), 2 * ARENAS * LEN)[i * LEN..(i + 1) * LEN],
+            &format!("arena {i}"),
+        );
+    }
+    assert_eq!(sent_through(&initiator, TransportKind::Tcp), 0);
+    assert_eq!(
+        sent_through(&initiator, TransportKind::Shm),
+        2 * ARENAS as u64
+    );
+    initiator.close().await;
+    target.close().await;
+}

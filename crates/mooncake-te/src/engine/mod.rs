@@ -55,7 +55,7 @@ use crate::stats::{TransportKind, TransportStats};
 
 use self::local::*;
 use self::routing::*;
-use self::transports::{InProcess, Rdma, Router, SharedMemory, Tcp, Transport};
+use self::transports::{InProcess, Rdma, Route, Router, SharedMemory, Tcp, Transport};
 
 /// One request of a batch.
 #[derive(Debug, Clone, Copy)]
@@ -81,8 +81,10 @@ pub struct SubmitOptions {
     pub notify: Option<String>,
     /// The submitting thread copies one slice itself (the last of the last request, when that
     /// request goes through shared memory) rather than hand it to a copy thread: for a one-slice
-    /// request, the hand-off and the wake-ups cost more than the copy. For callers on an async
-    /// worker; never on a thread that must not block (JavaScript's).
+    /// request, the hand-off and the wake-ups cost more than the copy. Only a copy that needs
+    /// nothing from the owner first: the first use of a peer or of one of its arenas goes
+    /// through a copy thread all the same. For callers on an async worker; never on a thread
+    /// that must not block (JavaScript's).
     pub copy_on_caller: bool,
 }
 

@@ -4,7 +4,30 @@
 use super::*;
 
 impl TransferEngine {
-    pub(super) fn dispatch(&self, job: Dispatch) {
+    pub(super) fn dispatch(self: &Arc<Self>, job: Dispatch) {
+        self.route(job, false);
+    }
+
+    /// Routes `job` and hands its slices to the transport; with `prepared`, what the router
+    /// asked for first was done already (it may have failed).
+    fn route(self: &Arc<Self>, job: Dispatch, prepared: bool) {
+        let transport = match self.router.route(&job.segment, &job.request, prepared) {
+            Ok(Route::Ready(transport)) => Ok(transport),
+            Ok(Route::After(first)) => {
+                // Routed again once done, off the submitting thread.
+                let engine = self.clone();
+                self.spawn(async move {
+                    tokio::select! {
+                        _ = engine.shutdown.cancelled() => {
+                            engine.fail(&job, &Error::closed("the transfer engine"));
+                        }
+                        () = first => engine.route(job, true),
+                    }
+                });
+                return;
+            }
+            Err(error) => Err(error),
+        };
         let Dispatch {
             request,
             segment,
@@ -27,7 +50,7 @@ impl TransferEngine {
             task: task.clone(),
             deadline,
         };
-        match self.router.route(&segment, &request) {
+        match transport {
             Ok(transport) => {
                 self.stats.record(transport.kind(), request.len);
                 tracing::debug!(segment = %segment.name, len = request.len, via = transport.kind().name(), "request routed");
@@ -43,6 +66,17 @@ impl TransferEngine {
                     task.slice_failed(error.clone());
                 }
             }
+        }
+    }
+
+    /// Fails every slice of `job` with `error`.
+    fn fail(&self, job: &Dispatch, error: &Error) {
+        for _ in 0..slicing::slice_count(
+            job.request.len,
+            self.config.slice_size,
+            slicing::default_fragment_limit(self.config.slice_size),
+        ) {
+            job.task.slice_failed(error.clone());
         }
     }
 
@@ -96,15 +130,7 @@ impl TransferEngine {
             });
             match outcome {
                 Ok(()) => engine.dispatch(job),
-                Err(error) => {
-                    for _ in 0..slicing::slice_count(
-                        len,
-                        engine.config.slice_size,
-                        slicing::default_fragment_limit(engine.config.slice_size),
-                    ) {
-                        job.task.slice_failed(error.clone());
-                    }
-                }
+                Err(error) => engine.fail(&job, &error),
             }
         });
     }

@@ -9,6 +9,7 @@
 use super::*;
 use mooncake_metadata::store::BoxFuture;
 use mooncake_transport::copy::copy_bytes;
+use mooncake_transport::shm::ShmBuffer;
 
 /// One way of moving slices.
 pub(crate) trait Transport: Send + Sync {
@@ -16,8 +17,19 @@ pub(crate) trait Transport: Send + Sync {
     fn kind(&self) -> TransportKind;
 
     /// Whether it carries `request` to `segment`: `Ok(false)` when the target is not its kind,
-    /// `Err` when it is but cannot be reached now.
+    /// `Err` when it is but cannot be reached now. Never blocks.
     fn reaches(&self, segment: &RemoteSegment, request: &TransferRequest) -> Result<bool>;
+
+    /// What has to happen before [`Transport::reaches`] can answer for `request` to `segment`
+    /// (a connection to make, say), if anything: the router has it run, without blocking a
+    /// thread, and routes the request again afterwards.
+    fn prepare(
+        &self,
+        _segment: &RemoteSegment,
+        _request: &TransferRequest,
+    ) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
 
     /// Carries the slices of `request`; each reports to its task exactly once. With
     /// `copy_here`, the calling thread may carry the last slice itself.
@@ -31,6 +43,14 @@ pub(crate) trait Transport: Send + Sync {
 
     /// Stops: every slice still pending settles.
     fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// Where a request goes.
+pub(crate) enum Route<'a> {
+    /// To this transport, now.
+    Ready(&'a Arc<dyn Transport>),
+    /// Nowhere yet: route it again once this is done.
+    After(BoxFuture<'static, ()>),
 }
 
 /// The transports in the order `auto` tries them, and the protocol that limits the choice.
@@ -49,12 +69,14 @@ impl Router {
 
     /// Under `auto`: this engine's own memory, then an engine on this host, then RDMA, then
     /// TCP. A forced protocol takes its own transport (shared memory also covers this engine's
-    /// own memory) or fails.
+    /// own memory) or fails. Never blocks: a transport that needs something done before it can
+    /// answer hands that back ([`Route::After`]), unless `prepared` says it was done already.
     pub(crate) fn route(
         &self,
         segment: &RemoteSegment,
         request: &TransferRequest,
-    ) -> Result<&Arc<dyn Transport>> {
+        prepared: bool,
+    ) -> Result<Route<'_>> {
         let allowed = |kind: TransportKind| match self.protocol {
             Protocol::Auto => true,
             Protocol::Tcp => kind == TransportKind::Tcp,
@@ -63,8 +85,13 @@ impl Router {
         };
         let mut unreachable = None;
         for transport in self.transports.iter().filter(|t| allowed(t.kind())) {
+            if !prepared {
+                if let Some(first) = transport.prepare(segment, request) {
+                    return Ok(Route::After(first));
+                }
+            }
             match transport.reaches(segment, request) {
-                Ok(true) => return Ok(transport),
+                Ok(true) => return Ok(Route::Ready(transport)),
                 Ok(false) => {}
                 Err(e) => {
                     tracing::debug!(segment = %segment.name, kind = transport.kind().name(), "unreachable ({e}); trying the next transport");
@@ -155,18 +182,25 @@ impl Transport for Rdma {
 pub(crate) struct SharedMemory(pub(crate) Arc<ShmTransport>);
 
 impl SharedMemory {
+    /// The owner and the buffer's shared-memory description, when `request` names one of an
+    /// engine on this host.
+    fn target(
+        segment: &RemoteSegment,
+        request: &TransferRequest,
+    ) -> Option<(ShmTarget, u64, ShmBuffer)> {
+        let target = segment.same_host()?;
+        let desc = segment.desc();
+        let buffer = desc.buffer_containing(request.remote_addr, request.len as u64)?;
+        Some((target, buffer.addr, shm_buffer(buffer)?))
+    }
+
+    /// The connection to the owner comes from [`Transport::prepare`]: this only looks it up.
     fn path(
         &self,
         segment: &RemoteSegment,
         request: &TransferRequest,
     ) -> Result<Option<(Arc<ShmPeer>, RemoteRange)>> {
-        let Some(target) = segment.same_host() else {
-            return Ok(None);
-        };
-        let desc = segment.desc();
-        let buffer = desc.buffer_containing(request.remote_addr, request.len as u64);
-        let Some((buffer_addr, buffer)) = buffer.and_then(|b| Some((b.addr, shm_buffer(b)?)))
-        else {
+        let Some((target, buffer_addr, buffer)) = Self::target(segment, request) else {
             return Ok(None);
         };
         let peer = self.0.peer(&target)?;
@@ -190,6 +224,24 @@ impl Transport for SharedMemory {
 
     fn reaches(&self, segment: &RemoteSegment, request: &TransferRequest) -> Result<bool> {
         Ok(self.path(segment, request)?.is_some())
+    }
+
+    fn prepare(
+        &self,
+        segment: &RemoteSegment,
+        request: &TransferRequest,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let (target, _, _) = Self::target(segment, request)?;
+        if self.0.is_connected(&target) {
+            return None;
+        }
+        let shm = self.0.clone();
+        Some(Box::pin(async move {
+            // A failure stays with the transport, for `reaches` to report.
+            if let Err(e) = shm.connect(&target).await {
+                tracing::debug!(socket = %target.socket, "no shared-memory connection: {e}");
+            }
+        }))
     }
 
     fn submit(

@@ -16,8 +16,8 @@
 //! - [`host`]: the host identity that says two engines share memory at all;
 //! - [`server`]: the owner's side of the socket;
 //! - [`peer`]: the mapper's side: connection, mappings, the copy itself;
-//! - [`transport`]: peers by owner, and where copies run (inline when small, on a pool of
-//!   copy threads when large).
+//! - [`transport`]: peers by owner, and where copies run (inline when small and already
+//!   mapped, on a pool of copy threads otherwise).
 
 pub mod control;
 pub mod host;

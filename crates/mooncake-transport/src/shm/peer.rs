@@ -12,6 +12,7 @@ use std::time::Duration;
 use mooncake_common::{Error, ErrorKind, Result};
 use sendfd::RecvWithFd;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::control::{ControlView, Slot, SLOTS};
 use super::server::{KIND_ARENA, KIND_CONTROL, KIND_WATCH, REPLY_LEN};
@@ -67,11 +68,18 @@ pub enum Path {
     CrossMemory,
 }
 
+/// How long the owner may take to answer one request (or, when connecting, all of them).
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connection to one same-host owner.
+///
+/// The owner answers on a task of its runtime, which may be ours: a thread of that runtime
+/// must never wait for an answer. Connecting is asynchronous; an arena's first use asks the
+/// owner for it with a blocking round trip, which [`ShmPeer::copy`] makes and
+/// [`ShmPeer::copy_if_mapped`] declines to make.
 pub struct ShmPeer {
     target: ShmTarget,
+    /// Blocking, for arena requests made off the async workers.
     requests: Mutex<UnixStream>,
     control: ControlView,
     arenas: Mutex<HashMap<u64, Arc<Mapping>>>,
@@ -92,14 +100,18 @@ impl std::fmt::Debug for ShmPeer {
 impl ShmPeer {
     /// Connects to `target`: maps its control table and checks `process_vm_*` permission.
     /// Returns the peer and the watch connection, whose end (EOF) means the owner is gone; the
-    /// caller watches it with [`ShmPeer::watch`].
-    pub fn connect(target: &ShmTarget) -> Result<(Arc<Self>, UnixStream)> {
-        let requests = connect(&target.socket)?;
-        let watch = connect(&target.socket)?;
-        (&watch)
-            .write_all(&request(KIND_WATCH, 0))
-            .map_err(|e| Error::socket(format!("watch @{}", target.socket), e))?;
-        let (fd, len) = ask(&requests, KIND_CONTROL, 0, &target.socket)?;
+    /// caller watches it with [`ShmPeer::watch`]. Waits for the owner without holding a thread,
+    /// two seconds at most.
+    pub async fn connect(target: &ShmTarget) -> Result<(Arc<Self>, tokio::net::UnixStream)> {
+        let timed_out = || {
+            Error::socket(
+                format!("shared-memory request to @{}", target.socket),
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"),
+            )
+        };
+        let (requests, watch, fd, len) = tokio::time::timeout(IO_TIMEOUT, handshake(target))
+            .await
+            .map_err(|_| timed_out())??;
         if len < SLOTS as usize * 8 {
             return Err(Error::new(
                 ErrorKind::Protocol,
@@ -107,6 +119,16 @@ impl ShmPeer {
             ));
         }
         let control = ControlView::new(Mapping::map(std::os::fd::AsFd::as_fd(&fd), len)?);
+        // From here on, requests are made by threads that may block.
+        let requests = requests
+            .into_std()
+            .and_then(|s| s.set_nonblocking(false).map(|()| s))
+            .and_then(|s| {
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(s)
+            })
+            .map_err(|e| Error::socket("socket timeout", e))?;
         let cross_memory = probe_cross_memory(target);
         tracing::debug!(socket = %target.socket, cross_memory, "connected to a same-host peer");
         let peer = Arc::new(Self {
@@ -121,15 +143,9 @@ impl ShmPeer {
     }
 
     /// Waits for the owner to go away, then drops every mapping of it. Run it on a task.
-    pub async fn watch(self: Arc<Self>, watch: UnixStream) {
-        let watched = watch
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixStream::from_std(watch));
-        if let Ok(mut stream) = watched {
-            use tokio::io::AsyncReadExt;
-            let mut sink = [0u8; 16];
-            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-        }
+    pub async fn watch(self: Arc<Self>, mut watch: tokio::net::UnixStream) {
+        let mut sink = [0u8; 16];
+        while matches!(watch.read(&mut sink).await, Ok(n) if n > 0) {}
         self.alive.store(false, Ordering::Release);
         self.arenas
             .lock()
@@ -159,6 +175,9 @@ impl ShmPeer {
 
     /// Copies `len` bytes between local registered memory at `local_addr` (inside `region`)
     /// and `remote`. Fails cleanly when the owner is gone or unregistered the buffer.
+    ///
+    /// The first copy to an arena asks the owner for it, a blocking round trip: call this only
+    /// where blocking is allowed, never on an async worker (see [`ShmPeer::copy_if_mapped`]).
     pub fn copy(
         &self,
         op: Opcode,
@@ -167,11 +186,45 @@ impl ShmPeer {
         len: usize,
         remote: &RemoteRange,
     ) -> Result<()> {
+        self.copy_with(op, region, local_addr, len, remote, true)
+            .map(|_| ())
+    }
+
+    /// [`ShmPeer::copy`], unless it would have to ask the owner for an arena first: then
+    /// `None`, and nothing was done. Never blocks on the owner.
+    pub fn copy_if_mapped(
+        &self,
+        op: Opcode,
+        region: &Region,
+        local_addr: usize,
+        len: usize,
+        remote: &RemoteRange,
+    ) -> Option<Result<()>> {
+        self.copy_with(op, region, local_addr, len, remote, false)
+            .transpose()
+    }
+
+    /// The copy; `Ok(None)` when the arena is not mapped and `may_ask` is false.
+    fn copy_with(
+        &self,
+        op: Opcode,
+        region: &Region,
+        local_addr: usize,
+        len: usize,
+        remote: &RemoteRange,
+        may_ask: bool,
+    ) -> Result<Option<()>> {
         if !self.is_alive() {
             return Err(Error::new(
                 ErrorKind::Socket,
                 format!("the same-host peer behind @{} is gone", self.target.socket),
             ));
+        }
+        let path = self.path(&remote.buffer);
+        if let (Some(Path::Mapped), Some(id), false) = (path, remote.buffer.arena, may_ask) {
+            if self.mapped(id).is_none() {
+                return Ok(None);
+            }
         }
         let slot = Slot {
             index: remote.buffer.slot,
@@ -196,10 +249,15 @@ impl ShmPeer {
         let offset = remote.addr.checked_sub(remote.buffer_addr).ok_or_else(|| {
             Error::new(ErrorKind::AddressNotRegistered, "address below its buffer")
         })? as usize;
-        match self.path(&remote.buffer) {
+        match path {
             Some(Path::Mapped) => {
                 let id = remote.buffer.arena.expect("mapped path has an arena");
-                let mapping = self.arena(id)?;
+                let mapping = match self.mapped(id) {
+                    Some(mapping) => mapping,
+                    None if may_ask => self.arena(id)?,
+                    // Dropped since the check above (the owner went away, say).
+                    None => return Ok(None),
+                };
                 if offset
                     .checked_add(len)
                     .is_none_or(|end| end > mapping.len())
@@ -225,9 +283,11 @@ impl ShmPeer {
                         ),
                     }
                 }
-                Ok(())
+                Ok(Some(()))
             }
-            Some(Path::CrossMemory) => self.cross_memory_copy(op, local_addr, len, remote.addr),
+            Some(Path::CrossMemory) => self
+                .cross_memory_copy(op, local_addr, len, remote.addr)
+                .map(Some),
             None => Err(Error::new(
                 ErrorKind::NotSupportedTransport,
                 "this buffer is outside the owner's arenas and process_vm access is not permitted",
@@ -235,14 +295,19 @@ impl ShmPeer {
         }
     }
 
-    fn arena(&self, id: u64) -> Result<Arc<Mapping>> {
-        if let Some(mapping) = self
-            .arenas
+    /// Our mapping of arena `id`, if we have one.
+    fn mapped(&self, id: u64) -> Option<Arc<Mapping>> {
+        self.arenas
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-        {
-            return Ok(mapping.clone());
+            .cloned()
+    }
+
+    /// Our mapping of arena `id`, asking the owner for it (blocking) the first time.
+    fn arena(&self, id: u64) -> Result<Arc<Mapping>> {
+        if let Some(mapping) = self.mapped(id) {
+            return Ok(mapping);
         }
         let (fd, len) = {
             let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
@@ -303,16 +368,32 @@ impl ShmPeer {
     }
 }
 
-fn connect(socket: &str) -> Result<UnixStream> {
+/// The connection's opening, without blocking: both connections, the watch request sent, the
+/// control table's descriptor and length received.
+async fn handshake(
+    target: &ShmTarget,
+) -> Result<(
+    tokio::net::UnixStream,
+    tokio::net::UnixStream,
+    OwnedFd,
+    usize,
+)> {
+    let mut requests = connect(&target.socket).await?;
+    let mut watch = connect(&target.socket).await?;
+    watch
+        .write_all(&request(KIND_WATCH, 0))
+        .await
+        .map_err(|e| Error::socket(format!("watch @{}", target.socket), e))?;
+    let (fd, len) = ask_async(&mut requests, KIND_CONTROL, 0, &target.socket).await?;
+    Ok((requests, watch, fd, len))
+}
+
+async fn connect(socket: &str) -> Result<tokio::net::UnixStream> {
     let addr = SocketAddr::from_abstract_name(socket)
         .map_err(|e| Error::socket(format!("socket name @{socket}"), e))?;
-    let stream = UnixStream::connect_addr(&addr)
-        .map_err(|e| Error::socket(format!("connect @{socket}"), e))?;
-    stream
-        .set_read_timeout(Some(IO_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
-        .map_err(|e| Error::socket("socket timeout", e))?;
-    Ok(stream)
+    tokio::net::UnixStream::connect_addr(&addr.into())
+        .await
+        .map_err(|e| Error::socket(format!("connect @{socket}"), e))
 }
 
 fn request(kind: u8, id: u64) -> [u8; super::server::REQUEST_LEN] {
@@ -322,6 +403,7 @@ fn request(kind: u8, id: u64) -> [u8; super::server::REQUEST_LEN] {
     out
 }
 
+/// One request on a blocking connection (with timeouts): for threads that may block.
 fn ask(stream: &UnixStream, kind: u8, id: u64, socket: &str) -> Result<(OwnedFd, usize)> {
     let io = |e: std::io::Error| Error::socket(format!("shared-memory request to @{socket}"), e);
     (&*stream).write_all(&request(kind, id)).map_err(io)?;
@@ -333,6 +415,44 @@ fn ask(stream: &UnixStream, kind: u8, id: u64, socket: &str) -> Result<(OwnedFd,
     if n < REPLY_LEN {
         (&*stream).read_exact(&mut reply[n..]).map_err(io)?;
     }
+    answer(&reply, fd, id, socket)
+}
+
+/// One request on an async connection: waits for the answer without holding a thread.
+async fn ask_async(
+    stream: &mut tokio::net::UnixStream,
+    kind: u8,
+    id: u64,
+    socket: &str,
+) -> Result<(OwnedFd, usize)> {
+    let io = |e: std::io::Error| Error::socket(format!("shared-memory request to @{socket}"), e);
+    stream.write_all(&request(kind, id)).await.map_err(io)?;
+    let mut reply = [0u8; REPLY_LEN];
+    let mut fds = [-1; 1];
+    let (n, received) = loop {
+        stream.readable().await.map_err(io)?;
+        // Clears the readiness on WouldBlock (the crate's tokio impl goes through `try_io`).
+        match stream.recv_with_fd(&mut reply, &mut fds) {
+            Ok(got) => break got,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(io(e)),
+        }
+    };
+    // SAFETY: a descriptor received through SCM_RIGHTS is ours to own and close.
+    let fd = (received == 1).then(|| unsafe { OwnedFd::from_raw_fd(fds[0]) });
+    if n < REPLY_LEN {
+        stream.read_exact(&mut reply[n..]).await.map_err(io)?;
+    }
+    answer(&reply, fd, id, socket)
+}
+
+/// The descriptor and length of a whole reply.
+fn answer(
+    reply: &[u8; REPLY_LEN],
+    fd: Option<OwnedFd>,
+    id: u64,
+    socket: &str,
+) -> Result<(OwnedFd, usize)> {
     let len = u64::from_le_bytes(reply[1..].try_into().expect("8 bytes")) as usize;
     match (reply[0], fd) {
         (0, Some(fd)) => Ok((fd, len)),
