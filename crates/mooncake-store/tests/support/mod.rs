@@ -163,9 +163,6 @@ impl Drop for MasterProcess {
 pub async fn store_client(master_address: &str, segment: u64) -> Arc<StoreClient> {
     let mut engine = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
     engine.advertised_host = Some("127.0.0.1".into());
-    // Every client lives in this one process; the shared-memory transport is for peers in
-    // other processes (and tested on its own).
-    engine.shared_memory = false;
     let mut config = StoreConfig::new(engine);
     config.master_address = master_address.to_owned();
     config.global_segment_size = segment;
