@@ -5,8 +5,8 @@
 //! leader from `mooncake-store/<cluster_id>/master_view` (the cluster id comes from
 //! `MC_STORE_CLUSTER_ID`, default `mooncake_cluster`, as in Mooncake). When a call fails
 //! because the leader died or stepped down, the client finds the new leader and, where that is
-//! safe, calls again: every RPC is idempotent (reads, mounts, and writes naming their write id)
-//! except removals, which are repeated only when the master refused them without running them.
+//! safe, calls again: reads, mounts, and the ends of writes (which name their write id) are
+//! idempotent; write starts and removals are repeated only when they surely did not run.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -125,8 +125,8 @@ impl MasterClient {
         self.run(request, rpc, true).await
     }
 
-    /// Runs one RPC that must not run twice: repeated only when the master refused it
-    /// unrun (a standby).
+    /// Runs one RPC that must not run twice: repeated only when it surely did not run (the
+    /// master refused it, or no connection was made).
     pub async fn call_once<Req, T, F, Fut>(&self, request: Req, rpc: F) -> Result<T>
     where
         Req: Clone,
@@ -145,16 +145,20 @@ impl MasterClient {
         let started = Instant::now();
         loop {
             let (address, grpc) = self.current();
-            let error = match self.once(grpc, request.clone(), &rpc).await {
+            let (error, unrun) = match self.once(grpc, request.clone(), &rpc).await {
                 Ok(reply) => return Ok(reply),
-                Err(e) => e,
+                Err(failed) => failed,
             };
             let Some(view) = &self.inner.view else {
                 return Err(error);
             };
-            let refused_unrun = error.kind() == ErrorKind::UnavailableInCurrentStatus;
-            let leader_lost =
-                refused_unrun || matches!(error.kind(), ErrorKind::RpcFail | ErrorKind::RpcTimeout);
+            let leader_lost = unrun
+                || matches!(
+                    error.kind(),
+                    ErrorKind::RpcFail
+                        | ErrorKind::RpcTimeout
+                        | ErrorKind::UnavailableInCurrentStatus
+                );
             let left = FAILOVER_BUDGET.saturating_sub(started.elapsed());
             tracing::debug!(%address, elapsed = ?started.elapsed(), "master call failed: {error}");
             if !leader_lost || left.is_zero() {
@@ -164,10 +168,7 @@ impl MasterClient {
             if let Ok(leader) = &leader {
                 self.inner.follow(leader)?;
             }
-            if !(idempotent || refused_unrun) {
-                return Err(error);
-            }
-            if leader.is_err() {
+            if !(idempotent || unrun) || leader.is_err() {
                 return Err(error);
             }
         }
@@ -178,8 +179,14 @@ impl MasterClient {
     }
 
     /// One RPC, mapping transport failures to `ERR_RPC_FAIL` / `ERR_RPC_TIMEOUT` and
-    /// whole-call refusals to their stable codes.
-    async fn once<Req, T, F, Fut>(&self, grpc: Grpc<Channel>, request: Req, rpc: &F) -> Result<T>
+    /// whole-call refusals to their stable codes; a failure comes with whether the call
+    /// surely did not run (the master refused it, or no connection was made).
+    async fn once<Req, T, F, Fut>(
+        &self,
+        grpc: Grpc<Channel>,
+        request: Req,
+        rpc: &F,
+    ) -> std::result::Result<T, (Error, bool)>
     where
         F: Fn(Grpc<Channel>, Req) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
@@ -190,22 +197,27 @@ impl MasterClient {
         let call = tokio::time::timeout(timeout + Duration::from_millis(100), rpc(grpc, request));
         let reply = tokio::select! {
             reply = call => reply.map_err(|_| {
-                Error::new(
+                let e = Error::new(
                     ErrorKind::RpcTimeout,
                     format!("master did not answer within {timeout:?}"),
-                )
+                );
+                (e, false)
             })?,
             // The leader changed under the call (a frozen master's reply must not count).
             _ = generation.changed() => {
-                return Err(Error::new(
-                    ErrorKind::RpcFail,
-                    "the master leader changed during the call",
-                ))
+                let e = Error::new(ErrorKind::RpcFail, "the master leader changed during the call");
+                return Err((e, false));
             }
         };
         match reply {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(from_status(&status)),
+            Err(status) => {
+                let error = from_status(&status);
+                let refused = error.kind() == ErrorKind::UnavailableInCurrentStatus;
+                let not_connected = status.code() == tonic::Code::Unavailable
+                    && status.message().contains("connect error");
+                Err((error, refused || not_connected))
+            }
         }
     }
 }

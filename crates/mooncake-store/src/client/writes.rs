@@ -326,16 +326,18 @@ impl StoreClient {
         request: proto::BatchPutStartRequest,
         upsert: bool,
     ) -> Result<proto::BatchPutStartResponse> {
+        // Not repeated after a timeout: a start that ran would make its repeat answer "already
+        // exists", which a put reads as done.
         if upsert {
             self.master
-                .call(
+                .call_once(
                     request,
                     |mut g, r| async move { g.batch_upsert_start(r).await },
                 )
                 .await
         } else {
             self.master
-                .call(
+                .call_once(
                     request,
                     |mut g, r| async move { g.batch_put_start(r).await },
                 )

@@ -326,12 +326,12 @@ impl Member {
     async fn campaign(&self, client: &EtcdStore) -> Result<Option<Won>> {
         let granted_at = Instant::now();
         let ttl = self.config.lease_ttl.as_secs().max(1) as i64;
-        let lease = client
+        let granted = client
             .call("lease grant", |mut c| async move {
                 c.lease_grant(ttl, None).await
             })
-            .await?
-            .id();
+            .await?;
+        let (lease, granted_ttl) = (granted.id(), granted.ttl());
         let view = self.keys.view();
         let txn = Txn::new()
             .when([Compare::create_revision(view.clone(), CompareOp::Equal, 0)])
@@ -352,6 +352,7 @@ impl Member {
                 lease,
                 revision,
                 granted_at,
+                ttl: Duration::from_secs(u64::try_from(granted_ttl).unwrap_or(0)),
             }))
         } else {
             revoke(client, lease).await;
@@ -362,7 +363,7 @@ impl Member {
     /// Catches up, starts a new epoch and serves until the lease or the log fails.
     async fn lead(&self, client: &Arc<EtcdStore>, log: &EtcdLog, won: Won) -> Result<()> {
         let ttl = self.config.lease_ttl;
-        let clock = LeaseClock::new(won.granted_at + ttl.saturating_sub(LEASE_MARGIN));
+        let clock = LeaseClock::new(won.granted_at + won.ttl.saturating_sub(LEASE_MARGIN));
         let term_stop = self.stop.child_token();
         let term_tasks = TaskTracker::new();
         let lease = won.lease;
@@ -400,12 +401,22 @@ impl Member {
         term_stop: &CancellationToken,
         term_tasks: &TaskTracker,
     ) -> Result<()> {
-        // The previous leader's lease is gone, so its log is final: apply the rest of it.
+        // The previous leader's lease is gone, so its log is final: apply the rest of it, or
+        // load it again when a snapshot replaced entries this master has not seen (the
+        // snapshot includes entries that were never appended on their own).
         let applied = lock(&self.state).last_seq();
-        let rest = log.entries_after(applied, None).await?;
-        tracing::debug!(applied, rest = rest.len(), "caught up with the log");
+        let snapshot = log.snapshot_seq().await?;
         let now = Instant::now();
-        {
+        if snapshot > applied {
+            let (recovered, _) = log.load_at().await?;
+            tracing::debug!(applied, snapshot, "caught up from the latest snapshot");
+            let mut master = lock(&self.state);
+            let config = master.config().clone();
+            *master = Master::recover(config, now, recovered.snapshot, recovered.entries)?;
+            master.begin_epoch(now);
+        } else {
+            let rest = log.entries_after(applied, None).await?;
+            tracing::debug!(applied, rest = rest.len(), "caught up with the log");
             let mut master = lock(&self.state);
             for entry in &rest {
                 master.apply(now, entry)?;
@@ -463,6 +474,8 @@ struct Won {
     lease: i64,
     revision: i64,
     granted_at: Instant,
+    /// What etcd granted (it may differ from what was asked).
+    ttl: Duration,
 }
 
 /// Renews the lease every tenth of its TTL and moves the clock. A broken stream (its etcd
@@ -491,8 +504,10 @@ async fn keep_alive(
         };
         match tokio::time::timeout(period * 2, renewed).await {
             Ok(Ok(Some(reply))) if reply.ttl() > 0 => {
-                let granted = Duration::from_secs(reply.ttl() as u64);
-                clock.extend(sent + granted.saturating_sub(LEASE_MARGIN));
+                let granted = Duration::from_secs(reply.ttl().unsigned_abs());
+                if let Some(until) = sent.checked_add(granted.saturating_sub(LEASE_MARGIN)) {
+                    clock.extend(until);
+                }
                 continue;
             }
             Ok(Ok(Some(_))) => {

@@ -153,6 +153,10 @@ impl MasterServer {
                             continue;
                         };
                         let mut master = lock(&ticked);
+                        // Again under the lock: a master that stepped down reloads under it.
+                        if !matches!(*ticker_role.borrow(), Role::Leader(_)) {
+                            continue;
+                        }
                         master.tick(Instant::now());
                         // Evictions and dropped segments are changes too.
                         if let Some(log) = log {

@@ -77,9 +77,11 @@ impl MasterService {
 
     /// The state, when this master serves.
     fn master(&self) -> std::result::Result<MutexGuard<'_, Master>, Status> {
-        self.leading()?;
         // Every state-machine method leaves the state consistent even when it returns early.
-        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()))
+        let master = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock: a master that stepped down reloads its state under it.
+        self.leading()?;
+        Ok(master)
     }
 
     /// This master's log when it leads (`None` without one), or why it does not serve.
@@ -100,6 +102,18 @@ impl MasterService {
         change: impl FnOnce(&mut Master) -> T,
     ) -> std::result::Result<T, Status> {
         Ok(self.durably_logged(change).await?.0)
+    }
+
+    /// Waits until every entry taken so far is durable: an answer drawn from state that the log
+    /// may not have yet (a commit already done, a key that already exists) must not be
+    /// acknowledged before it is.
+    async fn earlier_durable(&self) -> std::result::Result<(), Status> {
+        let log = self.leading()?;
+        let seq = self.master()?.last_seq();
+        if let Some(log) = log {
+            log.durable(seq).await.map_err(|e| to_status(&e))?;
+        }
+        Ok(())
     }
 
     /// [`durably`](Self::durably), and whether the change wrote a log entry.
@@ -226,6 +240,16 @@ impl MasterService {
                 results[i] = r;
             }
         }
+        // A put of a key that exists succeeds for the client (insert-if-absent): only once
+        // the existing value is durable.
+        let exists = |r: &proto::PutStartResponse| {
+            r.outcome
+                .as_ref()
+                .is_some_and(|o| o.kind == proto::ErrorKind::ErrObjectAlreadyExists as i32)
+        };
+        if results.iter().any(exists) {
+            self.earlier_durable().await?;
+        }
         self.counters.count(
             op,
             results.len(),
@@ -252,8 +276,8 @@ impl MasterService {
                 request.write_ids.len()
             )));
         }
-        let results: Vec<_> = self
-            .durably(|master| {
+        let (results, logged): (Vec<_>, bool) = self
+            .durably_logged(|master| {
                 request
                     .keys
                     .iter()
@@ -272,6 +296,11 @@ impl MasterService {
                     .collect()
             })
             .await?;
+        if !logged {
+            // A repeated end of a write that ended already: its first end may still be on
+            // its way to the log.
+            self.earlier_durable().await?;
+        }
         self.counters.count(
             op,
             results.len(),

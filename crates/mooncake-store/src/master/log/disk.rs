@@ -66,9 +66,9 @@ impl DiskLog {
         let snapshot_path = self.dir.join(SNAPSHOT);
         let snapshot = match std::fs::read(&snapshot_path) {
             Ok(bytes) => {
-                let (frames, clean) = frames(&bytes);
-                match (frames.first(), clean) {
-                    (Some(frame), true) if frames.len() == 1 => {
+                let (frames, tail) = frames(&bytes);
+                match (frames.first(), tail) {
+                    (Some(frame), Tail::Clean) if frames.len() == 1 => {
                         Some(Snapshot::decode(*frame).map_err(|e| corrupt(&snapshot_path, e))?)
                     }
                     _ => return Err(corrupt(&snapshot_path, "damaged frame")),
@@ -85,7 +85,14 @@ impl DiskLog {
         reader
             .read_to_end(&mut bytes)
             .map_err(|e| io(&log_path, "read", e))?;
-        let (frames, clean) = frames(&bytes);
+        let (frames, tail) = frames(&bytes);
+        if tail == Tail::Damaged {
+            // Entries after the damage were acknowledged: refuse rather than drop them.
+            return Err(corrupt(
+                &log_path,
+                "a record in the middle fails its checksum",
+            ));
+        }
         let mut entries = Vec::new();
         let mut kept = 0;
         for frame in &frames {
@@ -93,7 +100,7 @@ impl DiskLog {
             entries.extend(batch.entries.into_iter().filter(|e| e.seq > after));
             kept += FRAME_HEADER + frame.len();
         }
-        if !clean {
+        if tail == Tail::Torn {
             tracing::warn!(
                 path = %log_path.display(),
                 cut = bytes.len() - kept,
@@ -173,25 +180,37 @@ fn frame(message: &impl Message) -> Vec<u8> {
     out
 }
 
-/// The intact frames of `bytes`, and whether they are all there is.
-fn frames(mut bytes: &[u8]) -> (Vec<&[u8]>, bool) {
+/// How a file of frames ends.
+#[derive(Debug, PartialEq, Eq)]
+enum Tail {
+    /// Every byte belongs to an intact frame.
+    Clean,
+    /// The last frame is incomplete or fails its checksum: a write a crash cut short.
+    Torn,
+    /// A frame in the middle fails its checksum: the file was damaged after it was written.
+    Damaged,
+}
+
+/// The intact frames of `bytes`, up to the first that is not, and how the file ends.
+fn frames(mut bytes: &[u8]) -> (Vec<&[u8]>, Tail) {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         let Some((header, rest)) = bytes.split_first_chunk::<FRAME_HEADER>() else {
-            return (out, false);
+            return (out, Tail::Torn);
         };
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let Some(body) = rest.get(..len) else {
-            return (out, false);
+            return (out, Tail::Torn);
         };
         if crc32fast::hash(body) != crc {
-            return (out, false);
+            let last = rest.len() == len;
+            return (out, if last { Tail::Torn } else { Tail::Damaged });
         }
         out.push(body);
         bytes = &rest[len..];
     }
-    (out, true)
+    (out, Tail::Clean)
 }
 
 fn lock(file: &Mutex<File>) -> std::sync::MutexGuard<'_, File> {
@@ -225,6 +244,7 @@ mod tests {
                 change: Some(Change::Erase(format!("key-{seq}"))),
             }],
             more: false,
+            piece: 0,
         }
     }
 
@@ -278,6 +298,18 @@ mod tests {
             .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, [3, 4, 5]);
+        drop(log);
+
+        // A flipped bit in a record that others follow is damage, not a torn write.
+        let path = dir.join(LOG);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[FRAME_HEADER + 1] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let log = DiskLog::open(&dir).unwrap();
+        assert_eq!(
+            log.load().await.unwrap_err().kind(),
+            ErrorKind::InternalError
+        );
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }

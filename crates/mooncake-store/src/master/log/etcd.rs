@@ -12,7 +12,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, Txn, TxnOp};
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, GetResponse, SortOrder, SortTarget, Txn, TxnOp,
+};
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::etcd::EtcdStore;
 use prost::Message;
@@ -24,6 +26,8 @@ use crate::proto::journal::{Batch, Entry, Snapshot};
 const PIECE_BYTES: usize = 1 << 20;
 /// Keys read per page when loading.
 const PAGE: i64 = 512;
+/// How long one log write is retried against failures of etcd itself.
+const WRITE_RETRY_LIMIT: Duration = Duration::from_secs(10);
 
 /// The keys of one cluster.
 #[derive(Debug, Clone)]
@@ -101,6 +105,9 @@ pub struct EtcdLog {
     keys: ClusterKeys,
     /// Set when leading: the lease `master_view` must be bound to, and its clock.
     fence: Option<(i64, LeaseClock)>,
+    /// The revision of the previous snapshot: history is compacted up to it, one snapshot
+    /// behind, so that a reader that is only a little behind keeps its watch.
+    previous_snapshot: Arc<Mutex<Option<i64>>>,
 }
 
 impl EtcdLog {
@@ -110,6 +117,7 @@ impl EtcdLog {
             etcd,
             keys,
             fence: None,
+            previous_snapshot: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -170,10 +178,41 @@ impl EtcdLog {
         Ok((Recovered { snapshot, entries }, revision))
     }
 
+    /// The entry the latest snapshot includes (0 without one).
+    pub async fn snapshot_seq(&self) -> Result<u64> {
+        let latest = self.get(self.keys.snapshot_latest(), None).await?;
+        match latest.kvs().first() {
+            None => Ok(0),
+            Some(kv) => {
+                let text = kv.value_str().map_err(etcd)?;
+                text.split_once('/')
+                    .and_then(|(seq, _)| seq.parse().ok())
+                    .ok_or_else(|| corrupt(format!("snapshot pointer '{text}'")))
+            }
+        }
+    }
+
     /// Entries after `seq`, in order, reassembled from their pieces (as of `revision`, or now).
     pub async fn entries_after(&self, seq: u64, revision: Option<i64>) -> Result<Vec<Entry>> {
         let end = prefix_end(&self.keys.log_prefix());
-        let mut from = self.keys.log(seq.saturating_add(1), 0);
+        // The entry after `seq` may sit in a batch named by an earlier entry: start from the
+        // last key at or before its own.
+        let first = self.keys.log(seq.saturating_add(1), 0);
+        let mut upto = first.clone().into_bytes();
+        upto.push(0);
+        let mut options = GetOptions::new()
+            .with_range(upto)
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1)
+            .with_keys_only();
+        if let Some(revision) = revision {
+            options = options.with_revision(revision);
+        }
+        let before = self.get(self.keys.log_prefix(), Some(options)).await?;
+        let mut from = match before.kvs().first() {
+            Some(kv) => String::from_utf8(kv.key().to_vec()).map_err(corrupt)?,
+            None => first,
+        };
         let mut pieces = Pieces::default();
         let mut entries = Vec::new();
         loop {
@@ -209,6 +248,7 @@ impl EtcdLog {
             ));
         };
         let mut delay = Duration::from_millis(20);
+        let give_up = Instant::now() + WRITE_RETRY_LIMIT;
         loop {
             if !clock.valid() {
                 return Err(lost());
@@ -229,6 +269,9 @@ impl EtcdLog {
                     clock.expire();
                     return Err(lost());
                 }
+                // A write etcd keeps refusing (out of space, too large) fails the log rather
+                // than stalling every acknowledgement behind it.
+                Err(e) if Instant::now() >= give_up => return Err(e),
                 Err(e) => {
                     tracing::warn!("log write to etcd failed, retrying: {e}");
                     tokio::time::sleep(delay).await;
@@ -285,18 +328,28 @@ impl LogStore for EtcdLog {
                 ),
             ])
             .await?;
-            // Drop the history of what was just replaced, so etcd's space stays bounded.
-            if let Ok(status) = self.get(self.keys.snapshot_latest(), None).await {
-                if let Some(revision) = status.header().map(|h| h.revision()) {
-                    let compacted = self
-                        .etcd
-                        .call("compact", |mut client| async move {
-                            client.compact(revision, None).await
-                        })
-                        .await;
-                    if let Err(e) = compacted {
-                        tracing::debug!("etcd history compaction: {e}");
-                    }
+            // Drop the history up to the previous snapshot, so that etcd's space stays bounded.
+            let now = self
+                .get(self.keys.snapshot_latest(), None)
+                .await
+                .ok()
+                .and_then(|r| r.header().map(|h| h.revision()));
+            let previous = std::mem::replace(
+                &mut *self
+                    .previous_snapshot
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+                now,
+            );
+            if let Some(revision) = previous {
+                let compacted = self
+                    .etcd
+                    .call("compact", |mut client| async move {
+                        client.compact(revision, None).await
+                    })
+                    .await;
+                if let Err(e) = compacted {
+                    tracing::debug!("etcd history compaction: {e}");
                 }
             }
             Ok(())
@@ -307,7 +360,8 @@ impl LogStore for EtcdLog {
 /// Entries reassembled from pieces.
 #[derive(Default)]
 pub struct Pieces {
-    partial: Option<Entry>,
+    /// An entry whose next piece has this number.
+    partial: Option<(Entry, u32)>,
 }
 
 impl Pieces {
@@ -315,18 +369,27 @@ impl Pieces {
     pub fn push(&mut self, pieces: Vec<Entry>) -> Vec<Entry> {
         let mut done = Vec::new();
         for piece in pieces {
-            let entry = match self.partial.take() {
-                Some(mut partial) if partial.seq == piece.seq => {
-                    partial.records.extend(piece.records);
-                    partial.more = piece.more;
-                    partial
+            let (entry, next) = if piece.piece == 0 {
+                // An entry starts: one left unfinished before it was never acknowledged (its
+                // writer lost its lease mid-entry).
+                (piece, 1)
+            } else {
+                match self.partial.take() {
+                    Some((mut partial, next))
+                        if partial.seq == piece.seq && next == piece.piece =>
+                    {
+                        partial.records.extend(piece.records);
+                        partial.more = piece.more;
+                        (partial, next + 1)
+                    }
+                    // The rest of an entry whose start this reader never saw (it began
+                    // reading mid-entry) or that was abandoned: dropped. The gap it leaves
+                    // makes the reader load the log again.
+                    _ => continue,
                 }
-                // A piece of another entry: the partial one was never finished (its writer
-                // lost its lease mid-entry, so it was never acknowledged).
-                _ => piece,
             };
             if entry.more {
-                self.partial = Some(entry);
+                self.partial = Some((entry, next));
             } else {
                 done.push(entry);
             }
@@ -340,11 +403,11 @@ fn batches(keys: &ClusterKeys, entries: &[Entry]) -> Vec<(String, Batch)> {
     let mut out: Vec<(String, Batch)> = Vec::new();
     let mut size = 0;
     for entry in entries {
-        for (piece_no, piece) in split(entry).into_iter().enumerate() {
+        for piece in split(entry) {
             let len = piece.encoded_len();
             let full = out.last().is_none_or(|_| size + len > PIECE_BYTES);
             if full {
-                out.push((keys.log(piece.seq, piece_no as u32), Batch::default()));
+                out.push((keys.log(piece.seq, piece.piece), Batch::default()));
                 size = 0;
             }
             size += len;
@@ -366,17 +429,20 @@ fn split(entry: &Entry) -> Vec<Entry> {
         seq: entry.seq,
         records: Vec::new(),
         more: true,
+        piece: 0,
     };
     let mut size = 0;
     for record in &entry.records {
         let len = record.encoded_len() + 8;
         if size + len > PIECE_BYTES && !current.records.is_empty() {
+            let piece = current.piece + 1;
             pieces.push(std::mem::replace(
                 &mut current,
                 Entry {
                     seq: entry.seq,
                     records: Vec::new(),
                     more: true,
+                    piece,
                 },
             ));
             size = 0;
@@ -434,6 +500,7 @@ mod tests {
                 })
                 .collect(),
             more: false,
+            piece: 0,
         }
     }
 
@@ -459,6 +526,26 @@ mod tests {
             .flat_map(|(_, b)| pieces.push(b.entries))
             .collect();
         assert_eq!(back, entries);
+    }
+
+    #[test]
+    fn an_unfinished_entry_and_a_piece_without_its_start_are_dropped() {
+        let keys = ClusterKeys::new("c");
+        let big = entry(2, 5000, 500);
+        let pieces: Vec<Entry> = batches(&keys, std::slice::from_ref(&big))
+            .into_iter()
+            .flat_map(|(_, b)| b.entries)
+            .collect();
+        assert!(pieces.len() > 1);
+        // A leader died after the first piece of entry 2; the next leader wrote its own.
+        let mut reader = Pieces::default();
+        let mut seen = reader.push(vec![entry(1, 1, 1), pieces[0].clone()]);
+        let replacement = entry(2, 2, 3);
+        seen.extend(reader.push(vec![replacement.clone()]));
+        assert_eq!(seen, vec![entry(1, 1, 1), replacement]);
+        // A reader that starts after the first piece sees nothing of the entry.
+        let mut late = Pieces::default();
+        assert!(late.push(pieces[1..].to_vec()).is_empty());
     }
 
     #[test]

@@ -162,10 +162,12 @@ impl Log {
     }
 }
 
+/// The change ran but may not survive: not "refused" (`ERR_UNAVAILABLE_IN_CURRENT_STATUS`,
+/// which promises nothing ran), so that a client never repeats a removal on its strength.
 fn not_durable(why: &str) -> Error {
     Error::new(
-        ErrorKind::UnavailableInCurrentStatus,
-        format!("not acknowledged: the master cannot make it durable ({why})"),
+        ErrorKind::RpcFail,
+        format!("not acknowledged: the master could not make it durable ({why})"),
     )
 }
 

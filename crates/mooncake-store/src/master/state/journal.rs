@@ -119,7 +119,16 @@ impl Master {
                 })
                 .collect(),
             more: false,
+            piece: 0,
         })
+    }
+
+    /// Drops deferred frees of `segments`, which are gone.
+    pub(super) fn forget_frees(&mut self, segments: &[SegmentId]) {
+        if let Some(journal) = &mut self.journal {
+            journal.freed.retain(|(s, _)| !segments.contains(s));
+            journal.awaiting.retain(|(_, s, _)| !segments.contains(s));
+        }
     }
 
     /// Every entry up to `seq` is durable: space they freed goes back.
@@ -221,7 +230,7 @@ impl Master {
         if entry.seq <= last {
             return Ok(());
         }
-        if entry.seq != last + 1 {
+        if Some(entry.seq) != last.checked_add(1) {
             return Err(corrupt(format!(
                 "log entry {} follows entry {last}: entries are missing",
                 entry.seq
@@ -256,7 +265,11 @@ impl Master {
     /// Starts serving after a recovery or as a new leader: a new epoch of ids, which the caller
     /// must make durable before it serves; every segment waits for its owner to remount.
     pub fn begin_epoch(&mut self, now: Instant) {
-        let epoch = self.journal.as_ref().map_or(0, |j| j.epoch) + 1;
+        let epoch = self
+            .journal
+            .as_ref()
+            .map_or(0, |j| j.epoch)
+            .saturating_add(1);
         self.set_epoch(epoch);
         if let Some(journal) = &mut self.journal {
             journal.epoch_changed = true;
@@ -272,7 +285,9 @@ impl Master {
         if let Some(journal) = &mut self.journal {
             journal.epoch = epoch;
         }
-        let first = epoch.checked_shl(EPOCH_SHIFT).unwrap_or(u64::MAX) | 1;
+        // Beyond 2^24 epochs (restarts and failovers) ids would not fit: the last epoch's
+        // range is reused rather than wrapping into the first.
+        let first = epoch.min((1 << (64 - EPOCH_SHIFT)) - 1) << EPOCH_SHIFT | 1;
         self.next_write = self.next_write.max(first);
         self.next_replica = self.next_replica.max(first);
     }

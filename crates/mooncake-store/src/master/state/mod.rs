@@ -386,6 +386,9 @@ impl Master {
             self.touch_segment(*id);
         }
         self.parked.retain(|p| !ids.contains(&p.segment));
+        // Its blocks went with it: none may be freed into a segment mounted later under the
+        // same id.
+        self.forget_frees(ids);
         let mut touched = Vec::new();
         self.objects.retain(|key, object| {
             let before = object.replicas.len();

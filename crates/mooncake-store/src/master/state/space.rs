@@ -245,7 +245,7 @@ impl Master {
                     block,
                     status: ReplicaStatus::Processing,
                 });
-                self.next_replica += 1;
+                self.next_replica = self.next_replica.saturating_add(1);
             }
         }
         replicas

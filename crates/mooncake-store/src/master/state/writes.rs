@@ -73,7 +73,7 @@ impl Master {
             for replica in &mut object.replicas {
                 replica.status = ReplicaStatus::Processing;
                 replica.id = self.next_replica;
-                self.next_replica += 1;
+                self.next_replica = self.next_replica.saturating_add(1);
             }
             object.write = write;
             object.writer = client;
@@ -207,7 +207,7 @@ impl Master {
 
     fn new_write(&mut self) -> WriteId {
         let write = WriteId(self.next_write);
-        self.next_write += 1;
+        self.next_write = self.next_write.saturating_add(1);
         write
     }
 
@@ -224,6 +224,12 @@ impl Master {
         let invalid = |message: String| Err(Error::new(ErrorKind::InvalidArgument, message));
         if key.is_empty() {
             return invalid("the key must not be empty".into());
+        }
+        if key.len() > MAX_KEY_LEN {
+            return invalid(format!(
+                "a key of {} bytes is longer than the {MAX_KEY_LEN} allowed",
+                key.len()
+            ));
         }
         if size == 0 {
             return invalid(format!("'{key}': the value must not be empty"));
@@ -260,6 +266,9 @@ impl Master {
         Ok(())
     }
 }
+
+/// Longest key: every log record names its key, and a record must fit one etcd request.
+const MAX_KEY_LEN: usize = 4096;
 
 fn stale(key: &str, write: WriteId) -> Error {
     Error::new(
