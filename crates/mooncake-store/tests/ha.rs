@@ -61,7 +61,15 @@ async fn ha_masters_lose_no_acknowledged_put() {
     }
     let mut etcd = EtcdCluster::new(3).expect("etcd cluster");
     let connection = etcd.connection_string();
-    let flags = ["--enable-ha", "--etcd-endpoints", connection.as_str()];
+    // Snapshots every 100 entries: failovers also land between a snapshot and the entries
+    // it replaced.
+    let flags = [
+        "--enable-ha",
+        "--etcd-endpoints",
+        connection.as_str(),
+        "--snapshot-after-entries",
+        "100",
+    ];
     let mut masters: Vec<MasterProcess> = (0..3).map(|_| MasterProcess::start(&flags)).collect();
     one_leader(&masters, Duration::from_secs(20)).await;
 

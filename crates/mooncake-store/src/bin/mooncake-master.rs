@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
+use mooncake_store::master::log::SnapshotPolicy;
 use mooncake_store::master::{
     AllocationStrategy, Durability, HaConfig, MasterConfig, MasterServer, MasterServerConfig,
 };
@@ -70,6 +71,12 @@ struct Args {
     /// Masters of one cluster share it; clients set MC_STORE_CLUSTER_ID to the same.
     #[arg(long, alias = "cluster_id", default_value = "mooncake_cluster")]
     cluster_id: String,
+    /// Replace the metadata log with a snapshot after this many entries...
+    #[arg(long, default_value_t = SnapshotPolicy::default().entries)]
+    snapshot_after_entries: u64,
+    /// ...or this many bytes of entries, whichever comes first.
+    #[arg(long, default_value_t = SnapshotPolicy::default().bytes)]
+    snapshot_after_bytes: u64,
 }
 
 fn duration(text: &str, bare: f64) -> Result<Duration, String> {
@@ -124,6 +131,10 @@ async fn main() -> std::process::ExitCode {
     };
     let config = MasterServerConfig {
         durability,
+        snapshot: SnapshotPolicy {
+            entries: args.snapshot_after_entries.max(1),
+            bytes: args.snapshot_after_bytes.max(1),
+        },
         host: args.rpc_address,
         rpc_port: args.rpc_port,
         metrics_port: Some(args.metrics_port),

@@ -139,6 +139,7 @@ impl HaStatus {
 /// Joins the election; `role` tells the service when this master leads.
 pub(crate) fn start(
     config: HaConfig,
+    snapshot: SnapshotPolicy,
     advertised: String,
     state: Arc<Mutex<Master>>,
     role: watch::Sender<Role>,
@@ -162,6 +163,7 @@ pub(crate) fn start(
     let member = Member {
         keys: ClusterKeys::new(&config.cluster_id),
         config,
+        snapshot,
         advertised,
         state,
         role,
@@ -174,6 +176,7 @@ pub(crate) fn start(
 
 struct Member {
     config: HaConfig,
+    snapshot: SnapshotPolicy,
     keys: ClusterKeys,
     advertised: String,
     state: Arc<Mutex<Master>>,
@@ -427,7 +430,7 @@ impl Member {
         let log = Log::start(
             writer,
             self.state.clone(),
-            SnapshotPolicy::default(),
+            self.snapshot,
             term_stop.clone(),
             term_tasks,
             Some(clock.clone()),

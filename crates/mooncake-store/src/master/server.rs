@@ -43,6 +43,8 @@ pub struct MasterServerConfig {
     pub master: MasterConfig,
     /// Where the metadata survives a restart. Default: nowhere.
     pub durability: Durability,
+    /// When the log is replaced by a snapshot (with a durable log).
+    pub snapshot: SnapshotPolicy,
 }
 
 /// Where a master keeps what it acknowledged.
@@ -66,6 +68,7 @@ impl Default for MasterServerConfig {
             http_metadata_port: None,
             master: MasterConfig::default(),
             durability: Durability::Memory,
+            snapshot: SnapshotPolicy::default(),
         }
     }
 }
@@ -104,7 +107,8 @@ impl MasterServer {
                 None
             }
             Durability::Disk(dir) => {
-                let log = recover_from_disk(dir, &state, &shutdown, &tracker).await?;
+                let log =
+                    recover_from_disk(dir, config.snapshot, &state, &shutdown, &tracker).await?;
                 role_tx.send_replace(Role::Leader(Some(log)));
                 None
             }
@@ -112,6 +116,7 @@ impl MasterServer {
                 let advertised = ha.advertised(&config.host, rpc_addr.port());
                 Some(ha::start(
                     ha.clone(),
+                    config.snapshot,
                     advertised,
                     state.clone(),
                     role_tx,
@@ -246,6 +251,7 @@ fn lock(state: &Mutex<Master>) -> std::sync::MutexGuard<'_, Master> {
 /// Loads what `dir` holds, starts its log, and makes the new epoch durable.
 async fn recover_from_disk(
     dir: &std::path::Path,
+    policy: SnapshotPolicy,
     state: &Arc<Mutex<Master>>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
@@ -266,7 +272,7 @@ async fn recover_from_disk(
     let log = Log::start(
         store,
         state.clone(),
-        SnapshotPolicy::default(),
+        policy,
         shutdown.clone(),
         tracker,
         None,
