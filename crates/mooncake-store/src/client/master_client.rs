@@ -109,6 +109,12 @@ impl MasterClient {
         self.current().0
     }
 
+    /// Counts the moves to a new leader so far: an answer from before a move (a replica list,
+    /// a write grant) may describe space the new leader has since given to something else.
+    pub fn generation(&self) -> u64 {
+        *self.inner.generation.borrow()
+    }
+
     /// Resolves once calls have moved to a new leader (which knows nothing of this client
     /// until it mounts again).
     pub async fn moved(&self) {

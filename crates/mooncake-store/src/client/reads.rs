@@ -102,6 +102,7 @@ impl StoreClient {
         let mut target: Option<(u64, usize)> = None;
         for _ in 0..READ_ATTEMPTS {
             let asked = Instant::now();
+            let generation = self.master.generation();
             let (list, ttl) = self.lookups.lookup(key).await?;
             // Checked: non-empty, every replica of this size.
             let size = list[0].size;
@@ -117,11 +118,13 @@ impl StoreClient {
             let used = self
                 .read_any(key, addr, size as usize, &list, avoid)
                 .await?;
-            if Instant::now() < asked + ttl {
+            if Instant::now() < asked + ttl && self.master.generation() == generation {
                 return Ok(size);
             }
-            // The lease ran out while reading: the bytes are good only if the replica we read
-            // is still the object's (ids change on removal, eviction and rewrite).
+            // The lease ran out while reading, or the master that granted it was replaced
+            // (the new one knows no leases): the bytes are good only if the replica we read is
+            // still the object's (ids change on removal, eviction and rewrite, and survive a
+            // failover).
             match self.lookups.lookup(key).await {
                 Ok((now, _)) if now.iter().any(|r| r.id == used) => return Ok(size),
                 Ok(_) => {
@@ -220,6 +223,7 @@ impl StoreClient {
             return keys.iter().map(|_| Err(e.clone())).collect();
         }
         let asked = Instant::now();
+        let generation = self.master.generation();
         let lists = self.lookups.lookup_batch(keys).await;
         let mut results: Vec<Result<u64>> = Vec::with_capacity(keys.len());
         let mut work = Vec::new();
@@ -271,9 +275,10 @@ impl StoreClient {
             let Some(planned) = entry else {
                 continue;
             };
-            // A failed first choice, or a lease that ran out: take the careful single-key path,
-            // which falls back across replicas and re-validates.
-            if failed[i] || Instant::now() >= asked + planned.ttl {
+            // A failed first choice, a lease that ran out or a master replaced meanwhile: take
+            // the careful single-key path, which falls back across replicas and re-validates.
+            let moved = self.master.generation() != generation;
+            if failed[i] || moved || Instant::now() >= asked + planned.ttl {
                 let avoid = failed[i].then_some(planned.first_choice);
                 results[i] = self
                     .read_into(&keys[i], planned.addr, planned.cap, avoid)

@@ -190,6 +190,7 @@ impl StoreClient {
             sizes: todo.iter().map(|i| ranges[*i].1 as u64).collect(),
             config: Some(wire),
         };
+        let generation = self.master.generation();
         let started = self.start_writes(request, upsert).await;
         let started = match started {
             Ok(s) => s.results,
@@ -240,6 +241,20 @@ impl StoreClient {
                 Err(e) if e.kind() == ErrorKind::ObjectAlreadyExists && !upsert => {}
                 Err(e) => results[*i] = Err(e),
             }
+        }
+        if self.master.generation() != generation {
+            // Granted by a master that has since been replaced: its successor knows nothing of
+            // this space and may hand it out, so no byte goes there.
+            let e = Error::new(
+                ErrorKind::RpcFail,
+                "the master leader changed while the write started; nothing was written",
+            );
+            for (i, _, _) in &granted {
+                if results[*i].is_ok() {
+                    results[*i] = Err(e.clone());
+                }
+            }
+            return results;
         }
         let work: Vec<Move> = granted
             .iter()
