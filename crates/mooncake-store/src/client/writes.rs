@@ -269,10 +269,7 @@ impl StoreClient {
             })
             .collect();
         let mut failed: HashMap<usize, Error> = HashMap::new();
-        let moving = std::time::Instant::now();
-        let moved = self.move_bytes(work, None).await;
-        tracing::trace!(took = ?moving.elapsed(), "write bytes moved");
-        for (i, outcome) in moved {
+        for (i, outcome) in self.move_bytes(work, None).await {
             if let Err(e) = outcome {
                 failed.entry(i).or_insert(e);
             }
