@@ -16,7 +16,7 @@ use mooncake_metadata::etcd::EtcdStore;
 use mooncake_metadata::MetadataStore;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::master::ha::{parse_endpoints, validate_cluster_id};
+use crate::master::ha::validate_cluster_id;
 use crate::master::log::etcd::ClusterKeys;
 use crate::proto::master_client::MasterClient as Grpc;
 use crate::wire::STORE_VERSION;
@@ -56,17 +56,16 @@ impl MasterClient {
     /// Connects to `address` (`host:port`, or `etcd://h1:2379;h2:2379` for an HA cluster)
     /// and checks the master's version.
     pub async fn connect(address: &str, timeout: Duration) -> Result<Self> {
-        let view = match address.trim().strip_prefix("etcd://") {
-            None => None,
-            Some(endpoints) => {
-                let cluster_id = std::env::var("MC_STORE_CLUSTER_ID")
-                    .unwrap_or_else(|_| "mooncake_cluster".to_owned());
-                validate_cluster_id(&cluster_id)?;
-                Some(View {
-                    etcd: EtcdStore::with_endpoints(parse_endpoints(endpoints))?,
-                    key: ClusterKeys::new(&cluster_id).view(),
-                })
-            }
+        let view = if address.trim().starts_with("etcd://") {
+            let cluster_id = std::env::var("MC_STORE_CLUSTER_ID")
+                .unwrap_or_else(|_| "mooncake_cluster".to_owned());
+            validate_cluster_id(&cluster_id)?;
+            Some(View {
+                etcd: EtcdStore::new(address)?,
+                key: ClusterKeys::new(&cluster_id).view(),
+            })
+        } else {
+            None
         };
         let leader = match &view {
             None => address.to_owned(),

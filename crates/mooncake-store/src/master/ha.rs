@@ -56,10 +56,7 @@ pub struct HaConfig {
 impl HaConfig {
     /// HA over `endpoints` (`h1:2379;h2:2379`, commas too, `etcd://` optional).
     pub fn new(endpoints: &str, cluster_id: &str) -> Result<Self> {
-        let endpoints = parse_endpoints(endpoints);
-        if endpoints.is_empty() {
-            return Err(Error::invalid("HA needs at least one etcd endpoint"));
-        }
+        let endpoints = EtcdStore::new(endpoints)?.endpoints().to_vec();
         validate_cluster_id(cluster_id)?;
         Ok(Self {
             endpoints,
@@ -79,17 +76,6 @@ impl HaConfig {
         };
         format!("{host}:{port}")
     }
-}
-
-/// `h1:2379;h2:2379`, `etcd://h1:2379,h2:2379`: the `host:port` of each endpoint.
-pub fn parse_endpoints(text: &str) -> Vec<String> {
-    let text = text.trim();
-    let text = text.strip_prefix("etcd://").unwrap_or(text);
-    text.split([';', ','])
-        .map(|e| e.trim().trim_start_matches("http://").trim_end_matches('/'))
-        .filter(|e| !e.is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Mooncake's rule: `[0-9A-Za-z_.-]`, at most 128 characters.
@@ -148,6 +134,7 @@ pub(crate) fn start(
 ) -> Result<HaStatus> {
     validate_cluster_id(&config.cluster_id)?;
     let loopback = |address: &str| {
+        let address = address.strip_prefix("http://").unwrap_or(address);
         let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
         matches!(host, "localhost" | "[::1]") || host.starts_with("127.")
     };
@@ -207,7 +194,7 @@ impl Member {
         let log = EtcdLog::new(client.clone(), self.keys.clone());
         let (recovered, revision) = log.load_at().await?;
         {
-            let mut master = lock(&self.state);
+            let mut master = Master::lock(&self.state);
             let config = master.config().clone();
             *master = Master::recover(
                 config,
@@ -317,7 +304,7 @@ impl Member {
                     let now = Instant::now();
                     for entry in pieces.push(batch.entries) {
                         let seq = entry.seq;
-                        lock(&self.state).apply(now, &entry)?;
+                        Master::lock(&self.state).apply(now, &entry)?;
                         self.status.update(|s| s.leader_seq = s.leader_seq.max(seq));
                     }
                 }
@@ -407,20 +394,20 @@ impl Member {
         // The previous leader's lease is gone, so its log is final: apply the rest of it, or
         // load it again when a snapshot replaced entries this master has not seen (the
         // snapshot includes entries that were never appended on their own).
-        let applied = lock(&self.state).last_seq();
+        let applied = Master::lock(&self.state).last_seq();
         let snapshot = log.snapshot_seq().await?;
         let now = Instant::now();
         if snapshot > applied {
             let (recovered, _) = log.load_at().await?;
             tracing::debug!(applied, snapshot, "caught up from the latest snapshot");
-            let mut master = lock(&self.state);
+            let mut master = Master::lock(&self.state);
             let config = master.config().clone();
             *master = Master::recover(config, now, recovered.snapshot, recovered.entries)?;
             master.begin_epoch(now);
         } else {
             let rest = log.entries_after(applied, None).await?;
             tracing::debug!(applied, rest = rest.len(), "caught up with the log");
-            let mut master = lock(&self.state);
+            let mut master = Master::lock(&self.state);
             for entry in &rest {
                 master.apply(now, entry)?;
             }
@@ -435,11 +422,11 @@ impl Member {
             term_tasks,
             Some(clock.clone()),
         );
-        let epoch = log.submit(&mut lock(&self.state));
+        let epoch = log.submit(&mut Master::lock(&self.state));
         if let Some(seq) = epoch {
             log.durable(seq).await?;
         }
-        let seq = lock(&self.state).last_seq();
+        let seq = Master::lock(&self.state).last_seq();
         self.status.update(|s| {
             s.leader = Some(self.advertised.clone());
             s.view_version = won.revision;
@@ -467,7 +454,7 @@ impl Member {
                 tracing::warn!("stepping down: {why}");
                 return Err(Error::new(ErrorKind::UnavailableInCurrentStatus, why));
             }
-            let seq = lock(&self.state).last_seq();
+            let seq = Master::lock(&self.state).last_seq();
             self.status.update(|s| s.leader_seq = seq);
         }
     }
@@ -554,11 +541,6 @@ async fn revoke(client: &EtcdStore, lease: i64) {
     let _ = tokio::time::timeout(Duration::from_secs(1), revoked).await;
 }
 
-fn lock(state: &Mutex<Master>) -> std::sync::MutexGuard<'_, Master> {
-    // Every state-machine method leaves the state consistent even when it returns early.
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,9 +550,10 @@ mod tests {
         for text in [
             "h1:2379;h2:2379",
             "etcd://h1:2379,h2:2379",
-            " http://h1:2379/ ; h2:2379 ",
+            " h1:2379 ; h2:2379 ",
         ] {
-            assert_eq!(parse_endpoints(text), ["h1:2379", "h2:2379"], "{text}");
+            let config = HaConfig::new(text, "mooncake_cluster").unwrap();
+            assert_eq!(config.endpoints, ["h1:2379", "h2:2379"], "{text}");
         }
         assert!(HaConfig::new(";", "c").is_err());
         assert!(HaConfig::new("h:1", "bad id!").is_err());

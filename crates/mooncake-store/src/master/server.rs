@@ -157,7 +157,7 @@ impl MasterServer {
                         let Role::Leader(log) = ticker_role.borrow().clone() else {
                             continue;
                         };
-                        let mut master = lock(&ticked);
+                        let mut master = Master::lock(&ticked);
                         // Again under the lock: a master that stepped down reloads under it.
                         if !matches!(*ticker_role.borrow(), Role::Leader(_)) {
                             continue;
@@ -244,10 +244,6 @@ impl MasterServer {
     }
 }
 
-fn lock(state: &Mutex<Master>) -> std::sync::MutexGuard<'_, Master> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Loads what `dir` holds, starts its log, and makes the new epoch durable.
 async fn recover_from_disk(
     dir: &std::path::Path,
@@ -264,7 +260,7 @@ async fn recover_from_disk(
         recovered.entries.len(),
     );
     {
-        let mut master = lock(state);
+        let mut master = Master::lock(state);
         let config = master.config().clone();
         *master = Master::recover(config, now, recovered.snapshot, recovered.entries)?;
         master.begin_epoch(now);
@@ -277,7 +273,7 @@ async fn recover_from_disk(
         tracker,
         None,
     );
-    let seq = log.submit(&mut lock(state));
+    let seq = log.submit(&mut Master::lock(state));
     if let Some(seq) = seq {
         log.durable(seq).await?;
     }
@@ -285,7 +281,7 @@ async fn recover_from_disk(
         dir = %dir.display(),
         snapshot_objects = objects,
         entries,
-        keys = lock(state).keys().len(),
+        keys = Master::lock(state).keys().len(),
         "metadata recovered"
     );
     Ok(log)
@@ -311,7 +307,7 @@ fn admin_routes(admin: Admin) -> Router {
         .route("/query_key", get(query_key))
         .route(
             "/get_all_keys",
-            get(|State(a): State<Admin>| async move { lock(&a.state).keys().join("\n") }),
+            get(|State(a): State<Admin>| async move { Master::lock(&a.state).keys().join("\n") }),
         )
         .route("/get_all_segments", get(all_segments))
         .route("/get_segments_detail", get(segments_detail))
@@ -320,7 +316,7 @@ fn admin_routes(admin: Admin) -> Router {
 
 async fn health(State(admin): State<Admin>) -> Json<serde_json::Value> {
     let role = admin.role.borrow().clone();
-    let applied = lock(&admin.state).last_seq();
+    let applied = Master::lock(&admin.state).last_seq();
     let (role_name, log) = match &role {
         Role::Leader(log) => ("leader", log.as_ref().map(Log::progress)),
         Role::Standby => ("standby", None),
@@ -348,7 +344,7 @@ async fn health(State(admin): State<Admin>) -> Json<serde_json::Value> {
 
 async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
     let (stats, segments) = {
-        let master = lock(&admin.state);
+        let master = Master::lock(&admin.state);
         (master.stats(Instant::now()), master.segments())
     };
     let mut out = String::new();
@@ -431,7 +427,7 @@ async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
         "counter",
         stats.put_start_releases,
     );
-    let applied = lock(&admin.state).last_seq();
+    let applied = Master::lock(&admin.state).last_seq();
     gauge(
         "master_log_applied_seq",
         "The last log entry this master applied or wrote.",
@@ -532,7 +528,7 @@ async fn query_key(State(admin): State<Admin>, Query(q): Query<KeyQuery>) -> imp
             ),
         );
     };
-    match lock(&admin.state).query_key(&key) {
+    match Master::lock(&admin.state).query_key(&key) {
         Some(replicas) => (
             StatusCode::OK,
             Json(serde_json::json!({
@@ -557,7 +553,7 @@ async fn query_key(State(admin): State<Admin>, Query(q): Query<KeyQuery>) -> imp
 }
 
 async fn all_segments(State(admin): State<Admin>) -> String {
-    let mut names: Vec<String> = lock(&admin.state)
+    let mut names: Vec<String> = Master::lock(&admin.state)
         .segments()
         .into_iter()
         .map(|s| s.spec.name)
@@ -568,7 +564,7 @@ async fn all_segments(State(admin): State<Admin>) -> String {
 }
 
 async fn segments_detail(State(admin): State<Admin>) -> Json<serde_json::Value> {
-    let segments = lock(&admin.state).segments();
+    let segments = Master::lock(&admin.state).segments();
     Json(serde_json::json!({
         "total_segments": segments.len(),
         "segments": segments.iter().map(|s| serde_json::json!({

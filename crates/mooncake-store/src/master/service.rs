@@ -77,8 +77,7 @@ impl MasterService {
 
     /// The state, when this master serves.
     fn master(&self) -> std::result::Result<MutexGuard<'_, Master>, Status> {
-        // Every state-machine method leaves the state consistent even when it returns early.
-        let master = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let master = Master::lock(&self.state);
         // Checked under the lock: a master that stepped down reloads its state under it.
         self.leading()?;
         Ok(master)

@@ -105,7 +105,7 @@ impl Log {
         tracker: &TaskTracker,
         lease: Option<etcd::LeaseClock>,
     ) -> Self {
-        let durable = lock(&state).last_seq();
+        let durable = Master::lock(&state).last_seq();
         let (queue, entries) = mpsc::unbounded_channel();
         let (report, progress) = watch::channel(LogProgress {
             durable,
@@ -171,11 +171,6 @@ fn not_durable(why: &str) -> Error {
     )
 }
 
-fn lock(state: &Mutex<Master>) -> std::sync::MutexGuard<'_, Master> {
-    // Every state-machine method leaves the state consistent even when it returns early.
-    state.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 struct Writer {
     store: Arc<dyn LogStore>,
     state: Arc<Mutex<Master>>,
@@ -221,7 +216,7 @@ impl Writer {
         let appending = Instant::now();
         self.store.append(&batch).await?;
         tracing::trace!(entries = batch.len(), took = ?appending.elapsed(), "log appended");
-        lock(&self.state).entries_durable(last);
+        Master::lock(&self.state).entries_durable(last);
         let count = batch.len() as u64;
         let bytes: u64 = batch.iter().map(|e| e.encoded_len() as u64).sum();
         self.report.send_modify(|p| {
@@ -240,7 +235,7 @@ impl Writer {
     }
 
     async fn snapshot(&mut self) -> Result<()> {
-        let snapshot = lock(&self.state).snapshot();
+        let snapshot = Master::lock(&self.state).snapshot();
         let started = Instant::now();
         self.store.compact(&snapshot).await?;
         tracing::info!(
@@ -251,7 +246,7 @@ impl Writer {
         );
         self.snapshot_seq = snapshot.seq;
         self.since_snapshot = (0, 0);
-        lock(&self.state).entries_durable(snapshot.seq);
+        Master::lock(&self.state).entries_durable(snapshot.seq);
         self.report.send_modify(|p| {
             p.durable = p.durable.max(snapshot.seq);
             p.snapshots += 1;

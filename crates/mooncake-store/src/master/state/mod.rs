@@ -188,6 +188,12 @@ impl Master {
         })
     }
 
+    /// Locks a shared master. A lock poisoned by a panic is taken as it is: every method
+    /// leaves the state consistent even when it returns early.
+    pub fn lock(state: &std::sync::Mutex<Self>) -> std::sync::MutexGuard<'_, Self> {
+        state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &MasterConfig {
         &self.config
