@@ -89,6 +89,10 @@ pub enum ErrorKind {
     BufferOverflow,
     /// Store: an internal invariant broke.
     InternalError,
+    /// The peer did not prove it holds the cluster token (or the proof was stale or replayed).
+    Unauthenticated,
+    /// Authenticated, but the operation needs a role or ownership the caller lacks.
+    PermissionDenied,
 }
 
 impl ErrorKind {
@@ -132,6 +136,8 @@ impl ErrorKind {
         Self::UnavailableInCurrentStatus,
         Self::BufferOverflow,
         Self::InternalError,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
     ];
 
     /// The stable string code JavaScript sees as `error.code`.
@@ -175,6 +181,8 @@ impl ErrorKind {
             Self::UnavailableInCurrentStatus => "ERR_UNAVAILABLE_IN_CURRENT_STATUS",
             Self::BufferOverflow => "ERR_BUFFER_OVERFLOW",
             Self::InternalError => "ERR_INTERNAL_ERROR",
+            Self::Unauthenticated => "ERR_UNAUTHENTICATED",
+            Self::PermissionDenied => "ERR_PERMISSION_DENIED",
         }
     }
 
