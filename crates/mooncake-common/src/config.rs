@@ -5,6 +5,8 @@
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use crate::auth::{ClusterToken, TOKEN_ENV};
+
 /// Which transport carries a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -94,6 +96,10 @@ pub struct EngineConfig {
     /// Attempts a slice may make beyond its first, across rails (`MC_RETRY_CNT`, 1-127).
     /// Default 9.
     pub retry_budget: u32,
+    /// The cluster's shared secret: with one, every peer must prove it holds the same token
+    /// before it reads or writes anything (Mooncake peers hold none). Default:
+    /// `MC_CLUSTER_TOKEN`.
+    pub cluster_token: Option<ClusterToken>,
 }
 
 impl EngineConfig {
@@ -125,6 +131,10 @@ impl EngineConfig {
             }),
             topology_json: None,
             retry_budget: 9,
+            cluster_token: ClusterToken::resolve(None).unwrap_or_else(|e| {
+                tracing::error!("ignoring {TOKEN_ENV}: {e}");
+                None
+            }),
         };
         if let Some(retries) = ranged("MC_RETRY_CNT", 1..=127) {
             config.retry_budget = retries;
@@ -175,6 +185,10 @@ impl EngineConfig {
             return Err(crate::Error::invalid(
                 "devices must name at least one device (omit it to use them all)",
             ));
+        }
+        if self.cluster_token.is_none() {
+            // A token in the environment too short to use must not leave the engine open.
+            ClusterToken::resolve(None)?;
         }
         if self.rpc_port_range.is_empty() {
             return Err(crate::Error::invalid("the RPC port range is empty"));
