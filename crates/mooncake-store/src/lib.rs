@@ -8,8 +8,10 @@
 //! - [`client`]: the store client, which mounts memory and moves object bytes peer to peer
 //!   through the Transfer Engine;
 //! - [`wire`]: the master's wire, both sides: conversions, outcomes, the protocol version;
+//! - [`access`]: who may call the master: the cluster and admin tokens, checked at one door;
 //! - [`allocator`]: the offset allocator of a segment (the master's) or of staging (a client's).
 
+pub mod access;
 pub mod allocator;
 pub mod client;
 pub mod master;

@@ -162,6 +162,8 @@ pub fn to_status(error: &Error) -> Status {
     match error.kind() {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::ObjectNotFound | ErrorKind::SegmentNotFound => Status::not_found(message),
+        ErrorKind::Unauthenticated => Status::unauthenticated(message),
+        ErrorKind::PermissionDenied => Status::permission_denied(message),
         _ => Status::failed_precondition(message),
     }
 }

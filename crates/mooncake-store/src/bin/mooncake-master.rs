@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use clap::Parser;
+use mooncake_store::access::Tokens;
 use mooncake_store::master::log::SnapshotPolicy;
+use mooncake_store::master::server::TlsFiles;
 use mooncake_store::master::{
     AllocationStrategy, Durability, HaConfig, MasterConfig, MasterServer, MasterServerConfig,
 };
@@ -77,6 +79,32 @@ struct Args {
     /// ...or this many bytes of entries, whichever comes first.
     #[arg(long, default_value_t = SnapshotPolicy::default().bytes)]
     snapshot_after_bytes: u64,
+    /// A file holding the cluster token every call must prove (default: MC_CLUSTER_TOKEN).
+    #[arg(long)]
+    cluster_token_file: Option<std::path::PathBuf>,
+    /// A file holding the admin token RemoveAll and RemoveByRegex must prove (default:
+    /// MC_ADMIN_TOKEN).
+    #[arg(long)]
+    admin_token_file: Option<std::path::PathBuf>,
+    /// Serve gRPC and admin HTTP over TLS with this certificate chain (PEM)...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// ...and its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+fn read_token(path: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    path.map(|path| {
+        std::fs::read_to_string(path).map_err(|e| format!("token file '{}': {e}", path.display()))
+    })
+    .transpose()
+}
+
+fn tokens(args: &Args) -> Result<Tokens, String> {
+    let cluster = read_token(args.cluster_token_file.as_deref())?;
+    let admin = read_token(args.admin_token_file.as_deref())?;
+    Tokens::resolve(cluster.as_deref(), admin.as_deref()).map_err(|e| e.to_string())
 }
 
 fn duration(text: &str, bare: f64) -> Result<Duration, String> {
@@ -129,7 +157,21 @@ async fn main() -> std::process::ExitCode {
         (Some(dir), _, _) => Durability::Disk(dir.clone()),
         _ => Durability::Memory,
     };
+    let tokens = match tokens(&args) {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            eprintln!("mooncake-master: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let tls = args
+        .tls_cert
+        .clone()
+        .zip(args.tls_key.clone())
+        .map(|(cert, key)| TlsFiles { cert, key });
     let config = MasterServerConfig {
+        tokens,
+        tls,
         durability,
         snapshot: SnapshotPolicy {
             entries: args.snapshot_after_entries.max(1),

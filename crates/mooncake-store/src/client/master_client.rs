@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::etcd::EtcdStore;
 use mooncake_metadata::MetadataStore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::master::ha::validate_cluster_id;
 use crate::master::log::etcd::ClusterKeys;
+use crate::access::{Prover, Tokens};
 use crate::proto::master_client::MasterClient as Grpc;
 use crate::wire::STORE_VERSION;
 
@@ -29,6 +31,18 @@ const VIEW_POLL: Duration = Duration::from_millis(100);
 /// Between two reads of the view in the background.
 const VIEW_WATCH: Duration = Duration::from_millis(250);
 
+/// A master client's channel, each call signed with the client's tokens.
+type Rpc = Grpc<InterceptedService<Channel, Prover>>;
+
+/// What a client shows a master.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// Tokens to prove.
+    pub tokens: Tokens,
+    /// Speak TLS, trusting the certificate authorities in this PEM file.
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
 /// A connection to the master (or to whichever master leads).
 #[derive(Clone)]
 pub struct MasterClient {
@@ -37,10 +51,13 @@ pub struct MasterClient {
 
 struct Inner {
     timeout: Duration,
+    prover: Prover,
+    /// PEM of the authorities a TLS master's certificate must chain to.
+    tls_ca: Option<Vec<u8>>,
     /// Where the leader is written, for `etcd://` addresses.
     view: Option<View>,
     /// The master in use and its channel.
-    current: RwLock<(String, Grpc<Channel>)>,
+    current: RwLock<(String, Rpc)>,
     /// Signalled when calls move to a new leader.
     moved: tokio::sync::Notify,
     /// Counts moves: a call in flight to a master that is no longer the leader is abandoned.
@@ -55,7 +72,17 @@ struct View {
 impl MasterClient {
     /// Connects to `address` (`host:port`, or `etcd://h1:2379;h2:2379` for an HA cluster)
     /// and checks the master's version.
-    pub async fn connect(address: &str, timeout: Duration) -> Result<Self> {
+    pub async fn connect(address: &str, timeout: Duration, credentials: Credentials) -> Result<Self> {
+        let tls_ca = credentials
+            .tls_ca
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).map_err(|e| {
+                    Error::invalid(format!("master TLS CA file '{}': {e}", path.display()))
+                })
+            })
+            .transpose()?;
+        let prover = Prover::new(credentials.tokens);
         let view = if address.trim().starts_with("etcd://") {
             let cluster_id = std::env::var("MC_STORE_CLUSTER_ID")
                 .unwrap_or_else(|_| "mooncake_cluster".to_owned());
@@ -74,12 +101,14 @@ impl MasterClient {
                     .await?
             }
         };
-        let channel = channel(&leader, timeout)?;
+        let rpc = rpc(&leader, timeout, &prover, tls_ca.as_deref())?;
         let client = Self {
             inner: Arc::new(Inner {
                 timeout,
+                prover,
+                tls_ca,
                 view,
-                current: RwLock::new((leader.clone(), Grpc::new(channel))),
+                current: RwLock::new((leader.clone(), rpc)),
                 moved: tokio::sync::Notify::new(),
                 generation: tokio::sync::watch::Sender::new(0),
             }),
@@ -124,7 +153,7 @@ impl MasterClient {
     pub async fn call<Req, T, F, Fut>(&self, request: Req, rpc: F) -> Result<T>
     where
         Req: Clone,
-        F: Fn(Grpc<Channel>, Req) -> Fut,
+        F: Fn(Rpc, Req) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         self.run(request, rpc, true).await
@@ -135,7 +164,7 @@ impl MasterClient {
     pub async fn call_once<Req, T, F, Fut>(&self, request: Req, rpc: F) -> Result<T>
     where
         Req: Clone,
-        F: Fn(Grpc<Channel>, Req) -> Fut,
+        F: Fn(Rpc, Req) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         self.run(request, rpc, false).await
@@ -144,7 +173,7 @@ impl MasterClient {
     async fn run<Req, T, F, Fut>(&self, request: Req, rpc: F, idempotent: bool) -> Result<T>
     where
         Req: Clone,
-        F: Fn(Grpc<Channel>, Req) -> Fut,
+        F: Fn(Rpc, Req) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = Instant::now();
@@ -179,7 +208,7 @@ impl MasterClient {
         }
     }
 
-    fn current(&self) -> (String, Grpc<Channel>) {
+    fn current(&self) -> (String, Rpc) {
         self.inner.current()
     }
 
@@ -188,12 +217,12 @@ impl MasterClient {
     /// surely did not run (the master refused it, or no connection was made).
     async fn once<Req, T, F, Fut>(
         &self,
-        grpc: Grpc<Channel>,
+        grpc: Rpc,
         request: Req,
         rpc: &F,
     ) -> std::result::Result<T, (Error, bool)>
     where
-        F: Fn(Grpc<Channel>, Req) -> Fut,
+        F: Fn(Rpc, Req) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let timeout = self.inner.timeout;
@@ -228,7 +257,7 @@ impl MasterClient {
 }
 
 impl Inner {
-    fn current(&self) -> (String, Grpc<Channel>) {
+    fn current(&self) -> (String, Rpc) {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -242,7 +271,8 @@ impl Inner {
             return Ok(());
         }
         tracing::info!(from = %current.0, to = %leader, "following the new master leader");
-        *current = (leader.to_owned(), Grpc::new(channel(leader, self.timeout)?));
+        let rpc = rpc(leader, self.timeout, &self.prover, self.tls_ca.as_deref())?;
+        *current = (leader.to_owned(), rpc);
         drop(current);
         self.generation.send_modify(|g| *g += 1);
         self.moved.notify_one();
@@ -292,11 +322,19 @@ impl View {
     }
 }
 
-fn channel(address: &str, timeout: Duration) -> Result<Channel> {
+fn rpc(address: &str, timeout: Duration, prover: &Prover, tls_ca: Option<&[u8]>) -> Result<Rpc> {
+    Ok(Grpc::with_interceptor(
+        channel(address, timeout, tls_ca)?,
+        prover.clone(),
+    ))
+}
+
+fn channel(address: &str, timeout: Duration, tls_ca: Option<&[u8]>) -> Result<Channel> {
+    let scheme = if tls_ca.is_some() { "https" } else { "http" };
     let uri = if address.contains("://") {
         address.to_owned()
     } else {
-        format!("http://{address}")
+        format!("{scheme}://{address}")
     };
     let endpoint = Endpoint::from_shared(uri)
         .map_err(|e| {
@@ -308,6 +346,12 @@ fn channel(address: &str, timeout: Duration) -> Result<Channel> {
         .connect_timeout(timeout.min(Duration::from_secs(5)))
         .timeout(timeout)
         .tcp_nodelay(true);
+    let endpoint = match tls_ca {
+        None => endpoint,
+        Some(pem) => endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|e| Error::invalid(format!("master TLS: {e}")))?,
+    };
     Ok(endpoint.connect_lazy())
 }
 

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mooncake_common::auth::ClusterToken;
 use mooncake_common::{EngineConfig, Error, ErrorKind, Result};
 use mooncake_te::TransferEngine;
 use mooncake_transport::Arena;
@@ -38,8 +39,9 @@ use tokio_util::task::TaskTracker;
 
 use self::buffer::LocalBuffer;
 use self::lookups::Lookups;
-use self::master_client::MasterClient;
+use self::master_client::{Credentials, MasterClient};
 use self::transfer::ReadPace;
+use crate::access::Tokens;
 use crate::master::types::{ClientId, SegmentId, SegmentSpec};
 use crate::proto;
 use crate::wire::{from_outcome, to_segment, to_uuid};
@@ -58,6 +60,11 @@ pub struct StoreConfig {
     pub local_buffer_size: u64,
     /// Deadline of one master RPC. Default 30 s (`MC_RPC_TIMEOUT_MS`).
     pub rpc_timeout: Duration,
+    /// Proves the admin role to the master (needed for `remove_all` and `remove_by_regex` on
+    /// a master with tokens). Default: `MC_ADMIN_TOKEN`. The cluster token is the engine's.
+    pub admin_token: Option<ClusterToken>,
+    /// Reach the master over TLS, trusting the authorities in this PEM file.
+    pub master_tls_ca: Option<std::path::PathBuf>,
 }
 
 impl StoreConfig {
@@ -73,6 +80,8 @@ impl StoreConfig {
             global_segment_size: 16 << 20,
             local_buffer_size: 16 << 20,
             rpc_timeout,
+            admin_token: None,
+            master_tls_ca: None,
         }
     }
 }
@@ -114,7 +123,19 @@ async fn backed_blocking(engine: &Arc<TransferEngine>, len: usize) -> Result<Arc
 impl StoreClient {
     /// Starts the engine, connects to the master and mounts the global segment.
     pub async fn connect(config: StoreConfig) -> Result<Arc<Self>> {
-        let master = MasterClient::connect(&config.master_address, config.rpc_timeout).await?;
+        let admin = match &config.admin_token {
+            Some(token) => Some(token.clone()),
+            None => Tokens::resolve(Some(""), None)?.admin,
+        };
+        let credentials = Credentials {
+            tokens: Tokens {
+                cluster: config.engine.cluster_token.clone(),
+                admin,
+            },
+            tls_ca: config.master_tls_ca.clone(),
+        };
+        let master =
+            MasterClient::connect(&config.master_address, config.rpc_timeout, credentials).await?;
         let engine = TransferEngine::start(config.engine.clone()).await?;
         let started = Self::finish_connect(engine.clone(), master, &config).await;
         if started.is_err() {

@@ -22,6 +22,7 @@ use super::ha::{self, HaConfig, HaStatus};
 use super::log::disk::DiskLog;
 use super::log::{Log, LogStore, SnapshotPolicy};
 use super::service::{MasterService, OpCounters, Role};
+use crate::access::{Guarded, Tokens};
 use super::{Master, MasterConfig};
 use crate::proto::master_server::MasterServer as GrpcMaster;
 
@@ -45,6 +46,45 @@ pub struct MasterServerConfig {
     pub durability: Durability,
     /// When the log is replaced by a snapshot (with a durable log).
     pub snapshot: SnapshotPolicy,
+    /// Tokens callers must prove. Default: none (open, as Mooncake's master is).
+    pub tokens: Tokens,
+    /// Serve gRPC and the admin HTTP over TLS with this certificate. Default: plain text.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A certificate chain and its private key, PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The leaf's private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    fn read(&self) -> Result<(Vec<u8>, Vec<u8>)> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                Error::invalid(format!("master TLS {what} '{}': {e}", path.display()))
+            })
+        };
+        Ok((read(&self.cert, "certificate")?, read(&self.key, "key")?))
+    }
+
+    fn grpc(&self) -> Result<tonic::transport::ServerTlsConfig> {
+        let (cert, key) = self.read()?;
+        Ok(tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key)))
+    }
+}
+
+/// Whether `host` names a loopback interface only.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Where a master keeps what it acknowledged.
@@ -69,6 +109,8 @@ impl Default for MasterServerConfig {
             master: MasterConfig::default(),
             durability: Durability::Memory,
             snapshot: SnapshotPolicy::default(),
+            tokens: Tokens::default(),
+            tls: None,
         }
     }
 }
@@ -126,18 +168,34 @@ impl MasterServer {
             }
         };
 
-        let service = GrpcMaster::new(MasterService::new(
-            state.clone(),
-            role.clone(),
-            counters.clone(),
-        ));
+        if config.tokens.cluster.is_none() && !is_loopback(&config.host) {
+            tracing::warn!(
+                host = %config.host,
+                "the master listens beyond loopback without a cluster token: anyone who reaches \
+                 it can mount, read and remove objects"
+            );
+        }
+        let service = Guarded::new(
+            GrpcMaster::new(MasterService::new(
+                state.clone(),
+                role.clone(),
+                counters.clone(),
+            )),
+            config.tokens.clone(),
+        );
+        let mut rpc = tonic::transport::Server::builder();
+        if let Some(files) = &config.tls {
+            rpc = rpc
+                .tls_config(files.grpc()?)
+                .map_err(|e| Error::invalid(format!("master TLS: {e}")))?;
+        }
         let stop = shutdown.clone();
         tracker.spawn(async move {
             // A reply's trailers go out in a write of their own; without TCP_NODELAY they wait
             // for the client's delayed ACK (40 ms).
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let served = tonic::transport::Server::builder()
+            let served = rpc
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                 .await;

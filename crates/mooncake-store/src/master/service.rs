@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use super::log::Log;
 use super::types::{ClientId, ClientStatus, ReplicaDesc, SegmentId, WriteGrant, WriteId};
 use super::Master;
+use crate::access::require_admin;
 use crate::proto;
 use crate::wire::{
     from_segment, from_uuid, from_write_config, to_outcome, to_replica, to_status, STORE_VERSION,
@@ -605,6 +606,7 @@ impl proto::master_server::Master for MasterService {
         &self,
         request: Request<proto::RemoveByRegexRequest>,
     ) -> Reply<proto::CountResponse> {
+        require_admin(&request)?;
         let r = request.into_inner();
         let result = self
             .durably(|m| m.remove_by_regex(Instant::now(), &r.pattern, r.force))
@@ -621,6 +623,7 @@ impl proto::master_server::Master for MasterService {
         &self,
         request: Request<proto::RemoveAllRequest>,
     ) -> Reply<proto::CountResponse> {
+        require_admin(&request)?;
         let force = request.into_inner().force;
         let count = self
             .durably(|m| m.remove_all(Instant::now(), force))

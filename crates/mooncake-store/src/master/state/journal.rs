@@ -239,7 +239,7 @@ impl Master {
         for record in &entry.records {
             match record.change.clone() {
                 Some(Change::Mount(segment)) => self.apply_mount(now, segment)?,
-                Some(Change::Unmount(id)) => self.drop_segments(&[SegmentId(from_uuid(id))]),
+                Some(Change::Unmount(id)) => self.drop_segments(&[SegmentId(from_uuid(id))], true),
                 Some(Change::Commit(object)) => self.apply_commit(object)?,
                 Some(Change::Erase(key)) => {
                     if let Some(object) = self.objects.remove(&key) {

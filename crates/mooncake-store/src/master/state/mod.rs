@@ -232,7 +232,7 @@ impl Master {
         if let Some(existing) = self.segments.get_mut(&spec.id) {
             if existing.client != client {
                 return Err(Error::new(
-                    ErrorKind::InvalidArgument,
+                    ErrorKind::PermissionDenied,
                     "segment id mounted by another client",
                 ));
             }
@@ -284,7 +284,7 @@ impl Master {
             .filter(|(_, s)| !s.alive() && same_memory(s))
             .map(|(id, _)| *id)
             .collect();
-        self.drop_segments(&replaced);
+        self.drop_segments(&replaced, false);
         self.seen(now, client).ok = true;
         tracing::info!(segment = %spec.name, size = spec.size, "segment mounted");
         self.touch_segment(spec.id);
@@ -324,11 +324,11 @@ impl Master {
         match self.segments.get(&id) {
             None => Ok(()),
             Some(s) if s.client != client => Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "the segment belongs to another client",
+                ErrorKind::PermissionDenied,
+                "only the client that mounted a segment may unmount it",
             )),
             Some(_) => {
-                self.drop_segments(&[id]);
+                self.drop_segments(&[id], true);
                 Ok(())
             }
         }
@@ -346,8 +346,8 @@ impl Master {
         match self.segments.get_mut(&id) {
             None => Err(Error::new(ErrorKind::SegmentNotFound, "no such segment")),
             Some(s) if s.client != client => Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "the segment belongs to another client",
+                ErrorKind::PermissionDenied,
+                "only the client that mounted a segment may unmount it",
             )),
             Some(s) if !s.alive() => Err(Error::new(
                 ErrorKind::SegmentNotFound,
@@ -379,14 +379,20 @@ impl Master {
     }
 
     /// Forgets segments with every replica and parked block on them: their owner unmounted
-    /// them (its memory goes away with them) or was replaced.
-    fn drop_segments(&mut self, ids: &[SegmentId]) {
+    /// them (its memory goes away with them) or was replaced. An owner that did not ask and
+    /// is still alive is told by its next ping to mount again.
+    fn drop_segments(&mut self, ids: &[SegmentId], asked_by_owner: bool) {
         if ids.is_empty() {
             return;
         }
         for id in ids {
             if let Some(s) = self.segments.remove(id) {
                 tracing::info!(segment = %s.spec.name, "segment unmounted");
+                if !asked_by_owner {
+                    if let Some(owner) = self.clients.get_mut(&s.client) {
+                        owner.ok = false;
+                    }
+                }
             }
             self.awaiting_owner.remove(id);
             self.touch_segment(*id);

@@ -397,8 +397,15 @@ fn mounts_are_checked_and_idempotent() {
     w.master.mount_segment(w.now, c, spec.clone()).unwrap();
     assert_eq!(
         code(w.master.mount_segment(w.now, ClientId(7), spec.clone())),
-        ErrorKind::InvalidArgument
+        ErrorKind::PermissionDenied
     );
+    assert_eq!(
+        code(w.master.unmount_segment(ClientId(7), spec.id)),
+        ErrorKind::PermissionDenied,
+        "only the owner unmounts"
+    );
+    assert_eq!(w.master.segments().len(), 1);
+    assert_eq!(w.master.ping(w.now, c), ClientStatus::Ok);
     spec.id = SegmentId(5);
     assert_eq!(
         code(w.master.mount_segment(w.now, c, spec.clone())),
@@ -434,7 +441,7 @@ fn graceful_unmount_keeps_objects_readable_then_drops_them() {
             SegmentId(1000),
             Duration::ZERO
         )),
-        ErrorKind::InvalidArgument
+        ErrorKind::PermissionDenied
     );
     assert_eq!(
         code(

@@ -78,7 +78,7 @@ impl Master {
             .filter(|(_, s)| s.unmount_at.is_some_and(|at| at <= now))
             .map(|(id, _)| *id)
             .collect();
-        self.drop_segments(&ending);
+        self.drop_segments(&ending, true);
         // A silent segment is forgotten once nothing on it can be touched any more; its
         // client, if it comes back, mounts it as new.
         let forgotten: Vec<SegmentId> = self
@@ -89,7 +89,7 @@ impl Master {
             })
             .map(|(id, _)| *id)
             .collect();
-        self.drop_segments(&forgotten);
+        self.drop_segments(&forgotten, false);
         let owners: HashSet<ClientId> = self.segments.values().map(|s| s.client).collect();
         self.clients
             .retain(|id, c| c.ok || c.last_seen + 10 * ttl > now || owners.contains(id));
