@@ -1,0 +1,230 @@
+//! Who may call a master: the cluster token at the door, the admin role for removing
+//! everything, replayed proofs refused, and TLS with a chain the test makes.
+
+use std::time::Duration;
+
+use mooncake_common::auth::ClusterToken;
+use mooncake_common::ErrorKind;
+use mooncake_store::access::{Tokens, PROOF_HEADER};
+use mooncake_store::client::master_client::{Credentials, MasterClient};
+use mooncake_store::master::server::TlsFiles;
+use mooncake_store::master::{MasterServer, MasterServerConfig};
+use mooncake_store::proto;
+use mooncake_store::proto::master_client::MasterClient as RawClient;
+
+const CLUSTER: &str = "cluster-secret-for-this-test-0001";
+const ADMIN: &str = "admin-secret-for-this-test-000001";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn token(secret: &str) -> ClusterToken {
+    ClusterToken::new(secret).unwrap()
+}
+
+async fn master(tokens: Tokens, tls: Option<TlsFiles>) -> MasterServer {
+    MasterServer::start(MasterServerConfig {
+        host: "127.0.0.1".into(),
+        rpc_port: 0,
+        metrics_port: None,
+        tokens,
+        tls,
+        ..MasterServerConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn guarded() -> Tokens {
+    Tokens {
+        cluster: Some(token(CLUSTER)),
+        admin: Some(token(ADMIN)),
+    }
+}
+
+async fn connect(server: &MasterServer, tokens: Tokens) -> mooncake_common::Result<MasterClient> {
+    let credentials = Credentials {
+        tokens,
+        tls_ca: None,
+    };
+    MasterClient::connect(&server.rpc_addr().to_string(), TIMEOUT, credentials).await
+}
+
+async fn remove_all(client: &MasterClient) -> mooncake_common::Result<u64> {
+    client
+        .call(proto::RemoveAllRequest { force: true }, |mut g, r| async move {
+            g.remove_all(r).await
+        })
+        .await
+        .map(|r| r.count)
+}
+
+#[tokio::test]
+async fn calls_without_the_token_are_refused_before_any_handler() {
+    let server = master(guarded(), None).await;
+    let mut raw = RawClient::connect(format!("http://{}", server.rpc_addr()))
+        .await
+        .unwrap();
+    let refused = raw
+        .service_ready(proto::ServiceReadyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert!(refused.message().starts_with("[ERR_UNAUTHENTICATED]"));
+    let refused = raw
+        .remove_all(proto::RemoveAllRequest { force: true })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    let wrong = Tokens {
+        cluster: Some(token("not-the-cluster-secret-at-all")),
+        admin: None,
+    };
+    let error = connect(&server, wrong).await.err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Unauthenticated, "{error}");
+    let error = connect(&server, Tokens::default()).await.err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Unauthenticated, "{error}");
+    server.close().await;
+}
+
+#[tokio::test]
+async fn removing_everything_needs_the_admin_role() {
+    let server = master(guarded(), None).await;
+    let member = connect(
+        &server,
+        Tokens {
+            cluster: Some(token(CLUSTER)),
+            admin: None,
+        },
+    )
+    .await
+    .unwrap();
+    let error = remove_all(&member).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::PermissionDenied, "{error}");
+
+    let admin = connect(&server, guarded()).await.unwrap();
+    assert_eq!(remove_all(&admin).await.unwrap(), 0);
+
+    // A master with a cluster token and no admin token removes everything for no one.
+    let no_admin = master(
+        Tokens {
+            cluster: Some(token(CLUSTER)),
+            admin: None,
+        },
+        None,
+    )
+    .await;
+    let client = connect(&no_admin, guarded()).await.unwrap();
+    let error = remove_all(&client).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthenticated, "{error}");
+
+    // Without tokens the master is open, as Mooncake's is.
+    let open = master(Tokens::default(), None).await;
+    let client = connect(&open, Tokens::default()).await.unwrap();
+    assert_eq!(remove_all(&client).await.unwrap(), 0);
+    for server in [server, no_admin, open] {
+        server.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_proof_seen_on_the_wire_does_not_work_twice() {
+    let server = master(guarded(), None).await;
+    let proof = token(CLUSTER)
+        .prove("/mooncake.store.v1.Master/ServiceReady")
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.rpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut replaying = RawClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+        request
+            .metadata_mut()
+            .insert(PROOF_HEADER, proof.parse().unwrap());
+        Ok(request)
+    });
+    replaying
+        .service_ready(proto::ServiceReadyRequest {})
+        .await
+        .expect("the first use of a proof is good");
+    let replayed = replaying
+        .service_ready(proto::ServiceReadyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(replayed.code(), tonic::Code::Unauthenticated);
+    // A proof for one call does not open another.
+    let other = replaying
+        .ping(proto::PingRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::Unauthenticated);
+    server.close().await;
+}
+
+struct Chain {
+    dir: std::path::PathBuf,
+}
+
+impl Chain {
+    /// A CA and a leaf for 127.0.0.1 and localhost, as PEM files in a fresh directory.
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mooncake-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test CA {name}"));
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        Self { dir }
+    }
+
+    fn files(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.dir.join("cert.pem"),
+            key: self.dir.join("key.pem"),
+        }
+    }
+
+    fn ca(&self) -> std::path::PathBuf {
+        self.dir.join("ca.pem")
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn tls_with_a_chain_the_client_trusts() {
+    let chain = Chain::new("good");
+    let stranger = Chain::new("stranger");
+    let server = master(guarded(), Some(chain.files())).await;
+    let address = server.rpc_addr().to_string();
+    let with_ca = |ca: Option<std::path::PathBuf>| Credentials {
+        tokens: guarded(),
+        tls_ca: ca,
+    };
+    let client = MasterClient::connect(&address, TIMEOUT, with_ca(Some(chain.ca())))
+        .await
+        .unwrap();
+    assert_eq!(remove_all(&client).await.unwrap(), 0);
+
+    let plain = MasterClient::connect(&address, TIMEOUT, with_ca(None)).await;
+    assert!(plain.is_err(), "plain text to a TLS master");
+    let untrusted = MasterClient::connect(&address, TIMEOUT, with_ca(Some(stranger.ca()))).await;
+    assert!(untrusted.is_err(), "a chain the client does not trust");
+    server.close().await;
+}
