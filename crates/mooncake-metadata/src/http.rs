@@ -3,24 +3,47 @@
 //!
 //! [`HttpStore`] is the client side; [`MetadataServer`] the embedded server, whose routes
 //! ([`router`]) other servers (the store master) can mount too.
+//!
+//! The server is bounded ([`MetadataServerConfig`]): key and value sizes, keys held, bytes held,
+//! connections, and the time a peer may take to send a request or read a reply. With a cluster
+//! token, PUT and DELETE carry a per-request proof in [`PROOF_HEADER`] over
+//! [`write_scope`]; reads stay open (descriptors are signed by their owners).
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Query, State};
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::routing::get;
 use axum::Router;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use mooncake_common::auth::{ClusterToken, ProofChecker};
 use mooncake_common::{Error, ErrorKind, Result};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::store::{BoxFuture, MemoryStore, MetadataStore};
+
+/// The header that carries a write's proof when the server has a cluster token.
+pub const PROOF_HEADER: &str = "x-mooncake-proof";
+
+/// What a write's proof is made over: the method and the key as stored (unescaped), so a
+/// proof for one key or one method never serves another.
+pub fn write_scope(method: &str, key: &str) -> String {
+    format!("{method} {key}")
+}
 
 /// What `curl_easy_escape`, and so Mooncake's client, escapes: everything but letters, digits
 /// and `-._~`. Mooncake's own metadata server stores keys as they were spelled, so a key must
@@ -39,15 +62,24 @@ fn escape(key: &str) -> String {
 /// Mooncake's client timeout for one metadata request.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
 
+/// Largest reply the client takes in: a server is no more trusted than its peers.
+const MAX_REPLY_BYTES: usize = 64 << 20;
+
 /// Client of an HTTP metadata server.
 pub struct HttpStore {
     url: String,
     client: Client<HttpConnector, Full<Bytes>>,
+    token: Option<ClusterToken>,
 }
 
 impl HttpStore {
     /// A client for `url` (`http://host:port/metadata`). Connections are kept alive.
     pub fn new(url: &str) -> Result<Self> {
+        Self::with_token(url, None)
+    }
+
+    /// A client that proves `token` on every write, as a server with a token requires.
+    pub fn with_token(url: &str, token: Option<ClusterToken>) -> Result<Self> {
         let parsed: hyper::Uri = url
             .parse()
             .map_err(|e| Error::invalid(format!("metadata URL '{url}': {e}")))?;
@@ -63,6 +95,7 @@ impl HttpStore {
         Ok(Self {
             url: url.trim_end_matches('?').to_owned(),
             client,
+            token,
         })
     }
 
@@ -72,6 +105,12 @@ impl HttpStore {
         if body.is_some() {
             request = request.header("content-type", "application/json");
         }
+        if let (Some(token), true) = (&self.token, method != Method::GET) {
+            request = request.header(
+                PROOF_HEADER,
+                token.prove(&write_scope(method.as_str(), key))?,
+            );
+        }
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
             .map_err(|e| Error::invalid(format!("metadata request to {uri}: {e}")))?;
@@ -80,19 +119,26 @@ impl HttpStore {
                 Error::new(ErrorKind::Metadata, format!("{method} {uri}: {e}")).with_source(e)
             })?;
             let status = response.status();
-            let bytes = response
-                .into_body()
+            let bytes = Limited::new(response.into_body(), MAX_REPLY_BYTES)
                 .collect()
                 .await
                 .map_err(|e| Error::new(ErrorKind::Metadata, format!("{method} {uri}: {e}")))?
                 .to_bytes();
+            let refused = |kind: ErrorKind| {
+                let why: String = String::from_utf8_lossy(&bytes).chars().take(200).collect();
+                Err(Error::new(
+                    kind,
+                    format!("{method} {uri}: HTTP {status}: {why}"),
+                ))
+            };
             match status {
                 StatusCode::OK => Ok(Some(bytes)),
                 StatusCode::NOT_FOUND => Ok(None),
-                other => Err(Error::new(
-                    ErrorKind::Metadata,
-                    format!("{method} {uri}: HTTP {other}"),
-                )),
+                StatusCode::UNAUTHORIZED => refused(ErrorKind::Unauthenticated),
+                StatusCode::PAYLOAD_TOO_LARGE | StatusCode::URI_TOO_LONG => {
+                    refused(ErrorKind::InvalidArgument)
+                }
+                _ => refused(ErrorKind::Metadata),
             }
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
@@ -133,56 +179,245 @@ impl MetadataStore for HttpStore {
     }
 }
 
+/// Caps and timeouts of an embedded metadata server, and who may write to it.
+#[derive(Debug, Clone)]
+pub struct MetadataServerConfig {
+    /// Longest key, in bytes as stored (unescaped). Default 4 KiB; keys travel in the request
+    /// line, which the server reads into at most [`MAX_REQUEST_HEAD`] bytes.
+    pub max_key_bytes: usize,
+    /// Largest value. Default 4 MiB (a segment descriptor is a few KiB).
+    pub max_value_bytes: usize,
+    /// Most keys held. Default 100,000.
+    pub max_keys: usize,
+    /// Most bytes of keys and values held. Default 256 MiB.
+    pub max_total_bytes: usize,
+    /// Most connections open at once; connections beyond it are closed as they arrive.
+    /// Default 1,024.
+    pub max_connections: usize,
+    /// A request's head must arrive within this, and an idle kept-alive connection is closed
+    /// after it. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// A request's body must arrive within this of its handler starting. Default 10 s.
+    pub body_read_timeout: Duration,
+    /// A connection whose peer reads nothing of a reply for this long is closed. Default 10 s.
+    pub write_stall_timeout: Duration,
+    /// With a token, PUT and DELETE need a proof of it; without, anyone may write.
+    pub token: Option<ClusterToken>,
+}
+
+/// Largest request head (request line and headers) the server buffers.
+pub const MAX_REQUEST_HEAD: usize = 64 << 10;
+
+/// How long a closing server waits for requests in flight.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+impl Default for MetadataServerConfig {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: 4 << 10,
+            max_value_bytes: 4 << 20,
+            max_keys: 100_000,
+            max_total_bytes: 256 << 20,
+            max_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            write_stall_timeout: Duration::from_secs(10),
+            token: None,
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct KeyQuery {
     key: Option<String>,
 }
 
-/// The metadata routes (`/metadata`, `/health`) over `store`. Keys are unescaped, so a key
-/// escaped as Mooncake's client does and one escaped further name the same entry.
+type Reply = (StatusCode, String);
+
+fn reply(status: StatusCode, text: impl Into<String>) -> Reply {
+    (status, text.into())
+}
+
+/// What the routes share.
+struct Served {
+    store: Arc<MemoryStore>,
+    config: MetadataServerConfig,
+    checker: Option<ProofChecker>,
+    /// Bytes of keys and values held, as written through these routes.
+    held: Mutex<usize>,
+}
+
+impl Served {
+    fn key(&self, key: Option<String>) -> std::result::Result<String, Reply> {
+        let key = key.ok_or_else(|| reply(StatusCode::BAD_REQUEST, "missing key"))?;
+        if key.len() > self.config.max_key_bytes {
+            return Err(reply(
+                StatusCode::URI_TOO_LONG,
+                format!(
+                    "a key of {} bytes is longer than the {} allowed",
+                    key.len(),
+                    self.config.max_key_bytes
+                ),
+            ));
+        }
+        Ok(key)
+    }
+
+    fn authorize(
+        &self,
+        method: &Method,
+        key: &str,
+        headers: &HeaderMap,
+    ) -> std::result::Result<(), Reply> {
+        let Some(checker) = &self.checker else {
+            return Ok(());
+        };
+        let unauthorized = |why: &str| reply(StatusCode::UNAUTHORIZED, why);
+        let proof = headers
+            .get(PROOF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| unauthorized("this metadata server needs a cluster token proof"))?;
+        checker
+            .check(proof, &write_scope(method.as_str(), key))
+            .map_err(|e| unauthorized(e.message()))
+    }
+
+    async fn value(&self, body: Body) -> std::result::Result<String, Reply> {
+        let max = self.config.max_value_bytes;
+        let too_large = || {
+            reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("values are limited to {max} bytes"),
+            )
+        };
+        if usize::try_from(body.size_hint().lower()).map_or(true, |declared| declared > max) {
+            return Err(too_large());
+        }
+        let read = tokio::time::timeout(
+            self.config.body_read_timeout,
+            Limited::new(body, max).collect(),
+        )
+        .await
+        .map_err(|_| {
+            reply(
+                StatusCode::REQUEST_TIMEOUT,
+                "the value did not arrive in time",
+            )
+        })?;
+        let bytes = match read {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+            Err(e) => return Err(reply(StatusCode::BAD_REQUEST, e.to_string())),
+        };
+        String::from_utf8(bytes.into())
+            .map_err(|_| reply(StatusCode::BAD_REQUEST, "value is not UTF-8"))
+    }
+
+    fn put(&self, key: &str, value: String) -> Reply {
+        let full = |why: String| reply(StatusCode::INSUFFICIENT_STORAGE, why);
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self
+            .store
+            .get_now(key)
+            .map(|v| key.len().saturating_add(v.len()));
+        if old.is_none() && self.store.len() >= self.config.max_keys {
+            return full(format!(
+                "the metadata server holds its maximum of {} keys",
+                self.config.max_keys
+            ));
+        }
+        let after = key
+            .len()
+            .checked_add(value.len())
+            .and_then(|new| held.saturating_sub(old.unwrap_or(0)).checked_add(new))
+            .filter(|after| *after <= self.config.max_total_bytes);
+        let Some(after) = after else {
+            return full(format!(
+                "the metadata server holds its maximum of {} bytes",
+                self.config.max_total_bytes
+            ));
+        };
+        self.store.put_now(key, value);
+        *held = after;
+        reply(StatusCode::OK, "metadata updated")
+    }
+
+    fn delete(&self, key: &str) -> Reply {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match self.store.get_now(key) {
+            Some(value) if self.store.delete_now(key) => {
+                *held = held.saturating_sub(key.len().saturating_add(value.len()));
+                reply(StatusCode::OK, "metadata deleted")
+            }
+            _ => reply(StatusCode::NOT_FOUND, "metadata not found"),
+        }
+    }
+}
+
+/// The metadata routes (`/metadata`, `/health`) over `store`, with the default caps and no
+/// token. Keys are unescaped, so a key escaped as Mooncake's client does and one escaped
+/// further name the same entry.
 pub fn router(store: Arc<MemoryStore>) -> Router {
-    async fn get_key(
-        State(store): State<Arc<MemoryStore>>,
-        Query(q): Query<KeyQuery>,
-    ) -> (StatusCode, String) {
-        match q.key {
-            None => (StatusCode::BAD_REQUEST, "missing key".to_owned()),
-            Some(key) => match store.get_now(&key) {
-                Some(value) => (StatusCode::OK, value),
-                None => (StatusCode::NOT_FOUND, "metadata not found".to_owned()),
-            },
+    router_with(store, MetadataServerConfig::default())
+}
+
+/// The metadata routes over `store`, bounded by `config`. The byte cap counts what is written
+/// through these routes: `store` should start empty.
+pub fn router_with(store: Arc<MemoryStore>, config: MetadataServerConfig) -> Router {
+    async fn get_key(State(s): State<Arc<Served>>, Query(q): Query<KeyQuery>) -> Reply {
+        let key = match s.key(q.key) {
+            Ok(key) => key,
+            Err(refused) => return refused,
+        };
+        match s.store.get_now(&key) {
+            Some(value) => (StatusCode::OK, value),
+            None => reply(StatusCode::NOT_FOUND, "metadata not found"),
         }
     }
     async fn put_key(
-        State(store): State<Arc<MemoryStore>>,
+        State(s): State<Arc<Served>>,
         Query(q): Query<KeyQuery>,
-        body: Bytes,
-    ) -> (StatusCode, &'static str) {
-        let Some(key) = q.key else {
-            return (StatusCode::BAD_REQUEST, "missing key");
+        headers: HeaderMap,
+        body: Body,
+    ) -> Reply {
+        // Key and proof first: nobody makes the server buffer a value it would refuse.
+        let key = match s.key(q.key) {
+            Ok(key) => key,
+            Err(refused) => return refused,
         };
-        match String::from_utf8(body.to_vec()) {
-            Ok(value) => {
-                store.put_now(&key, value);
-                (StatusCode::OK, "metadata updated")
-            }
-            Err(_) => (StatusCode::BAD_REQUEST, "value is not UTF-8"),
+        if let Err(refused) = s.authorize(&Method::PUT, &key, &headers) {
+            return refused;
+        }
+        match s.value(body).await {
+            Ok(value) => s.put(&key, value),
+            Err(refused) => refused,
         }
     }
     async fn delete_key(
-        State(store): State<Arc<MemoryStore>>,
+        State(s): State<Arc<Served>>,
         Query(q): Query<KeyQuery>,
-    ) -> (StatusCode, &'static str) {
-        match q.key {
-            None => (StatusCode::BAD_REQUEST, "missing key"),
-            Some(key) if store.delete_now(&key) => (StatusCode::OK, "metadata deleted"),
-            Some(_) => (StatusCode::NOT_FOUND, "metadata not found"),
+        headers: HeaderMap,
+    ) -> Reply {
+        let key = match s.key(q.key) {
+            Ok(key) => key,
+            Err(refused) => return refused,
+        };
+        if let Err(refused) = s.authorize(&Method::DELETE, &key, &headers) {
+            return refused;
         }
+        s.delete(&key)
     }
+    let checker = config.token.clone().map(ProofChecker::new);
+    let served = Arc::new(Served {
+        store,
+        config,
+        checker,
+        held: Mutex::new(0),
+    });
     Router::new()
         .route("/metadata", get(get_key).put(put_key).delete(delete_key))
         .route("/health", get(|| async { "OK" }))
-        .with_state(store)
+        .with_state(served)
 }
 
 /// An embedded HTTP metadata server.
@@ -190,12 +425,23 @@ pub struct MetadataServer {
     addr: SocketAddr,
     store: Arc<MemoryStore>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    tracker: TaskTracker,
 }
 
 impl MetadataServer {
-    /// Listens on `host:port` (port 0 picks a free one) and serves until [`close`](Self::close).
+    /// Listens on `host:port` (port 0 picks a free one) with the default caps and no token,
+    /// and serves until [`close`](Self::close).
     pub async fn start(host: &str, port: u16) -> Result<Self> {
+        Self::start_with(host, port, MetadataServerConfig::default()).await
+    }
+
+    /// Listens on `host:port` (port 0 picks a free one) bounded by `config`.
+    pub async fn start_with(host: &str, port: u16, config: MetadataServerConfig) -> Result<Self> {
+        if config.max_connections == 0 {
+            return Err(Error::invalid(
+                "a metadata server needs at least one connection",
+            ));
+        }
         let listener = tokio::net::TcpListener::bind((host, port))
             .await
             .map_err(|e| Error::socket(format!("bind metadata server on {host}:{port}"), e))?;
@@ -204,22 +450,26 @@ impl MetadataServer {
             .map_err(|e| Error::socket("metadata server address", e))?;
         let store = Arc::new(MemoryStore::default());
         let shutdown = CancellationToken::new();
-        let app = router(store.clone());
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::warn!("metadata server stopped: {e}");
-            }
-        });
+        let tracker = TaskTracker::new();
+        let limits = Limits {
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            header_read_timeout: config.header_read_timeout,
+            write_stall_timeout: config.write_stall_timeout,
+        };
+        let app = router_with(store.clone(), config);
+        tracker.spawn(accept(
+            listener,
+            app,
+            limits,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         tracing::info!(%addr, "HTTP metadata server listening");
         Ok(Self {
             addr,
             store,
             shutdown,
-            task,
+            tracker,
         })
     }
 
@@ -238,10 +488,160 @@ impl MetadataServer {
         &self.store
     }
 
-    /// Stops accepting, lets in-flight requests finish, and waits for the server task.
+    /// Stops accepting, gives requests in flight a moment to finish, and waits for every
+    /// connection task.
     pub async fn close(self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Per-connection bounds of a running server.
+struct Limits {
+    connections: Arc<Semaphore>,
+    header_read_timeout: Duration,
+    write_stall_timeout: Duration,
+}
+
+async fn accept(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    let service = TowerToHyperService::new(app);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, most likely: let some connections end first.
+                    tracing::warn!("metadata server accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metadata server at its connection cap; closing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(StallGuard::new(stream, limits.write_stall_timeout));
+        let conn = http.serve_connection(io, service.clone());
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let mut conn = std::pin::pin!(conn);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await {
+                        Ok(served) => served,
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, "metadata connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// A stream whose writes fail once the peer has read nothing for `stall`, so a peer that
+/// stops reading a reply cannot hold its connection forever.
+struct StallGuard<S> {
+    inner: S,
+    stall: Duration,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> StallGuard<S> {
+    fn new(inner: S, stall: Duration) -> Self {
+        Self {
+            inner,
+            stall,
+            deadline: None,
+        }
+    }
+
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.deadline = None;
+            return polled;
+        }
+        let stall = self.stall;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progress(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progress(cx, polled)
     }
 }
 
@@ -289,6 +689,231 @@ mod tests {
             let response = http.get(uri).await.unwrap();
             assert_eq!(response.status(), StatusCode::OK, "{spelling}");
         }
+        server.close().await;
+    }
+
+    async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("the server answers and closes");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn caps_refuse_large_values_and_a_full_store_and_change_nothing() {
+        let config = MetadataServerConfig {
+            max_key_bytes: 64,
+            max_value_bytes: 1000,
+            max_keys: 3,
+            max_total_bytes: 2100,
+            ..MetadataServerConfig::default()
+        };
+        let server = MetadataServer::start_with("127.0.0.1", 0, config)
+            .await
+            .unwrap();
+        let client = HttpStore::new(&server.url()).unwrap();
+        let big = "x".repeat(1001);
+        let err = client.put("a", &big).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.message().contains("413"), "{err}");
+        let err = client.put(&"k".repeat(65), "{}").await.unwrap_err();
+        assert!(err.message().contains("414"), "{err}");
+        assert!(server.store().is_empty());
+
+        let value = "v".repeat(999);
+        client.put("a", &value).await.unwrap();
+        client.put("b", &value).await.unwrap();
+        // 2 x 1000 bytes held; a third 1000 would pass 2100.
+        let err = client.put("c", &value).await.unwrap_err();
+        assert!(err.message().contains("507"), "{err}");
+        client.put("c", "small").await.unwrap();
+        let err = client.put("d", "1").await.unwrap_err();
+        assert!(err.message().contains("507"), "{err}");
+        assert_eq!(server.store().len(), 3);
+        // Rewriting a held key needs no new room; deleting one frees its bytes and slot.
+        client.put("a", "short").await.unwrap();
+        client.put("b", "short").await.unwrap();
+        client.put("d", "1").await.unwrap_err();
+        client.delete("c").await.unwrap();
+        client.put("d", &value).await.unwrap();
+        client.put("e", "1").await.unwrap_err();
+        assert_eq!(
+            client.get("d").await.unwrap().as_deref(),
+            Some(value.as_str())
+        );
+
+        // A declared length past the cap is refused before the body is read.
+        let head = format!(
+            "PUT /metadata?key=z HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            1 << 30
+        );
+        let answer = raw(server.local_addr(), head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        server.close().await;
+    }
+
+    #[tokio::test]
+    async fn half_sent_requests_are_dropped_and_connections_capped() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config = MetadataServerConfig {
+            max_connections: 4,
+            header_read_timeout: Duration::from_millis(300),
+            body_read_timeout: Duration::from_millis(300),
+            ..MetadataServerConfig::default()
+        };
+        let server = MetadataServer::start_with("127.0.0.1", 0, config)
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let mut hung = Vec::new();
+        for i in 0..20 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let partial = if i % 2 == 0 {
+                "PUT /metadata?key=a HTTP/1.1\r\nhost: x\r\n".to_owned()
+            } else {
+                "PUT /metadata?key=a HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{".to_owned()
+            };
+            // The server may already have closed a connection over its cap.
+            let _ = stream.write_all(partial.as_bytes()).await;
+            hung.push(stream);
+        }
+        for mut stream in hung {
+            let mut rest = Vec::new();
+            let ended =
+                tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+            assert!(ended.is_ok(), "a half-sent request was kept open");
+            let rest = String::from_utf8_lossy(&rest);
+            assert!(
+                rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+                "{rest}"
+            );
+        }
+        assert!(server.store().is_empty());
+        // The slots are free again.
+        let client = HttpStore::new(&server.url()).unwrap();
+        client.put("a", "{}").await.unwrap();
+        server.close().await;
+    }
+
+    #[tokio::test]
+    async fn with_a_token_writes_need_a_fresh_proof_for_their_key() {
+        let token = ClusterToken::new("a-secret-of-enough-length").unwrap();
+        let config = MetadataServerConfig {
+            token: Some(token.clone()),
+            ..MetadataServerConfig::default()
+        };
+        let server = MetadataServer::start_with("127.0.0.1", 0, config)
+            .await
+            .unwrap();
+        let (url, addr) = (server.url(), server.local_addr());
+        let anonymous = HttpStore::new(&url).unwrap();
+        let impostor = HttpStore::with_token(
+            &url,
+            Some(ClusterToken::new("another-secret-of-enough-length").unwrap()),
+        )
+        .unwrap();
+        let member = HttpStore::with_token(&url, Some(token.clone())).unwrap();
+        for client in [&anonymous, &impostor] {
+            let err = client.put("k", "{}").await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Unauthenticated, "{err}");
+        }
+        assert!(server.store().is_empty());
+        member.put("k", "{\"a\":1}").await.unwrap();
+        // Reads stay open.
+        assert_eq!(
+            anonymous.get("k").await.unwrap().as_deref(),
+            Some("{\"a\":1}")
+        );
+        for client in [&anonymous, &impostor] {
+            let err = client.delete("k").await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Unauthenticated, "{err}");
+        }
+        assert!(server.store().get_now("k").is_some());
+
+        // A proof binds its method and key, and holds once.
+        let put = |key: &str, proof: &str| {
+            format!(
+                "PUT /metadata?key={key} HTTP/1.1\r\nhost: x\r\n{PROOF_HEADER}: {proof}\r\n\
+                 content-length: 2\r\nconnection: close\r\n\r\n{{}}"
+            )
+        };
+        let proof = token.prove(&write_scope("PUT", "other")).unwrap();
+        let answer = raw(addr, put("k", &proof).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        let delete = token.prove(&write_scope("DELETE", "k")).unwrap();
+        let answer = raw(addr, put("k", &delete).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        let answer = raw(addr, put("other", &proof).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let answer = raw(addr, put("other", &proof).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "replayed: {answer}");
+        assert_eq!(server.store().get_now("k").as_deref(), Some("{\"a\":1}"));
+
+        member.delete("k").await.unwrap();
+        assert_eq!(member.get("k").await.unwrap(), None);
+        server.close().await;
+    }
+
+    fn rss_mib() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        (pages * 4096) >> 20
+    }
+
+    /// The hostile figures with the default caps: `cargo test -p mooncake-metadata --lib
+    /// hostile_figures -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore = "prints figures; moves 570 MB"]
+    async fn hostile_figures() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+        let client = HttpStore::new(&server.url()).unwrap();
+        let before = rss_mib();
+        let value = "v".repeat(1_900_000);
+        let mut refused = 0;
+        for i in 0..300 {
+            if client.put(&format!("k{i}"), &value).await.is_err() {
+                refused += 1;
+            }
+        }
+        println!(
+            "300 x 1.9 MB PUTs: {} stored, {refused} refused, RSS {before} -> {} MiB",
+            server.store().len(),
+            rss_mib()
+        );
+        let started = std::time::Instant::now();
+        let mut hung = Vec::new();
+        for _ in 0..1000 {
+            let mut stream = tokio::net::TcpStream::connect(server.local_addr())
+                .await
+                .unwrap();
+            let _ = stream
+                .write_all(b"GET /metadata?key=a HTTP/1.1\r\nhost: x\r\n")
+                .await;
+            hung.push(stream);
+        }
+        let mut open = 1000;
+        for mut stream in hung {
+            let mut rest = Vec::new();
+            if tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest))
+                .await
+                .is_ok()
+            {
+                open -= 1;
+            }
+        }
+        println!(
+            "1000 half-sent requests: {open} still open after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         server.close().await;
     }
 
