@@ -9,7 +9,9 @@
  *   mooncake topology                 the host's devices and NIC priority matrix
  */
 import { spawn } from 'node:child_process'
-import { resolve } from 'node:path'
+import { randomBytes } from 'node:crypto'
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { dirname, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
@@ -28,8 +30,12 @@ commands:
   serve             all-in-one: master, metadata server and one store node on this host
                       --host 127.0.0.1   --rpc-port 50051   --metrics-port 9003   --metadata-port 8080
                       --global-segment-size 1GiB   --data-dir ./mooncake-data   (--no-data-dir: in memory)
+                      --token-file <data dir>/cluster-token (made on first start, mode 0600)
+                      (--no-token: open to anyone who reaches the ports, as Mooncake is)
   master            the Mooncake Store master
-                      --rpc-address 0.0.0.0   --rpc-port 50051   --metrics-port 9003
+                      --rpc-address 127.0.0.1   --rpc-port 50051   --metrics-port 9003
+                      --cluster-token-file FILE   --admin-token-file FILE   (default MC_CLUSTER_TOKEN, MC_ADMIN_TOKEN)
+                      --tls-cert cert.pem --tls-key key.pem   (gRPC and admin HTTP over TLS)
                       --enable-http-metadata-server   --http-metadata-server-port 8080
                       --default-kv-lease-ttl 10s   --default-kv-soft-pin-ttl 30m   --max-kv-soft-pin-ttl 24h
                       --eviction-high-watermark-ratio 0.9   --eviction-ratio 0.05   --client-ttl 10s
@@ -54,6 +60,7 @@ commands:
                       --duration 2   --inflight 4   --repeat 3   --json
   bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
+  token             print a fresh cluster token (64 hex characters)
   topology          this host's NUMA nodes, RDMA NICs, interfaces, GPUs and NIC priority matrix
                       --json   --root <sysfs tree root> (default /)   (MC_TE_FILTERS limits the NICs)
 `
@@ -245,7 +252,7 @@ async function benchMemcpy(argv: string[]): Promise<void> {
 }
 
 const MASTER_OPTIONS = {
-  'rpc-address': { type: 'string', default: '0.0.0.0' },
+  'rpc-address': { type: 'string', default: '127.0.0.1' },
   'rpc-port': { type: 'string', default: '50051' },
   'metrics-port': { type: 'string', default: '9003' },
   'enable-http-metadata-server': { type: 'boolean', default: false },
@@ -265,7 +272,30 @@ const MASTER_OPTIONS = {
   'etcd-endpoints': { type: 'string' },
   'ha-backend-connstring': { type: 'string' },
   'cluster-id': { type: 'string' },
+  'cluster-token-file': { type: 'string' },
+  'admin-token-file': { type: 'string' },
+  'tls-cert': { type: 'string' },
+  'tls-key': { type: 'string' },
 } as const
+
+/** A fresh cluster token. */
+function newToken(): string {
+  return randomBytes(32).toString('hex')
+}
+
+/** The token in `path`, or undefined without a path. */
+function readToken(path: string | undefined): string | undefined {
+  return path === undefined ? undefined : readFileSync(path, 'utf8').trim()
+}
+
+/** The token in `path`, made there (mode 0600) when the file does not exist yet. */
+function tokenAt(path: string): { token: string; made: boolean } {
+  if (existsSync(path)) return { token: readFileSync(path, 'utf8').trim(), made: false }
+  mkdirSync(dirname(path), { recursive: true })
+  const token = newToken()
+  writeFileSync(path, `${token}\n`, { mode: 0o600, flag: 'wx' })
+  return { token, made: true }
+}
 
 /** Mooncake spells flags with underscores; accept both. */
 function dashed(argv: string[]): string[] {
@@ -298,6 +328,10 @@ function masterOptions(argv: string[]): MasterServerOptions {
     clusterId: o['cluster-id'],
     // With HA, Mooncake advertises --rpc_address: clients must reach it.
     advertiseAddress: o['enable-ha'] && o['rpc-address'] !== '0.0.0.0' ? `${o['rpc-address']}:${o['rpc-port']}` : undefined,
+    clusterToken: readToken(o['cluster-token-file']),
+    adminToken: readToken(o['admin-token-file']),
+    tlsCert: o['tls-cert'],
+    tlsKey: o['tls-key'],
   }
 }
 
@@ -322,11 +356,17 @@ async function serve(argv: string[]): Promise<void> {
       'global-segment-size': { type: 'string', default: '1GiB' },
       'data-dir': { type: 'string', default: 'mooncake-data' },
       'no-data-dir': { type: 'boolean', default: false },
+      'token-file': { type: 'string' },
+      'no-token': { type: 'boolean', default: false },
     },
     strict: true,
   })
   const dataDir = o['no-data-dir'] ? undefined : resolve(o['data-dir'])
+  const tokenFile = o['no-token'] ? undefined : resolve(o['token-file'] ?? resolve(dataDir ?? '.', 'cluster-token'))
+  const token = tokenFile === undefined ? undefined : tokenAt(tokenFile)
+  const clusterToken = token?.token ?? ''
   const server = await MasterServer.start({
+    clusterToken,
     host: o.host,
     rpcPort: Number(o['rpc-port']),
     metricsPort: Number(o['metrics-port']),
@@ -340,16 +380,24 @@ async function serve(argv: string[]): Promise<void> {
     localServerName: `${o.host}-node-0`,
     ipOrHostName: o.host,
     globalSegmentSize: parseSize(o['global-segment-size']),
+    clusterToken,
   })
   console.log(`master:          ${server.address}`)
   console.log(`metadata server: ${server.metadataUrl}`)
   console.log(`metrics:         ${server.metricsUrl}`)
   console.log(`metadata log:    ${dataDir ?? 'none (in memory)'}`)
   console.log(`store node:      ${node.segmentName} (${o['global-segment-size']} in the pool)`)
+  if (token === undefined) {
+    console.log('cluster token:   none (--no-token): anyone who reaches these ports may read, write and remove')
+  } else {
+    console.log(`cluster token:   ${token.token}`)
+    console.log(`                 ${token.made ? 'made and written to' : 'read from'} ${tokenFile} (mode 0600)`)
+  }
   console.log('')
   console.log('connect from Node.js:')
+  const tokenOption = token === undefined ? '' : `, clusterToken: readFileSync('${tokenFile}', 'utf8').trim()`
   console.log(
-    `  const store = await MooncakeStore.connect({ masterAddress: '${server.address}', metadata: '${server.metadataUrl}', localServerName: 'my-node', ipOrHostName: '${o.host}' })`,
+    `  const store = await MooncakeStore.connect({ masterAddress: '${server.address}', metadata: '${server.metadataUrl}', localServerName: 'my-node', ipOrHostName: '${o.host}'${tokenOption} })`,
   )
   console.log('serving; Ctrl-C to stop')
   await untilSignal()
@@ -437,6 +485,9 @@ async function main(): Promise<void> {
       return benchStore(rest)
     case 'topology':
       return topology(rest)
+    case 'token':
+      console.log(newToken())
+      return
     case undefined:
     case 'help':
     case '--help':

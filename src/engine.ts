@@ -53,6 +53,13 @@ export interface TransferEngineOptions {
   topology?: PriorityMatrix | string
   /** Attempts a slice may make beyond its first, across rails, 1-127. Default 9 (`MC_RETRY_CNT`). */
   retryCount?: number
+  /**
+   * The cluster's shared secret, at least 16 characters (`mooncake token` makes one). With it, every peer proves it
+   * holds the same token before it reads or writes this engine's memory (a challenge-response: the token never
+   * travels), and descriptors this engine publishes are signed so that a rewritten metadata entry is refused.
+   * Default `MC_CLUSTER_TOKEN`; `''` means none (Mooncake peers hold none).
+   */
+  clusterToken?: string
 }
 
 /**

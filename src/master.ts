@@ -52,6 +52,17 @@ export interface MasterServerOptions {
   clusterId?: string
   /** The address clients reach this master at, advertised through etcd. Default: `host:rpcPort`. */
   advertiseAddress?: string
+  /**
+   * Every call must prove this shared secret (clients pass the same `clusterToken`); calls without a fresh proof get
+   * `ERR_UNAUTHENTICATED`. Default `MC_CLUSTER_TOKEN`; `''` means none: the master is open, as Mooncake's is.
+   */
+  clusterToken?: string
+  /** `removeAll` and `removeByRegex` must prove this token (`ERR_PERMISSION_DENIED` otherwise). Default `MC_ADMIN_TOKEN`. */
+  adminToken?: string
+  /** Serve gRPC and the admin HTTP over TLS with this PEM certificate chain (with `tlsKey`). */
+  tlsCert?: string
+  /** The PEM private key of `tlsCert`. */
+  tlsKey?: string
 }
 
 /**

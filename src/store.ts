@@ -26,6 +26,13 @@ export interface MooncakeStoreOptions extends Omit<TransferEngineOptions, 'local
   localBufferSize?: number
   /** Deadline of one master RPC in ms. Default 30000 (`MC_RPC_TIMEOUT_MS`). */
   rpcTimeoutMs?: number
+  /**
+   * Proves the admin role to a master started with an `adminToken`: needed for {@link MooncakeStore.removeAll} and
+   * {@link MooncakeStore.removeByRegex}. Default `MC_ADMIN_TOKEN`. (`clusterToken` serves the master and the peers.)
+   */
+  adminToken?: string
+  /** Reach the master over TLS, trusting the certificate authorities in this PEM file. */
+  masterTlsCa?: string
 }
 
 /** How a value is stored. */
@@ -91,8 +98,8 @@ export class MooncakeStore {
   /** Starts a node: its Transfer Engine, its segment mounted at the master, its heartbeat. */
   static async connect(options: MooncakeStoreOptions): Promise<MooncakeStore> {
     if (typeof options !== 'object' || options === null) throw invalidArgument('options are required')
-    const { masterAddress, globalSegmentSize, localBufferSize, rpcTimeoutMs, ...engine } = options
-    const store = { masterAddress, globalSegmentSize, localBufferSize, rpcTimeoutMs }
+    const { masterAddress, globalSegmentSize, localBufferSize, rpcTimeoutMs, adminToken, masterTlsCa, ...engine } = options
+    const store = { masterAddress, globalSegmentSize, localBufferSize, rpcTimeoutMs, adminToken, masterTlsCa }
     const engineOptions = nativeEngineOptions({ localServerName: '127.0.0.1', ...engine })
     return new MooncakeStore(await nativeAsync(() => connectStore(engineOptions, store, () => undefined)))
   }

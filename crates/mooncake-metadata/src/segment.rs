@@ -3,6 +3,7 @@
 //! Fields this crate does not model (RDMA devices, priority matrix, vendor extras) are kept
 //! in `extra` and written back untouched, so a descriptor survives a round trip through us.
 
+use mooncake_common::auth::{unauthenticated, ClusterToken};
 use mooncake_common::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,11 @@ fn one() -> u32 {
     1
 }
 
+/// Where a signed descriptor or `rpc_meta` entry carries its signature; Mooncake ignores it.
+const SIGNATURE: &str = "signature";
+const SEGMENT_PURPOSE: &[u8] = b"segment";
+const RPC_META_PURPOSE: &[u8] = b"rpc_meta";
+
 impl SegmentDesc {
     /// An empty TCP descriptor.
     pub fn tcp(name: &str, tcp_data_port: u16) -> Self {
@@ -105,6 +111,41 @@ impl SegmentDesc {
         serde_json::to_string(self).expect("a segment descriptor always serializes")
     }
 
+    /// Signs the descriptor with the cluster token, so that readers holding it can tell an
+    /// entry its owner wrote from one someone else put in the metadata store.
+    pub fn sign(&mut self, token: &ClusterToken) {
+        self.extra.remove(SIGNATURE);
+        let signature = token.sign(&[SEGMENT_PURPOSE, self.encode().as_bytes()]);
+        self.extra
+            .insert(SIGNATURE.to_owned(), serde_json::Value::String(signature));
+    }
+
+    /// Checks the owner's signature, and that the descriptor names the segment `name`
+    /// (`ERR_UNAUTHENTICATED` otherwise).
+    pub fn verify(&self, token: &ClusterToken, name: &str) -> Result<()> {
+        let mut unsigned = self.clone();
+        let signature = match unsigned.extra.remove(SIGNATURE) {
+            Some(serde_json::Value::String(signature)) => signature,
+            _ => {
+                return Err(unauthenticated(format!(
+                    "the descriptor of segment '{name}' is not signed: its owner holds no cluster token"
+                )))
+            }
+        };
+        if !token.verify(&[SEGMENT_PURPOSE, unsigned.encode().as_bytes()], &signature) {
+            return Err(unauthenticated(format!(
+                "the descriptor of segment '{name}' does not carry this cluster's signature"
+            )));
+        }
+        if self.name != name {
+            return Err(unauthenticated(format!(
+                "the entry of segment '{name}' holds the descriptor of '{}'",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the descriptor speaks `protocol`, alone or among others.
     pub fn speaks(&self, protocol: &str) -> bool {
         match &self.protocol {
@@ -127,6 +168,9 @@ pub struct RpcMeta {
     pub ip_or_host_name: String,
     /// Handshake port.
     pub rpc_port: u16,
+    /// The owner's signature over the segment name and the fields above, with a cluster token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 impl RpcMeta {
@@ -139,6 +183,37 @@ impl RpcMeta {
     /// Compact JSON.
     pub fn encode(&self) -> String {
         serde_json::to_string(self).expect("an rpc_meta entry always serializes")
+    }
+
+    fn signed_parts(&self, name: &str) -> [Vec<u8>; 4] {
+        [
+            RPC_META_PURPOSE.to_vec(),
+            name.as_bytes().to_vec(),
+            self.ip_or_host_name.as_bytes().to_vec(),
+            self.rpc_port.to_le_bytes().to_vec(),
+        ]
+    }
+
+    /// Signs the entry of segment `name`.
+    pub fn sign(&mut self, token: &ClusterToken, name: &str) {
+        let parts = self.signed_parts(name);
+        let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        self.signature = Some(token.sign(&parts));
+    }
+
+    /// Checks that the entry is segment `name`'s, signed by a holder of the token.
+    pub fn verify(&self, token: &ClusterToken, name: &str) -> Result<()> {
+        let parts = self.signed_parts(name);
+        let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        match &self.signature {
+            Some(signature) if token.verify(&parts, signature) => Ok(()),
+            Some(_) => Err(unauthenticated(format!(
+                "the rpc_meta entry of segment '{name}' does not carry this cluster's signature"
+            ))),
+            None => Err(unauthenticated(format!(
+                "the rpc_meta entry of segment '{name}' is not signed"
+            ))),
+        }
     }
 }
 
@@ -222,6 +297,48 @@ mod tests {
                 ErrorKind::MalformedJson
             );
         }
+    }
+
+    #[test]
+    fn signed_descriptors_refuse_any_change() {
+        let token = ClusterToken::new("segment-signing-secret-0001").unwrap();
+        let mut desc = SegmentDesc::decode(RDMA_EXAMPLE).unwrap();
+        assert_eq!(
+            desc.verify(&token, "node01").unwrap_err().kind(),
+            ErrorKind::Unauthenticated
+        );
+        desc.sign(&token);
+        let published = desc.encode();
+        let read = SegmentDesc::decode(&published).unwrap();
+        read.verify(&token, "node01").unwrap();
+        assert!(read.verify(&token, "node02").is_err(), "moved to another key");
+        let other = ClusterToken::new("another-signing-secret-0002").unwrap();
+        assert!(read.verify(&other, "node01").is_err());
+        for (from, to) in [
+            ("140330139148288", "140330139148289"),
+            ("1073741824", "2073741824"),
+            ("mlx5_0", "mlx5_1"),
+            ("\"tcp_data_port\":0", "\"tcp_data_port\":1"),
+        ] {
+            let tampered = SegmentDesc::decode(&published.replacen(from, to, 1)).unwrap();
+            assert!(tampered.verify(&token, "node01").is_err(), "{from} -> {to}");
+        }
+
+        let mut rpc = RpcMeta {
+            ip_or_host_name: "10.0.0.1".into(),
+            rpc_port: 15001,
+            signature: None,
+        };
+        assert!(rpc.verify(&token, "node01").is_err());
+        rpc.sign(&token, "node01");
+        let read = RpcMeta::decode(&rpc.encode()).unwrap();
+        read.verify(&token, "node01").unwrap();
+        assert!(read.verify(&token, "node02").is_err());
+        let moved = RpcMeta {
+            rpc_port: 15002,
+            ..read.clone()
+        };
+        assert!(moved.verify(&token, "node01").is_err());
     }
 
     #[test]

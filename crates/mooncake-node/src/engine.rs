@@ -13,6 +13,7 @@ use napi_derive::napi;
 
 use crate::convert::{bigint_u64, to_len};
 use crate::error::{invalid, to_napi, to_napi_reason, IntoNapi};
+use mooncake_common::auth::ClusterToken;
 
 /// Options of `TransferEngine.create`.
 #[napi(object)]
@@ -47,6 +48,9 @@ pub struct EngineOptions {
     pub topology: Option<String>,
     /// Attempts a slice may make beyond its first, across rails (1-127, default 9).
     pub retry_count: Option<u32>,
+    /// The cluster's shared secret (at least 16 characters; default `MC_CLUSTER_TOKEN`; an
+    /// empty string means none).
+    pub cluster_token: Option<String>,
 }
 
 impl EngineOptions {
@@ -98,6 +102,9 @@ impl EngineOptions {
                 return Err(invalid("retryCount must be within 1-127"));
             }
             config.retry_budget = retries;
+        }
+        if let Some(token) = self.cluster_token {
+            config.cluster_token = ClusterToken::resolve(Some(&token)).napi()?;
         }
         config.validate().napi()?;
         Ok(config)

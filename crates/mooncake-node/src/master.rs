@@ -1,5 +1,7 @@
 //! `MasterServer`.
 
+use mooncake_store::access::Tokens;
+use mooncake_store::master::server::TlsFiles;
 use mooncake_store::master::{
     AllocationStrategy, Durability, HaConfig, MasterServer, MasterServerConfig,
 };
@@ -55,6 +57,15 @@ pub struct MasterOptions {
     /// The address clients reach this master at, advertised through etcd (default: host and
     /// port, 127.0.0.1 for an unspecified host).
     pub advertise_address: Option<String>,
+    /// Every call must prove this token (default `MC_CLUSTER_TOKEN`; an empty string means
+    /// none: the master is open, as Mooncake's is).
+    pub cluster_token: Option<String>,
+    /// `removeAll` and `removeByRegex` must prove this token (default `MC_ADMIN_TOKEN`).
+    pub admin_token: Option<String>,
+    /// Serve gRPC and the admin HTTP over TLS: a PEM certificate chain...
+    pub tls_cert: Option<String>,
+    /// ...and its PEM private key.
+    pub tls_key: Option<String>,
 }
 
 impl MasterOptions {
@@ -120,6 +131,16 @@ impl MasterOptions {
             m.allocation_strategy = AllocationStrategy::parse(&s).napi()?;
         }
         m.validate().napi()?;
+        config.tokens =
+            Tokens::resolve(self.cluster_token.as_deref(), self.admin_token.as_deref()).napi()?;
+        config.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            }),
+            (None, None) => None,
+            _ => return Err(invalid("tlsCert and tlsKey go together")),
+        };
         config.durability = match (self.enable_ha.unwrap_or(false), self.data_dir) {
             (true, Some(_)) => {
                 return Err(invalid(

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mooncake_store::access::Tokens;
 use mooncake_store::client::{StoreClient, StoreConfig, Value};
 use mooncake_store::master::{SoftPin, WriteConfig};
 use napi::bindgen_prelude::*;
@@ -23,6 +24,11 @@ pub struct StoreOptions {
     pub local_buffer_size: Option<f64>,
     /// Master RPC deadline, ms (default 30000).
     pub rpc_timeout_ms: Option<f64>,
+    /// Proves the admin role to a master with tokens (for `removeAll` and `removeByRegex`;
+    /// default `MC_ADMIN_TOKEN`). The cluster token is the engine's `clusterToken`.
+    pub admin_token: Option<String>,
+    /// Reach the master over TLS, trusting the certificate authorities in this PEM file.
+    pub master_tls_ca: Option<String>,
 }
 
 /// Write options.
@@ -116,6 +122,10 @@ pub async fn connect_store(
         "rpcTimeoutMs",
         &mut config.rpc_timeout,
     )?;
+    if let Some(token) = options.admin_token {
+        config.admin_token = Tokens::resolve(Some(""), Some(&token)).napi()?.admin;
+    }
+    config.master_tls_ca = options.master_tls_ca.map(Into::into);
     let inner = StoreClient::connect(config).await.napi()?;
     Ok(NativeStore {
         inner,

@@ -15,6 +15,8 @@ pub(super) struct Local {
     pub(super) rdma: Option<Arc<RdmaTransport>>,
     pub(super) listener: Mutex<Option<NotifyListener>>,
     pub(super) queued: Mutex<Vec<Notification>>,
+    /// Signs the descriptor, so that peers holding the token can tell it is ours.
+    pub(super) token: Option<mooncake_common::auth::ClusterToken>,
 }
 
 impl Local {
@@ -89,6 +91,9 @@ impl Local {
                 }
             })
             .collect();
+        if let Some(token) = &self.token {
+            desc.sign(token);
+        }
         desc
     }
 }
