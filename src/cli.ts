@@ -45,7 +45,7 @@ commands:
                       --enable-ha --etcd-endpoints 'h1:2379;h2:2379' --cluster-id mooncake_cluster
                       (Mooncake's underscore spellings, --rpc_port and so on, work too)
   demo              two engines in two processes move 1 GiB over loopback and report throughput
-  metadata-server   run an HTTP metadata server   [--host 127.0.0.1] [--port 8080]
+  metadata-server   run an HTTP metadata server   [--host 127.0.0.1] [--port 8080] [--cluster-token-file FILE]
   bench             Mooncake's transfer_engine_bench
                       --mode target|initiator   --metadata P2PHANDSHAKE|http://host:port/metadata
                       --local-server-name 127.0.0.1   --segment <target name>   --protocol auto|tcp|shm
@@ -408,9 +408,13 @@ async function serve(argv: string[]): Promise<void> {
 async function metadataServer(argv: string[]): Promise<void> {
   const { values: o } = parseArgs({
     args: argv,
-    options: { host: { type: 'string', default: '127.0.0.1' }, port: { type: 'string', default: '8080' } },
+    options: {
+      host: { type: 'string', default: '127.0.0.1' },
+      port: { type: 'string', default: '8080' },
+      'cluster-token-file': { type: 'string' },
+    },
   })
-  const server = await startMetadataServer({ host: o.host, port: Number(o.port) })
+  const server = await startMetadataServer({ host: o.host, port: Number(o.port), clusterToken: readToken(o['cluster-token-file']) })
   console.log(`metadata server: ${server.url}`)
   await untilSignal()
   await server.close()

@@ -8,6 +8,12 @@ export interface MetadataServerOptions {
   host?: string
   /** Port; 0 (the default) picks a free one. */
   port?: number
+  /**
+   * With the cluster token, `PUT` and `DELETE` need a fresh proof of it (engines with the same `clusterToken` send
+   * one); reads stay open, and engines check their peers' signatures on what they read. Default `MC_CLUSTER_TOKEN`;
+   * `''` means none.
+   */
+  clusterToken?: string
 }
 
 /** A running HTTP metadata server (Mooncake's `GET/PUT/DELETE /metadata?key=` protocol). */
@@ -37,6 +43,6 @@ export class MetadataServer {
 
 /** Starts an HTTP metadata server in this process. */
 export async function startMetadataServer(options: MetadataServerOptions = {}): Promise<MetadataServer> {
-  const inner = await nativeAsync(() => startNative(options.host ?? '127.0.0.1', options.port ?? 0))
+  const inner = await nativeAsync(() => startNative(options.host ?? '127.0.0.1', options.port ?? 0, options.clusterToken))
   return MetadataServer.of(inner)
 }

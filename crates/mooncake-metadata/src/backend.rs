@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use mooncake_common::auth::ClusterToken;
 use mooncake_common::{Error, ErrorKind, Result};
 
 use crate::etcd::EtcdStore;
@@ -32,14 +33,18 @@ impl std::fmt::Debug for MetadataBackend {
 /// Picks a backend from a Mooncake connection string: `P2PHANDSHAKE`,
 /// `http://host:port/path`, `redis://host:port`, `etcd://h1:2379,h2:2379`. A string without
 /// `proto://` means etcd, as in Mooncake (`h1:2379;h2:2379`). Stores connect on first use.
-pub fn connect(conn: &str) -> Result<MetadataBackend> {
+/// With a cluster token, writes to the HTTP metadata server carry proofs of it.
+pub fn connect(conn: &str, token: Option<&ClusterToken>) -> Result<MetadataBackend> {
     let conn = conn.trim();
     if conn == "P2PHANDSHAKE" {
         return Ok(MetadataBackend::P2pHandshake);
     }
     let (proto, _) = conn.split_once("://").unwrap_or(("etcd", conn));
     match proto {
-        "http" => Ok(MetadataBackend::Store(Arc::new(HttpStore::new(conn)?))),
+        "http" => Ok(MetadataBackend::Store(Arc::new(HttpStore::with_token(
+            conn,
+            token.cloned(),
+        )?))),
         "redis" => Ok(MetadataBackend::Store(Arc::new(RedisStore::new(
             conn,
         )?))),
@@ -61,15 +66,15 @@ mod tests {
     #[test]
     fn connection_strings_pick_backends() {
         assert!(matches!(
-            connect("P2PHANDSHAKE").unwrap(),
+            connect("P2PHANDSHAKE", None).unwrap(),
             MetadataBackend::P2pHandshake
         ));
         assert!(matches!(
-            connect("http://127.0.0.1:8080/metadata").unwrap(),
+            connect("http://127.0.0.1:8080/metadata", None).unwrap(),
             MetadataBackend::Store(_)
         ));
         assert!(matches!(
-            connect("redis://127.0.0.1:6379").unwrap(),
+            connect("redis://127.0.0.1:6379", None).unwrap(),
             MetadataBackend::Store(_)
         ));
         for etcd in [
@@ -79,20 +84,20 @@ mod tests {
             "etcd://10.0.0.1:2379;10.0.0.2:2379",
         ] {
             assert!(
-                matches!(connect(etcd).unwrap(), MetadataBackend::Store(_)),
+                matches!(connect(etcd, None).unwrap(), MetadataBackend::Store(_)),
                 "{etcd}"
             );
         }
         assert_eq!(
-            connect("etcd://").unwrap_err().kind(),
+            connect("etcd://", None).unwrap_err().kind(),
             ErrorKind::InvalidArgument
         );
         assert_eq!(
-            connect("https://10.0.0.1/metadata").unwrap_err().kind(),
+            connect("https://10.0.0.1/metadata", None).unwrap_err().kind(),
             ErrorKind::NotImplemented
         );
         assert_eq!(
-            connect("gopher://x").unwrap_err().kind(),
+            connect("gopher://x", None).unwrap_err().kind(),
             ErrorKind::InvalidArgument
         );
     }

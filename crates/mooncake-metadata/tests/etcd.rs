@@ -35,7 +35,7 @@ fn unique(label: &str) -> String {
 }
 
 fn store(conn: &str) -> std::sync::Arc<dyn MetadataStore> {
-    match connect(conn).expect("the connection string is valid") {
+    match connect(conn, None).expect("the connection string is valid") {
         MetadataBackend::Store(store) => store,
         MetadataBackend::P2pHandshake => panic!("'{conn}' picked P2P handshake"),
     }

@@ -1,6 +1,7 @@
 //! The embedded HTTP metadata server.
 
-use mooncake_metadata::http::MetadataServer;
+use mooncake_common::auth::ClusterToken;
+use mooncake_metadata::http::{MetadataServer, MetadataServerConfig};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use tokio::sync::Mutex;
@@ -39,13 +40,24 @@ impl NativeMetadataServer {
     }
 }
 
-/// Starts a metadata server on `host:port` (port 0 picks one).
+/// Starts a metadata server on `host:port` (port 0 picks one). With a cluster token (default
+/// `MC_CLUSTER_TOKEN`; an empty string means none), writes need a proof of it.
 #[napi]
-pub async fn start_metadata_server(host: String, port: u32) -> Result<NativeMetadataServer> {
+pub async fn start_metadata_server(
+    host: String,
+    port: u32,
+    cluster_token: Option<String>,
+) -> Result<NativeMetadataServer> {
     crate::init_logging();
     let port =
         u16::try_from(port).map_err(|_| crate::error::invalid("port must be within 0-65535"))?;
-    let server = MetadataServer::start(&host, port).await.napi()?;
+    let config = MetadataServerConfig {
+        token: ClusterToken::resolve(cluster_token.as_deref()).napi()?,
+        ..MetadataServerConfig::default()
+    };
+    let server = MetadataServer::start_with(&host, port, config)
+        .await
+        .napi()?;
     Ok(NativeMetadataServer {
         url: server.url(),
         port: u32::from(server.local_addr().port()),

@@ -1,19 +1,13 @@
 //! A running master: the gRPC service, the periodic tick, the admin HTTP server and,
 //! optionally, the Transfer Engine's HTTP metadata server in the same process.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
 use mooncake_common::{Error, Result};
-use mooncake_metadata::http::MetadataServer;
+use mooncake_metadata::http::{MetadataServer, MetadataServerConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,7 +26,7 @@ const TICK: Duration = Duration::from_millis(10);
 /// Where and how to run.
 #[derive(Debug, Clone)]
 pub struct MasterServerConfig {
-    /// Interface to bind. Default `0.0.0.0`.
+    /// Interface to bind. Default `127.0.0.1`: binding wider is a choice.
     pub host: String,
     /// gRPC port (0 picks one). Default 50051.
     pub rpc_port: u16,
@@ -102,7 +96,7 @@ pub enum Durability {
 impl Default for MasterServerConfig {
     fn default() -> Self {
         Self {
-            host: "0.0.0.0".to_owned(),
+            host: "127.0.0.1".to_owned(),
             rpc_port: 50051,
             metrics_port: Some(9003),
             http_metadata_port: None,
@@ -244,7 +238,7 @@ impl MasterServer {
                 let addr = listener
                     .local_addr()
                     .map_err(|e| Error::socket("admin HTTP address", e))?;
-                let app = admin_routes(Admin {
+                let app = super::admin::routes(super::admin::Admin {
                     state,
                     counters,
                     role,
@@ -264,7 +258,13 @@ impl MasterServer {
         };
         let metadata = match config.http_metadata_port {
             None => None,
-            Some(port) => Some(MetadataServer::start(&config.host, port).await?),
+            Some(port) => {
+                let metadata = MetadataServerConfig {
+                    token: config.tokens.cluster.clone(),
+                    ..MetadataServerConfig::default()
+                };
+                Some(MetadataServer::start_with(&config.host, port, metadata).await?)
+            }
         };
         tracker.close();
         tracing::info!(%rpc_addr, ?metrics_addr, "master serving");
@@ -343,300 +343,4 @@ async fn recover_from_disk(
         "metadata recovered"
     );
     Ok(log)
-}
-
-#[derive(Clone)]
-struct Admin {
-    state: Arc<Mutex<Master>>,
-    counters: Arc<OpCounters>,
-    role: watch::Receiver<Role>,
-    ha: Option<HaStatus>,
-}
-
-#[derive(serde::Deserialize)]
-struct KeyQuery {
-    key: Option<String>,
-}
-
-fn admin_routes(admin: Admin) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/health", get(health))
-        .route("/query_key", get(query_key))
-        .route(
-            "/get_all_keys",
-            get(|State(a): State<Admin>| async move { Master::lock(&a.state).keys().join("\n") }),
-        )
-        .route("/get_all_segments", get(all_segments))
-        .route("/get_segments_detail", get(segments_detail))
-        .with_state(admin)
-}
-
-async fn health(State(admin): State<Admin>) -> Json<serde_json::Value> {
-    let role = admin.role.borrow().clone();
-    let applied = Master::lock(&admin.state).last_seq();
-    let (role_name, log) = match &role {
-        Role::Leader(log) => ("leader", log.as_ref().map(Log::progress)),
-        Role::Standby => ("standby", None),
-    };
-    let mut body = serde_json::json!({
-        "status": "ok",
-        "role": role_name,
-        "service_ready": matches!(role, Role::Leader(_)),
-        "applied_seq": applied,
-    });
-    if let Some(log) = log {
-        body["durable_seq"] = log.durable.into();
-        body["log_failed"] = log.failed.into();
-    }
-    if let Some(ha) = &admin.ha {
-        let status = ha.snapshot();
-        body["leader"] = status.leader.into();
-        body["view_version"] = status.view_version.into();
-        body["leader_seq"] = status.leader_seq.into();
-        body["lag"] = status.leader_seq.saturating_sub(applied).into();
-        body["failovers"] = status.promotions.into();
-    }
-    Json(body)
-}
-
-async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
-    let (stats, segments) = {
-        let master = Master::lock(&admin.state);
-        (master.stats(Instant::now()), master.segments())
-    };
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    gauge(
-        "master_allocated_bytes",
-        "Bytes reserved in all segments.",
-        "gauge",
-        stats.allocated_bytes,
-    );
-    gauge(
-        "master_total_capacity_bytes",
-        "Bytes mounted.",
-        "gauge",
-        stats.capacity_bytes,
-    );
-    gauge("master_key_count", "Objects.", "gauge", stats.keys);
-    gauge(
-        "master_soft_pin_key_count",
-        "Soft-pinned objects.",
-        "gauge",
-        stats.soft_pinned_keys,
-    );
-    gauge(
-        "master_active_clients",
-        "Clients alive.",
-        "gauge",
-        stats.active_clients,
-    );
-    gauge(
-        "master_segment_count",
-        "Mounted segments.",
-        "gauge",
-        stats.segments,
-    );
-    gauge(
-        "master_evicted_key_count",
-        "Objects evicted.",
-        "counter",
-        stats.evicted_keys,
-    );
-    gauge(
-        "master_evicted_size_bytes",
-        "Bytes evicted.",
-        "counter",
-        stats.evicted_bytes,
-    );
-    gauge(
-        "master_successful_evictions_total",
-        "Eviction rounds.",
-        "counter",
-        stats.eviction_rounds,
-    );
-    gauge(
-        "master_put_start_alloc_failures_total",
-        "Writes that found no space.",
-        "counter",
-        stats.put_start_alloc_failures,
-    );
-    gauge(
-        "master_put_start_partial_allocations_total",
-        "Writes that got fewer replicas than asked.",
-        "counter",
-        stats.put_start_partial_allocations,
-    );
-    gauge(
-        "master_put_start_discard_cnt",
-        "Unfinished writes preempted.",
-        "counter",
-        stats.put_start_discards,
-    );
-    gauge(
-        "master_put_start_release_cnt",
-        "Abandoned writes released.",
-        "counter",
-        stats.put_start_releases,
-    );
-    let applied = Master::lock(&admin.state).last_seq();
-    gauge(
-        "master_log_applied_seq",
-        "The last log entry this master applied or wrote.",
-        "gauge",
-        applied,
-    );
-    if let Role::Leader(Some(log)) = &*admin.role.borrow() {
-        let progress = log.progress();
-        gauge(
-            "master_log_durable_seq",
-            "The last durable log entry.",
-            "gauge",
-            progress.durable,
-        );
-        gauge(
-            "master_log_appends_total",
-            "Writes to the log (each carries one or more entries).",
-            "counter",
-            progress.appends,
-        );
-        gauge(
-            "master_log_entries_total",
-            "Log entries written.",
-            "counter",
-            progress.entries,
-        );
-        gauge(
-            "master_log_snapshots_total",
-            "Snapshots that replaced the log.",
-            "counter",
-            progress.snapshots,
-        );
-        if let Some(at) = progress.snapshot_at {
-            gauge(
-                "master_log_snapshot_age_seconds",
-                "Seconds since the last snapshot.",
-                "gauge",
-                at.elapsed().as_secs(),
-            );
-        }
-    }
-    if let Some(ha) = &admin.ha {
-        let status = ha.snapshot();
-        gauge(
-            "master_ha_failovers_total",
-            "Times this master became the leader.",
-            "counter",
-            status.promotions,
-        );
-        gauge(
-            "master_ha_is_leader",
-            "1 while this master leads.",
-            "gauge",
-            u64::from(matches!(&*admin.role.borrow(), Role::Leader(_))),
-        );
-        gauge(
-            "master_ha_log_lag_entries",
-            "Entries the leader has written that this master has not applied.",
-            "gauge",
-            status.leader_seq.saturating_sub(applied),
-        );
-    }
-    for (op, requests, failures) in admin.counters.snapshot() {
-        let _ = writeln!(
-            out,
-            "# TYPE master_{op}_requests_total counter\nmaster_{op}_requests_total {requests}"
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE master_{op}_failures_total counter\nmaster_{op}_failures_total {failures}"
-        );
-    }
-    let _ = writeln!(out, "# TYPE segment_allocated_bytes gauge");
-    for s in &segments {
-        let _ = writeln!(
-            out,
-            "segment_allocated_bytes{{segment=\"{}\"}} {}",
-            s.spec.name, s.used
-        );
-    }
-    let _ = writeln!(out, "# TYPE segment_total_capacity_bytes gauge");
-    for s in &segments {
-        let _ = writeln!(
-            out,
-            "segment_total_capacity_bytes{{segment=\"{}\"}} {}",
-            s.spec.name, s.capacity
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
-}
-
-async fn query_key(State(admin): State<Admin>, Query(q): Query<KeyQuery>) -> impl IntoResponse {
-    let Some(key) = q.key else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(
-                serde_json::json!({ "success": false, "error_code": -600, "error_message": "missing key" }),
-            ),
-        );
-    };
-    match Master::lock(&admin.state).query_key(&key) {
-        Some(replicas) => (
-            StatusCode::OK,
-            Json(serde_json::json!({
-                "success": true,
-                "data": replicas.iter().map(|r| serde_json::json!({
-                    "size_": r.size,
-                    "buffer_address_": r.address,
-                    "protocol_": "tcp",
-                    "transport_endpoint_": r.te_endpoint,
-                    "segment_name": r.segment_name,
-                    "status": format!("{:?}", r.status).to_uppercase(),
-                })).collect::<Vec<_>>(),
-            })),
-        ),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(
-                serde_json::json!({ "success": false, "error_code": -704, "error_message": format!("'{key}' not found") }),
-            ),
-        ),
-    }
-}
-
-async fn all_segments(State(admin): State<Admin>) -> String {
-    let mut names: Vec<String> = Master::lock(&admin.state)
-        .segments()
-        .into_iter()
-        .map(|s| s.spec.name)
-        .collect();
-    names.sort();
-    names.dedup();
-    names.join("\n")
-}
-
-async fn segments_detail(State(admin): State<Admin>) -> Json<serde_json::Value> {
-    let segments = Master::lock(&admin.state).segments();
-    Json(serde_json::json!({
-        "total_segments": segments.len(),
-        "segments": segments.iter().map(|s| serde_json::json!({
-            "segment_name": s.spec.name,
-            "segment_id": format!("{:032x}", s.spec.id.0),
-            "client_id": format!("{:032x}", s.client.0),
-            "base_address": format!("{:#x}", s.spec.base),
-            "size_bytes": s.spec.size,
-            "te_endpoint": s.spec.te_endpoint,
-            "protocol": s.spec.protocol,
-            "status": "OK",
-            "allocator_used_bytes": s.used,
-            "allocator_capacity_bytes": s.capacity,
-            "allocator_usage_percent": if s.capacity == 0 { 0.0 } else { s.used as f64 * 100.0 / s.capacity as f64 },
-        })).collect::<Vec<_>>(),
-    }))
 }
