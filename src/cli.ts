@@ -33,7 +33,7 @@ commands:
                       --token-file <data dir>/cluster-token (made on first start, mode 0600)
                       (--no-token: open to anyone who reaches the ports, as Mooncake is)
   master            the Mooncake Store master
-                      --rpc-address 127.0.0.1   --rpc-port 50051   --metrics-port 9003
+                      --rpc-address 127.0.0.1   --rpc-port 50051   --metrics-port 9003   --admin-address 127.0.0.1
                       --cluster-token-file FILE   --admin-token-file FILE   (default MC_CLUSTER_TOKEN, MC_ADMIN_TOKEN)
                       --tls-cert cert.pem --tls-key key.pem   (gRPC and admin HTTP over TLS)
                       --enable-http-metadata-server   --http-metadata-server-port 8080
@@ -255,6 +255,7 @@ const MASTER_OPTIONS = {
   'rpc-address': { type: 'string', default: '127.0.0.1' },
   'rpc-port': { type: 'string', default: '50051' },
   'metrics-port': { type: 'string', default: '9003' },
+  'admin-address': { type: 'string', default: '127.0.0.1' },
   'enable-http-metadata-server': { type: 'boolean', default: false },
   'http-metadata-server-port': { type: 'string', default: '8080' },
   'default-kv-lease-ttl': { type: 'string' },
@@ -310,6 +311,7 @@ function masterOptions(argv: string[]): MasterServerOptions {
     host: o['rpc-address'],
     rpcPort: Number(o['rpc-port']),
     metricsPort: Number(o['metrics-port']),
+    adminHost: o['admin-address'],
     httpMetadataServer: o['enable-http-metadata-server'],
     httpMetadataPort: Number(o['http-metadata-server-port']),
     defaultKvLeaseTtlMs: ms(o['default-kv-lease-ttl']),

@@ -10,6 +10,8 @@ export interface MasterServerOptions {
   rpcPort?: number
   /** Admin HTTP port (`/metrics`, `/health`, `/query_key`, ...); 0 picks one; -1 disables it. Default 9003. */
   metricsPort?: number
+  /** Interface the admin HTTP binds; its routes only read. Default: `host`. */
+  adminHost?: string
   /** Also run the Transfer Engine HTTP metadata server in this process. Default false. */
   httpMetadataServer?: boolean
   /** Its port; 0 picks one. Default 8080. */
@@ -84,7 +86,7 @@ export class MasterServer {
     return this.inner.address
   }
 
-  /** `http://host:port/metrics` (Prometheus), when the admin server runs. */
+  /** `http://host:port/metrics` (Prometheus; `https` with `tlsCert`), when the admin server runs. */
   get metricsUrl(): string | undefined {
     return this.inner.metricsUrl ?? undefined
   }

@@ -21,6 +21,8 @@ pub struct MasterOptions {
     pub rpc_port: Option<u32>,
     /// Admin HTTP port (`/metrics`, ...); 0 picks one (default 9003); -1 disables it.
     pub metrics_port: Option<i32>,
+    /// Interface the admin HTTP binds (default: `host`).
+    pub admin_host: Option<String>,
     /// Run the Transfer Engine HTTP metadata server in the same process (default false).
     pub http_metadata_server: Option<bool>,
     /// Its port; 0 picks one (default 8080).
@@ -75,6 +77,7 @@ impl MasterOptions {
         };
         let mut config = MasterServerConfig {
             host: self.host.unwrap_or_else(|| "127.0.0.1".to_owned()),
+            admin_host: self.admin_host,
             ..MasterServerConfig::default()
         };
         if let Some(p) = self.rpc_port {
@@ -213,7 +216,7 @@ pub async fn start_master(options: MasterOptions, keep_alive: KeepAlive) -> Resu
     let server = MasterServer::start(config).await.napi()?;
     Ok(NativeMaster {
         address: server.rpc_addr().to_string(),
-        metrics_url: server.metrics_addr().map(|a| format!("http://{a}/metrics")),
+        metrics_url: server.metrics_url(),
         metadata_url: server.metadata_url(),
         inner: Mutex::new(Some((server, keep_alive))),
     })

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use mooncake_common::auth::ClusterToken;
 use mooncake_common::ErrorKind;
 use mooncake_store::access::{Tokens, PROOF_HEADER};
@@ -24,7 +26,7 @@ async fn master(tokens: Tokens, tls: Option<TlsFiles>) -> MasterServer {
     MasterServer::start(MasterServerConfig {
         host: "127.0.0.1".into(),
         rpc_port: 0,
-        metrics_port: None,
+        metrics_port: Some(0),
         tokens,
         tls,
         ..MasterServerConfig::default()
@@ -226,5 +228,53 @@ async fn tls_with_a_chain_the_client_trusts() {
     assert!(plain.is_err(), "plain text to a TLS master");
     let untrusted = MasterClient::connect(&address, TIMEOUT, with_ca(Some(stranger.ca()))).await;
     assert!(untrusted.is_err(), "a chain the client does not trust");
+
+    let admin = server.metrics_addr().unwrap();
+    assert_eq!(
+        server.metrics_url().unwrap(),
+        format!("https://{admin}/metrics")
+    );
+    let health = https_get(admin, &chain.ca(), "/health").await.unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(https_get(admin, &stranger.ca(), "/health").await.is_err());
+    let mut plain = tokio::net::TcpStream::connect(admin).await.unwrap();
+    plain
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, plain.read_to_end(&mut reply)).await;
+    assert!(
+        !String::from_utf8_lossy(&reply).contains("200 OK"),
+        "plain HTTP to the TLS admin port"
+    );
     server.close().await;
+}
+
+/// One HTTPS GET, trusting only the authorities in `ca`; the whole reply.
+async fn https_get(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    path: &str,
+) -> std::io::Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut reply = Vec::new();
+    let _ = tls.read_to_end(&mut reply).await;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
 }

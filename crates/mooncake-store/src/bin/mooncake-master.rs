@@ -15,8 +15,9 @@ use mooncake_store::master::{
 #[derive(Debug, Parser)]
 #[command(name = "mooncake-master", version)]
 struct Args {
-    /// Address to bind the RPC, admin and metadata servers.
-    #[arg(long, alias = "rpc_address", default_value = "0.0.0.0")]
+    /// Address to bind the RPC, admin and metadata servers. Loopback unless told otherwise:
+    /// pass `--rpc-address 0.0.0.0` to serve other hosts.
+    #[arg(long, visible_alias = "host", alias = "rpc_address", default_value = "127.0.0.1")]
     rpc_address: String,
     /// gRPC port.
     #[arg(long, alias = "rpc_port", default_value_t = 50051)]
@@ -24,6 +25,9 @@ struct Args {
     /// Admin HTTP port (/metrics, /health, /query_key, ...).
     #[arg(long, alias = "metrics_port", default_value_t = 9003)]
     metrics_port: u16,
+    /// Address to bind the admin HTTP (its routes only read; widen it for a remote scraper).
+    #[arg(long, default_value = "127.0.0.1")]
+    admin_address: String,
     /// Run the Transfer Engine HTTP metadata server too.
     #[arg(long, alias = "enable_http_metadata_server")]
     enable_http_metadata_server: bool,
@@ -180,6 +184,7 @@ async fn main() -> std::process::ExitCode {
         host: args.rpc_address,
         rpc_port: args.rpc_port,
         metrics_port: Some(args.metrics_port),
+        admin_host: Some(args.admin_address),
         http_metadata_port: args
             .enable_http_metadata_server
             .then_some(args.http_metadata_server_port),
@@ -204,8 +209,8 @@ async fn main() -> std::process::ExitCode {
         }
     };
     println!("master: {}", server.rpc_addr());
-    if let Some(addr) = server.metrics_addr() {
-        println!("metrics: http://{addr}/metrics");
+    if let Some(url) = server.metrics_url() {
+        println!("metrics: {url}");
     }
     if let Some(url) = server.metadata_url() {
         println!("metadata server: {url}");

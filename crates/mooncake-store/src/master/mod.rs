@@ -11,14 +11,17 @@
 //! - [`service`]: the gRPC service over the state machine;
 //! - [`log`]: the durable log of what the master acknowledged (local disk or etcd);
 //! - [`ha`]: leader election through etcd, and standbys that follow the leader's log;
-//! - [`server`]: a running master: RPC, periodic tick, admin HTTP, embedded metadata server.
+//! - [`server`]: a running master: RPC, periodic tick, admin HTTP, embedded metadata server;
+//! - [`admin`]: the admin HTTP pages (`/metrics`, `/health`, `/get_all_keys`, ...).
 
+pub mod admin;
 pub mod config;
 pub mod ha;
 pub mod log;
 pub mod placement;
 pub mod server;
 pub mod service;
+mod tls;
 pub mod types;
 
 mod state;

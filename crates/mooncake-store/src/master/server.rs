@@ -12,10 +12,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::ha::{self, HaConfig, HaStatus};
+use super::ha::{self, HaConfig};
 use super::log::disk::DiskLog;
 use super::log::{Log, LogStore, SnapshotPolicy};
 use super::service::{MasterService, OpCounters, Role};
+pub use super::tls::TlsFiles;
 use crate::access::{Guarded, Tokens};
 use super::{Master, MasterConfig};
 use crate::proto::master_server::MasterServer as GrpcMaster;
@@ -32,6 +33,9 @@ pub struct MasterServerConfig {
     pub rpc_port: u16,
     /// Admin HTTP port (`/metrics`, `/health`, ...); `None` disables it. Default 9003.
     pub metrics_port: Option<u16>,
+    /// Interface the admin HTTP binds; `None` means `host`. Its routes only read, and a
+    /// Prometheus scraper elsewhere is the reason to widen it.
+    pub admin_host: Option<String>,
     /// Port of the embedded Transfer Engine metadata server; `None` disables it (default).
     pub http_metadata_port: Option<u16>,
     /// The state machine's configuration.
@@ -44,32 +48,6 @@ pub struct MasterServerConfig {
     pub tokens: Tokens,
     /// Serve gRPC and the admin HTTP over TLS with this certificate. Default: plain text.
     pub tls: Option<TlsFiles>,
-}
-
-/// A certificate chain and its private key, PEM files.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// The certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// The leaf's private key.
-    pub key: PathBuf,
-}
-
-impl TlsFiles {
-    fn read(&self) -> Result<(Vec<u8>, Vec<u8>)> {
-        let read = |path: &PathBuf, what: &str| {
-            std::fs::read(path).map_err(|e| {
-                Error::invalid(format!("master TLS {what} '{}': {e}", path.display()))
-            })
-        };
-        Ok((read(&self.cert, "certificate")?, read(&self.key, "key")?))
-    }
-
-    fn grpc(&self) -> Result<tonic::transport::ServerTlsConfig> {
-        let (cert, key) = self.read()?;
-        Ok(tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(cert, key)))
-    }
 }
 
 /// Whether `host` names a loopback interface only.
@@ -99,6 +77,7 @@ impl Default for MasterServerConfig {
             host: "127.0.0.1".to_owned(),
             rpc_port: 50051,
             metrics_port: Some(9003),
+            admin_host: None,
             http_metadata_port: None,
             master: MasterConfig::default(),
             durability: Durability::Memory,
@@ -113,6 +92,7 @@ impl Default for MasterServerConfig {
 pub struct MasterServer {
     rpc_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    admin_tls: bool,
     metadata: Option<MetadataServer>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -227,13 +207,11 @@ impl MasterServer {
         let metrics_addr = match config.metrics_port {
             None => None,
             Some(port) => {
-                let listener = tokio::net::TcpListener::bind((config.host.as_str(), port))
+                let host = config.admin_host.as_deref().unwrap_or(&config.host);
+                let listener = tokio::net::TcpListener::bind((host, port))
                     .await
                     .map_err(|e| {
-                        Error::socket(
-                            format!("bind master admin HTTP on {}:{port}", config.host),
-                            e,
-                        )
+                        Error::socket(format!("bind master admin HTTP on {host}:{port}"), e)
                     })?;
                 let addr = listener
                     .local_addr()
@@ -245,14 +223,21 @@ impl MasterServer {
                     ha,
                 });
                 let stop = shutdown.clone();
-                tracker.spawn(async move {
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!("master admin HTTP stopped: {e}");
+                match config.tls.as_ref().map(TlsFiles::acceptor).transpose()? {
+                    Some(acceptor) => {
+                        tracker.spawn(super::tls::serve_https(listener, acceptor, app, stop));
                     }
-                });
+                    None => {
+                        tracker.spawn(async move {
+                            let served = axum::serve(listener, app)
+                                .with_graceful_shutdown(stop.cancelled_owned())
+                                .await;
+                            if let Err(e) = served {
+                                tracing::error!("master admin HTTP stopped: {e}");
+                            }
+                        });
+                    }
+                }
                 Some(addr)
             }
         };
@@ -271,6 +256,7 @@ impl MasterServer {
         Ok(Self {
             rpc_addr,
             metrics_addr,
+            admin_tls: config.tls.is_some(),
             metadata,
             shutdown,
             tracker,
@@ -285,6 +271,13 @@ impl MasterServer {
     /// The admin HTTP address, when enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// `http(s)://host:port/metrics`, when the admin HTTP is enabled.
+    pub fn metrics_url(&self) -> Option<String> {
+        let scheme = if self.admin_tls { "https" } else { "http" };
+        self.metrics_addr
+            .map(|addr| format!("{scheme}://{addr}/metrics"))
     }
 
     /// The embedded metadata server's URL, when enabled.
