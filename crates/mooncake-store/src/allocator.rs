@@ -121,6 +121,11 @@ impl SegmentAllocator {
         self.free_by_size.last().map_or(0, |&(len, _)| len)
     }
 
+    /// Free ranges kept: the allocator's bookkeeping grows with these, not with its capacity.
+    pub fn free_ranges(&self) -> usize {
+        self.free_by_offset.len()
+    }
+
     fn insert_free(&mut self, offset: u64, len: u64) {
         self.free_by_offset.insert(offset, len);
         self.free_by_size.insert((len, offset));
@@ -166,6 +171,22 @@ mod tests {
         assert!(a.reserve(u64::MAX, 2).is_none(), "wraps");
         assert!(a.reserve(150, 10).is_some(), "right after");
         assert_eq!(a.used(), 60);
+    }
+
+    #[test]
+    fn a_terabyte_is_one_entry_until_it_is_cut() {
+        let mut a = SegmentAllocator::new(1 << 40);
+        assert_eq!(a.free_ranges(), 1);
+        let blocks: Vec<Block> = (0..1000).map(|_| a.allocate(1 << 30).unwrap()).collect();
+        assert_eq!(a.free_ranges(), 1);
+        for b in blocks.iter().step_by(2) {
+            a.free(*b);
+        }
+        assert_eq!(a.free_ranges(), 501);
+        for b in blocks.iter().skip(1).step_by(2) {
+            a.free(*b);
+        }
+        assert_eq!((a.free_ranges(), a.used()), (1, 0));
     }
 
     #[derive(Debug, Clone)]

@@ -29,6 +29,67 @@ use crate::allocator::{Block, SegmentAllocator};
 const MIN_SEGMENT_SIZE: u64 = 1 << 10;
 const MAX_SEGMENT_SIZE: u64 = 1 << 40;
 
+/// Longest key, as Mooncake's log allows: every log record names its key, and a record must
+/// fit one etcd request.
+pub(crate) const MAX_KEY_LEN: usize = 4096;
+
+/// Longest segment name or endpoint: a host name (253) with a port, and room to spare.
+pub(crate) const MAX_SEGMENT_NAME_LEN: usize = 256;
+
+/// Refuses an empty or over-long key. Every operation that names a key goes through it, so a
+/// key the master would never store costs nothing to ask about.
+pub(super) fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "the key must not be empty",
+        ));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "a key of {} bytes is longer than the {MAX_KEY_LEN} allowed",
+                key.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A segment's name and endpoint end up in metrics labels, logs and admin pages: printable,
+/// bounded, not empty.
+fn check_segment_text(what: &str, text: &str) -> Result<()> {
+    let bad = if text.is_empty() {
+        Some("is empty".to_owned())
+    } else if text.len() > MAX_SEGMENT_NAME_LEN {
+        Some(format!(
+            "has {} bytes, more than the {MAX_SEGMENT_NAME_LEN} allowed",
+            text.len()
+        ))
+    } else if text.chars().any(char::is_control) {
+        Some("contains control characters".to_owned())
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("segment {what} {:?} {why}", truncated(text)),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The start of a caller's text, for an error message.
+fn truncated(text: &str) -> &str {
+    let mut end = text.len().min(64);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// A segment whose client went silent and came back takes no new replicas for this long:
 /// bytes that were in flight to a frozen owner land as it wakes up, moments before its first
 /// ping.
@@ -213,12 +274,12 @@ impl Master {
         client: ClientId,
         spec: SegmentSpec,
     ) -> Result<()> {
+        check_segment_text("name", &spec.name)?;
+        check_segment_text("endpoint", &spec.te_endpoint)?;
         let end = spec.base.checked_add(spec.size);
         if spec.base == 0
             || end.is_none()
             || !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&spec.size)
-            || spec.name.is_empty()
-            || spec.te_endpoint.is_empty()
         {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -467,6 +528,7 @@ impl Master {
     /// Removes `key`. Without `force`, a leased object is refused (`ERR_OBJECT_HAS_LEASE`); an
     /// object being written is always refused (`ERR_REPLICA_IS_NOT_READY`).
     pub fn remove(&mut self, now: Instant, key: &str, force: bool) -> Result<()> {
+        check_key(key)?;
         let object = self
             .objects
             .get(key)
@@ -490,6 +552,15 @@ impl Master {
     /// Removes every key the pattern matches and [`remove`](Self::remove) would accept;
     /// returns how many.
     pub fn remove_by_regex(&mut self, now: Instant, pattern: &str, force: bool) -> Result<u64> {
+        if pattern.len() > MAX_KEY_LEN {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "a pattern of {} bytes is longer than the {MAX_KEY_LEN} allowed",
+                    pattern.len()
+                ),
+            ));
+        }
         let re = regex::Regex::new(pattern).map_err(|e| {
             Error::new(
                 ErrorKind::InvalidArgument,

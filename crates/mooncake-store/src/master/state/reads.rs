@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
 
-use super::{Master, Object};
+use super::{check_key, Master, Object};
 use crate::master::types::{ReplicaDesc, ReplicaStatus, SegmentId};
 
 impl Master {
@@ -17,6 +17,7 @@ impl Master {
         now: Instant,
         key: &str,
     ) -> Result<(Vec<ReplicaDesc>, Duration)> {
+        check_key(key)?;
         let ttl = self.config.default_kv_lease_ttl;
         let object = self
             .objects
@@ -48,8 +49,17 @@ impl Master {
         Ok((descs, ttl))
     }
 
-    /// Whether `key` is readable; a readable key gets a read lease.
+    /// Whether `key` is readable; a readable key gets a read lease. An empty or over-long key
+    /// is never stored, so it does not exist; [`check_exist_key`](Self::check_exist_key) says
+    /// why instead.
     pub fn exist_key(&mut self, now: Instant, key: &str) -> bool {
+        self.check_exist_key(now, key).unwrap_or(false)
+    }
+
+    /// [`exist_key`](Self::exist_key), refusing an empty or over-long key with
+    /// `ERR_INVALID_ARGUMENT`.
+    pub fn check_exist_key(&mut self, now: Instant, key: &str) -> Result<bool> {
+        check_key(key)?;
         let ttl = self.config.default_kv_lease_ttl;
         let servable = self.objects.get(key).is_some_and(|object| {
             object
@@ -60,7 +70,7 @@ impl Master {
         if let (true, Some(object)) = (servable, self.objects.get_mut(key)) {
             object.lease_until = object.lease_until.max(now + ttl);
         }
-        servable
+        Ok(servable)
     }
 
     /// Whether replicas on `segment` may be read: its owner is alive and has mounted it.
@@ -78,6 +88,23 @@ impl Master {
         let mut keys: Vec<_> = self.objects.keys().cloned().collect();
         keys.sort();
         keys
+    }
+
+    /// One page of keys in order: at most `limit` of those after `after` (all, without it),
+    /// and whether more follow. Costs one pass over the keys, not a sort of them all.
+    pub fn keys_page(&self, after: Option<&str>, limit: usize) -> (Vec<String>, bool) {
+        let mut later: Vec<&String> = self
+            .objects
+            .keys()
+            .filter(|k| after.is_none_or(|after| k.as_str() > after))
+            .collect();
+        let more = later.len() > limit;
+        if more {
+            later.select_nth_unstable(limit);
+            later.truncate(limit);
+        }
+        later.sort_unstable();
+        (later.into_iter().cloned().collect(), more)
     }
 
     pub(super) fn describe(&self, object: &Object) -> Vec<ReplicaDesc> {

@@ -819,3 +819,141 @@ fn space_an_eviction_frees_goes_back_once_the_eviction_is_durable() {
     world.master.entries_durable(entry.seq);
     world.put("new", MIB / 4, &replicas(1)).unwrap();
 }
+
+#[test]
+fn every_call_that_names_a_key_refuses_an_over_long_one() {
+    let mut w = World::new(2, 64 * MIB, MasterConfig::default());
+    let client = w.clients[0];
+    let (now, long) = (w.now, "k".repeat(MAX_KEY_LEN + 1));
+    let write = WriteId(1);
+    let m = &mut w.master;
+    assert_eq!(
+        code(m.put_start(now, client, &long, MIB, &replicas(1))),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        code(m.upsert_start(now, client, &long, MIB, &replicas(1))),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        code(m.put_end(now, client, &long, write)),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        code(m.put_revoke(now, client, &long, write)),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        code(m.get_replica_list(now, &long)),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        code(m.check_exist_key(now, &long)),
+        ErrorKind::InvalidArgument
+    );
+    assert!(!m.exist_key(now, &long));
+    assert_eq!(code(m.remove(now, &long, true)), ErrorKind::InvalidArgument);
+    assert_eq!(
+        code(m.remove_by_regex(now, &long, true)),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(code(m.remove(now, "", true)), ErrorKind::InvalidArgument);
+    // The longest key allowed works.
+    let longest = "k".repeat(MAX_KEY_LEN);
+    w.put(&longest, MIB, &replicas(1)).unwrap();
+    assert!(w.master.exist_key(w.now, &longest));
+    assert_eq!(w.master.stats(w.now).keys, 1);
+}
+
+#[test]
+fn keys_come_in_pages() {
+    let mut w = World::new(1, 64 * MIB, MasterConfig::default());
+    for i in (0..25).rev() {
+        w.put(&format!("key-{i:02}"), 1024, &replicas(1)).unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let (page, more) = w.master.keys_page(after.as_deref(), 10);
+        assert!(page.len() <= 10);
+        seen.extend(page.iter().cloned());
+        after = page.last().cloned();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(seen, w.master.keys());
+    assert_eq!(seen.len(), 25);
+    let (rest, more) = w.master.keys_page(Some("key-20"), 100);
+    assert_eq!(rest, ["key-21", "key-22", "key-23", "key-24"]);
+    assert!(!more);
+}
+
+#[test]
+fn segment_names_and_endpoints_are_printable_and_bounded() {
+    let mut master = Master::new(MasterConfig::default()).unwrap();
+    let now = Instant::now();
+    let spec = |i: u128, name: &str, endpoint: &str| SegmentSpec {
+        id: SegmentId(i),
+        name: name.to_owned(),
+        base: 0x1000_0000 * (i as u64 + 1),
+        size: MIB,
+        te_endpoint: endpoint.to_owned(),
+        protocol: "tcp".into(),
+        host_id: "host".into(),
+    };
+    let long = "n".repeat(MAX_SEGMENT_NAME_LEN + 1);
+    for (i, (name, endpoint)) in [
+        ("a\nmaster_key_count 1e9", "127.0.0.1:1"),
+        ("a\r", "127.0.0.1:1"),
+        ("a\u{0}b", "127.0.0.1:1"),
+        ("", "127.0.0.1:1"),
+        (long.as_str(), "127.0.0.1:1"),
+        ("ok", "127.0.0.1:1\nx"),
+        ("ok", ""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let refused = master.mount_segment(now, ClientId(1), spec(i as u128 + 1, name, endpoint));
+        assert_eq!(
+            code(refused),
+            ErrorKind::InvalidArgument,
+            "{name:?} {endpoint:?}"
+        );
+    }
+    assert_eq!(master.segments().len(), 0);
+    master
+        .mount_segment(now, ClientId(1), spec(9, "node-1 \"é\"", "127.0.0.1:1"))
+        .unwrap();
+}
+
+#[test]
+fn a_terabyte_mount_costs_a_few_entries() {
+    let mut w = World::new(0, 0, MasterConfig::default());
+    let client = ClientId(1);
+    w.clients.push(client);
+    w.mount(client, 0, MAX_SEGMENT_SIZE);
+    let entries = |w: &World| {
+        w.master
+            .segments
+            .values()
+            .map(|s| s.allocator.free_ranges())
+            .sum::<usize>()
+    };
+    assert_eq!(entries(&w), 1);
+    assert_eq!(w.master.stats(w.now).capacity_bytes, 1 << 40);
+    for i in 0..100 {
+        w.put(&format!("k{i}"), 3 << 30, &replicas(1)).unwrap();
+    }
+    assert!(
+        entries(&w) <= 1,
+        "allocations from one end leave one free range"
+    );
+    for i in (0..100).step_by(2) {
+        w.master.remove(w.now, &format!("k{i}"), true).unwrap();
+    }
+    w.master.check_invariants();
+    // One free range per hole: bookkeeping follows objects, not bytes.
+    assert!(entries(&w) <= 51, "{}", entries(&w));
+}

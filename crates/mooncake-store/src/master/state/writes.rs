@@ -9,7 +9,7 @@ use std::time::Instant;
 use mooncake_common::{Error, ErrorKind, Result};
 
 use super::space::Release;
-use super::{Master, Object, MAX_SEGMENT_SIZE};
+use super::{check_key, Master, Object, MAX_SEGMENT_SIZE};
 use crate::master::types::{ClientId, ReplicaStatus, SoftPin, WriteConfig, WriteGrant, WriteId};
 
 impl Master {
@@ -127,6 +127,7 @@ impl Master {
         key: &str,
         write: WriteId,
     ) -> Result<()> {
+        check_key(key)?;
         let default_pin = self.config.default_kv_soft_pin_ttl;
         let Some(object) = self.current_write(client, key, write)? else {
             // The writer is done with the write's space: its bytes landed.
@@ -158,6 +159,7 @@ impl Master {
         key: &str,
         write: WriteId,
     ) -> Result<()> {
+        check_key(key)?;
         let Some(object) = self.current_write(client, key, write)? else {
             self.release_parked(client, write, Release::AfterLanding, now);
             return Err(stale(key, write));
@@ -222,15 +224,7 @@ impl Master {
 
     fn validate_write(&self, key: &str, size: u64, config: &WriteConfig) -> Result<()> {
         let invalid = |message: String| Err(Error::new(ErrorKind::InvalidArgument, message));
-        if key.is_empty() {
-            return invalid("the key must not be empty".into());
-        }
-        if key.len() > MAX_KEY_LEN {
-            return invalid(format!(
-                "a key of {} bytes is longer than the {MAX_KEY_LEN} allowed",
-                key.len()
-            ));
-        }
+        check_key(key)?;
         if size == 0 {
             return invalid(format!("'{key}': the value must not be empty"));
         }
@@ -266,9 +260,6 @@ impl Master {
         Ok(())
     }
 }
-
-/// Longest key: every log record names its key, and a record must fit one etcd request.
-const MAX_KEY_LEN: usize = 4096;
 
 fn stale(key: &str, write: WriteId) -> Error {
     Error::new(
