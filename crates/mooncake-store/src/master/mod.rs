@@ -16,6 +16,8 @@
 
 pub mod admin;
 pub mod config;
+#[cfg(test)]
+mod fuzz;
 pub mod ha;
 pub mod log;
 pub mod placement;
