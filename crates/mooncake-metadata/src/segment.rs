@@ -79,7 +79,8 @@ impl SegmentDesc {
     }
 
     /// Parses and validates descriptor JSON, rejecting what Mooncake rejects: an empty name,
-    /// a buffer with an empty name or a zero address or length.
+    /// a buffer with an empty name or a zero address or length; and a buffer whose range
+    /// wraps the address space.
     pub fn decode(json: &str) -> Result<Self> {
         let desc: Self = serde_json::from_str(json).map_err(|e| {
             Error::new(ErrorKind::MalformedJson, format!("segment descriptor: {e}"))
@@ -90,11 +91,12 @@ impl SegmentDesc {
                 "segment descriptor without a name",
             ));
         }
-        if let Some(bad) = desc
-            .buffers
-            .iter()
-            .find(|b| b.name.is_empty() || b.addr == 0 || b.length == 0)
-        {
+        if let Some(bad) = desc.buffers.iter().find(|b| {
+            b.name.is_empty()
+                || b.addr == 0
+                || b.length == 0
+                || b.addr.checked_add(b.length).is_none()
+        }) {
             return Err(Error::new(
                 ErrorKind::MalformedJson,
                 format!(
@@ -311,7 +313,10 @@ mod tests {
         let published = desc.encode();
         let read = SegmentDesc::decode(&published).unwrap();
         read.verify(&token, "node01").unwrap();
-        assert!(read.verify(&token, "node02").is_err(), "moved to another key");
+        assert!(
+            read.verify(&token, "node02").is_err(),
+            "moved to another key"
+        );
         let other = ClusterToken::new("another-signing-secret-0002").unwrap();
         assert!(read.verify(&other, "node01").is_err());
         for (from, to) in [
@@ -339,6 +344,60 @@ mod tests {
             ..read.clone()
         };
         assert!(moved.verify(&token, "node01").is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever a peer or a store hands over, decoding answers without panicking, and a
+        /// descriptor it accepts has only buffers that do not wrap.
+        #[test]
+        fn any_text_decodes_or_fails_cleanly(text in "\\PC{0,200}") {
+            let _ = SegmentDesc::decode(&text);
+            let _ = RpcMeta::decode(&text);
+        }
+
+        #[test]
+        fn any_json_shape_decodes_or_fails_cleanly(
+            name in "\\PC{0,8}",
+            addr in proptest::prelude::any::<u64>(),
+            length in proptest::prelude::any::<u64>(),
+            port in proptest::prelude::any::<u32>(),
+            version in proptest::prelude::any::<i64>(),
+        ) {
+            let text = serde_json::json!({
+                "name": name, "protocol": "tcp", "tcp_data_port": port,
+                "tcp_proto_version": version,
+                "buffers": [{"name": name, "addr": addr, "length": length}],
+            })
+            .to_string();
+            if let Ok(desc) = SegmentDesc::decode(&text) {
+                for buffer in &desc.buffers {
+                    proptest::prop_assert!(buffer.addr.checked_add(buffer.length).is_some());
+                    proptest::prop_assert!(buffer.addr != 0 && buffer.length != 0);
+                }
+            }
+        }
+
+        /// Changing any one byte of a signed descriptor makes it undecodable or unverifiable
+        /// (or leaves it meaning the same: JSON whitespace and escapes).
+        #[test]
+        fn a_flipped_byte_never_verifies_as_something_else(at in 0usize..4096, to in 0u8..128) {
+            let token = ClusterToken::new("segment-signing-secret-0001").unwrap();
+            let mut desc = SegmentDesc::decode(RDMA_EXAMPLE).unwrap();
+            desc.sign(&token);
+            let mut bytes = desc.encode().into_bytes();
+            let at = at % bytes.len();
+            bytes[at] = to;
+            let Ok(text) = String::from_utf8(bytes) else { return Ok(()) };
+            if let Ok(read) = SegmentDesc::decode(&text) {
+                if read.verify(&token, "node01").is_ok() {
+                    let mut original = desc.clone();
+                    original.extra.remove(SIGNATURE);
+                    let mut read = read;
+                    read.extra.remove(SIGNATURE);
+                    proptest::prop_assert_eq!(original.encode(), read.encode());
+                }
+            }
+        }
     }
 
     #[test]
