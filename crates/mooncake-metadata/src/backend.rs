@@ -93,7 +93,9 @@ mod tests {
             ErrorKind::InvalidArgument
         );
         assert_eq!(
-            connect("https://10.0.0.1/metadata", None).unwrap_err().kind(),
+            connect("https://10.0.0.1/metadata", None)
+                .unwrap_err()
+                .kind(),
             ErrorKind::NotImplemented
         );
         assert_eq!(
