@@ -957,3 +957,51 @@ fn a_terabyte_mount_costs_a_few_entries() {
     // One free range per hole: bookkeeping follows objects, not bytes.
     assert!(entries(&w) <= 51, "{}", entries(&w));
 }
+
+fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4
+}
+
+/// The hostile figures: `cargo test -p mooncake-store --lib hostile_figures -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "prints figures"]
+fn hostile_figures() {
+    let before = rss_kib();
+    let mut w = World::new(0, 0, MasterConfig::default());
+    let client = ClientId(1);
+    w.clients.push(client);
+    w.mount(client, 0, MAX_SEGMENT_SIZE);
+    println!(
+        "1 TiB mount: {} allocator entries, RSS {} -> {} KiB",
+        w.master
+            .segments
+            .values()
+            .map(|s| s.allocator.free_ranges())
+            .sum::<usize>(),
+        before,
+        rss_kib()
+    );
+    let before = rss_kib();
+    let mut refused = 0;
+    for i in 0..60 {
+        let key = format!("{i}{}", "k".repeat(3_000_000));
+        if w.master
+            .put_start(w.now, client, &key, MIB, &replicas(1))
+            .is_err()
+        {
+            refused += 1;
+        }
+    }
+    println!(
+        "60 puts of 3 MB keys: {refused} refused, {} keys held, RSS {before} -> {} KiB",
+        w.master.stats(w.now).keys,
+        rss_kib()
+    );
+}
