@@ -255,6 +255,9 @@ pub(crate) struct Resolver {
     pub(crate) keys: Keys,
     pub(crate) connect_timeout: std::time::Duration,
     pub(crate) max_frame: usize,
+    /// With a cluster token, P2P handshakes open with its challenge-response, and only
+    /// descriptors and entries signed with it are believed.
+    pub(crate) token: Option<mooncake_common::auth::ClusterToken>,
 }
 
 impl Resolver {
@@ -276,6 +279,7 @@ impl Resolver {
                     local_desc,
                     self.connect_timeout,
                     self.max_frame,
+                    self.token.as_ref(),
                 )
                 .await?;
                 if reply.is_empty() {
@@ -285,6 +289,11 @@ impl Resolver {
                     ));
                 }
                 let desc = SegmentDesc::decode(&reply)?;
+                if let Some(token) = &self.token {
+                    // The handshake proved the peer holds the token; the signature proves
+                    // the descriptor is the one it means (P2P names may spell hosts differently).
+                    desc.verify(token, &desc.name)?;
+                }
                 Ok(Fetched {
                     name: name.to_owned(),
                     host,
@@ -304,11 +313,17 @@ impl Resolver {
                     .await?
                     .ok_or_else(|| missing("descriptor"))?;
                 let desc = SegmentDesc::decode(&desc)?;
+                if let Some(token) = &self.token {
+                    desc.verify(token, name)?;
+                }
                 let rpc = store
                     .get(&self.keys.rpc_meta(name))
                     .await?
                     .ok_or_else(|| missing("rpc_meta entry"))?;
                 let rpc = RpcMeta::decode(&rpc)?;
+                if let Some(token) = &self.token {
+                    rpc.verify(token, name)?;
+                }
                 Ok(Fetched {
                     name: name.to_owned(),
                     rpc_addr: join_host_port(&rpc.ip_or_host_name, rpc.rpc_port),

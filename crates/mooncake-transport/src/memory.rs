@@ -10,6 +10,12 @@
 //! caller's buffer referenced) until the transfer that uses it drops it. Unregistering a
 //! region that a transfer still holds fails with `ERR_BUFFER_BUSY` instead of pulling memory
 //! from under it.
+//!
+//! A peer's request served from this side is held differently: by a [`PeerHold`], which
+//! touches the memory only inside [`PeerHold::access`], under the region's hold lock.
+//! [`Region::revoke_peer_holds`] takes that lock, so once it returns no peer's request reads
+//! or writes the region again, and its holds no longer count as users: a peer that declares a
+//! write and stalls cannot keep the owner from unregistering.
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -17,9 +23,10 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use mooncake_common::{Error, ErrorKind, Result};
+use tokio_util::sync::CancellationToken;
 
 use crate::shm::control::Slot;
 
@@ -215,6 +222,66 @@ pub struct Region {
     backing: Backing,
     slot: Option<Slot>,
     remote: bool,
+    holds: Mutex<Holds>,
+}
+
+/// Peers' holds on a region.
+#[derive(Default)]
+struct Holds {
+    /// Advanced by each revocation; a hold of an earlier epoch is revoked.
+    epoch: u64,
+    /// Revoked holds not dropped yet: their references do not count as users.
+    revoked: usize,
+    /// Live holds of the current epoch.
+    live: usize,
+    /// Cancelled by the next revocation.
+    cancel: CancellationToken,
+}
+
+/// A peer's request's hold on a region (see the module's lifetime rule).
+pub struct PeerHold {
+    region: Option<Arc<Region>>,
+    epoch: u64,
+    revoked: CancellationToken,
+}
+
+impl PeerHold {
+    /// The region held.
+    pub fn region(&self) -> &Region {
+        self.region.as_ref().expect("present until drop")
+    }
+
+    /// Runs `f` on the region unless the hold was revoked. A revocation waits for `f`, so `f`
+    /// must not block: one non-blocking read or write of a socket, say.
+    pub fn access<R>(&self, f: impl FnOnce(&Region) -> R) -> Option<R> {
+        let region = self.region();
+        let holds = region.holds();
+        (holds.epoch == self.epoch).then(|| f(region))
+    }
+
+    /// Resolves once the hold is revoked.
+    pub async fn revoked(&self) {
+        self.revoked.cancelled().await;
+    }
+}
+
+impl Drop for PeerHold {
+    fn drop(&mut self) {
+        let Some(region) = self.region.take() else {
+            return;
+        };
+        {
+            let mut holds = region.holds();
+            if holds.epoch == self.epoch {
+                holds.live = holds.live.saturating_sub(1);
+            } else {
+                holds.revoked = holds.revoked.saturating_sub(1);
+            }
+        }
+        // Between the count above and this drop the reference still counts: an unregister in
+        // that instant sees a user too many and answers busy, never too few.
+        drop(region);
+    }
 }
 
 impl Region {
@@ -227,6 +294,7 @@ impl Region {
             backing: Backing::Arena(arena),
             slot: None,
             remote: true,
+            holds: Mutex::default(),
         }
     }
 
@@ -247,7 +315,29 @@ impl Region {
             backing: Backing::External(owner),
             slot: None,
             remote: true,
+            holds: Mutex::default(),
         }
+    }
+
+    fn holds(&self) -> std::sync::MutexGuard<'_, Holds> {
+        self.holds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Revokes every peer's hold: when this returns, no peer's request touches the region
+    /// again, and the holds' tasks are told to let go. Returns how many were revoked.
+    pub fn revoke_peer_holds(&self) -> usize {
+        let mut holds = self.holds();
+        let live = std::mem::take(&mut holds.live);
+        holds.revoked = holds.revoked.saturating_add(live);
+        holds.epoch = holds.epoch.wrapping_add(1);
+        std::mem::take(&mut holds.cancel).cancel();
+        live
+    }
+
+    /// References to `region` that count as users: all but those of revoked peer holds.
+    pub fn users(region: &Arc<Self>) -> usize {
+        let revoked = region.holds().revoked;
+        Arc::strong_count(region).saturating_sub(revoked)
     }
 
     /// Tags the region with its slot in the shared-memory control table.
@@ -388,8 +478,9 @@ impl MemoryRegistry {
                 format!("no registered buffer starts at {addr:#x}"),
             ));
         };
-        // Lookups clone under the read lock, so with the write lock held this count is exact.
-        if Arc::strong_count(region) > 1 {
+        // Lookups clone under the read lock, so with the write lock held this count is exact
+        // (or one too many, for an instant, while a revoked hold is dropped).
+        if Region::users(region) > 1 {
             return Err(Error::new(
                 ErrorKind::BufferBusy,
                 format!("the buffer at {addr:#x} is in use by a pending transfer"),
@@ -401,6 +492,26 @@ impl MemoryRegistry {
     /// The peer-visible region that holds `[addr, addr+len)` whole.
     pub fn find_remote(&self, addr: usize, len: usize) -> Option<Arc<Region>> {
         self.find(addr, len).filter(|r| r.remote)
+    }
+
+    /// A peer's hold on the peer-visible region that holds `[addr, addr+len)` whole.
+    pub fn hold_remote(&self, addr: usize, len: usize) -> Option<PeerHold> {
+        // Under the read lock, so an unregister (write lock) sees the hold counted.
+        let regions = self.read();
+        let (_, region) = regions.range(..=addr).next_back()?;
+        if !region.remote || !region.contains(addr, len) {
+            return None;
+        }
+        let (epoch, revoked) = {
+            let mut holds = region.holds();
+            holds.live = holds.live.saturating_add(1);
+            (holds.epoch, holds.cancel.clone())
+        };
+        Some(PeerHold {
+            region: Some(region.clone()),
+            epoch,
+            revoked,
+        })
     }
 
     /// The region that starts at `addr`.
@@ -476,6 +587,50 @@ mod tests {
             registry.unregister(0x1000).err().unwrap().kind(),
             ErrorKind::AddressNotRegistered
         );
+    }
+
+    #[test]
+    fn revoked_peer_holds_touch_nothing_and_count_for_nothing() {
+        let registry = MemoryRegistry::default();
+        registry.register(fake(0x1000, 0x1000)).unwrap();
+        assert!(registry.hold_remote(0x1800, 0x1000).is_none());
+        let stalled = registry.hold_remote(0x1000, 16).unwrap();
+        assert_eq!(stalled.access(|r| r.addr()), Some(0x1000));
+        assert_eq!(
+            registry.unregister(0x1000).err().unwrap().kind(),
+            ErrorKind::BufferBusy,
+            "a live hold is a user"
+        );
+        let region = registry.starting_at(0x1000).unwrap();
+        assert_eq!(region.revoke_peer_holds(), 1);
+        drop(region);
+        assert_eq!(stalled.access(|_| ()), None, "revoked");
+        {
+            use std::future::Future;
+            let mut revoked = std::pin::pin!(stalled.revoked());
+            let waker = std::task::Waker::noop();
+            assert!(revoked
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(waker))
+                .is_ready());
+        }
+        // A hold taken after the revocation is live again.
+        let fresh = registry.hold_remote(0x1000, 16).unwrap();
+        assert!(fresh.access(|_| ()).is_some());
+        assert_eq!(
+            registry.unregister(0x1000).err().unwrap().kind(),
+            ErrorKind::BufferBusy
+        );
+        drop(fresh);
+        let unregistered = registry.unregister(0x1000).unwrap();
+        assert_eq!(
+            Arc::strong_count(&unregistered),
+            2,
+            "the stalled hold keeps it"
+        );
+        assert_eq!(Region::users(&unregistered), 1, "but is no user");
+        drop(stalled);
+        assert_eq!(Region::users(&unregistered), 1);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use mooncake_common::auth::ClusterToken;
+use mooncake_common::service::opening;
 use mooncake_common::{Error, ErrorKind, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -13,12 +15,15 @@ use super::server::read_frame;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends `body` as a `kind` message to `addr` (`host:port`) and returns the reply's JSON.
+/// With `token`, the connection opens with the token's challenge-response, and a peer that
+/// cannot prove it holds the token fails the request with `ERR_UNAUTHENTICATED`.
 pub async fn request(
     addr: &str,
     kind: MessageType,
     body: &str,
     connect_timeout: Duration,
     max_frame: usize,
+    token: Option<&ClusterToken>,
 ) -> Result<String> {
     let targets: Vec<_> = tokio::net::lookup_host(addr)
         .await
@@ -43,12 +48,28 @@ pub async fn request(
     }
     let mut stream = stream.ok_or(last)?;
     let _ = stream.set_nodelay(true);
+    if let Some(token) = token {
+        tokio::time::timeout(connect_timeout, opening::open(&mut stream, token))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Unauthenticated,
+                    format!("{addr} did not answer the cluster token's challenge in time"),
+                )
+            })?
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Unauthenticated,
+                    format!("{addr}: {}", e.message()),
+                )
+            })?;
+    }
     let exchange = async {
         stream
             .write_all(&frame::encode(kind, body.as_bytes()))
             .await
             .map_err(|e| Error::socket(format!("send {kind:?} to {addr}"), e))?;
-        read_frame(&mut stream, max_frame)
+        read_frame(&mut stream, max_frame, None)
             .await
             .map_err(|e| Error::new(ErrorKind::Socket, format!("reply from {addr}: {e}")))
     };

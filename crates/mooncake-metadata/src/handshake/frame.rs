@@ -11,6 +11,8 @@
 //! in mini-redis: [`check`] says whether a whole frame is buffered (without allocating) and
 //! [`parse`] builds it.
 
+use std::time::Duration;
+
 /// Message types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -66,6 +68,23 @@ pub enum FrameError {
 }
 
 const LENGTH_BYTES: usize = 8;
+
+/// A listener wants a request's length and type within this long of the connection.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(1);
+/// And its body at this rate at least, in bytes per second.
+pub const MIN_RATE: u64 = 64 << 10;
+
+/// How long after the connection a listener waits for the whole frame that `buf` starts:
+/// [`HEADER_DEADLINE`] until the length is in, then as long again plus the time the body
+/// takes at [`MIN_RATE`].
+pub fn deadline(buf: &[u8]) -> Duration {
+    let Some(header) = buf.get(..LENGTH_BYTES) else {
+        return HEADER_DEADLINE;
+    };
+    let len = u64::from_le_bytes(header.try_into().expect("slice of 8 bytes"));
+    let body_ms = len.saturating_mul(1000) / MIN_RATE;
+    HEADER_DEADLINE.saturating_add(Duration::from_millis(body_ms))
+}
 
 /// Encodes a frame.
 pub fn encode(kind: MessageType, body: &[u8]) -> Vec<u8> {
@@ -131,6 +150,17 @@ mod tests {
         for cut in 0..bytes.len() {
             assert_eq!(check(&bytes[..cut], 1 << 20), Err(FrameError::Incomplete));
         }
+    }
+
+    #[test]
+    fn a_frame_gets_time_for_its_size_only() {
+        assert_eq!(deadline(&[]), HEADER_DEADLINE);
+        assert_eq!(deadline(&[1, 2, 3]), HEADER_DEADLINE);
+        let small = encode(MessageType::Probe, b"{}");
+        assert!(deadline(&small) < HEADER_DEADLINE + Duration::from_millis(10));
+        let big = (MIN_RATE * 10).to_le_bytes();
+        assert_eq!(deadline(&big), HEADER_DEADLINE + Duration::from_secs(10));
+        assert!(deadline(&u64::MAX.to_le_bytes()) > Duration::from_secs(1 << 30));
     }
 
     #[test]

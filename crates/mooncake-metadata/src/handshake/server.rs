@@ -1,23 +1,46 @@
 //! The handshake listener.
 //!
-//! Unlike Mooncake's single sequential thread, connections are served concurrently, capped by
-//! a semaphore; each still carries exactly one request and one reply. A malformed, oversized
-//! or truncated frame, or a peer that stalls, costs only its own connection: it is closed and
-//! the accept loop goes on.
+//! Unlike Mooncake's single sequential thread, connections are served concurrently; each
+//! still carries exactly one request and one reply. A malformed, oversized or truncated frame,
+//! or a peer that stalls, costs only its own connection: it is closed and the accept loop goes
+//! on. A request's header must arrive within [`frame::HEADER_DEADLINE`] of the connection, and
+//! its body at [`frame::MIN_RATE`] at least; over the caps, the longest-silent connection makes
+//! room ([`mooncake_common::service`]).
+//!
+//! With a cluster token, a connection opens with the token's challenge-response
+//! ([`mooncake_common::service::opening`]) before the request; a peer that cannot answer gets
+//! nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mooncake_common::auth::ClusterToken;
+use mooncake_common::service::{opening, Activity, Limits};
 use mooncake_common::{Error, Result, Service};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
 use super::frame::{self, FrameError, MessageType};
 use super::messages::{ConnectionMessage, NotifyMessage, ProbeReply};
 
-/// How long a peer may take to send its request, and to hang up after the reply.
-const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a peer may take to hang up after the reply.
+const HANG_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections one peer address may hold at once.
+pub const MAX_PER_PEER: usize = 64;
+
+/// How a listener is bounded and who it serves.
+#[derive(Debug, Clone)]
+pub struct HandshakeOptions {
+    /// Largest frame accepted.
+    pub max_frame: usize,
+    /// Connection caps.
+    pub limits: Limits,
+    /// Serve only peers that prove they hold it.
+    pub token: Option<ClusterToken>,
+}
 
 /// What the listener asks of the engine.
 pub trait HandshakeHandler: Send + Sync + 'static {
@@ -43,20 +66,41 @@ pub struct HandshakeServer {
 }
 
 impl HandshakeServer {
-    /// Serves `listener` until [`close`](Self::close).
+    /// Serves `listener` until [`close`](Self::close), without a token, at most
+    /// `max_connections` at once ([`MAX_PER_PEER`] per address).
     pub fn start(
         listener: TcpListener,
         handler: Arc<dyn HandshakeHandler>,
         max_frame: usize,
         max_connections: usize,
     ) -> Result<Self> {
+        let options = HandshakeOptions {
+            max_frame,
+            limits: Limits::new(max_connections, MAX_PER_PEER),
+            token: None,
+        };
+        Self::start_with(listener, handler, options)
+    }
+
+    /// Serves `listener` until [`close`](Self::close).
+    pub fn start_with(
+        listener: TcpListener,
+        handler: Arc<dyn HandshakeHandler>,
+        options: HandshakeOptions,
+    ) -> Result<Self> {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::socket("handshake listener address", e))?;
-        let service = Service::start(listener, max_connections, move |stream, peer| {
-            let handler = handler.clone();
+        let HandshakeOptions {
+            max_frame,
+            limits,
+            token,
+        } = options;
+        let service = Service::start(listener, limits, move |stream, peer, activity| {
+            let (handler, token) = (handler.clone(), token.clone());
             async move {
-                if let Err(e) = serve(stream, handler.as_ref(), max_frame).await {
+                let served = serve(stream, handler.as_ref(), max_frame, token, activity).await;
+                if let Err(e) = served {
                     tracing::debug!(%peer, "handshake connection dropped: {e}");
                 }
             }
@@ -81,8 +125,10 @@ pub(super) enum ServeError {
     Frame(#[from] FrameError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("peer sent nothing for {0:?}")]
+    #[error("peer sent too little in {0:?}")]
     Stalled(Duration),
+    #[error("{0}")]
+    Unauthenticated(Error),
     #[error("peer closed the connection mid-frame")]
     Truncated,
     #[error("malformed JSON in a {0:?} message: {1}")]
@@ -93,10 +139,19 @@ async fn serve(
     mut stream: TcpStream,
     handler: &dyn HandshakeHandler,
     max_frame: usize,
+    token: Option<ClusterToken>,
+    activity: Activity,
 ) -> Result<(), ServeError> {
-    let request = tokio::time::timeout(PEER_TIMEOUT, read_frame(&mut stream, max_frame))
-        .await
-        .map_err(|_| ServeError::Stalled(PEER_TIMEOUT))??;
+    let accepted = Instant::now();
+    if let Some(token) = &token {
+        let deadline = accepted + frame::HEADER_DEADLINE;
+        tokio::time::timeout_at(deadline, opening::accept(&mut stream, token))
+            .await
+            .map_err(|_| ServeError::Stalled(frame::HEADER_DEADLINE))?
+            .map_err(ServeError::Unauthenticated)?;
+        activity.touch();
+    }
+    let request = read_frame(&mut stream, max_frame, Some((accepted, &activity))).await?;
     let reply = match request.kind {
         MessageType::Metadata => {
             let text = String::from_utf8_lossy(&request.body);
@@ -129,16 +184,19 @@ async fn serve(
     stream.shutdown().await?;
     // Wait for the peer to hang up (as Mooncake does), but never for long.
     let mut sink = [0u8; 256];
-    let _ = tokio::time::timeout(PEER_TIMEOUT, async {
+    let _ = tokio::time::timeout(HANG_UP_TIMEOUT, async {
         while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
     Ok(())
 }
 
-pub(super) async fn read_frame(
-    stream: &mut TcpStream,
+/// Reads one frame. With `bounds` (when the connection started, and its activity), the frame
+/// must keep to [`frame::deadline`] and each read counts as progress.
+pub(super) async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
     max_frame: usize,
+    bounds: Option<(Instant, &Activity)>,
 ) -> Result<frame::Frame, ServeError> {
     let mut buf = Vec::with_capacity(512);
     loop {
@@ -148,7 +206,17 @@ pub(super) async fn read_frame(
             Err(e) => return Err(e.into()),
         }
         let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
+        let n = match bounds {
+            None => stream.read(&mut chunk).await?,
+            Some((started, activity)) => {
+                let allowed = frame::deadline(&buf);
+                let n = tokio::time::timeout_at(started + allowed, stream.read(&mut chunk))
+                    .await
+                    .map_err(|_| ServeError::Stalled(allowed))??;
+                activity.touch();
+                n
+            }
+        };
         if n == 0 {
             return Err(ServeError::Truncated);
         }

@@ -23,6 +23,8 @@ pub struct HandshakeConnector {
     pub connect_timeout: Duration,
     /// Largest accepted frame (`MC_HANDSHAKE_MAX_LENGTH`, 1 MiB).
     pub max_frame: usize,
+    /// The cluster token handshakes open with, if the cluster has one.
+    pub token: Option<mooncake_common::auth::ClusterToken>,
 }
 
 impl Default for HandshakeConnector {
@@ -30,6 +32,7 @@ impl Default for HandshakeConnector {
         Self {
             connect_timeout: Duration::from_secs(5),
             max_frame: 1 << 20,
+            token: None,
         }
     }
 }
@@ -49,6 +52,7 @@ impl Connector for HandshakeConnector {
                 &body,
                 self.connect_timeout,
                 self.max_frame,
+                self.token.as_ref(),
             )
             .await?;
             serde_json::from_str(&reply).map_err(|e| {

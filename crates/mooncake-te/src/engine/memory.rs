@@ -99,10 +99,17 @@ impl TransferEngine {
         Ok(())
     }
 
-    /// Unregisters the buffer that starts at `addr`. Fails with `ERR_BUFFER_BUSY` while a
-    /// transfer (ours, or a peer's over TCP or shared memory) is using it.
+    /// Unregisters the buffer that starts at `addr`. Peers' requests served over TCP are
+    /// revoked (they never touch the buffer again); fails with `ERR_BUFFER_BUSY` while one of
+    /// our transfers, or a same-host peer's copy, is using it.
     pub fn unregister(&self, addr: usize) -> Result<()> {
         let found = self.local.registry.starting_at(addr);
+        if let Some(region) = &found {
+            let revoked = region.revoke_peer_holds();
+            if revoked > 0 {
+                tracing::debug!("unregistering {addr:#x} revoked {revoked} peer requests");
+            }
+        }
         let published = found.as_ref().is_some_and(|r| r.is_remote());
         let shared =
             found.and_then(|region| Some((region.slot()?, region.backing_arena().is_none())));
@@ -128,7 +135,7 @@ impl TransferEngine {
                 .local
                 .registry
                 .starting_at(addr)
-                .map(|r| Arc::strong_count(&r));
+                .map(|r| Region::users(&r));
             if holders.is_some_and(|n| n > 3) {
                 if let (Some(control), Some((slot, _))) = (control, shared) {
                     control.restore(slot);

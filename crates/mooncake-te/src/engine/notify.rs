@@ -17,6 +17,7 @@ impl TransferEngine {
             &body,
             self.config.connect_timeout,
             self.config.handshake_max_length,
+            self.config.cluster_token.as_ref(),
         )
         .await?;
         let reply: NotifyMessage = serde_json::from_str(&reply).map_err(|e| {

@@ -1,6 +1,10 @@
 //! Start-up: discovery, the transports, the listeners and the first publication.
 
 use super::*;
+use mooncake_common::service::Limits;
+use mooncake_metadata::handshake::server::HandshakeOptions;
+use mooncake_transport::shm::ShmServerOptions;
+use mooncake_transport::tcp::DataServerOptions;
 
 impl TransferEngine {
     pub(super) async fn start_on(
@@ -8,7 +12,7 @@ impl TransferEngine {
         verbs: Option<Arc<dyn Provider>>,
     ) -> Result<Arc<Self>> {
         config.validate()?;
-        let backend = mooncake_metadata::connect(&config.metadata)?;
+        let backend = mooncake_metadata::connect(&config.metadata, config.cluster_token.as_ref())?;
         let (discovered, matrix) = discover(&config)?;
         let (host, named_port) = split_host_port(&config.local_server_name)?;
         let advertised = match &config.advertised_host {
@@ -54,14 +58,21 @@ impl TransferEngine {
             match shm::host::host_id().filter(|_| config.shared_memory) {
                 Some(host) => {
                     let control = Arc::new(ControlTable::new()?);
-                    let server = ShmServer::start(control.clone(), registry.clone())?;
+                    let options = ShmServerOptions {
+                        token: config.cluster_token.clone(),
+                        ..ShmServerOptions::default()
+                    };
+                    let server = ShmServer::start_with(control.clone(), registry.clone(), options)?;
                     let target = ShmTarget {
                         host: host.to_owned(),
                         socket: server.name().to_owned(),
                         pid: std::process::id(),
                         probe: control.addr() as u64,
                     };
-                    let transport = Arc::new(ShmTransport::new(tokio::runtime::Handle::current())?);
+                    let transport = Arc::new(ShmTransport::new(
+                        tokio::runtime::Handle::current(),
+                        config.cluster_token.clone(),
+                    )?);
                     (Some(server), Some((control, target)), Some(transport))
                 }
                 None => (None, None, None),
@@ -75,14 +86,28 @@ impl TransferEngine {
             rdma,
             listener: Mutex::new(None),
             queued: Mutex::new(Vec::new()),
+            token: config.cluster_token.clone(),
         });
-        let handshake = HandshakeServer::start(
+        let handshake = HandshakeServer::start_with(
             rpc_listener,
             local.clone(),
-            config.handshake_max_length,
-            config.handshake_max_connections,
+            HandshakeOptions {
+                max_frame: config.handshake_max_length,
+                limits: Limits::new(
+                    config.handshake_max_connections,
+                    handshake::server::MAX_PER_PEER,
+                ),
+                token: config.cluster_token.clone(),
+            },
         )?;
-        let data = TcpServer::start(data_listener, registry)?;
+        let data = TcpServer::start_with(
+            data_listener,
+            registry,
+            DataServerOptions {
+                token: config.cluster_token.clone(),
+                ..DataServerOptions::default()
+            },
+        )?;
         let tcp = Arc::new(TcpClient::new(
             TcpClientConfig {
                 lanes_per_peer: config.tcp_lanes_per_peer,
@@ -92,6 +117,7 @@ impl TransferEngine {
                     retry_budget: config.retry_budget,
                     ..RailPolicy::default()
                 },
+                token: config.cluster_token.clone(),
             },
             tokio::runtime::Handle::current(),
         ));
@@ -122,6 +148,7 @@ impl TransferEngine {
                 keys,
                 connect_timeout: config.connect_timeout,
                 max_frame: config.handshake_max_length,
+                token: config.cluster_token.clone(),
             },
             config,
             local,
@@ -143,10 +170,14 @@ impl TransferEngine {
             closed: AtomicBool::new(false),
         });
         if let Some(publisher) = &engine.publisher {
-            let rpc = RpcMeta {
+            let mut rpc = RpcMeta {
                 ip_or_host_name: advertised.clone(),
                 rpc_port,
+                signature: None,
             };
+            if let Some(token) = &engine.config.cluster_token {
+                rpc.sign(token, &name);
+            }
             let published = async {
                 publisher
                     .store
@@ -195,6 +226,7 @@ pub(super) fn start_rdma(
             let connector = Arc::new(HandshakeConnector {
                 connect_timeout: config.connect_timeout,
                 max_frame: config.handshake_max_length,
+                token: config.cluster_token.clone(),
             });
             RdmaTransport::new(verbs, options, connector).map(Arc::new)
         }

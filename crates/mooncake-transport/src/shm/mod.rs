@@ -27,5 +27,5 @@ pub mod transport;
 
 pub use control::{ControlTable, ControlView, Slot};
 pub use peer::{Path, RemoteRange, ShmBuffer, ShmPeer, ShmTarget};
-pub use server::ShmServer;
+pub use server::{ShmServer, ShmServerOptions};
 pub use transport::{ShmSlice, ShmTransport};

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mooncake_common::auth::ClusterToken;
+use mooncake_common::service::opening;
 use mooncake_common::{Error, ErrorKind, Result};
 use sendfd::RecvWithFd;
 use serde::{Deserialize, Serialize};
@@ -102,14 +104,19 @@ impl ShmPeer {
     /// Returns the peer and the watch connection, whose end (EOF) means the owner is gone; the
     /// caller watches it with [`ShmPeer::watch`]. Waits for the owner without holding a thread,
     /// two seconds at most.
-    pub async fn connect(target: &ShmTarget) -> Result<(Arc<Self>, tokio::net::UnixStream)> {
+    /// With `token`, both connections open with its challenge-response, and an owner that
+    /// cannot prove it holds the token fails the connect with `ERR_UNAUTHENTICATED`.
+    pub async fn connect(
+        target: &ShmTarget,
+        token: Option<&ClusterToken>,
+    ) -> Result<(Arc<Self>, tokio::net::UnixStream)> {
         let timed_out = || {
             Error::socket(
                 format!("shared-memory request to @{}", target.socket),
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in time"),
             )
         };
-        let (requests, watch, fd, len) = tokio::time::timeout(IO_TIMEOUT, handshake(target))
+        let (requests, watch, fd, len) = tokio::time::timeout(IO_TIMEOUT, handshake(target, token))
             .await
             .map_err(|_| timed_out())??;
         if len < SLOTS as usize * 8 {
@@ -372,6 +379,7 @@ impl ShmPeer {
 /// control table's descriptor and length received.
 async fn handshake(
     target: &ShmTarget,
+    token: Option<&ClusterToken>,
 ) -> Result<(
     tokio::net::UnixStream,
     tokio::net::UnixStream,
@@ -380,6 +388,20 @@ async fn handshake(
 )> {
     let mut requests = connect(&target.socket).await?;
     let mut watch = connect(&target.socket).await?;
+    if let Some(token) = token {
+        let refused = |e: Error| {
+            Error::new(
+                ErrorKind::Unauthenticated,
+                format!("@{}: {}", target.socket, e.message()),
+            )
+        };
+        let (a, b) = tokio::join!(
+            opening::open(&mut requests, token),
+            opening::open(&mut watch, token)
+        );
+        a.map_err(refused)?;
+        b.map_err(refused)?;
+    }
     watch
         .write_all(&request(KIND_WATCH, 0))
         .await

@@ -8,11 +8,21 @@
 //! A watch request gets no reply: the peer keeps that connection open and takes its end (EOF)
 //! as the owner going away. The socket lives in the abstract namespace, so nothing is left on
 //! disk and only processes in the same network namespace can reach it.
+//!
+//! Bounds: a connection's first request must arrive within [`REQUEST_DEADLINE`], and every
+//! request, once begun, be whole within as long; connections then stay open (peers keep
+//! them), up to the caps per process and in all, over which the longest-silent one makes room
+//! ([`mooncake_common::service`]). With a cluster token, a connection opens with the token's
+//! challenge-response ([`mooncake_common::service::opening`]) and a peer that cannot answer
+//! gets nothing: no table, no arena.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::sync::Arc;
+use std::time::Duration;
 
+use mooncake_common::auth::ClusterToken;
+use mooncake_common::service::{opening, Activity, Limits};
 use mooncake_common::{Error, Result, Service};
 use sendfd::SendWithFd;
 use tokio::io::AsyncReadExt;
@@ -27,6 +37,28 @@ pub(crate) const KIND_CONTROL: u8 = 0;
 pub(crate) const KIND_ARENA: u8 = 1;
 pub(crate) const KIND_WATCH: u8 = 2;
 
+/// The opening, a connection's first request and any request once begun must be whole within
+/// this long.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How a shared-memory server is bounded and who it serves.
+#[derive(Debug, Clone)]
+pub struct ShmServerOptions {
+    /// Connection caps; peers are counted by process (each holds two connections per owner).
+    pub limits: Limits,
+    /// Serve only peers that prove they hold it.
+    pub token: Option<ClusterToken>,
+}
+
+impl Default for ShmServerOptions {
+    fn default() -> Self {
+        Self {
+            limits: Limits::new(1024, 64),
+            token: None,
+        }
+    }
+}
+
 /// A running shared-memory server.
 pub struct ShmServer {
     name: String,
@@ -34,8 +66,18 @@ pub struct ShmServer {
 }
 
 impl ShmServer {
-    /// Listens on a fresh abstract socket and serves `control` and the arenas of `registry`.
+    /// Listens on a fresh abstract socket and serves `control` and the arenas of `registry`,
+    /// with the default bounds and no token.
     pub fn start(control: Arc<ControlTable>, registry: Arc<MemoryRegistry>) -> Result<Self> {
+        Self::start_with(control, registry, ShmServerOptions::default())
+    }
+
+    /// As [`ShmServer::start`], bounded by `options`.
+    pub fn start_with(
+        control: Arc<ControlTable>,
+        registry: Arc<MemoryRegistry>,
+        options: ShmServerOptions,
+    ) -> Result<Self> {
         let name = format!(
             "mooncake-shm-{}-{:016x}",
             std::process::id(),
@@ -47,10 +89,11 @@ impl ShmServer {
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(tokio::net::UnixListener::from_std)
             .map_err(|e| Error::socket(format!("bind @{name}"), e))?;
-        let service = Service::start(listener, 1024, move |stream, peer| {
-            let (control, registry) = (control.clone(), registry.clone());
+        let ShmServerOptions { limits, token } = options;
+        let service = Service::start(listener, limits, move |stream, peer, activity| {
+            let (control, registry, token) = (control.clone(), registry.clone(), token.clone());
             async move {
-                if let Err(e) = serve(stream, &control, &registry).await {
+                if let Err(e) = serve(stream, &control, &registry, token, activity).await {
                     tracing::debug!(%peer, "shared-memory connection ended: {e}");
                 }
             }
@@ -69,16 +112,49 @@ impl ShmServer {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no request within {0:?}")]
+    Stalled(Duration),
+    #[error("{0}")]
+    Unauthenticated(Error),
+}
+
 async fn serve(
     mut stream: UnixStream,
     control: &ControlTable,
     registry: &MemoryRegistry,
-) -> std::io::Result<()> {
+    token: Option<ClusterToken>,
+    activity: Activity,
+) -> Result<(), ServeError> {
+    let stalled = |_| ServeError::Stalled(REQUEST_DEADLINE);
+    if let Some(token) = &token {
+        tokio::time::timeout(REQUEST_DEADLINE, opening::accept(&mut stream, token))
+            .await
+            .map_err(stalled)?
+            .map_err(ServeError::Unauthenticated)?;
+    }
     let mut request = [0u8; REQUEST_LEN];
+    let mut first = true;
     loop {
-        if stream.read_exact(&mut request).await.is_err() {
+        // Peers keep their connection between requests, but send the first one at once.
+        let begun = if first {
+            tokio::time::timeout(REQUEST_DEADLINE, stream.read(&mut request[..1]))
+                .await
+                .map_err(stalled)?
+        } else {
+            stream.read(&mut request[..1]).await
+        };
+        if !matches!(begun, Ok(1)) {
             return Ok(());
         }
+        first = false;
+        tokio::time::timeout(REQUEST_DEADLINE, stream.read_exact(&mut request[1..]))
+            .await
+            .map_err(stalled)??;
+        activity.touch();
         let id = u64::from_le_bytes(request[1..].try_into().expect("8 bytes"));
         let arena;
         let (fd, len): (Option<&OwnedFd>, usize) = match request[0] {
@@ -100,7 +176,8 @@ async fn serve(
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     format!("unknown request kind {other}"),
-                ))
+                )
+                .into())
             }
         };
         let mut reply = [0u8; REPLY_LEN];
@@ -112,7 +189,7 @@ async fn serve(
             match stream.send_with_fd(&reply, &fds) {
                 Ok(_) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
     }

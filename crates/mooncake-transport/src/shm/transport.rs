@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use mooncake_common::auth::ClusterToken;
 use mooncake_common::{Error, ErrorKind, Result};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -135,6 +136,7 @@ impl Owner {
 
 /// Same-host transfers.
 pub struct ShmTransport {
+    token: Option<ClusterToken>,
     owners: Mutex<HashMap<String, Owner>>,
     jobs: async_channel::Sender<Job>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -144,8 +146,9 @@ pub struct ShmTransport {
 }
 
 impl ShmTransport {
-    /// Starts the copy threads; watchers of owners run on `runtime`.
-    pub fn new(runtime: tokio::runtime::Handle) -> Result<Self> {
+    /// Starts the copy threads; watchers of owners run on `runtime`. With `token`, owners
+    /// must prove they hold it, and are shown that we do.
+    pub fn new(runtime: tokio::runtime::Handle, token: Option<ClusterToken>) -> Result<Self> {
         let (jobs, queue) = async_channel::unbounded::<Job>();
         let count = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
@@ -164,6 +167,7 @@ impl ShmTransport {
             threads.push(thread);
         }
         Ok(Self {
+            token,
             owners: Mutex::new(HashMap::new()),
             jobs,
             threads: Mutex::new(threads),
@@ -224,7 +228,7 @@ impl ShmTransport {
         let closed = || Error::closed("the shared-memory transport");
         let outcome = tokio::select! {
             _ = self.shutdown.cancelled() => return Err(closed()),
-            connected = ShmPeer::connect(target) => connected,
+            connected = ShmPeer::connect(target, self.token.as_ref()) => connected,
         };
         if self.shutdown.is_cancelled() {
             return Err(closed());
@@ -367,7 +371,7 @@ mod tests {
         unsafe { std::slice::from_raw_parts_mut(local.as_ptr(), LEN) }.fill(0x5a);
         let region = Arc::new(Region::arena(local.clone(), "*"));
 
-        let transport = ShmTransport::new(tokio::runtime::Handle::current()).unwrap();
+        let transport = ShmTransport::new(tokio::runtime::Handle::current(), None).unwrap();
         let target = target(server.name(), control.addr() as u64);
         assert!(!transport.is_connected(&target));
         let started = Instant::now();
@@ -419,7 +423,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_connection_is_what_peer_reports() {
-        let transport = ShmTransport::new(tokio::runtime::Handle::current()).unwrap();
+        let transport = ShmTransport::new(tokio::runtime::Handle::current(), None).unwrap();
         let nobody = target("mooncake-shm-test-nobody-listens", 0);
         let error = transport.connect(&nobody).await.unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Socket, "{error:?}");

@@ -11,4 +11,4 @@ pub mod server;
 pub mod wire;
 
 pub use client::{LocalNic, PeerAddr, TcpClient, TcpClientConfig, TcpPath, TcpPeer};
-pub use server::TcpServer;
+pub use server::{DataServerOptions, TcpServer};

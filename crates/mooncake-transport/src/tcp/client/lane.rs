@@ -4,6 +4,7 @@
 use super::*;
 use crate::tcp::exchange::{ClientExchange, ClientStep, StatusVerdict};
 use crate::tcp::wire::{Op, Status, STATUS_LEN};
+use mooncake_common::service::opening;
 
 pub(super) struct Lane {
     pub(super) peer: Arc<PeerRails>,
@@ -239,7 +240,7 @@ impl Lane {
                 ));
             }
             let connected = tokio::time::timeout(self.config.connect_timeout, connect(&rail.path));
-            let stream = match connected.await {
+            let mut stream = match connected.await {
                 Ok(Ok(stream)) => stream,
                 failed => {
                     *rail.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -254,6 +255,29 @@ impl Lane {
                 }
             };
             *rail.down_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            if let Some(token) = &self.config.token {
+                let target = &rail.path.remote;
+                let opened = tokio::time::timeout(
+                    self.config.connect_timeout,
+                    opening::open(&mut stream, token),
+                );
+                opened
+                    .await
+                    .map_err(|_| {
+                        Error::new(
+                            ErrorKind::Unauthenticated,
+                            format!(
+                                "{target} did not answer the cluster token's challenge in time"
+                            ),
+                        )
+                    })?
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::Unauthenticated,
+                            format!("{target}: {}", e.message()),
+                        )
+                    })?;
+            }
             self.conn = Some(stream);
         }
         Ok(self.conn.as_mut().expect("connected above"))

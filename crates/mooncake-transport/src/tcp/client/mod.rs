@@ -119,6 +119,8 @@ pub struct TcpClientConfig {
     pub io_timeout: Duration,
     /// Pauses and retries.
     pub rails: RailPolicy,
+    /// Each connection opens with this token's challenge-response before its first request.
+    pub token: Option<mooncake_common::auth::ClusterToken>,
 }
 
 /// After a failed connect, slices on that rail fail fast for this long.
