@@ -554,7 +554,8 @@ impl proto::master_server::Master for MasterService {
     ) -> Reply<proto::ExistKeyResponse> {
         let key = request.into_inner().key;
         let exists = self.master()?.exist_key(Instant::now(), &key);
-        self.counters.count("exist_key", 1, 0);
+        self.counters.count("exist_key", 1, usize::from(exists.is_err()));
+        let exists = exists.map_err(|e| to_status(&e))?;
         Ok(Response::new(proto::ExistKeyResponse { exists }))
     }
 
@@ -564,11 +565,14 @@ impl proto::master_server::Master for MasterService {
     ) -> Reply<proto::BatchExistKeyResponse> {
         let keys = request.into_inner().keys;
         let now = Instant::now();
-        let exists: Vec<bool> = {
+        // Answers are bare booleans: one key no master could hold refuses the batch.
+        let exists: Result<Vec<bool>> = {
             let mut master = self.master()?;
             keys.iter().map(|k| master.exist_key(now, k)).collect()
         };
-        self.counters.count("exist_key", exists.len(), 0);
+        self.counters
+            .count("exist_key", keys.len(), usize::from(exists.is_err()));
+        let exists = exists.map_err(|e| to_status(&e))?;
         Ok(Response::new(proto::BatchExistKeyResponse { exists }))
     }
 

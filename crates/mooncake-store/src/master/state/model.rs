@@ -429,7 +429,7 @@ impl Model {
                 let _ = self.master.remove(now, &key_name(key), force);
             }
             Op::Exists(key) => {
-                self.master.exist_key(now, &key_name(key));
+                let _ = self.master.exist_key(now, &key_name(key));
             }
             Op::RemoveAll { force } => {
                 self.master.remove_all(now, force);

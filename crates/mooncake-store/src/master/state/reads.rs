@@ -50,15 +50,8 @@ impl Master {
     }
 
     /// Whether `key` is readable; a readable key gets a read lease. An empty or over-long key
-    /// is never stored, so it does not exist; [`check_exist_key`](Self::check_exist_key) says
-    /// why instead.
-    pub fn exist_key(&mut self, now: Instant, key: &str) -> bool {
-        self.check_exist_key(now, key).unwrap_or(false)
-    }
-
-    /// [`exist_key`](Self::exist_key), refusing an empty or over-long key with
-    /// `ERR_INVALID_ARGUMENT`.
-    pub fn check_exist_key(&mut self, now: Instant, key: &str) -> Result<bool> {
+    /// is `ERR_INVALID_ARGUMENT`.
+    pub fn exist_key(&mut self, now: Instant, key: &str) -> Result<bool> {
         check_key(key)?;
         let ttl = self.config.default_kv_lease_ttl;
         let servable = self.objects.get(key).is_some_and(|object| {
