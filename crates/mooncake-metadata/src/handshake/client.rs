@@ -69,9 +69,15 @@ pub async fn request(
             .write_all(&frame::encode(kind, body.as_bytes()))
             .await
             .map_err(|e| Error::socket(format!("send {kind:?} to {addr}"), e))?;
-        read_frame(&mut stream, max_frame, None)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Socket, format!("reply from {addr}: {e}")))
+        read_frame(&mut stream, max_frame, None).await.map_err(|e| {
+            // A peer with a token says nothing to a client without one: it hangs up.
+            let hint = if token.is_none() {
+                " (a peer that requires a cluster token hangs up on clients without it)"
+            } else {
+                ""
+            };
+            Error::new(ErrorKind::Socket, format!("reply from {addr}: {e}{hint}"))
+        })
     };
     let reply = tokio::time::timeout(REPLY_TIMEOUT, exchange)
         .await
