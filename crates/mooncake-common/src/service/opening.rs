@@ -196,10 +196,10 @@ mod tests {
         let b = token("another-secret-of-enough-length");
         let (mut client, mut server) = tokio::io::duplex(1024);
         // Each side hangs up once it gave up, as a connection does.
-        let (opened, accepted) = tokio::join!(
-            async move { open(&mut client, &a).await },
-            async move { accept(&mut server, &b).await }
-        );
+        let (opened, accepted) =
+            tokio::join!(async move { open(&mut client, &a).await }, async move {
+                accept(&mut server, &b).await
+            });
         assert_eq!(opened.unwrap_err().kind(), ErrorKind::Unauthenticated);
         assert_eq!(accepted.unwrap_err().kind(), ErrorKind::Unauthenticated);
     }
@@ -223,5 +223,207 @@ mod tests {
         client.write_all(&[3u8; 64]).await.unwrap();
         let refused = accept(&mut server, &a).await.unwrap_err();
         assert_eq!(refused.kind(), ErrorKind::Unauthenticated);
+    }
+}
+
+/// Property tests of the opening's framing and exchange. They run proptest's default case
+/// count under `cargo test`; set `PROPTEST_CASES=100000` for a longer run.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+
+    use super::*;
+    use crate::ErrorKind;
+
+    const STEPS: [Step; 3] = [Step::Hello, Step::Challenge, Step::Answer];
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![Just(Step::Hello), Just(Step::Challenge), Just(Step::Answer)]
+    }
+
+    fn frame() -> impl Strategy<Value = (Step, Vec<u8>)> {
+        step().prop_flat_map(|step| {
+            (
+                Just(step),
+                proptest::collection::vec(any::<u8>(), step.body_len()),
+            )
+        })
+    }
+
+    fn secret() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_-]{16,40}"
+    }
+
+    /// Bytes a Mooncake peer may open with, and arbitrary bytes after them.
+    fn mooncake_opening() -> impl Strategy<Value = Vec<u8>> {
+        let tail = || proptest::collection::vec(any::<u8>(), 0..48);
+        prop_oneof![
+            // A handshake frame under any limit a listener can set (128 MiB by default).
+            (1u64..=1 << 40, tail()).prop_map(|(len, rest)| {
+                let mut out = len.to_le_bytes().to_vec();
+                out.extend(rest);
+                out
+            }),
+            // A TCP data header (the padding is whatever Mooncake left there).
+            (
+                any::<[u8; 16]>(),
+                prop_oneof![Just(0u8), Just(1), Just(0x80), Just(0x81)],
+                tail()
+            )
+                .prop_map(|(words, opcode, rest)| {
+                    let mut out = words.to_vec();
+                    out.push(opcode);
+                    out.extend(rest);
+                    out
+                }),
+            // Shared-memory requests: a kind (control table, arena, watch) and an arena id.
+            (0u8..=2, tail()).prop_map(|(kind, rest)| {
+                let mut out = vec![kind];
+                out.extend(rest);
+                out
+            }),
+        ]
+    }
+
+    async fn relay(
+        mut from: ReadHalf<DuplexStream>,
+        mut to: WriteHalf<DuplexStream>,
+        flip: Option<(usize, u8)>,
+    ) {
+        let (mut at, mut buf) = (0usize, [0u8; 64]);
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if let Some((i, mask)) = flip.filter(|(i, _)| (at..at + n).contains(i)) {
+                buf[i - at] ^= mask;
+            }
+            at += n;
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// Runs the client with `client` against the server with `server` through a relay that
+    /// flips one byte: `(true, i, mask)` the client's i-th byte, `(false, ..)` the server's.
+    fn exchange(
+        client: &ClusterToken,
+        server: &ClusterToken,
+        flip: Option<(bool, usize, u8)>,
+    ) -> (Result<()>, Result<()>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (mut near, client_side) = tokio::io::duplex(1024);
+            let (server_side, mut far) = tokio::io::duplex(1024);
+            let (from_client, to_client) = tokio::io::split(client_side);
+            let (from_server, to_server) = tokio::io::split(server_side);
+            let upstream = flip.filter(|f| f.0).map(|(_, i, m)| (i, m));
+            let downstream = flip.filter(|f| !f.0).map(|(_, i, m)| (i, m));
+            // Each side hangs up once it is done, as a connection does.
+            let (opened, accepted, (), ()) = tokio::join!(
+                async move { open(&mut near, client).await },
+                async move { accept(&mut far, server).await },
+                relay(from_client, to_server, upstream),
+                relay(from_server, to_client, downstream),
+            );
+            (opened, accepted)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::default())]
+
+        #[test]
+        fn arbitrary_bytes_decode_only_when_well_formed(
+            bytes in proptest::collection::vec(any::<u8>(), 0..128)
+        ) {
+            for step in STEPS {
+                if let Some(body) = decode(&bytes, step) {
+                    prop_assert_eq!(encode(step, body), bytes.clone());
+                }
+                let canonical = &encode(step, &vec![0; step.body_len()])[..PREFIX_LEN];
+                prop_assert_eq!(is_prefix(&bytes, step), bytes == canonical);
+            }
+        }
+
+        #[test]
+        fn frames_round_trip_and_any_flip_in_the_prefix_is_refused(
+            (step, body) in frame(), at in any::<prop::sample::Index>(), mask in 1u8..
+        ) {
+            let frame = encode(step, &body);
+            prop_assert_eq!(frame.len(), step.frame_len());
+            for other in STEPS {
+                let decoded = decode(&frame, other);
+                prop_assert_eq!(decoded, (other == step).then_some(&body[..]));
+            }
+            prop_assert_eq!(decode(&frame[..frame.len() - 1], step), None);
+            let mut longer = frame.clone();
+            longer.push(0);
+            prop_assert_eq!(decode(&longer, step), None);
+
+            let mut bent = frame.clone();
+            let at = at.index(bent.len());
+            bent[at] ^= mask;
+            if at < PREFIX_LEN {
+                prop_assert_eq!(decode(&bent, step), None);
+            } else {
+                prop_assert_eq!(decode(&bent, step), Some(&bent[PREFIX_LEN..]));
+            }
+        }
+
+        #[test]
+        fn mooncake_frames_and_openings_are_never_taken_for_each_other(
+            mooncake in mooncake_opening(), (step, body) in frame()
+        ) {
+            let first = &mooncake[..mooncake.len().min(PREFIX_LEN)];
+            for step in STEPS {
+                prop_assert!(!is_prefix(first, step));
+                prop_assert_eq!(decode(&mooncake, step), None);
+            }
+            let opening = encode(step, &body);
+            prop_assert!(u64::from_le_bytes(opening[..8].try_into().unwrap()) > 1 << 48);
+            prop_assert!(![0u8, 1, 0x80, 0x81].contains(&opening[16]));
+            prop_assert!(opening[0] > 2);
+        }
+
+        #[test]
+        fn exchanges_succeed_with_the_same_token_only(a in secret(), b in secret()) {
+            let same = a == b;
+            let (a, b) = (ClusterToken::new(&a).unwrap(), ClusterToken::new(&b).unwrap());
+            let (opened, accepted) = exchange(&a, &a, None);
+            prop_assert!(opened.is_ok() && accepted.is_ok(), "{:?} {:?}", opened, accepted);
+            if !same {
+                let (opened, accepted) = exchange(&a, &b, None);
+                prop_assert_eq!(opened.map_err(|e| e.kind()), Err(ErrorKind::Unauthenticated));
+                prop_assert_eq!(accepted.map_err(|e| e.kind()), Err(ErrorKind::Unauthenticated));
+            }
+        }
+
+        /// The server never accepts a tampered exchange. The client notices unless the flip
+        /// hit its own answer, which it cannot check: the server then closes the connection.
+        #[test]
+        fn any_flipped_byte_fails_the_exchange(
+            a in secret(),
+            upstream in any::<bool>(),
+            at in any::<prop::sample::Index>(),
+            mask in 1u8..,
+        ) {
+            let a = ClusterToken::new(&a).unwrap();
+            let sent = if upstream {
+                Step::Hello.frame_len() + Step::Answer.frame_len()
+            } else {
+                Step::Challenge.frame_len()
+            };
+            let at = at.index(sent);
+            let (opened, accepted) = exchange(&a, &a, Some((upstream, at, mask)));
+            prop_assert_eq!(accepted.map_err(|e| e.kind()), Err(ErrorKind::Unauthenticated));
+            if upstream && at >= Step::Hello.frame_len() {
+                prop_assert!(opened.is_ok(), "{:?}", opened);
+            } else {
+                prop_assert_eq!(opened.map_err(|e| e.kind()), Err(ErrorKind::Unauthenticated));
+            }
+        }
     }
 }

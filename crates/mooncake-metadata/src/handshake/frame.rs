@@ -104,10 +104,12 @@ pub fn check(buf: &[u8], max: usize) -> Result<usize, FrameError> {
     if len == 0 {
         return Err(FrameError::Empty);
     }
-    if len > max as u64 {
-        return Err(FrameError::TooLarge { len, max });
-    }
-    let total = LENGTH_BYTES + len as usize;
+    // A limit near usize::MAX must not let the total overflow.
+    let total = usize::try_from(len)
+        .ok()
+        .filter(|_| len <= max as u64)
+        .and_then(|len| len.checked_add(LENGTH_BYTES))
+        .ok_or(FrameError::TooLarge { len, max })?;
     if buf.len() < total {
         return Err(FrameError::Incomplete);
     }
@@ -178,5 +180,149 @@ mod tests {
         let frame = parse(&old, check(&old, 64).unwrap());
         assert_eq!(frame.kind, MessageType::Connection);
         assert_eq!(frame.body, b"{}");
+    }
+
+    #[test]
+    fn a_length_near_the_top_of_an_unlimited_frame_is_too_large() {
+        let len = usize::MAX as u64 - 7;
+        assert_eq!(
+            check(&len.to_le_bytes(), usize::MAX),
+            Err(FrameError::TooLarge {
+                len,
+                max: usize::MAX
+            })
+        );
+        assert_eq!(
+            check(&u64::MAX.to_le_bytes(), usize::MAX),
+            Err(FrameError::TooLarge {
+                len: u64::MAX,
+                max: usize::MAX
+            })
+        );
+    }
+}
+
+/// Property tests of the codec. They run proptest's default case count under `cargo test`;
+/// set `PROPTEST_CASES=100000` for a longer run.
+#[cfg(test)]
+mod fuzz {
+    use mooncake_common::service::opening;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn kind() -> impl Strategy<Value = MessageType> {
+        prop_oneof![
+            Just(MessageType::Connection),
+            Just(MessageType::Metadata),
+            Just(MessageType::Notify),
+            Just(MessageType::Probe),
+        ]
+    }
+
+    /// Lengths near the edges as often as anywhere else.
+    fn length() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..64,
+            any::<u64>(),
+            u64::MAX - 16..=u64::MAX,
+            (usize::MAX as u64).saturating_sub(16)..=usize::MAX as u64,
+        ]
+    }
+
+    fn limit() -> impl Strategy<Value = usize> {
+        prop_oneof![0usize..128, any::<usize>(), usize::MAX - 16..=usize::MAX]
+    }
+
+    /// A buffer that starts with `length`, then arbitrary bytes.
+    fn buffer() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..96),
+            (length(), proptest::collection::vec(any::<u8>(), 0..96)).prop_map(|(len, rest)| {
+                let mut buf = len.to_le_bytes().to_vec();
+                buf.extend(rest);
+                buf
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::default())]
+
+        #[test]
+        fn check_and_parse_never_panic(buf in buffer(), max in limit()) {
+            match check(&buf, max) {
+                Ok(total) => {
+                    prop_assert!(total <= buf.len());
+                    let len = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                    prop_assert!(len >= 1 && len <= max as u64);
+                    prop_assert_eq!(total as u64, 8 + len);
+                    let frame = parse(&buf, total);
+                    let payload = &buf[8..total];
+                    if payload[0] <= 3 {
+                        prop_assert_eq!(frame.kind as u8, payload[0]);
+                        prop_assert_eq!(&frame.body[..], &payload[1..]);
+                    } else {
+                        prop_assert_eq!(frame.kind, MessageType::Connection);
+                        prop_assert_eq!(&frame.body[..], payload);
+                    }
+                }
+                Err(FrameError::Incomplete) => {}
+                Err(FrameError::Empty) => prop_assert_eq!(&buf[..8], &[0u8; 8]),
+                Err(FrameError::TooLarge { len, max: limit }) => {
+                    prop_assert_eq!(limit, max);
+                    prop_assert!(len > max as u64 || (len as usize).checked_add(8).is_none());
+                }
+            }
+            let _ = deadline(&buf);
+        }
+
+        #[test]
+        fn round_trip(kind in kind(), body in proptest::collection::vec(any::<u8>(), 0..512),
+                      slack in 0usize..4, trailing in proptest::collection::vec(any::<u8>(), 0..16)) {
+            let bytes = encode(kind, &body);
+            prop_assert_eq!(bytes.len(), 9 + body.len());
+            let max = body.len() + 1 + slack;
+            // Bytes of the next frame behind this one change nothing.
+            let mut buffered = bytes.clone();
+            buffered.extend(&trailing);
+            let total = check(&buffered, max);
+            prop_assert_eq!(total.clone(), Ok(bytes.len()));
+            prop_assert_eq!(parse(&buffered, bytes.len()), Frame { kind, body: body.clone() });
+            for cut in 0..bytes.len() {
+                prop_assert_eq!(check(&bytes[..cut], max), Err(FrameError::Incomplete));
+            }
+            prop_assert_eq!(
+                check(&bytes, body.len()),
+                Err(FrameError::TooLarge { len: body.len() as u64 + 1, max: body.len() })
+            );
+        }
+
+        /// The length alone decides: a frame over the limit is refused from its first eight
+        /// bytes, before anything sized by it exists.
+        #[test]
+        fn too_large_from_the_header_alone(len in length(), under in prop_oneof![Just(0u64), any::<u64>()]) {
+            let len = len.max(1);
+            let max = (len - 1 - under % len) as usize;
+            prop_assert_eq!(check(&len.to_le_bytes(), max), Err(FrameError::TooLarge { len, max }));
+        }
+
+        #[test]
+        fn deadline_grows_with_the_announced_length(a in length(), b in length()) {
+            let (short, long) = (a.min(b), a.max(b));
+            let (short, long) = (deadline(&short.to_le_bytes()), deadline(&long.to_le_bytes()));
+            prop_assert!(HEADER_DEADLINE <= short && short <= long);
+        }
+
+        /// A cluster-token opening is never taken for a handshake frame under any limit a
+        /// listener could use.
+        #[test]
+        fn an_opening_is_never_a_frame(step in prop_oneof![
+            Just(opening::Step::Hello), Just(opening::Step::Challenge), Just(opening::Step::Answer)
+        ], fill in any::<u8>(), max in 0usize..=1 << 40) {
+            let frame = opening::encode(step, &vec![fill; step.body_len()]);
+            let checked = check(&frame, max);
+            prop_assert!(matches!(checked, Err(FrameError::TooLarge { .. })), "{:?}", checked);
+        }
     }
 }

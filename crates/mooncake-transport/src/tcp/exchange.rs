@@ -14,6 +14,8 @@
 //! last byte on the same connection: the server serves a session in order, so the answer
 //! proves the write was applied before the client reports it (Mooncake's own v1 client
 //! reports a write once it left the socket).
+//! An empty v1 request has no byte to fence with, so it completes unanswered; the engine
+//! never sends one (an empty transfer has no slices).
 
 use super::wire::{Header, Op, Status, Version};
 
@@ -153,10 +155,10 @@ mod tests {
     use super::*;
 
     /// A server session over `memory` (registered at `base`), fed by a byte pipe.
-    struct Server {
-        base: u64,
-        memory: Vec<u8>,
-        closed: bool,
+    pub(super) struct Server {
+        pub(super) base: u64,
+        pub(super) memory: Vec<u8>,
+        pub(super) closed: bool,
     }
 
     impl Server {
@@ -195,7 +197,7 @@ mod tests {
     }
 
     #[derive(Debug, PartialEq, Eq)]
-    enum Outcome {
+    pub(super) enum Outcome {
         Done,
         Rejected,
         /// The connection ended or broke.
@@ -204,7 +206,7 @@ mod tests {
 
     /// Runs one exchange against `server`; the server runs only when the client waits for
     /// bytes, as over a real connection.
-    fn run(server: &mut Server, exchange: &ClientExchange, local: &mut [u8]) -> Outcome {
+    pub(super) fn run(server: &mut Server, exchange: &ClientExchange, local: &mut [u8]) -> Outcome {
         let (mut to_server, mut to_client) = (VecDeque::new(), VecDeque::new());
         let read = |n: usize,
                     server: &mut Server,
@@ -247,7 +249,7 @@ mod tests {
         Outcome::Done
     }
 
-    fn unique(len: usize, seed: u64) -> Vec<u8> {
+    pub(super) fn unique(len: usize, seed: u64) -> Vec<u8> {
         mooncake_common::pattern::bytes(seed, 0, len)
     }
 
@@ -336,5 +338,188 @@ mod tests {
         );
         assert_eq!(ClientExchange::on_status(None), StatusVerdict::Broken);
         assert!(ClientExchange::new(Op::Read, Version::V2, u64::MAX - 3, 8).is_err());
+    }
+}
+
+/// Property tests of the exchanges, both sides driven against each other in memory. They run
+/// proptest's default case count under `cargo test`; set `PROPTEST_CASES=100000` for a longer
+/// run.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::super::wire::STATUS_LEN;
+    use super::tests::{run, unique, Outcome, Server};
+    use super::*;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![Just(Op::Read), Just(Op::Write)]
+    }
+
+    fn version() -> impl Strategy<Value = Version> {
+        prop_oneof![Just(Version::V1), Just(Version::V2)]
+    }
+
+    /// A registered buffer (never wrapping, as none can) and a request near it: inside,
+    /// across either edge, outside, or wrapping the address space.
+    #[derive(Debug, Clone)]
+    struct Case {
+        base: u64,
+        memory_len: usize,
+        addr: u64,
+        len: u64,
+        seed: u64,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (1usize..=256).prop_flat_map(|memory_len| {
+            let top = u64::MAX - memory_len as u64;
+            let base = prop_oneof![
+                0u64..64,
+                any::<u64>().prop_map(move |b| b.min(top)),
+                top.saturating_sub(64)..=top,
+            ];
+            let span = memory_len as i64 + 16;
+            (base, -16i64..=span, 0u64..=span as u64, any::<u64>()).prop_map(
+                move |(base, offset, len, seed)| Case {
+                    base,
+                    memory_len,
+                    addr: base.wrapping_add_signed(offset),
+                    len,
+                    seed,
+                },
+            )
+        })
+    }
+
+    fn edge() -> impl Strategy<Value = u64> {
+        prop_oneof![0u64..64, any::<u64>(), u64::MAX - 64..=u64::MAX]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::default())]
+
+        #[test]
+        fn both_sides_agree_and_nothing_moves_for_a_refused_range(
+            case in case(), op in op(), version in version()
+        ) {
+            let Case { base, memory_len, addr, len, seed } = case;
+            let Ok(exchange) = ClientExchange::new(op, version, addr, len) else {
+                prop_assert!(addr.checked_add(len).is_none());
+                return Ok(());
+            };
+            let holds = addr >= base && addr + len <= base + memory_len as u64;
+            let memory = unique(memory_len, seed);
+            let mut server = Server { base, memory: memory.clone(), closed: false };
+            let before = unique(len as usize, !seed);
+            let mut local = before.clone();
+            let outcome = run(&mut server, &exchange, &mut local);
+            if holds {
+                prop_assert_eq!(outcome, Outcome::Done);
+                prop_assert!(!server.closed);
+                let at = (addr - base) as usize..(addr - base + len) as usize;
+                match op {
+                    Op::Write => {
+                        prop_assert_eq!(&server.memory[at.clone()], &before[..]);
+                        prop_assert_eq!(&server.memory[..at.start], &memory[..at.start]);
+                        prop_assert_eq!(&server.memory[at.end..], &memory[at.end..]);
+                    }
+                    Op::Read => {
+                        prop_assert_eq!(&local[..], &memory[at]);
+                        prop_assert_eq!(&server.memory, &memory);
+                    }
+                }
+            } else {
+                // v1 acknowledges nothing and has no byte to fence an empty request with, so
+                // an empty v1 request completes unjudged; the engine never sends one.
+                let expected = match version {
+                    Version::V1 if len == 0 => Outcome::Done,
+                    Version::V1 => Outcome::Lost,
+                    Version::V2 => Outcome::Rejected,
+                };
+                let unjudged = expected == Outcome::Done;
+                prop_assert_eq!(outcome, expected);
+                prop_assert!(server.closed || unjudged);
+                prop_assert_eq!(&server.memory, &memory);
+                prop_assert_eq!(&local, &before);
+            }
+        }
+
+        #[test]
+        fn a_wrapping_range_is_refused_before_anything_is_sent(
+            addr in edge(), len in edge(), op in op(), version in version()
+        ) {
+            let header = Header { size: len, addr, op, version };
+            match (ClientExchange::new(op, version, addr, len), addr.checked_add(len)) {
+                (Err(wraps), None) => prop_assert_eq!(wraps, Wraps { addr, len }),
+                (Ok(exchange), Some(end)) => {
+                    let steps = exchange.steps();
+                    prop_assert_eq!(steps[0], ClientStep::SendHeader(header));
+                    let payload = match op {
+                        Op::Write => ClientStep::SendPayload,
+                        Op::Read => ClientStep::ReadPayload,
+                    };
+                    prop_assert_eq!(steps.iter().filter(|s| **s == payload).count(), 1);
+                    if (op, version) == (Op::Write, Version::V1) && len > 0 {
+                        let fence = Header { size: 1, addr: end - 1, op: Op::Read, version };
+                        prop_assert_eq!(&steps[2..], &[ClientStep::SendHeader(fence), ClientStep::ReadFence]);
+                    }
+                    prop_assert_eq!(
+                        steps.contains(&ClientStep::ReadStatus),
+                        version == Version::V2
+                    );
+                }
+                (built, end) => prop_assert!(false, "{:?} for an end of {:?}", built, end),
+            }
+            let refused = serve(&header, false);
+            prop_assert!(refused.ends_with(&[ServerStep::Close]));
+            prop_assert!(!refused.iter().any(|s| matches!(s, ServerStep::ReadPayload | ServerStep::SendPayload)));
+            let served = serve(&header, true);
+            prop_assert!(!served.contains(&ServerStep::Close));
+            let moved = match op {
+                Op::Write => ServerStep::ReadPayload,
+                Op::Read => ServerStep::SendPayload,
+            };
+            prop_assert_eq!(served.iter().filter(|s| **s == moved).count(), 1);
+        }
+
+        #[test]
+        fn garbage_status_frames_break_the_exchange(
+            word in prop_oneof![
+                any::<u64>(),
+                (0u32..4).prop_map(|code| u64::from_le_bytes(Status::Other(code).encode())),
+                any::<u32>().prop_map(|code| u64::from_le_bytes(Status::Other(code).encode())),
+            ],
+            op in op(), addr in 0u64..1 << 40, len in 1u64..64
+        ) {
+            let frame: [u8; STATUS_LEN] = word.to_le_bytes();
+            let exchange = ClientExchange::new(op, Version::V2, addr, len).unwrap();
+            let before = vec![0u8; len as usize];
+            let mut local = before.clone();
+            let mut verdict = StatusVerdict::Continue;
+            for step in exchange.steps() {
+                match step {
+                    ClientStep::ReadStatus => {
+                        verdict = ClientExchange::on_status(Status::decode(&frame));
+                        if verdict != StatusVerdict::Continue {
+                            break;
+                        }
+                    }
+                    ClientStep::ReadPayload => local.fill(0xAA),
+                    _ => {}
+                }
+            }
+            let expected = if frame == Status::Ok.encode() {
+                StatusVerdict::Continue
+            } else if frame == Status::AddressRejected.encode() {
+                StatusVerdict::Rejected
+            } else {
+                StatusVerdict::Broken
+            };
+            prop_assert_eq!(verdict, expected);
+            if expected != StatusVerdict::Continue {
+                prop_assert_eq!(local, before);
+            }
+        }
     }
 }

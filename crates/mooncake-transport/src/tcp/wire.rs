@@ -173,3 +173,94 @@ mod tests {
         assert_eq!(Header::decode(&bytes), Err(BadOpcode(0x42)));
     }
 }
+
+/// Property tests of the framing. They run proptest's default case count under `cargo test`;
+/// set `PROPTEST_CASES=100000` for a longer run.
+#[cfg(test)]
+mod fuzz {
+    use mooncake_common::service::opening;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn header() -> impl Strategy<Value = Header> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop_oneof![Just(Op::Read), Just(Op::Write)],
+            prop_oneof![Just(Version::V1), Just(Version::V2)],
+        )
+            .prop_map(|(size, addr, op, version)| Header {
+                size,
+                addr,
+                op,
+                version,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::default())]
+
+        #[test]
+        fn decode_reads_any_bytes_and_knows_only_mooncake_opcodes(
+            mut bytes in any::<[u8; HEADER_LEN]>(),
+            opcode in prop_oneof![any::<u8>(), prop::sample::select(vec![0u8, 1, 0x80, 0x81])],
+        ) {
+            bytes[16] = opcode;
+            let known = [0u8, 1, 0x80, 0x81].contains(&bytes[16]);
+            match Header::decode(&bytes) {
+                Ok(header) => {
+                    prop_assert!(known);
+                    prop_assert_eq!(header.size, u64::from_le_bytes(bytes[..8].try_into().unwrap()));
+                    prop_assert_eq!(header.addr, u64::from_le_bytes(bytes[8..16].try_into().unwrap()));
+                    // Re-encoding keeps every meaningful byte and zeroes the padding.
+                    let again = header.encode();
+                    prop_assert_eq!(&again[..17], &bytes[..17]);
+                    prop_assert_eq!(&again[17..], &[0u8; 7]);
+                }
+                Err(BadOpcode(opcode)) => {
+                    prop_assert!(!known);
+                    prop_assert_eq!(opcode, bytes[16]);
+                }
+            }
+        }
+
+        #[test]
+        fn headers_round_trip_whatever_the_padding(header in header(), padding in any::<[u8; 7]>()) {
+            let mut bytes = header.encode();
+            prop_assert_eq!(Header::decode(&bytes), Ok(header));
+            bytes[17..].copy_from_slice(&padding);
+            prop_assert_eq!(Header::decode(&bytes), Ok(header));
+        }
+
+        #[test]
+        fn status_frames_need_the_magic(
+            word in prop_oneof![any::<u64>(), any::<u32>().prop_map(|c| STATUS_MAGIC | u64::from(c))],
+            code in any::<u32>(),
+        ) {
+            let bytes = word.to_le_bytes();
+            match Status::decode(&bytes) {
+                Some(status) => {
+                    prop_assert_eq!(word >> 32, STATUS_MAGIC >> 32);
+                    prop_assert_eq!(status.encode(), bytes);
+                }
+                None => prop_assert_ne!(word >> 32, STATUS_MAGIC >> 32),
+            }
+            let status = match code {
+                0 => Status::Ok,
+                1 => Status::AddressRejected,
+                code => Status::Other(code),
+            };
+            prop_assert_eq!(Status::decode(&status.encode()), Some(status));
+        }
+
+        #[test]
+        fn an_opening_is_never_a_request(fill in any::<u8>()) {
+            for step in [opening::Step::Hello, opening::Step::Challenge, opening::Step::Answer] {
+                let frame = opening::encode(step, &vec![fill; step.body_len()]);
+                let header: [u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().unwrap();
+                prop_assert_eq!(Header::decode(&header), Err(BadOpcode(frame[16])));
+            }
+        }
+    }
+}
