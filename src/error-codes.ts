@@ -78,6 +78,10 @@ export type MooncakeErrorCode =
   | 'ERR_BUFFER_OVERFLOW'
   /** Store: an internal invariant broke. */
   | 'ERR_INTERNAL_ERROR'
+  /** The peer did not prove it holds the cluster token (or the proof was stale or replayed). */
+  | 'ERR_UNAUTHENTICATED'
+  /** Authenticated, but the operation needs a role or ownership the caller lacks. */
+  | 'ERR_PERMISSION_DENIED'
 
 /** What each code means, and Mooncake's number for it where it has one. */
 export const ERROR_CODES: Readonly<Record<MooncakeErrorCode, { readonly errno?: number; readonly description: string }>> = {
@@ -119,4 +123,6 @@ export const ERROR_CODES: Readonly<Record<MooncakeErrorCode, { readonly errno?: 
   ERR_UNAVAILABLE_IN_CURRENT_STATUS: { errno: -1010, description: "Store: the operation is not possible in the current state." },
   ERR_BUFFER_OVERFLOW: { errno: -10, description: "Store: the buffer is too small for the object." },
   ERR_INTERNAL_ERROR: { errno: -1, description: "Store: an internal invariant broke." },
+  ERR_UNAUTHENTICATED: { description: "The peer did not prove it holds the cluster token (or the proof was stale or replayed)." },
+  ERR_PERMISSION_DENIED: { description: "Authenticated, but the operation needs a role or ownership the caller lacks." },
 }

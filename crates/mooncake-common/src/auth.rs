@@ -267,7 +267,10 @@ impl ServerSession {
     /// Checks the client's answer.
     pub fn check(self, answer: &[u8]) -> Result<()> {
         let nonces: [&[u8]; 2] = [&self.client_nonce, &self.server_nonce];
-        if self.token.verify_tag(Purpose::ClientAnswer, &nonces, answer) {
+        if self
+            .token
+            .verify_tag(Purpose::ClientAnswer, &nonces, answer)
+        {
             Ok(())
         } else {
             Err(unauthenticated(

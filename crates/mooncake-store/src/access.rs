@@ -242,7 +242,10 @@ mod tests {
 
     #[test]
     fn the_gate_admits_by_token_and_role() {
-        let (member, admin) = (token("member-secret-0123456789"), token("admin-secret-0123456789"));
+        let (member, admin) = (
+            token("member-secret-0123456789"),
+            token("admin-secret-0123456789"),
+        );
         let open = Gate {
             member: None,
             admin: None,

@@ -52,9 +52,10 @@ async fn connect(server: &MasterServer, tokens: Tokens) -> mooncake_common::Resu
 
 async fn remove_all(client: &MasterClient) -> mooncake_common::Result<u64> {
     client
-        .call(proto::RemoveAllRequest { force: true }, |mut g, r| async move {
-            g.remove_all(r).await
-        })
+        .call(
+            proto::RemoveAllRequest { force: true },
+            |mut g, r| async move { g.remove_all(r).await },
+        )
         .await
         .map(|r| r.count)
 }
@@ -139,12 +140,13 @@ async fn a_proof_seen_on_the_wire_does_not_work_twice() {
         .connect()
         .await
         .unwrap();
-    let mut replaying = RawClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-        request
-            .metadata_mut()
-            .insert(PROOF_HEADER, proof.parse().unwrap());
-        Ok(request)
-    });
+    let mut replaying =
+        RawClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert(PROOF_HEADER, proof.parse().unwrap());
+            Ok(request)
+        });
     replaying
         .service_ready(proto::ServiceReadyRequest {})
         .await
@@ -272,8 +274,10 @@ async fn https_get(
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = connector.connect(name, tcp).await?;
-    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut reply = Vec::new();
     let _ = tls.read_to_end(&mut reply).await;
     Ok(String::from_utf8_lossy(&reply).into_owned())

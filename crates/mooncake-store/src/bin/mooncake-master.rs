@@ -17,7 +17,12 @@ use mooncake_store::master::{
 struct Args {
     /// Address to bind the RPC, admin and metadata servers. Loopback unless told otherwise:
     /// pass `--rpc-address 0.0.0.0` to serve other hosts.
-    #[arg(long, visible_alias = "host", alias = "rpc_address", default_value = "127.0.0.1")]
+    #[arg(
+        long,
+        visible_alias = "host",
+        alias = "rpc_address",
+        default_value = "127.0.0.1"
+    )]
     rpc_address: String,
     /// gRPC port.
     #[arg(long, alias = "rpc_port", default_value_t = 50051)]

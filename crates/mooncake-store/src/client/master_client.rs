@@ -17,9 +17,9 @@ use mooncake_metadata::MetadataStore;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use crate::access::{Prover, Tokens};
 use crate::master::ha::validate_cluster_id;
 use crate::master::log::etcd::ClusterKeys;
-use crate::access::{Prover, Tokens};
 use crate::proto::master_client::MasterClient as Grpc;
 use crate::wire::STORE_VERSION;
 
@@ -72,7 +72,11 @@ struct View {
 impl MasterClient {
     /// Connects to `address` (`host:port`, or `etcd://h1:2379;h2:2379` for an HA cluster)
     /// and checks the master's version.
-    pub async fn connect(address: &str, timeout: Duration, credentials: Credentials) -> Result<Self> {
+    pub async fn connect(
+        address: &str,
+        timeout: Duration,
+        credentials: Credentials,
+    ) -> Result<Self> {
         let tls_ca = credentials
             .tls_ca
             .as_ref()

@@ -86,7 +86,12 @@ fn config() -> impl Strategy<Value = Option<proto::ReplicateConfig>> {
         prop_oneof![(0..3u8).prop_map(|n| format!("node-{n}")), "\\PC{0,8}"],
         0..3,
     );
-    let ttl = prop_oneof![Just(None), Just(Some(0u64)), Just(Some(u64::MAX)), (1..100_000u64).prop_map(Some)];
+    let ttl = prop_oneof![
+        Just(None),
+        Just(Some(0u64)),
+        Just(Some(u64::MAX)),
+        (1..100_000u64).prop_map(Some)
+    ];
     prop_oneof![
         1 => Just(None),
         4 => (replicas, preferred, 0..4i32, ttl, any::<bool>()).prop_map(
@@ -142,23 +147,41 @@ enum Call {
 
 fn call() -> impl Strategy<Value = Call> {
     let key_request = (uuid(), key(), write_id())
-        .prop_map(|(client_id, key, write_id)| proto::KeyRequest { client_id, key, write_id })
+        .prop_map(|(client_id, key, write_id)| proto::KeyRequest {
+            client_id,
+            key,
+            write_id,
+        })
         .boxed();
-    let batch_keys = (uuid(), keys(), proptest::collection::vec(write_id(), 0..5)).prop_map(
-        |(client_id, keys, write_ids)| proto::BatchKeysRequest { client_id, keys, write_ids },
-    )
-    .boxed();
-    let put_start = (uuid(), key(), size(), config()).prop_map(|(client_id, key, size, config)| {
-        proto::PutStartRequest { client_id, key, size, config }
-    })
-    .boxed();
-    let batch_start = (uuid(), keys(), proptest::collection::vec(size(), 0..5), config())
-        .prop_map(|(client_id, keys, sizes, config)| proto::BatchPutStartRequest {
+    let batch_keys = (uuid(), keys(), proptest::collection::vec(write_id(), 0..5))
+        .prop_map(|(client_id, keys, write_ids)| proto::BatchKeysRequest {
             client_id,
             keys,
-            sizes,
+            write_ids,
+        })
+        .boxed();
+    let put_start = (uuid(), key(), size(), config())
+        .prop_map(|(client_id, key, size, config)| proto::PutStartRequest {
+            client_id,
+            key,
+            size,
             config,
         })
+        .boxed();
+    let batch_start = (
+        uuid(),
+        keys(),
+        proptest::collection::vec(size(), 0..5),
+        config(),
+    )
+        .prop_map(
+            |(client_id, keys, sizes, config)| proto::BatchPutStartRequest {
+                client_id,
+                keys,
+                sizes,
+                config,
+            },
+        )
         .boxed();
     let pattern = prop_oneof![
         Just("key-.*".to_owned()),
@@ -207,7 +230,12 @@ struct Granted(Vec<(Option<proto::Uuid>, String, u64)>);
 
 impl Granted {
     /// Remembers a granted write; whether it was granted.
-    fn note(&mut self, client: &Option<proto::Uuid>, key: &str, reply: &proto::PutStartResponse) -> bool {
+    fn note(
+        &mut self,
+        client: &Option<proto::Uuid>,
+        key: &str,
+        reply: &proto::PutStartResponse,
+    ) -> bool {
         let granted = reply.outcome.as_ref().is_none_or(|o| o.code == 0) && reply.write_id != 0;
         if granted {
             self.0.push((*client, key.to_owned(), reply.write_id));
@@ -292,7 +320,10 @@ async fn run(service: &MasterService, granted: &mut Granted, call: Call) -> (&'s
         Call::BatchUpsertStart(m) => {
             let (client, keys) = (m.client_id, m.keys.clone());
             let reply = service.batch_upsert_start(admin(m)).await;
-            ("batch_upsert_start", granted.note_batch(&client, &keys, reply))
+            (
+                "batch_upsert_start",
+                granted.note_batch(&client, &keys, reply),
+            )
         }
         Call::BatchPutEnd(mut m) => {
             aim_batch(granted, &mut m);
@@ -373,7 +404,14 @@ fn hostile_calls_still_reach_deep_states() {
             *successes.entry(name).or_default() += u32::from(ok);
         }
     }
-    for deep in ["mount_segment", "put_start", "put_end", "get_replica_list", "remove", "batch_put_start"] {
+    for deep in [
+        "mount_segment",
+        "put_start",
+        "put_end",
+        "get_replica_list",
+        "remove",
+        "batch_put_start",
+    ] {
         assert!(
             successes.get(deep).copied().unwrap_or(0) > 0,
             "{deep} never succeeded: {successes:?}"

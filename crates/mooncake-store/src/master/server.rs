@@ -17,8 +17,8 @@ use super::log::disk::DiskLog;
 use super::log::{Log, LogStore, SnapshotPolicy};
 use super::service::{MasterService, OpCounters, Role};
 pub use super::tls::TlsFiles;
-use crate::access::{Guarded, Tokens};
 use super::{Master, MasterConfig};
+use crate::access::{Guarded, Tokens};
 use crate::proto::master_server::MasterServer as GrpcMaster;
 
 /// How often the state machine's periodic work runs (Mooncake's eviction thread period).

@@ -554,7 +554,8 @@ impl proto::master_server::Master for MasterService {
     ) -> Reply<proto::ExistKeyResponse> {
         let key = request.into_inner().key;
         let exists = self.master()?.exist_key(Instant::now(), &key);
-        self.counters.count("exist_key", 1, usize::from(exists.is_err()));
+        self.counters
+            .count("exist_key", 1, usize::from(exists.is_err()));
         let exists = exists.map_err(|e| to_status(&e))?;
         Ok(Response::new(proto::ExistKeyResponse { exists }))
     }

@@ -30,9 +30,8 @@ pub struct TlsFiles {
 impl TlsFiles {
     fn read(&self) -> Result<(Vec<u8>, Vec<u8>)> {
         let read = |path: &PathBuf, what: &str| {
-            std::fs::read(path).map_err(|e| {
-                Error::invalid(format!("master TLS {what} '{}': {e}", path.display()))
-            })
+            std::fs::read(path)
+                .map_err(|e| Error::invalid(format!("master TLS {what} '{}': {e}", path.display())))
         };
         Ok((read(&self.cert, "certificate")?, read(&self.key, "key")?))
     }
@@ -87,8 +86,7 @@ pub(super) async fn serve_https(
         };
         let (acceptor, app, stop) = (acceptor.clone(), app.clone(), stop.clone());
         connections.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-            {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return tracing::debug!(%peer, "admin TLS handshake failed: {e}"),
                 Err(_) => return tracing::debug!(%peer, "admin TLS handshake stalled"),
@@ -96,8 +94,7 @@ pub(super) async fn serve_https(
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT);
-            let served =
-                http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
+            let served = http.serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
             tokio::select! {
                 _ = stop.cancelled() => {}
                 result = served => if let Err(e) = result {

@@ -847,10 +847,7 @@ fn every_call_that_names_a_key_refuses_an_over_long_one() {
         code(m.get_replica_list(now, &long)),
         ErrorKind::InvalidArgument
     );
-    assert_eq!(
-        code(m.exist_key(now, &long)),
-        ErrorKind::InvalidArgument
-    );
+    assert_eq!(code(m.exist_key(now, &long)), ErrorKind::InvalidArgument);
     assert_eq!(code(m.remove(now, &long, true)), ErrorKind::InvalidArgument);
     assert_eq!(
         code(m.remove_by_regex(now, &long, true)),
