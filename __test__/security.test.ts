@@ -7,13 +7,13 @@ import { createInterface } from 'node:readline'
 
 import test from 'ava'
 
-import { MasterServer, MooncakeError, MooncakeStore, startMetadataServer, TransferEngine } from '../src'
+import { MasterServer, MooncakeError, MooncakeStore, startMetadataServer, TransferEngine, type MooncakeErrorCode } from '../src'
 import { pattern } from './helpers'
 
 const CLUSTER = 'cluster-token-of-the-security-test'
 const ADMIN = 'admin-token-of-the-security-test'
 
-async function rejectsWith(t: import('ava').ExecutionContext, promise: Promise<unknown>, code: string): Promise<void> {
+async function rejectsWith(t: import('ava').ExecutionContext, promise: Promise<unknown>, code: MooncakeErrorCode): Promise<void> {
   const error = await t.throwsAsync(promise)
   t.true(error instanceof MooncakeError, String(error))
   t.is((error as MooncakeError).code, code, error?.message)
