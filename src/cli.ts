@@ -286,12 +286,16 @@ function newToken(): string {
 
 /** The token in `path`, or undefined without a path. */
 function readToken(path: string | undefined): string | undefined {
-  return path === undefined ? undefined : readFileSync(path, 'utf8').trim()
+  if (path === undefined) return undefined
+  const token = readFileSync(path, 'utf8').trim()
+  // An empty file must never mean "no token".
+  if (token === '') throw new MooncakeError('ERR_INVALID_ARGUMENT', `token file '${path}' is empty`)
+  return token
 }
 
 /** The token in `path`, made there (mode 0600) when the file does not exist yet. */
 function tokenAt(path: string): { token: string; made: boolean } {
-  if (existsSync(path)) return { token: readFileSync(path, 'utf8').trim(), made: false }
+  if (existsSync(path)) return { token: readToken(path)!, made: false }
   mkdirSync(dirname(path), { recursive: true })
   const token = newToken()
   writeFileSync(path, `${token}\n`, { mode: 0o600, flag: 'wx' })

@@ -10,7 +10,7 @@ export interface MasterServerOptions {
   rpcPort?: number
   /** Admin HTTP port (`/metrics`, `/health`, `/query_key`, ...); 0 picks one; -1 disables it. Default 9003. */
   metricsPort?: number
-  /** Interface the admin HTTP binds; its routes only read. Default: `host`. */
+  /** Interface the admin HTTP binds; its routes only read. Default `'127.0.0.1'`, whatever `host` is. */
   adminHost?: string
   /** Also run the Transfer Engine HTTP metadata server in this process. Default false. */
   httpMetadataServer?: boolean

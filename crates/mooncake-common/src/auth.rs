@@ -17,9 +17,10 @@
 //! Every tag is keyed by a purpose label, so a tag made for one use never verifies for another.
 //! Everything here is sans-IO.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
@@ -121,6 +122,12 @@ impl ClusterToken {
         Self::new(&text).map(Some)
     }
 
+    /// Whether `other` was made from the same secret.
+    pub fn same_secret(&self, other: &ClusterToken) -> bool {
+        let probe: [&[u8]; 1] = [b"same-secret"];
+        self.verify(&probe, &other.sign(&probe))
+    }
+
     /// A fresh random secret: 64 hexadecimal characters.
     pub fn generate() -> Result<String> {
         Ok(hex(&random::<32>()?))
@@ -144,7 +151,7 @@ impl ClusterToken {
     /// A proof for one request on `scope`, good once, for [`PROOF_WINDOW`].
     pub fn prove(&self, scope: &str) -> Result<String> {
         let now = unix_millis(SystemTime::now());
-        Ok(self.prove_at(scope, now, random()?))
+        Ok(self.prove_at(scope, now, request_nonce()?))
     }
 
     fn prove_at(&self, scope: &str, unix_ms: u64, nonce: Nonce) -> String {
@@ -287,23 +294,35 @@ pub struct ProofChecker {
     seen: Mutex<SeenNonces>,
 }
 
-/// Nonces of proofs accepted within the window, oldest first.
-#[derive(Debug, Default)]
+/// Proofs accepted within the window, by stamp then nonce. A replay repeats both (the stamp
+/// is under the tag), so the pair is what must not come twice.
+#[derive(Debug)]
 struct SeenNonces {
-    set: HashSet<Nonce>,
-    order: VecDeque<(u64, Nonce)>,
+    seen: BTreeSet<(u64, Nonce)>,
+    capacity: usize,
+    /// The latest stamp forgotten to make room: proofs stamped at or before it are refused,
+    /// since they can no longer be checked for replay.
+    floor: u64,
 }
 
-/// Most proofs remembered; beyond it the oldest are forgotten early, and proofs older than
-/// the oldest remembered are refused, so a forgotten nonce can never be replayed.
+/// Most proofs remembered; beyond it the oldest are forgotten early (see
+/// [`SeenNonces::floor`]).
 const MAX_REMEMBERED: usize = 1 << 20;
 
 impl ProofChecker {
     /// A checker for `token`.
     pub fn new(token: ClusterToken) -> Self {
+        Self::remembering(token, MAX_REMEMBERED)
+    }
+
+    fn remembering(token: ClusterToken, capacity: usize) -> Self {
         Self {
             token,
-            seen: Mutex::new(SeenNonces::default()),
+            seen: Mutex::new(SeenNonces {
+                seen: BTreeSet::new(),
+                capacity,
+                floor: 0,
+            }),
         }
     }
 
@@ -350,20 +369,15 @@ impl ProofChecker {
         }
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.forget_before(now_ms.saturating_sub(window));
-        if seen
-            .order
-            .front()
-            .is_some_and(|(oldest, _)| seen.order.len() >= MAX_REMEMBERED && unix_ms <= *oldest)
-        {
+        if unix_ms <= seen.floor {
             return Err(unauthenticated("proof too old to check for replay"));
         }
-        if !seen.set.insert(nonce) {
+        if !seen.seen.insert((unix_ms, nonce)) {
             return Err(unauthenticated("proof replayed"));
         }
-        seen.order.push_back((unix_ms, nonce));
-        while seen.order.len() > MAX_REMEMBERED {
-            if let Some((_, old)) = seen.order.pop_front() {
-                seen.set.remove(&old);
+        while seen.seen.len() > seen.capacity {
+            if let Some((stamp, _)) = seen.seen.pop_first() {
+                seen.floor = seen.floor.max(stamp);
             }
         }
         Ok(())
@@ -372,14 +386,12 @@ impl ProofChecker {
 
 impl SeenNonces {
     fn forget_before(&mut self, cutoff_ms: u64) {
-        // Not strictly ordered by stamp (clients' clocks differ), so this forgets lazily: a
-        // nonce stays at least as long as the window requires.
-        while let Some((stamp, nonce)) = self.order.front().copied() {
-            if stamp >= cutoff_ms {
-                break;
-            }
-            self.order.pop_front();
-            self.set.remove(&nonce);
+        while self
+            .seen
+            .first()
+            .is_some_and(|(stamp, _)| *stamp < cutoff_ms)
+        {
+            self.seen.pop_first();
         }
     }
 }
@@ -402,6 +414,25 @@ pub fn unauthenticated(message: impl Into<String>) -> Error {
 fn unix_millis(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A nonce no other proof of this process or any other used: a random prefix drawn once per
+/// process and a counter. A proof's nonce need only be unique (its tag is keyed), and this
+/// spares a system call per request.
+fn request_nonce() -> Result<Nonce> {
+    static PREFIX: OnceLock<[u8; NONCE_LEN - 8]> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = match PREFIX.get() {
+        Some(prefix) => prefix,
+        None => {
+            let drawn = random()?;
+            PREFIX.get_or_init(|| drawn)
+        }
+    };
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce[..NONCE_LEN - 8].copy_from_slice(prefix);
+    nonce[NONCE_LEN - 8..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    Ok(nonce)
 }
 
 fn random<const N: usize>() -> Result<[u8; N]> {
@@ -479,6 +510,29 @@ mod tests {
         for garbage in ["", "v1", "v1.1.2.3", "v2.1.aa.bb", &proof.replace('.', ":")] {
             assert!(checker.check(garbage, "s").is_err(), "{garbage}");
         }
+    }
+
+    #[test]
+    fn a_full_replay_memory_forgets_the_oldest_and_refuses_what_it_forgot() {
+        let a = token("a-secret-of-enough-length");
+        let checker = ProofChecker::remembering(a.clone(), 4);
+        let now = unix_millis(SystemTime::now());
+        // Out of order, as clients with different clocks send them.
+        let proofs: Vec<String> = [5u64, 1, 4, 2, 3, 6]
+            .iter()
+            .map(|&i| a.prove_at("s", now - 10_000 + i, [i as u8; NONCE_LEN]))
+            .collect();
+        for proof in &proofs {
+            checker.check_at(proof, "s", now).unwrap();
+        }
+        // Stamps 1 and 2 were forgotten: neither they nor anything as old may pass again.
+        for proof in &proofs {
+            assert!(checker.check_at(proof, "s", now).is_err(), "{proof}");
+        }
+        let old = a.prove_at("s", now - 10_000 + 2, [9; NONCE_LEN]);
+        assert!(checker.check_at(&old, "s", now).is_err());
+        let fresh = a.prove_at("s", now, [10; NONCE_LEN]);
+        checker.check_at(&fresh, "s", now).unwrap();
     }
 
     #[test]

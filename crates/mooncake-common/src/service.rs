@@ -8,7 +8,8 @@
 //! Admission never stops the loop. A connection over its peer's cap takes the place of that
 //! peer's longest-silent connection; one over the total cap takes the place of the
 //! longest-silent connection of anyone, if that one has been silent for
-//! [`Limits::reclaim_after`], and is closed at once otherwise. A peer that opens connections
+//! [`Limits::reclaim_after`] and has not proven the cluster token (see
+//! [`Activity::authenticated`]), and is closed at once otherwise. A peer that opens connections
 //! and stalls them thus costs only itself (its own older connections go first, and the per-peer
 //! cap keeps it from filling the listener), and nothing waits in the listen backlog behind it.
 //! Handlers report progress on their [`Activity`].
@@ -17,7 +18,7 @@ pub mod opening;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,7 @@ impl Limits {
 pub struct Activity {
     epoch: Instant,
     last_ms: Arc<AtomicU64>,
+    authenticated: Arc<AtomicBool>,
 }
 
 impl Activity {
@@ -118,6 +120,7 @@ impl Activity {
         let activity = Self {
             epoch,
             last_ms: Arc::new(AtomicU64::new(0)),
+            authenticated: Arc::new(AtomicBool::new(false)),
         };
         activity.touch();
         activity
@@ -132,6 +135,18 @@ impl Activity {
     pub fn touch(&self) {
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Records that the peer proved the cluster token: from now on only its own newer
+    /// connections may take this one's place, however long it stays quiet (an idle lane or a
+    /// watch connection is not a stalled attacker).
+    pub fn authenticated(&self) {
+        self.authenticated.store(true, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::Relaxed)
     }
 
     /// How long since the last progress.
@@ -176,7 +191,13 @@ impl Table {
             let victim = self
                 .live
                 .iter()
-                .filter(|(_, e)| !peer_full || e.key == key)
+                .filter(|(_, e)| {
+                    if peer_full {
+                        e.key == key
+                    } else {
+                        !e.activity.is_authenticated()
+                    }
+                })
                 .map(|(id, e)| (*id, e.activity.silent_for()))
                 .filter(|(_, silent)| *silent >= reclaim_after)
                 .max_by_key(|(_, silent)| *silent)
@@ -324,5 +345,38 @@ mod tests {
             0,
             "connections are dropped on close"
         );
+    }
+
+    #[test]
+    fn a_connection_that_proved_the_token_makes_room_only_for_its_own_peer() {
+        let limits = Limits {
+            reclaim_after: Duration::ZERO,
+            ..Limits::new(2, 2)
+        };
+        let mut table = Table {
+            limits,
+            epoch: Instant::now(),
+            next_id: 0,
+            live: HashMap::new(),
+            per_peer: HashMap::new(),
+        };
+        let Admitted::In(_, member, member_evicted) = table.admit("member") else {
+            panic!("room for the first");
+        };
+        member.authenticated();
+        let Admitted::In(_, _, stranger_evicted) = table.admit("stranger") else {
+            panic!("room for the second");
+        };
+        // Full: newcomers take the unproven connection's place, never the member's.
+        for newcomer in ["third", "fourth", "fifth"] {
+            assert!(matches!(table.admit(newcomer), Admitted::In(..)));
+            assert!(!member_evicted.is_cancelled(), "{newcomer}");
+        }
+        assert!(stranger_evicted.is_cancelled());
+        // The member's own newer connections may still take its place (it is the quietest).
+        std::thread::sleep(Duration::from_millis(5));
+        let _ = table.admit("member");
+        let _ = table.admit("member");
+        assert!(member_evicted.is_cancelled());
     }
 }

@@ -21,7 +21,7 @@ pub struct MasterOptions {
     pub rpc_port: Option<u32>,
     /// Admin HTTP port (`/metrics`, ...); 0 picks one (default 9003); -1 disables it.
     pub metrics_port: Option<i32>,
-    /// Interface the admin HTTP binds (default: `host`).
+    /// Interface the admin HTTP binds (default 127.0.0.1).
     pub admin_host: Option<String>,
     /// Run the Transfer Engine HTTP metadata server in the same process (default false).
     pub http_metadata_server: Option<bool>,
@@ -77,7 +77,7 @@ impl MasterOptions {
         };
         let mut config = MasterServerConfig {
             host: self.host.unwrap_or_else(|| "127.0.0.1".to_owned()),
-            admin_host: self.admin_host,
+            admin_host: self.admin_host.unwrap_or_else(|| "127.0.0.1".to_owned()),
             ..MasterServerConfig::default()
         };
         if let Some(p) = self.rpc_port {

@@ -120,6 +120,23 @@ async fn removing_everything_needs_the_admin_role() {
     let error = remove_all(&client).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Unauthenticated, "{error}");
 
+    // An admin token equal to the cluster token would make every member an admin.
+    let same = MasterServer::start(MasterServerConfig {
+        host: "127.0.0.1".into(),
+        rpc_port: 0,
+        metrics_port: None,
+        tokens: Tokens {
+            cluster: Some(token(CLUSTER)),
+            admin: Some(token(CLUSTER)),
+        },
+        ..MasterServerConfig::default()
+    })
+    .await;
+    assert_eq!(
+        same.err().map(|e| e.kind()),
+        Some(ErrorKind::InvalidArgument)
+    );
+
     // Without tokens the master is open, as Mooncake's is.
     let open = master(Tokens::default(), None).await;
     let client = connect(&open, Tokens::default()).await.unwrap();

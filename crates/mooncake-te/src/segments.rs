@@ -290,9 +290,17 @@ impl Resolver {
                 }
                 let desc = SegmentDesc::decode(&reply)?;
                 if let Some(token) = &self.token {
-                    // The handshake proved the peer holds the token; the signature proves
-                    // the descriptor is the one it means (P2P names may spell hosts differently).
+                    // The handshake proved the peer holds the token; the signature proves the
+                    // descriptor is a member's, and its port that it is the one dialled (P2P
+                    // names may spell the host differently).
                     desc.verify(token, &desc.name)?;
+                    let published = split_host_port(&desc.name).ok().and_then(|(_, p)| p);
+                    if published != Some(port) {
+                        return Err(mooncake_common::auth::unauthenticated(format!(
+                            "{name} answered with the descriptor of {}",
+                            desc.name
+                        )));
+                    }
                 }
                 Ok(Fetched {
                     name: name.to_owned(),

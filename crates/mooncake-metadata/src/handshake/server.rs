@@ -149,7 +149,7 @@ async fn serve(
             .await
             .map_err(|_| ServeError::Stalled(frame::HEADER_DEADLINE))?
             .map_err(ServeError::Unauthenticated)?;
-        activity.touch();
+        activity.authenticated();
     }
     let request = read_frame(&mut stream, max_frame, Some((accepted, &activity))).await?;
     let reply = match request.kind {

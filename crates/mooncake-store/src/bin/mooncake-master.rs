@@ -105,7 +105,13 @@ struct Args {
 
 fn read_token(path: Option<&std::path::Path>) -> Result<Option<String>, String> {
     path.map(|path| {
-        std::fs::read_to_string(path).map_err(|e| format!("token file '{}': {e}", path.display()))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("token file '{}': {e}", path.display()))?;
+        // An empty file must never mean "no token".
+        if text.trim().is_empty() {
+            return Err(format!("token file '{}' is empty", path.display()));
+        }
+        Ok(text)
     })
     .transpose()
 }
@@ -189,7 +195,7 @@ async fn main() -> std::process::ExitCode {
         host: args.rpc_address,
         rpc_port: args.rpc_port,
         metrics_port: Some(args.metrics_port),
-        admin_host: Some(args.admin_address),
+        admin_host: args.admin_address,
         http_metadata_port: args
             .enable_http_metadata_server
             .then_some(args.http_metadata_server_port),

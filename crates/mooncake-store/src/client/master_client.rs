@@ -335,6 +335,11 @@ fn rpc(address: &str, timeout: Duration, prover: &Prover, tls_ca: Option<&[u8]>)
 
 fn channel(address: &str, timeout: Duration, tls_ca: Option<&[u8]>) -> Result<Channel> {
     let scheme = if tls_ca.is_some() { "https" } else { "http" };
+    if tls_ca.is_some() && address.starts_with("http://") {
+        return Err(Error::invalid(format!(
+            "master address '{address}' says plain text, but a TLS CA was given"
+        )));
+    }
     let uri = if address.contains("://") {
         address.to_owned()
     } else {

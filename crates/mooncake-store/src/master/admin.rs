@@ -1,22 +1,29 @@
 //! The master's admin HTTP server: `/metrics` (Prometheus text, Mooncake's names), `/health`,
-//! `/query_key`, `/get_all_keys` (paged), `/get_all_segments`, `/get_segments_detail`.
+//! `/query_key`, `/get_all_keys` (paged), `/get_all_segments`, `/get_segments_detail`. Every
+//! route only reads. On a master with a cluster token, the pages that name keys and segments
+//! need a proof of it (`x-mooncake-proof` over `GET <path>`); `/metrics` and `/health` stay open
+//! for scrapers and probes. Client ids, which own segments, are never shown.
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use tokio::sync::watch;
 
+use mooncake_common::auth::{unauthenticated, ProofChecker};
+
 use super::ha::HaStatus;
 use super::log::Log;
 use super::service::{OpCounters, Role};
 use super::Master;
+use crate::access::PROOF_HEADER;
 
 /// Keys a `/get_all_keys` page holds unless `limit` says otherwise.
 pub const DEFAULT_KEYS_PAGE: usize = 1000;
@@ -35,6 +42,8 @@ pub(super) struct Admin {
     pub(super) counters: Arc<OpCounters>,
     pub(super) role: watch::Receiver<Role>,
     pub(super) ha: Option<HaStatus>,
+    /// Checks proofs of the cluster token, when the master has one.
+    pub(super) proofs: Option<Arc<ProofChecker>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -50,14 +59,39 @@ struct PageQuery {
 
 /// The admin routes.
 pub(super) fn routes(admin: Admin) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/health", get(health))
+    let named = Router::new()
         .route("/query_key", get(query_key))
         .route("/get_all_keys", get(all_keys))
         .route("/get_all_segments", get(all_segments))
         .route("/get_segments_detail", get(segments_detail))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), proven));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .merge(named)
         .with_state(admin)
+}
+
+/// Lets a request through when the master has no token or the request proves it.
+async fn proven(State(admin): State<Admin>, request: Request, next: Next) -> Response {
+    if let Some(checker) = &admin.proofs {
+        let scope = format!("GET {}", request.uri().path());
+        let proof = request
+            .headers()
+            .get(PROOF_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if let Err(e) = proof.map_or_else(
+            || {
+                Err(unauthenticated(
+                    "this page needs a proof of the cluster token",
+                ))
+            },
+            |proof| checker.check(proof, &scope),
+        ) {
+            return (StatusCode::UNAUTHORIZED, e.message().to_owned()).into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// Newline-separated keys in order, a page at a time: `?limit=` (default
@@ -365,7 +399,6 @@ async fn segments_detail(State(admin): State<Admin>) -> Json<serde_json::Value> 
         "segments": segments.iter().map(|s| serde_json::json!({
             "segment_name": s.spec.name,
             "segment_id": format!("{:032x}", s.spec.id.0),
-            "client_id": format!("{:032x}", s.client.0),
             "base_address": format!("{:#x}", s.spec.base),
             "size_bytes": s.spec.size,
             "te_endpoint": s.spec.te_endpoint,
@@ -385,6 +418,7 @@ mod tests {
     use super::*;
     use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
     use crate::master::MasterConfig;
+    use mooncake_common::auth::ClusterToken;
 
     #[test]
     fn label_values_are_escaped() {
@@ -396,8 +430,13 @@ mod tests {
     }
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+        get_with(addr, path, "").await
+    }
+
+    async fn get_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (String, String) {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await.unwrap();
@@ -431,6 +470,7 @@ mod tests {
             counters: Arc::default(),
             role,
             ha: None,
+            proofs: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -462,6 +502,43 @@ mod tests {
             metrics.contains("segment_allocated_bytes{segment=\"node \\\"1\\\"\"} 25600"),
             "{metrics}"
         );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn with_a_token_pages_that_name_keys_need_a_proof() {
+        let token = ClusterToken::new("admin-pages-secret-0001").unwrap();
+        let (_, role) = watch::channel(Role::Leader(None));
+        let app = routes(Admin {
+            state: Arc::new(Mutex::new(Master::new(MasterConfig::default()).unwrap())),
+            counters: Arc::default(),
+            role,
+            ha: None,
+            proofs: Some(Arc::new(ProofChecker::new(token.clone()))),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        for open in ["/metrics", "/health"] {
+            let (head, _) = get(addr, open).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{open}: {head}");
+        }
+        for named in [
+            "/get_all_keys",
+            "/get_segments_detail",
+            "/get_all_segments",
+            "/query_key?key=k",
+        ] {
+            let (head, _) = get(addr, named).await;
+            assert!(head.starts_with("HTTP/1.1 401"), "{named}: {head}");
+            let path = named.split('?').next().unwrap();
+            let proof = token.prove(&format!("GET {path}")).unwrap();
+            let header = format!("{PROOF_HEADER}: {proof}\r\n");
+            let (head, _) = get_with(addr, named, &header).await;
+            assert!(!head.starts_with("HTTP/1.1 401"), "{named}: {head}");
+            let (head, _) = get_with(addr, named, &header).await;
+            assert!(head.starts_with("HTTP/1.1 401"), "a replayed proof: {head}");
+        }
         server.abort();
     }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mooncake_common::auth::ProofChecker;
 use mooncake_common::{Error, Result};
 use mooncake_metadata::http::{MetadataServer, MetadataServerConfig};
 use tokio::sync::watch;
@@ -33,9 +34,9 @@ pub struct MasterServerConfig {
     pub rpc_port: u16,
     /// Admin HTTP port (`/metrics`, `/health`, ...); `None` disables it. Default 9003.
     pub metrics_port: Option<u16>,
-    /// Interface the admin HTTP binds; `None` means `host`. Its routes only read, and a
+    /// Interface the admin HTTP binds. Default `127.0.0.1`: its routes only read, and a
     /// Prometheus scraper elsewhere is the reason to widen it.
-    pub admin_host: Option<String>,
+    pub admin_host: String,
     /// Port of the embedded Transfer Engine metadata server; `None` disables it (default).
     pub http_metadata_port: Option<u16>,
     /// The state machine's configuration.
@@ -77,7 +78,7 @@ impl Default for MasterServerConfig {
             host: "127.0.0.1".to_owned(),
             rpc_port: 50051,
             metrics_port: Some(9003),
-            admin_host: None,
+            admin_host: "127.0.0.1".to_owned(),
             http_metadata_port: None,
             master: MasterConfig::default(),
             durability: Durability::Memory,
@@ -142,6 +143,13 @@ impl MasterServer {
             }
         };
 
+        if let (Some(cluster), Some(admin)) = (&config.tokens.cluster, &config.tokens.admin) {
+            if cluster.same_secret(admin) {
+                return Err(Error::invalid(
+                    "the admin token must differ from the cluster token, or every member is an admin",
+                ));
+            }
+        }
         if config.tokens.cluster.is_none() && !is_loopback(&config.host) {
             tracing::warn!(
                 host = %config.host,
@@ -207,7 +215,7 @@ impl MasterServer {
         let metrics_addr = match config.metrics_port {
             None => None,
             Some(port) => {
-                let host = config.admin_host.as_deref().unwrap_or(&config.host);
+                let host = config.admin_host.as_str();
                 let listener = tokio::net::TcpListener::bind((host, port))
                     .await
                     .map_err(|e| {
@@ -221,6 +229,11 @@ impl MasterServer {
                     counters,
                     role,
                     ha,
+                    proofs: config
+                        .tokens
+                        .cluster
+                        .clone()
+                        .map(|token| Arc::new(ProofChecker::new(token))),
                 });
                 let stop = shutdown.clone();
                 match config.tls.as_ref().map(TlsFiles::acceptor).transpose()? {

@@ -135,6 +135,7 @@ async fn serve(
             .await
             .map_err(stalled)?
             .map_err(ServeError::Unauthenticated)?;
+        activity.authenticated();
     }
     let mut request = [0u8; REQUEST_LEN];
     let mut first = true;

@@ -144,7 +144,7 @@ async fn session(
             .await
             .map_err(|_| SessionError::Stalled(HEADER_DEADLINE))?
             .map_err(SessionError::Unauthenticated)?;
-        activity.touch();
+        activity.authenticated();
     }
     let stall = options.progress_timeout;
     let mut header = [0u8; HEADER_LEN];
