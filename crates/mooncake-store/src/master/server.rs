@@ -165,7 +165,13 @@ impl MasterServer {
             )),
             config.tokens.clone(),
         );
-        let mut rpc = tonic::transport::Server::builder();
+        // Dead and silent connections are found and dropped; no one connection may open
+        // streams without end.
+        let mut rpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .max_concurrent_streams(Some(1024));
         if let Some(files) = &config.tls {
             rpc = rpc
                 .tls_config(files.grpc()?)
