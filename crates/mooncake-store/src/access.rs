@@ -217,6 +217,40 @@ impl tonic::service::Interceptor for Prover {
     }
 }
 
+/// The value of `master_view` for the leader at `address`: with a cluster token, the address
+/// and its signature, so that clients follow only a leader a member wrote (the etcd key may be
+/// writable by others).
+pub fn view_value(address: &str, view_key: &str, token: Option<&ClusterToken>) -> String {
+    match token {
+        None => address.to_owned(),
+        Some(token) => {
+            let signature = token.sign(&[VIEW_PURPOSE, view_key.as_bytes(), address.as_bytes()]);
+            format!("{address} {signature}")
+        }
+    }
+}
+
+/// The leader's address in a `master_view` value; with a token, only when a member signed it
+/// (`ERR_UNAUTHENTICATED` otherwise).
+pub fn view_address(value: &str, view_key: &str, token: Option<&ClusterToken>) -> Result<String> {
+    let (address, signature) = match value.split_once(' ') {
+        Some((address, signature)) => (address, Some(signature)),
+        None => (value, None),
+    };
+    if let Some(token) = token {
+        let parts: [&[u8]; 3] = [VIEW_PURPOSE, view_key.as_bytes(), address.as_bytes()];
+        if !signature.is_some_and(|s| token.verify(&parts, s)) {
+            return Err(Error::new(
+                ErrorKind::Unauthenticated,
+                format!("the master view '{view_key}' is not signed with this cluster's token"),
+            ));
+        }
+    }
+    Ok(address.to_owned())
+}
+
+const VIEW_PURPOSE: &[u8] = b"master_view";
+
 /// Calls that need the admin role. The admin token leaves the client only for them.
 fn is_admin_call(path: &str) -> bool {
     path.ends_with("/RemoveAll") || path.ends_with("/RemoveByRegex")
@@ -239,6 +273,23 @@ mod tests {
     }
 
     const PING: &str = "/mooncake.store.v1.Master/Ping";
+
+    #[test]
+    fn a_view_is_followed_only_when_a_member_signed_it() {
+        let member = token("member-secret-0123456789");
+        let key = "mooncake-store/c/master_view";
+        let signed = view_value("10.0.0.1:50051", key, Some(&member));
+        assert_eq!(
+            view_address(&signed, key, Some(&member)).unwrap(),
+            "10.0.0.1:50051"
+        );
+        assert_eq!(view_address(&signed, key, None).unwrap(), "10.0.0.1:50051");
+        let moved = signed.replacen("10.0.0.1", "10.6.6.6", 1);
+        assert!(view_address(&moved, key, Some(&member)).is_err());
+        assert!(view_address("10.6.6.6:50051", key, Some(&member)).is_err());
+        assert!(view_address(&signed, "mooncake-store/other/master_view", Some(&member)).is_err());
+        assert_eq!(view_value("h:1", key, None), "h:1");
+    }
 
     #[test]
     fn the_gate_admits_by_token_and_role() {

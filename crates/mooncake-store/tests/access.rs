@@ -299,3 +299,59 @@ async fn https_get(
     let _ = tls.read_to_end(&mut reply).await;
     Ok(String::from_utf8_lossy(&reply).into_owned())
 }
+
+/// With a cluster token, clients follow only a master view a member signed: whoever can
+/// write etcd cannot point them at a master of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(etcd_server), ignore = "needs Debian's etcd-server")]
+async fn clients_follow_only_a_signed_master_view() {
+    use mooncake_metadata::etcd::EtcdStore;
+    use mooncake_metadata::MetadataStore;
+    use mooncake_store::master::{Durability, HaConfig};
+
+    let etcd = mooncake_testkit::EtcdCluster::new(1).expect("etcd");
+    let endpoints = etcd.connection_string();
+    let ha = HaConfig::new(&endpoints, "signed_view").unwrap();
+    let server = MasterServer::start(MasterServerConfig {
+        host: "127.0.0.1".into(),
+        rpc_port: 0,
+        metrics_port: None,
+        tokens: guarded(),
+        durability: Durability::Etcd(ha),
+        ..MasterServerConfig::default()
+    })
+    .await
+    .unwrap();
+    std::env::set_var("MC_STORE_CLUSTER_ID", "signed_view");
+    let address = format!("etcd://{endpoints}");
+    let client = MasterClient::connect(
+        &address,
+        Duration::from_secs(20),
+        Credentials {
+            tokens: guarded(),
+            tls_ca: None,
+        },
+    )
+    .await
+    .expect("a signed view is followed");
+    assert_eq!(client.address(), server.rpc_addr().to_string());
+
+    let store = EtcdStore::new(&endpoints).unwrap();
+    let key = "mooncake-store/signed_view/master_view";
+    let value = store.get(key).await.unwrap().unwrap();
+    assert!(value.starts_with(&server.rpc_addr().to_string()), "{value}");
+    store.put(key, "127.0.0.1:1").await.unwrap();
+    let refused = MasterClient::connect(
+        &address,
+        Duration::from_secs(5),
+        Credentials {
+            tokens: guarded(),
+            tls_ca: None,
+        },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(refused.kind(), ErrorKind::Unauthenticated, "{refused}");
+    server.close().await;
+}

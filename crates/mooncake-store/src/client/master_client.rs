@@ -11,13 +11,14 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use mooncake_common::auth::ClusterToken;
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::etcd::EtcdStore;
 use mooncake_metadata::MetadataStore;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use crate::access::{Prover, Tokens};
+use crate::access::{view_address, Prover, Tokens};
 use crate::master::ha::validate_cluster_id;
 use crate::master::log::etcd::ClusterKeys;
 use crate::proto::master_client::MasterClient as Grpc;
@@ -67,6 +68,8 @@ struct Inner {
 struct View {
     etcd: EtcdStore,
     key: String,
+    /// With a cluster token, only a view a member signed is followed.
+    token: Option<ClusterToken>,
 }
 
 impl MasterClient {
@@ -86,7 +89,7 @@ impl MasterClient {
                 })
             })
             .transpose()?;
-        let prover = Prover::new(credentials.tokens);
+        let prover = Prover::new(credentials.tokens.clone());
         let view = if address.trim().starts_with("etcd://") {
             let cluster_id = std::env::var("MC_STORE_CLUSTER_ID")
                 .unwrap_or_else(|_| "mooncake_cluster".to_owned());
@@ -94,6 +97,7 @@ impl MasterClient {
             Some(View {
                 etcd: EtcdStore::new(address)?,
                 key: ClusterKeys::new(&cluster_id).view(),
+                token: credentials.tokens.cluster.clone(),
             })
         } else {
             None
@@ -306,11 +310,12 @@ impl View {
         let deadline = Instant::now() + budget;
         loop {
             let leader = self.etcd.get(&self.key).await;
-            if let Ok(Some(address)) = &leader {
+            if let Ok(Some(value)) = &leader {
+                let address = view_address(value, &self.key, self.token.as_ref())?;
                 if Some(address.as_str()) == not {
                     tokio::time::sleep(VIEW_POLL).await;
                 }
-                return Ok(address.clone());
+                return Ok(address);
             }
             if Instant::now() + VIEW_POLL >= deadline {
                 return Err(match leader {

@@ -15,6 +15,7 @@ use etcd_client::{
     Compare, CompareOp, EventType, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
     WatchOptions,
 };
+use mooncake_common::auth::ClusterToken;
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::etcd::EtcdStore;
 use prost::Message;
@@ -26,6 +27,7 @@ use super::log::etcd::{etcd, ClusterKeys, EtcdLog, LeaseClock, Pieces};
 use super::log::{Log, SnapshotPolicy};
 use super::service::Role;
 use super::Master;
+use crate::access::{view_address, view_value};
 use crate::proto::journal::Batch;
 
 /// Mooncake's `DEFAULT_MASTER_VIEW_LEASE_TTL_SEC`.
@@ -51,6 +53,8 @@ pub struct HaConfig {
     pub advertise: Option<String>,
     /// The leader's lease. Default 5 s.
     pub lease_ttl: Duration,
+    /// Signs the view this master writes when it leads. Set from the master's cluster token.
+    pub token: Option<ClusterToken>,
 }
 
 impl HaConfig {
@@ -63,6 +67,7 @@ impl HaConfig {
             cluster_id: cluster_id.to_owned(),
             advertise: None,
             lease_ttl: DEFAULT_LEASE_TTL,
+            token: None,
         })
     }
 
@@ -225,7 +230,7 @@ impl Member {
         let mut leader: Option<(String, i64)> = None;
         let mut free = match view.kvs().first() {
             Some(kv) => {
-                let address = kv.value_str().unwrap_or_default().to_owned();
+                let address = self.view_address(kv.value_str().unwrap_or_default());
                 let version = kv.mod_revision();
                 leader = Some((address.clone(), kv.lease()));
                 self.status.update(|s| {
@@ -290,7 +295,7 @@ impl Member {
                             self.status.update(|s| s.leader = None);
                         }
                         EventType::Put => {
-                            let address = kv.value_str().unwrap_or_default().to_owned();
+                            let address = self.view_address(kv.value_str().unwrap_or_default());
                             let version = kv.mod_revision();
                             leader = Some((address.clone(), kv.lease()));
                             self.status.update(|s| {
@@ -312,6 +317,12 @@ impl Member {
         }
     }
 
+    /// The leader's address in a view value (its signature, if any, left to clients: a
+    /// standby only probes the address).
+    fn view_address(&self, value: &str) -> String {
+        view_address(value, &self.keys.view(), None).unwrap_or_default()
+    }
+
     /// Tries to create the view bound to a new lease.
     async fn campaign(&self, client: &EtcdStore) -> Result<Option<Won>> {
         let granted_at = Instant::now();
@@ -326,8 +337,8 @@ impl Member {
         let txn = Txn::new()
             .when([Compare::create_revision(view.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
-                view,
-                self.advertised.clone(),
+                view.clone(),
+                view_value(&self.advertised, &view, self.config.token.as_ref()),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
         let reply = client

@@ -131,8 +131,12 @@ impl MasterServer {
             }
             Durability::Etcd(ha) => {
                 let advertised = ha.advertised(&config.host, rpc_addr.port());
+                let ha = HaConfig {
+                    token: config.tokens.cluster.clone(),
+                    ..ha.clone()
+                };
                 Some(ha::start(
-                    ha.clone(),
+                    ha,
                     config.snapshot,
                     advertised,
                     state.clone(),
