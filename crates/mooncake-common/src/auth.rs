@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
@@ -70,10 +70,10 @@ pub type Nonce = [u8; NONCE_LEN];
 /// A tag.
 pub type Tag = [u8; TAG_LEN];
 
-/// The shared secret of a cluster. Its `Debug` never shows the secret.
+/// The shared secret of a cluster, cheap to clone. Its `Debug` never shows the secret.
 #[derive(Clone)]
 pub struct ClusterToken {
-    keys: [hmac::Key; 4],
+    keys: Arc<[hmac::Key; 4]>,
 }
 
 impl fmt::Debug for ClusterToken {
@@ -97,12 +97,12 @@ impl ClusterToken {
             hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
         };
         Ok(Self {
-            keys: [
+            keys: Arc::new([
                 derive(Purpose::Request),
                 derive(Purpose::ServerChallenge),
                 derive(Purpose::ClientAnswer),
                 derive(Purpose::Signature),
-            ],
+            ]),
         })
     }
 

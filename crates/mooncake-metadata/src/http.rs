@@ -859,13 +859,7 @@ mod tests {
     }
 
     fn rss_mib() -> u64 {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-        let pages: u64 = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        (pages * 4096) >> 20
+        mooncake_testkit::rss_kib() >> 10
     }
 
     /// The hostile figures with the default caps: `cargo test -p mooncake-metadata --lib

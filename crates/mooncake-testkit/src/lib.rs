@@ -2,8 +2,20 @@
 //!
 //! - [`EtcdCluster`]: one or three real `etcd` members on loopback, each with its own data
 //!   directory, killed and removed on drop; [`etcd_installed`] says whether the host can run
-//!   one (Debian's `etcd-server`).
+//!   one (Debian's `etcd-server`);
+//! - [`rss_kib`]: this process's resident memory, for tests that print what a load costs.
 
 mod etcd;
 
 pub use etcd::{etcd_installed, EtcdCluster};
+
+/// This process's resident memory in KiB (0 where `/proc` is not there).
+pub fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4
+}

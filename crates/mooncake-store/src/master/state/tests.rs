@@ -1,5 +1,7 @@
 use std::time::{Duration, Instant};
 
+use mooncake_testkit::rss_kib;
+
 use super::*;
 use crate::master::types::{ReplicaDesc, WriteConfig, WriteId};
 
@@ -952,16 +954,6 @@ fn a_terabyte_mount_costs_a_few_entries() {
     w.master.check_invariants();
     // One free range per hole: bookkeeping follows objects, not bytes.
     assert!(entries(&w) <= 51, "{}", entries(&w));
-}
-
-fn rss_kib() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4
 }
 
 /// The hostile figures: `cargo test -p mooncake-store --lib hostile_figures -- --ignored
