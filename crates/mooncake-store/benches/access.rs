@@ -6,6 +6,9 @@
 //! `cargo bench -p mooncake-store --bench access`; `ACCESS_SECONDS` and `ACCESS_ROUNDS` change
 //! the length.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
 use mooncake_common::auth::ClusterToken;
@@ -14,18 +17,7 @@ use mooncake_store::client::master_client::{Credentials, MasterClient};
 use mooncake_store::master::server::TlsFiles;
 use mooncake_store::master::{MasterServer, MasterServerConfig};
 use mooncake_store::proto;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-}
+use support::{env, median};
 
 async fn ping(client: &MasterClient) {
     let request = proto::PingRequest {

@@ -22,23 +22,11 @@ use mooncake_store::proto;
 use mooncake_store::proto::master_client::MasterClient;
 use mooncake_store::wire::{to_segment, to_uuid};
 use mooncake_testkit::EtcdCluster;
-use support::{spawn_load, store_client, Ledger, MasterProcess};
+use support::{env, median, spawn_load, store_client, Ledger, MasterProcess};
 use tokio_util::sync::CancellationToken;
 
 /// Batched puts/s and single-put p50 of one master: (memory, data-dir, HA).
 type Row = ((f64, Duration), (f64, Duration), (f64, Duration));
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-}
 
 /// Batched puts per second and the median latency of single puts against one master.
 async fn put_figures(address: &str, seconds: u64, inflight: usize) -> (f64, Duration) {

@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bytes, fill};
+use common::{bytes, fill, round_trip};
 use mooncake_common::auth::{Challenge, ClusterToken};
 use mooncake_common::config::Protocol;
 use mooncake_common::service::opening::{self, Step};
@@ -219,19 +219,7 @@ async fn a_shared_token_carries_transfers_over_tcp_and_shared_memory() {
         let local = initiator.allocate(2 * len).unwrap();
         fill(local.as_ptr(), len, 11);
         let segment = initiator.open_segment(target.segment_name()).await.unwrap();
-        let write = TransferRequest {
-            op: Opcode::Write,
-            segment: segment.id,
-            local_addr: local.as_ptr() as usize,
-            remote_addr: remote.as_ptr() as u64,
-            len,
-        };
-        let read = TransferRequest {
-            op: Opcode::Read,
-            local_addr: local.as_ptr() as usize + len,
-            ..write
-        };
-        for request in [write, read] {
+        for request in round_trip(segment.id, local.as_ptr(), remote.as_ptr() as u64, len) {
             initiator
                 .transfer(&[request], SubmitOptions::default())
                 .await

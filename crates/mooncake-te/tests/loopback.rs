@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{bytes, fill};
+use common::{bytes, fill, round_trip};
 use mooncake_common::config::Protocol;
 use mooncake_common::EngineConfig;
 use mooncake_metadata::http::MetadataServer;
@@ -329,18 +329,7 @@ async fn speaks_tcp_data_protocol_v1_when_asked() {
     let local = initiator.allocate(2 * len).unwrap();
     fill(local.as_ptr(), len, 0x42);
     let segment = initiator.open_segment(target.segment_name()).await.unwrap();
-    let write = TransferRequest {
-        op: Opcode::Write,
-        segment: segment.id,
-        local_addr: local.as_ptr() as usize,
-        remote_addr: remote.as_ptr() as u64,
-        len,
-    };
-    let read = TransferRequest {
-        op: Opcode::Read,
-        local_addr: local.as_ptr() as usize + len,
-        ..write
-    };
+    let [write, read] = round_trip(segment.id, local.as_ptr(), remote.as_ptr() as u64, len);
     initiator
         .transfer(&[write], SubmitOptions::default())
         .await

@@ -308,23 +308,16 @@ async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
             "# TYPE master_{op}_failures_total counter\nmaster_{op}_failures_total {failures}"
         );
     }
-    let _ = writeln!(out, "# TYPE segment_allocated_bytes gauge");
-    for s in &segments {
-        let _ = writeln!(
-            out,
-            "segment_allocated_bytes{{segment=\"{}\"}} {}",
-            LabelValue(&s.spec.name),
-            s.used
-        );
-    }
-    let _ = writeln!(out, "# TYPE segment_total_capacity_bytes gauge");
-    for s in &segments {
-        let _ = writeln!(
-            out,
-            "segment_total_capacity_bytes{{segment=\"{}\"}} {}",
-            LabelValue(&s.spec.name),
-            s.capacity
-        );
+    for (name, allocated) in [
+        ("segment_allocated_bytes", true),
+        ("segment_total_capacity_bytes", false),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for s in &segments {
+            let value = if allocated { s.used } else { s.capacity };
+            let label = LabelValue(&s.spec.name);
+            let _ = writeln!(out, "{name}{{segment=\"{label}\"}} {value}");
+        }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

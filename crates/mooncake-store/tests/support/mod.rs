@@ -14,6 +14,20 @@ use mooncake_store::client::{StoreClient, StoreConfig};
 use mooncake_store::master::WriteConfig;
 use tokio_util::sync::CancellationToken;
 
+/// A number from the environment variable `name`, else `default` (benches' knobs).
+pub fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median (NaN for none).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
