@@ -18,7 +18,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::store::{BoxFuture, MetadataStore};
+use crate::store::{BoxFuture, MetadataStore, Revisioned};
 
 /// Connecting to one endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -221,6 +221,32 @@ impl MetadataStore for EtcdStore {
             .await
             .map(drop)
         })
+    }
+
+    fn get_revisioned<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn swap<'a>(
+        &'a self,
+        _key: &'a str,
+        _expected: Option<&'a Revisioned>,
+        _new: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn put_expiring<'a>(
+        &'a self,
+        _key: &'a str,
+        _value: &'a str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
     }
 }
 

@@ -34,7 +34,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::store::{BoxFuture, MemoryStore, MetadataStore};
+use crate::store::{BoxFuture, MemoryStore, MetadataStore, Revisioned};
 
 /// The header that carries a write's proof when the server has a cluster token.
 pub const PROOF_HEADER: &str = "x-mooncake-proof";
@@ -176,6 +176,32 @@ impl MetadataStore for HttpStore {
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move { self.call(Method::DELETE, key, None).await.map(drop) })
+    }
+
+    fn get_revisioned<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn swap<'a>(
+        &'a self,
+        _key: &'a str,
+        _expected: Option<&'a Revisioned>,
+        _new: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn put_expiring<'a>(
+        &'a self,
+        _key: &'a str,
+        _value: &'a str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
     }
 }
 
@@ -345,7 +371,7 @@ impl Served {
     fn delete(&self, key: &str) -> Reply {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         match self.store.get_now(key) {
-            Some(value) if self.store.delete_now(key) => {
+            Some(value) if self.store.delete_now(key).is_some() => {
                 *held = held.saturating_sub(key.len().saturating_add(value.len()));
                 reply(StatusCode::OK, "metadata deleted")
             }

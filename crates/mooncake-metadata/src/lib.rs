@@ -23,4 +23,4 @@ pub mod store;
 pub use backend::{connect, MetadataBackend};
 pub use keys::Keys;
 pub use segment::{BufferDesc, RpcMeta, SegmentDesc};
-pub use store::MetadataStore;
+pub use store::{MetadataStore, Revisioned};

@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use tokio::sync::OnceCell;
 
-use crate::store::{BoxFuture, MetadataStore};
+use crate::store::{BoxFuture, MetadataStore, Revisioned};
 
 /// Mooncake's timeouts for one metadata request, and for connecting.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(3000);
@@ -129,6 +129,32 @@ impl MetadataStore for RedisStore {
                 .await
                 .map_err(|e| self.failed("DEL", e))
         })
+    }
+
+    fn get_revisioned<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn swap<'a>(
+        &'a self,
+        _key: &'a str,
+        _expected: Option<&'a Revisioned>,
+        _new: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    }
+
+    fn put_expiring<'a>(
+        &'a self,
+        _key: &'a str,
+        _value: &'a str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
     }
 }
 
