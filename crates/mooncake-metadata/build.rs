@@ -1,7 +1,7 @@
-//! Tells the tests whether this host runs `etcd` (Debian's `etcd-server`): `etcd_server`, so
-//! that a test needing it is reported as ignored rather than passing without running. Probed
-//! again when PATH changes; after installing etcd, `cargo clean -p mooncake-metadata` probes
-//! anew.
+//! Tells the tests what this host runs, so that a test needing a missing server is reported as
+//! ignored rather than passing without running: `etcd_server` when Debian's `etcd-server` runs,
+//! `redis_server` when `redis-server` does. Probed again when PATH changes; after installing
+//! one, `cargo clean -p mooncake-metadata` probes anew.
 
 use std::process::{Command, Stdio};
 
@@ -16,9 +16,13 @@ fn runs(program: &str, args: &[&str]) -> bool {
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(etcd_server)");
+    println!("cargo::rustc-check-cfg=cfg(redis_server)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-changed=build.rs");
     if runs("etcd", &["--version"]) {
         println!("cargo::rustc-cfg=etcd_server");
+    }
+    if runs("redis-server", &["--version"]) {
+        println!("cargo::rustc-cfg=redis_server");
     }
 }

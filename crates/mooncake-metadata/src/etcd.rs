@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::uri::Authority;
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use mooncake_common::{Error, ErrorKind, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -193,12 +193,7 @@ impl MetadataStore for EtcdStore {
                 .await?;
             match response.kvs().first() {
                 None => Ok(None),
-                Some(kv) => kv.value_str().map(|v| Some(v.to_owned())).map_err(|_| {
-                    Error::new(
-                        ErrorKind::MalformedJson,
-                        format!("metadata '{key}' is not UTF-8"),
-                    )
-                }),
+                Some(kv) => utf8(key, kv.value()).map(Some),
             }
         })
     }
@@ -223,31 +218,127 @@ impl MetadataStore for EtcdStore {
         })
     }
 
-    fn get_revisioned<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    fn get_revisioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
+        Box::pin(async move {
+            let response = self
+                .call(
+                    "GET",
+                    |mut client| async move { client.get(key, None).await },
+                )
+                .await?;
+            match response.kvs().first() {
+                None => Ok(None),
+                Some(kv) => Ok(Some(Revisioned {
+                    value: utf8(key, kv.value())?,
+                    revision: u64::try_from(kv.mod_revision()).unwrap_or(0),
+                })),
+            }
+        })
     }
 
+    /// A transaction on the key's mod revision. `call` may send it again after it reached a
+    /// member; a repeat of one that succeeded answers `false`, which a caller that re-reads
+    /// before retrying handles as any lost race.
     fn swap<'a>(
         &'a self,
-        _key: &'a str,
-        _expected: Option<&'a Revisioned>,
-        _new: Option<&'a str>,
+        key: &'a str,
+        expected: Option<&'a Revisioned>,
+        new: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+        Box::pin(async move {
+            let compare = match expected {
+                None => Compare::version(key, CompareOp::Equal, 0),
+                Some(read) => match i64::try_from(read.revision) {
+                    Ok(revision) => Compare::mod_revision(key, CompareOp::Equal, revision),
+                    // No key ever had that revision.
+                    Err(_) => return Ok(false),
+                },
+            };
+            let operation = match new {
+                Some(value) => TxnOp::put(key, value, None),
+                None => TxnOp::delete(key, None),
+            };
+            let txn = Txn::new().when([compare]).and_then([operation]);
+            let response = self
+                .call("TXN", |mut client| {
+                    let txn = txn.clone();
+                    async move { client.txn(txn).await }
+                })
+                .await?;
+            Ok(response.succeeded())
+        })
     }
 
-    fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
+        Box::pin(async move {
+            let response = self
+                .call("LIST", |mut client| async move {
+                    // etcd refuses an empty key; "all keys" is its own range.
+                    let options = if prefix.is_empty() {
+                        GetOptions::new().with_all_keys()
+                    } else {
+                        GetOptions::new().with_prefix()
+                    };
+                    client.get(prefix, Some(options)).await
+                })
+                .await?;
+            let mut entries = response
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    let key = kv.key_str().map_err(|_| {
+                        Error::new(
+                            ErrorKind::MalformedJson,
+                            format!("a key under '{prefix}' is not UTF-8"),
+                        )
+                    })?;
+                    Ok((key.to_owned(), utf8(key, kv.value())?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            Ok(entries)
+        })
     }
 
+    /// A fresh lease of `ttl` (in whole seconds, rounded up; etcd lengthens one shorter than
+    /// its minimum, about 2 s by default) for every call: a lease left behind by an earlier
+    /// call just runs out.
     fn put_expiring<'a>(
         &'a self,
-        _key: &'a str,
-        _value: &'a str,
-        _ttl: std::time::Duration,
+        key: &'a str,
+        value: &'a str,
+        ttl: Duration,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+        Box::pin(async move {
+            let seconds = ttl
+                .as_secs()
+                .saturating_add(u64::from(ttl.subsec_nanos() > 0))
+                .max(1);
+            let seconds = i64::try_from(seconds).unwrap_or(i64::MAX);
+            let lease = self
+                .call("LEASE GRANT", |mut client| async move {
+                    client.lease_grant(seconds, None).await
+                })
+                .await?
+                .id();
+            self.call("PUT", |mut client| async move {
+                client
+                    .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            })
+            .await
+            .map(drop)
+        })
     }
+}
+
+fn utf8(key: &str, value: &[u8]) -> Result<String> {
+    std::str::from_utf8(value).map(str::to_owned).map_err(|_| {
+        Error::new(
+            ErrorKind::MalformedJson,
+            format!("metadata '{key}' is not UTF-8"),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,14 @@
 //! Mooncake's HTTP metadata protocol: `GET/PUT/DELETE <url>?key=<escaped key>`, the value as
 //! the body, 200 on success and 404 for a missing key.
 //!
+//! Extended compatibly, for [`MetadataServer`] (Mooncake's own server has none of it, and the
+//! client says so rather than fall back):
+//! - a GET answers the entry's revision as `ETag: "<revision>"`;
+//! - a PUT or DELETE with `If-Match: "<revision>"` or `If-None-Match: *` happens only if the
+//!   entry is at that revision, or absent; else 412. Both answers carry [`CONDITION_HEADER`];
+//! - `GET <url>?prefix=<escaped prefix>` answers `[{"key": .., "value": ..}, ..]` in key order;
+//! - a PUT with [`TTL_HEADER`] stores an entry that expires, and repeats the header.
+//!
 //! [`HttpStore`] is the client side; [`MetadataServer`] the embedded server, whose routes
 //! ([`router`]) other servers (the store master) can mount too.
 //!
@@ -13,13 +21,16 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::http::header::{CONTENT_TYPE, ETAG, IF_MATCH, IF_NONE_MATCH};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -38,6 +49,13 @@ use crate::store::{BoxFuture, MemoryStore, MetadataStore, Revisioned};
 
 /// The header that carries a write's proof when the server has a cluster token.
 pub const PROOF_HEADER: &str = "x-mooncake-proof";
+
+/// On a PUT, the milliseconds until the entry expires; the server repeats it in its answer.
+pub const TTL_HEADER: &str = "x-mooncake-ttl-ms";
+
+/// Marks the answer to a conditional write (200 or 412) of a server that checked the
+/// condition: one that ignores `If-Match` would write and answer 200 without it.
+pub const CONDITION_HEADER: &str = "x-mooncake-condition";
 
 /// What a write's proof is made over: the method and the key as stored (unescaped), so a
 /// proof for one key or one method never serves another.
@@ -70,6 +88,8 @@ pub struct HttpStore {
     url: String,
     client: Client<HttpConnector, Full<Bytes>>,
     token: Option<ClusterToken>,
+    /// Whether the server has shown that it keeps revisions.
+    conditional: AtomicBool,
 }
 
 impl HttpStore {
@@ -96,55 +116,146 @@ impl HttpStore {
             url: url.trim_end_matches('?').to_owned(),
             client,
             token,
+            conditional: AtomicBool::new(false),
         })
     }
 
-    async fn call(&self, method: Method, key: &str, body: Option<&str>) -> Result<Option<Bytes>> {
-        let uri = format!("{}?key={}", self.url, escape(key));
+    /// One request with `param` (`key` or `prefix`) in the query; any answer is returned, a
+    /// failure to get one is an error.
+    async fn send(
+        &self,
+        method: Method,
+        param: Param<'_>,
+        headers: &[(&'static str, String)],
+        body: Option<&str>,
+    ) -> Result<Answer> {
+        let uri = match param {
+            Param::Key(key) => format!("{}?key={}", self.url, escape(key)),
+            Param::Prefix(prefix) => format!("{}?prefix={}", self.url, escape(prefix)),
+        };
+        let what = format!("{method} {uri}");
         let mut request = Request::builder().method(method.clone()).uri(&uri);
         if body.is_some() {
             request = request.header("content-type", "application/json");
         }
-        if let (Some(token), true) = (&self.token, method != Method::GET) {
+        if let (Some(token), Param::Key(key), true) = (&self.token, param, method != Method::GET) {
             request = request.header(
                 PROOF_HEADER,
                 token.prove(&write_scope(method.as_str(), key))?,
             );
+        }
+        for (name, value) in headers {
+            request = request.header(*name, value);
         }
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))
             .map_err(|e| Error::invalid(format!("metadata request to {uri}: {e}")))?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
-                Error::new(ErrorKind::Metadata, format!("{method} {uri}: {e}")).with_source(e)
+                Error::new(ErrorKind::Metadata, format!("{what}: {e}")).with_source(e)
             })?;
             let status = response.status();
-            let bytes = Limited::new(response.into_body(), MAX_REPLY_BYTES)
+            let headers = response.headers().clone();
+            let body = Limited::new(response.into_body(), MAX_REPLY_BYTES)
                 .collect()
                 .await
-                .map_err(|e| Error::new(ErrorKind::Metadata, format!("{method} {uri}: {e}")))?
+                .map_err(|e| Error::new(ErrorKind::Metadata, format!("{what}: {e}")))?
                 .to_bytes();
-            let refused = |kind: ErrorKind| {
-                let why: String = String::from_utf8_lossy(&bytes).chars().take(200).collect();
-                Err(Error::new(
-                    kind,
-                    format!("{method} {uri}: HTTP {status}: {why}"),
-                ))
-            };
-            match status {
-                StatusCode::OK => Ok(Some(bytes)),
-                StatusCode::NOT_FOUND => Ok(None),
-                StatusCode::UNAUTHORIZED => refused(ErrorKind::Unauthenticated),
-                StatusCode::PAYLOAD_TOO_LARGE | StatusCode::URI_TOO_LONG => {
-                    refused(ErrorKind::InvalidArgument)
-                }
-                _ => refused(ErrorKind::Metadata),
-            }
+            Ok(Answer {
+                what: what.clone(),
+                status,
+                headers,
+                body,
+            })
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|_| Error::new(ErrorKind::Metadata, format!("{method} {uri}: timed out")))?
+            .map_err(|_| Error::new(ErrorKind::Metadata, format!("{what}: timed out")))?
     }
+
+    /// A plain request: the body on 200, `None` on 404, an error otherwise.
+    async fn call(&self, method: Method, key: &str, body: Option<&str>) -> Result<Option<Bytes>> {
+        let answer = self.send(method, Param::Key(key), &[], body).await?;
+        match answer.status {
+            StatusCode::OK => Ok(Some(answer.body)),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(answer.refused()),
+        }
+    }
+
+    /// The error for a server that keeps no revisions (Mooncake's own).
+    fn unconditional(&self, why: &str) -> Error {
+        Error::new(
+            ErrorKind::NotImplemented,
+            format!(
+                "the metadata server at {} does not support conditional updates ({why}); use \
+                 etcd, Redis, or this package's metadata server",
+                self.url
+            ),
+        )
+    }
+}
+
+/// Where a request points: one key, or every key under a prefix.
+#[derive(Clone, Copy)]
+enum Param<'a> {
+    Key(&'a str),
+    Prefix(&'a str),
+}
+
+/// A server's answer, whatever its status.
+struct Answer {
+    /// The method and URI, for messages.
+    what: String,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    /// The error for a status the caller does not expect.
+    fn refused(&self) -> Error {
+        let kind = match self.status {
+            StatusCode::UNAUTHORIZED => ErrorKind::Unauthenticated,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::URI_TOO_LONG => ErrorKind::InvalidArgument,
+            _ => ErrorKind::Metadata,
+        };
+        let why: String = String::from_utf8_lossy(&self.body)
+            .chars()
+            .take(200)
+            .collect();
+        Error::new(kind, format!("{}: HTTP {}: {why}", self.what, self.status))
+    }
+
+    fn text(self, key: &str) -> Result<String> {
+        String::from_utf8(self.body.to_vec()).map_err(|_| {
+            Error::new(
+                ErrorKind::MalformedJson,
+                format!("metadata '{key}' is not UTF-8"),
+            )
+        })
+    }
+}
+
+/// An entry of a listing on the wire.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Listed {
+    key: String,
+    value: String,
+}
+
+/// `"17"`: a revision as an entity tag.
+fn etag(revision: u64) -> String {
+    format!("\"{revision}\"")
+}
+
+/// The revision in an entity tag of ours; `None` for any other tag (a weak one included).
+fn revision_of(tag: &str) -> Option<u64> {
+    let digits = tag.strip_prefix('"')?.strip_suffix('"')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 impl MetadataStore for HttpStore {
@@ -178,30 +289,144 @@ impl MetadataStore for HttpStore {
         Box::pin(async move { self.call(Method::DELETE, key, None).await.map(drop) })
     }
 
-    fn get_revisioned<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    /// Fails with [`ErrorKind::NotImplemented`] when the server sends no revision (`ETag`), as
+    /// Mooncake's own does not.
+    fn get_revisioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
+        Box::pin(async move {
+            let answer = self.send(Method::GET, Param::Key(key), &[], None).await?;
+            match answer.status {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND => return Ok(None),
+                _ => return Err(answer.refused()),
+            }
+            let tag = answer
+                .headers
+                .get(ETAG)
+                .ok_or_else(|| self.unconditional("its reads carry no ETag"))?;
+            let revision = tag
+                .to_str()
+                .ok()
+                .and_then(revision_of)
+                .ok_or_else(|| self.unconditional("its ETag is not a revision"))?;
+            self.conditional.store(true, Ordering::Relaxed);
+            Ok(Some(Revisioned {
+                value: answer.text(key)?,
+                revision,
+            }))
+        })
     }
 
+    /// A PUT or DELETE with `If-Match` or `If-None-Match: *`. A server that ignores those
+    /// writes unconditionally, so a create is preceded by a read until this server has shown
+    /// that it keeps revisions, and a success counts only when marked as checked.
     fn swap<'a>(
         &'a self,
-        _key: &'a str,
-        _expected: Option<&'a Revisioned>,
-        _new: Option<&'a str>,
+        key: &'a str,
+        expected: Option<&'a Revisioned>,
+        new: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+        Box::pin(async move {
+            if expected.is_none()
+                && !self.conditional.load(Ordering::Relaxed)
+                && self.get_revisioned(key).await?.is_some()
+            {
+                return Ok(false);
+            }
+            let condition = match expected {
+                None => ("if-none-match", "*".to_owned()),
+                Some(read) => ("if-match", etag(read.revision)),
+            };
+            let method = if new.is_some() {
+                Method::PUT
+            } else {
+                Method::DELETE
+            };
+            let answer = self
+                .send(method, Param::Key(key), &[condition], new)
+                .await?;
+            match answer.status {
+                StatusCode::OK if answer.headers.contains_key(CONDITION_HEADER) => {
+                    self.conditional.store(true, Ordering::Relaxed);
+                    Ok(true)
+                }
+                StatusCode::OK => Err(self.unconditional(
+                    "it did not say it checked the condition, and may have written anyway",
+                )),
+                StatusCode::PRECONDITION_FAILED => Ok(false),
+                _ => Err(answer.refused()),
+            }
+        })
     }
 
-    fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
+        Box::pin(async move {
+            let answer = self
+                .send(Method::GET, Param::Prefix(prefix), &[], None)
+                .await?;
+            match answer.status {
+                StatusCode::OK => {}
+                // Mooncake's own server wants a key: it answers 404 or 400 without one.
+                StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => {
+                    return Err(Error::new(
+                        ErrorKind::NotImplemented,
+                        format!(
+                            "the metadata server at {} does not support listing ({} answered \
+                             {}); use etcd, Redis, or this package's metadata server",
+                            self.url, answer.what, answer.status
+                        ),
+                    ))
+                }
+                _ => return Err(answer.refused()),
+            }
+            let listed: Vec<Listed> = serde_json::from_slice(&answer.body).map_err(|e| {
+                Error::new(
+                    ErrorKind::MalformedJson,
+                    format!(
+                        "{}: not a listing (a JSON array of key and value): {e}",
+                        answer.what
+                    ),
+                )
+            })?;
+            let mut entries: Vec<(String, String)> = listed
+                .into_iter()
+                .filter(|e| e.key.starts_with(prefix))
+                .map(|e| (e.key, e.value))
+                .collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            Ok(entries)
+        })
     }
 
     fn put_expiring<'a>(
         &'a self,
-        _key: &'a str,
-        _value: &'a str,
-        _ttl: std::time::Duration,
+        key: &'a str,
+        value: &'a str,
+        ttl: Duration,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+        Box::pin(async move {
+            let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let answer = self
+                .send(
+                    Method::PUT,
+                    Param::Key(key),
+                    &[(TTL_HEADER, millis.to_string())],
+                    Some(value),
+                )
+                .await?;
+            match answer.status {
+                StatusCode::OK if answer.headers.contains_key(TTL_HEADER) => Ok(()),
+                StatusCode::OK => Err(Error::new(
+                    ErrorKind::NotImplemented,
+                    format!(
+                        "the metadata server at {} does not support expiring entries ('{key}' \
+                         was stored for good); use etcd, Redis, or this package's metadata \
+                         server",
+                        self.url
+                    ),
+                )),
+                _ => Err(answer.refused()),
+            }
+        })
     }
 }
 
@@ -256,6 +481,7 @@ impl Default for MetadataServerConfig {
 #[derive(serde::Deserialize)]
 struct KeyQuery {
     key: Option<String>,
+    prefix: Option<String>,
 }
 
 type Reply = (StatusCode, String);
@@ -264,29 +490,73 @@ fn reply(status: StatusCode, text: impl Into<String>) -> Reply {
     (status, text.into())
 }
 
+/// Bytes an entry counts for against [`MetadataServerConfig::max_total_bytes`].
+fn size(key: &str, value: &str) -> usize {
+    key.len().saturating_add(value.len())
+}
+
+/// How often expired entries are dropped, freeing the room they held.
+const REAP_EVERY: Duration = Duration::from_millis(250);
+
+/// What a write asks of the entry it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Condition {
+    /// Nothing: a plain write.
+    Always,
+    /// `If-None-Match: *`: that there is none.
+    Absent,
+    /// `If-Match: "<revision>"`: that it is still at that revision.
+    At(u64),
+}
+
+/// The server's account of what it holds.
+struct Held {
+    /// Bytes of keys and values written through the routes, expired entries not yet dropped
+    /// included.
+    bytes: usize,
+    /// When expired entries were last dropped.
+    reaped: Instant,
+}
+
 /// What the routes share.
 struct Served {
     store: Arc<MemoryStore>,
     config: MetadataServerConfig,
     checker: Option<ProofChecker>,
-    /// Bytes of keys and values held, as written through these routes.
-    held: Mutex<usize>,
+    /// Every write through the routes holds this lock from its checks to its update of the
+    /// count, so the two agree.
+    held: Mutex<Held>,
 }
 
 impl Served {
     fn key(&self, key: Option<String>) -> std::result::Result<String, Reply> {
         let key = key.ok_or_else(|| reply(StatusCode::BAD_REQUEST, "missing key"))?;
-        if key.len() > self.config.max_key_bytes {
+        self.bounded("key", key)
+    }
+
+    fn bounded(&self, what: &str, text: String) -> std::result::Result<String, Reply> {
+        if text.len() > self.config.max_key_bytes {
             return Err(reply(
                 StatusCode::URI_TOO_LONG,
                 format!(
-                    "a key of {} bytes is longer than the {} allowed",
-                    key.len(),
+                    "a {what} of {} bytes is longer than the {} allowed",
+                    text.len(),
                     self.config.max_key_bytes
                 ),
             ));
         }
-        Ok(key)
+        Ok(text)
+    }
+
+    /// The one key a write names: a prefix is for reads.
+    fn write_key(&self, query: KeyQuery) -> std::result::Result<String, Reply> {
+        if query.prefix.is_some() {
+            return Err(reply(
+                StatusCode::BAD_REQUEST,
+                "a write names one key, not a prefix",
+            ));
+        }
+        self.key(query.key)
     }
 
     fn authorize(
@@ -339,45 +609,193 @@ impl Served {
             .map_err(|_| reply(StatusCode::BAD_REQUEST, "value is not UTF-8"))
     }
 
-    fn put(&self, key: &str, value: String) -> Reply {
-        let full = |why: String| reply(StatusCode::INSUFFICIENT_STORAGE, why);
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let old = self
-            .store
-            .get_now(key)
-            .map(|v| key.len().saturating_add(v.len()));
-        if old.is_none() && self.store.len() >= self.config.max_keys {
-            return full(format!(
-                "the metadata server holds its maximum of {} keys",
-                self.config.max_keys
-            ));
+    fn get(&self, key: &str) -> Response {
+        match self.store.get_revisioned_now(key) {
+            Some(read) => {
+                (StatusCode::OK, [(ETAG, etag(read.revision))], read.value).into_response()
+            }
+            None => reply(StatusCode::NOT_FOUND, "metadata not found").into_response(),
         }
-        let after = key
-            .len()
-            .checked_add(value.len())
-            .and_then(|new| held.saturating_sub(old.unwrap_or(0)).checked_add(new))
-            .filter(|after| *after <= self.config.max_total_bytes);
-        let Some(after) = after else {
-            return full(format!(
-                "the metadata server holds its maximum of {} bytes",
-                self.config.max_total_bytes
-            ));
-        };
-        self.store.put_now(key, value);
-        *held = after;
-        reply(StatusCode::OK, "metadata updated")
     }
 
-    fn delete(&self, key: &str) -> Reply {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        match self.store.get_now(key) {
-            Some(value) if self.store.delete_now(key).is_some() => {
-                *held = held.saturating_sub(key.len().saturating_add(value.len()));
-                reply(StatusCode::OK, "metadata deleted")
+    fn list(&self, prefix: &str) -> Response {
+        let listed: Vec<Listed> = self
+            .store
+            .list_now(prefix)
+            .into_iter()
+            .map(|(key, value)| Listed { key, value })
+            .collect();
+        match serde_json::to_string(&listed) {
+            Ok(json) => {
+                (StatusCode::OK, [(CONTENT_TYPE, "application/json")], json).into_response()
             }
-            _ => reply(StatusCode::NOT_FOUND, "metadata not found"),
+            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         }
     }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, Held> {
+        // The count is updated in one assignment: a panic cannot leave it half-done.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops expired entries and what they held.
+    fn reap(&self, held: &mut Held) {
+        for (key, value) in self.store.expire_now() {
+            held.bytes = held.bytes.saturating_sub(size(&key, &value));
+        }
+        held.reaped = Instant::now();
+    }
+
+    /// The routes may be mounted on a server with no reaping task of its own.
+    fn reap_if_due(&self, held: &mut Held) {
+        if held.reaped.elapsed() >= REAP_EVERY {
+            self.reap(held);
+        }
+    }
+
+    /// Whether an entry of `new` bytes fits in place of a live one of `old` bytes; when not,
+    /// expired entries are dropped and it is asked again.
+    fn room(
+        &self,
+        held: &mut Held,
+        old: Option<usize>,
+        new: usize,
+    ) -> std::result::Result<(), Reply> {
+        let fits = |held: &Held| {
+            if old.is_none() && self.store.len() >= self.config.max_keys {
+                return Err(format!(
+                    "the metadata server holds its maximum of {} keys",
+                    self.config.max_keys
+                ));
+            }
+            held.bytes
+                .saturating_sub(old.unwrap_or(0))
+                .checked_add(new)
+                .filter(|after| *after <= self.config.max_total_bytes)
+                .map(drop)
+                .ok_or_else(|| {
+                    format!(
+                        "the metadata server holds its maximum of {} bytes",
+                        self.config.max_total_bytes
+                    )
+                })
+        };
+        if fits(held).is_ok() {
+            return Ok(());
+        }
+        self.reap(held);
+        fits(held).map_err(|why| reply(StatusCode::INSUFFICIENT_STORAGE, why))
+    }
+
+    /// Counts a write at `key` that displaced `old` (expired or not) and took `taken` bytes.
+    fn account(held: &mut Held, key: &str, old: Option<String>, taken: usize) {
+        let freed = old.map_or(0, |v| size(key, &v));
+        held.bytes = held.bytes.saturating_sub(freed).saturating_add(taken);
+    }
+
+    fn put(&self, key: &str, value: String, ttl: Option<Duration>) -> Response {
+        let mut held = self.lock_held();
+        self.reap_if_due(&mut held);
+        let old = self.store.get_now(key).map(|v| size(key, &v));
+        let taken = size(key, &value);
+        if let Err(refused) = self.room(&mut held, old, taken) {
+            return refused.into_response();
+        }
+        let displaced = match ttl {
+            None => self.store.put_now(key, value),
+            Some(ttl) => self.store.put_expiring_now(key, value, ttl),
+        };
+        Self::account(&mut held, key, displaced, taken);
+        match ttl {
+            None => reply(StatusCode::OK, "metadata updated").into_response(),
+            Some(ttl) => (
+                StatusCode::OK,
+                [(TTL_HEADER, ttl.as_millis().to_string())],
+                "metadata updated",
+            )
+                .into_response(),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Response {
+        let mut held = self.lock_held();
+        self.reap_if_due(&mut held);
+        let live = self.store.get_now(key).is_some();
+        let displaced = self.store.delete_now(key);
+        Self::account(&mut held, key, displaced, 0);
+        if live {
+            reply(StatusCode::OK, "metadata deleted").into_response()
+        } else {
+            reply(StatusCode::NOT_FOUND, "metadata not found").into_response()
+        }
+    }
+
+    /// A conditional PUT (`new` set) or DELETE: 200 when the condition held, 412 when not,
+    /// both marked with [`CONDITION_HEADER`].
+    fn swap(&self, key: &str, condition: Condition, new: Option<String>) -> Response {
+        let expected = match condition {
+            Condition::At(revision) => Some(revision),
+            Condition::Absent | Condition::Always => None,
+        };
+        let checked = |status: StatusCode, text: &'static str| {
+            (status, [(CONDITION_HEADER, "checked")], text).into_response()
+        };
+        let failed = || checked(StatusCode::PRECONDITION_FAILED, "metadata changed");
+        let mut held = self.lock_held();
+        self.reap_if_due(&mut held);
+        let current = self.store.get_revisioned_now(key);
+        if current.as_ref().map(|c| c.revision) != expected {
+            return failed();
+        }
+        let taken = new.as_ref().map_or(0, |v| size(key, v));
+        if new.is_some() {
+            let old = current.as_ref().map(|c| size(key, &c.value));
+            if let Err(refused) = self.room(&mut held, old, taken) {
+                return refused.into_response();
+            }
+        }
+        match self.store.swap_now(key, expected, new) {
+            // It expired a moment ago.
+            None => failed(),
+            Some(displaced) => {
+                Self::account(&mut held, key, displaced, taken);
+                checked(StatusCode::OK, "metadata updated")
+            }
+        }
+    }
+}
+
+/// The condition a write's headers set.
+fn condition(headers: &HeaderMap) -> std::result::Result<Condition, Reply> {
+    let bad = |why: &str| reply(StatusCode::BAD_REQUEST, why);
+    let text = |value: &HeaderValue| value.to_str().map(str::trim).unwrap_or_default().to_owned();
+    match (headers.get(IF_MATCH), headers.get(IF_NONE_MATCH)) {
+        (None, None) => Ok(Condition::Always),
+        (Some(_), Some(_)) => Err(bad("a write takes If-Match or If-None-Match, not both")),
+        (None, Some(tag)) if text(tag) == "*" => Ok(Condition::Absent),
+        (None, Some(_)) => Err(bad("If-None-Match on a write must be *")),
+        (Some(tag), None) => revision_of(&text(tag))
+            .map(Condition::At)
+            .ok_or_else(|| bad("If-Match must be one revision as read, like \"17\"")),
+    }
+}
+
+/// The expiry a PUT's headers ask for.
+fn ttl(headers: &HeaderMap) -> std::result::Result<Option<Duration>, Reply> {
+    let Some(value) = headers.get(TTL_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|millis| Some(Duration::from_millis(millis)))
+        .ok_or_else(|| {
+            reply(
+                StatusCode::BAD_REQUEST,
+                format!("{TTL_HEADER} must be a whole number of milliseconds"),
+            )
+        })
 }
 
 /// The metadata routes (`/metadata`, `/health`) over `store`, with the default caps and no
@@ -390,14 +808,36 @@ pub fn router(store: Arc<MemoryStore>) -> Router {
 /// The metadata routes over `store`, bounded by `config`. The byte cap counts what is written
 /// through these routes: `store` should start empty.
 pub fn router_with(store: Arc<MemoryStore>, config: MetadataServerConfig) -> Router {
-    async fn get_key(State(s): State<Arc<Served>>, Query(q): Query<KeyQuery>) -> Reply {
-        let key = match s.key(q.key) {
-            Ok(key) => key,
-            Err(refused) => return refused,
-        };
-        match s.store.get_now(&key) {
-            Some(value) => (StatusCode::OK, value),
-            None => reply(StatusCode::NOT_FOUND, "metadata not found"),
+    routes(served(store, config))
+}
+
+fn served(store: Arc<MemoryStore>, config: MetadataServerConfig) -> Arc<Served> {
+    let checker = config.token.clone().map(ProofChecker::new);
+    Arc::new(Served {
+        store,
+        config,
+        checker,
+        held: Mutex::new(Held {
+            bytes: 0,
+            reaped: Instant::now(),
+        }),
+    })
+}
+
+fn routes(served: Arc<Served>) -> Router {
+    async fn get_key(State(s): State<Arc<Served>>, Query(q): Query<KeyQuery>) -> Response {
+        match (q.key, q.prefix) {
+            (Some(_), Some(_)) => {
+                reply(StatusCode::BAD_REQUEST, "name a key or a prefix, not both").into_response()
+            }
+            (None, Some(prefix)) => match s.bounded("prefix", prefix) {
+                Ok(prefix) => s.list(&prefix),
+                Err(refused) => refused.into_response(),
+            },
+            (key, None) => match s.key(key) {
+                Ok(key) => s.get(&key),
+                Err(refused) => refused.into_response(),
+            },
         }
     }
     async fn put_key(
@@ -405,45 +845,65 @@ pub fn router_with(store: Arc<MemoryStore>, config: MetadataServerConfig) -> Rou
         Query(q): Query<KeyQuery>,
         headers: HeaderMap,
         body: Body,
-    ) -> Reply {
-        // Key and proof first: nobody makes the server buffer a value it would refuse.
-        let key = match s.key(q.key) {
-            Ok(key) => key,
-            Err(refused) => return refused,
+    ) -> Response {
+        // Key, proof and headers first: nobody makes the server buffer a value it would
+        // refuse.
+        let checked = s.write_key(q).and_then(|key| {
+            s.authorize(&Method::PUT, &key, &headers)?;
+            let condition = condition(&headers)?;
+            let ttl = ttl(&headers)?;
+            if condition != Condition::Always && ttl.is_some() {
+                return Err(reply(
+                    StatusCode::BAD_REQUEST,
+                    "a conditional write cannot expire",
+                ));
+            }
+            Ok((key, condition, ttl))
+        });
+        let (key, condition, ttl) = match checked {
+            Ok(checked) => checked,
+            Err(refused) => return refused.into_response(),
         };
-        if let Err(refused) = s.authorize(&Method::PUT, &key, &headers) {
-            return refused;
-        }
         match s.value(body).await {
-            Ok(value) => s.put(&key, value),
-            Err(refused) => refused,
+            Ok(value) if condition == Condition::Always => s.put(&key, value, ttl),
+            Ok(value) => s.swap(&key, condition, Some(value)),
+            Err(refused) => refused.into_response(),
         }
     }
     async fn delete_key(
         State(s): State<Arc<Served>>,
         Query(q): Query<KeyQuery>,
         headers: HeaderMap,
-    ) -> Reply {
-        let key = match s.key(q.key) {
-            Ok(key) => key,
-            Err(refused) => return refused,
-        };
-        if let Err(refused) = s.authorize(&Method::DELETE, &key, &headers) {
-            return refused;
+    ) -> Response {
+        let checked = s.write_key(q).and_then(|key| {
+            s.authorize(&Method::DELETE, &key, &headers)?;
+            Ok((key, condition(&headers)?))
+        });
+        match checked {
+            Ok((key, Condition::Always)) => s.delete(&key),
+            Ok((key, condition)) => s.swap(&key, condition, None),
+            Err(refused) => refused.into_response(),
         }
-        s.delete(&key)
     }
-    let checker = config.token.clone().map(ProofChecker::new);
-    let served = Arc::new(Served {
-        store,
-        config,
-        checker,
-        held: Mutex::new(0),
-    });
     Router::new()
         .route("/metadata", get(get_key).put(put_key).delete(delete_key))
         .route("/health", get(|| async { "OK" }))
         .with_state(served)
+}
+
+/// Drops expired entries every [`REAP_EVERY`] until `stop`.
+async fn reap_every(served: Arc<Served>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let mut held = served.lock_held();
+                served.reap(&mut held);
+            }
+        }
+    }
 }
 
 /// An embedded HTTP metadata server.
@@ -482,7 +942,9 @@ impl MetadataServer {
             header_read_timeout: config.header_read_timeout,
             write_stall_timeout: config.write_stall_timeout,
         };
-        let app = router_with(store.clone(), config);
+        let served = served(store.clone(), config);
+        let app = routes(served.clone());
+        tracker.spawn(reap_every(served, shutdown.clone()));
         tracker.spawn(accept(
             listener,
             app,

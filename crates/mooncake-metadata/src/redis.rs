@@ -2,8 +2,12 @@
 //! of the JSON entries; `AUTH` from `MC_REDIS_USERNAME` / `MC_REDIS_PASSWORD` and `SELECT` from
 //! `MC_REDIS_DB_INDEX` (0-255) unless the address names its own.
 //!
+//! Redis keeps no per-key revision: a swap compares the whole value in a Lua script (sent with
+//! `EVAL`), listing is `SCAN` and `MGET`, expiry is `SET ... PX`.
+//!
 //! One multiplexed connection, made on first use and remade after a failure.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use mooncake_common::{Error, ErrorKind, Result};
@@ -131,31 +135,136 @@ impl MetadataStore for RedisStore {
         })
     }
 
-    fn get_revisioned<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    fn get_revisioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Revisioned>>> {
+        Box::pin(async move {
+            Ok(self
+                .get(key)
+                .await?
+                .map(|value| Revisioned { value, revision: 0 }))
+        })
     }
 
+    /// Compares whole values: a value written back unchanged in between (A, B, A) passes.
     fn swap<'a>(
         &'a self,
-        _key: &'a str,
-        _expected: Option<&'a Revisioned>,
-        _new: Option<&'a str>,
+        key: &'a str,
+        expected: Option<&'a Revisioned>,
+        new: Option<&'a str>,
     ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+        Box::pin(async move {
+            let mut connection = self.connection().await?;
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(SWAP_SCRIPT).arg(1).arg(key);
+            match expected {
+                None => eval.arg("absent").arg(""),
+                Some(read) => eval.arg("equal").arg(&read.value),
+            };
+            match new {
+                None => eval.arg("delete").arg(""),
+                Some(value) => eval.arg("set").arg(value),
+            };
+            let swapped: i64 = eval
+                .query_async(&mut connection)
+                .await
+                .map_err(|e| self.failed("EVAL (swap)", e))?;
+            Ok(swapped == 1)
+        })
     }
 
-    fn list<'a>(&'a self, _prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<(String, String)>>> {
+        Box::pin(async move {
+            let mut connection = self.connection().await?;
+            let pattern = format!("{}*", glob_escape(prefix));
+            // SCAN may name a key more than once.
+            let mut keys = BTreeSet::new();
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(LIST_BATCH)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|e| self.failed("SCAN", e))?;
+                keys.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+            let keys: Vec<String> = keys.into_iter().collect();
+            let mut entries = Vec::with_capacity(keys.len());
+            for chunk in keys.chunks(LIST_BATCH) {
+                let values: Vec<Option<String>> = redis::cmd("MGET")
+                    .arg(chunk)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|e| self.failed("MGET", e))?;
+                // A key deleted (or expired) since the scan reads as nil: it is simply gone.
+                entries.extend(
+                    chunk
+                        .iter()
+                        .zip(values)
+                        .filter_map(|(key, value)| Some((key.clone(), value?))),
+                );
+            }
+            Ok(entries)
+        })
     }
 
     fn put_expiring<'a>(
         &'a self,
-        _key: &'a str,
-        _value: &'a str,
-        _ttl: std::time::Duration,
+        key: &'a str,
+        value: &'a str,
+        ttl: Duration,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move { Err(Error::new(ErrorKind::NotImplemented, "not yet")) })
+        Box::pin(async move {
+            let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let mut connection = self.connection().await?;
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(millis)
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(|e| self.failed("SET PX", e))
+        })
     }
+}
+
+/// Keys a SCAN step looks at, and keys one MGET reads.
+const LIST_BATCH: usize = 1000;
+
+/// Compare-and-swap on the whole value: KEYS[1] is the key; ARGV is `absent` or `equal` and
+/// the value read, then `set` and the new value or `delete`. 1 when it swapped.
+const SWAP_SCRIPT: &str = r#"
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == 'absent' then
+  if current then return 0 end
+elseif current ~= ARGV[2] then
+  return 0
+end
+if ARGV[3] == 'set' then
+  redis.call('SET', KEYS[1], ARGV[4])
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"#;
+
+/// `text` as a SCAN pattern that matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -189,5 +298,11 @@ mod tests {
             ErrorKind::InvalidArgument
         );
         assert!(RedisStore::new("redis://h:notaport").is_err());
+    }
+
+    #[test]
+    fn scan_patterns_match_the_prefix_literally() {
+        assert_eq!(glob_escape("mooncake/ram/"), "mooncake/ram/");
+        assert_eq!(glob_escape(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
     }
 }

@@ -84,19 +84,11 @@ impl Entries {
             revision: self.revision,
             expires,
         };
-        let now = Instant::now();
-        self.map
-            .insert(key.to_owned(), entry)
-            .filter(|old| old.live(now))
-            .map(|old| old.value)
+        self.map.insert(key.to_owned(), entry).map(|old| old.value)
     }
 
     fn remove(&mut self, key: &str) -> Option<String> {
-        let now = Instant::now();
-        self.map
-            .remove(key)
-            .filter(|old| old.live(now))
-            .map(|old| old.value)
+        self.map.remove(key).map(|old| old.value)
     }
 
     /// Drops expired entries; the values they held.
@@ -134,23 +126,26 @@ impl MemoryStore {
         })
     }
 
-    /// Stores `value` at `key`; the value it replaced.
+    /// Stores `value` at `key`; the value it displaced, an expired one not yet dropped
+    /// included (so that a caller counting bytes held can subtract it).
     pub fn put_now(&self, key: &str, value: String) -> Option<String> {
         self.lock().write(key, value, None)
     }
 
-    /// Stores `value` at `key` until `ttl` passes; the value it replaced.
+    /// Stores `value` at `key` until `ttl` passes (a `ttl` past the clock's range: for good);
+    /// the value it displaced, as for [`put_now`](Self::put_now).
     pub fn put_expiring_now(&self, key: &str, value: String, ttl: Duration) -> Option<String> {
-        self.lock().write(key, value, Some(Instant::now() + ttl))
+        self.lock()
+            .write(key, value, Instant::now().checked_add(ttl))
     }
 
-    /// Removes `key`; the value it held.
+    /// Removes `key`; the value it held, an expired one not yet dropped included.
     pub fn delete_now(&self, key: &str) -> Option<String> {
         self.lock().remove(key)
     }
 
     /// The compare-and-swap of [`MetadataStore::swap`], comparing revisions; on success, the
-    /// value it replaced (`Some(None)` when there was none).
+    /// value it displaced as for [`put_now`](Self::put_now) (`Some(None)` when there was none).
     pub fn swap_now(
         &self,
         key: &str,
@@ -293,5 +288,12 @@ mod tests {
         assert_eq!(store.get_now("p/2"), None);
         assert_eq!(store.expire_now(), [("p/2".into(), "gone".into())]);
         assert_eq!(store.len(), 3);
+
+        // An expired entry not yet dropped is absent, yet a write still reports displacing it.
+        store.put_expiring_now("p/3", "dead".into(), Duration::ZERO);
+        assert_eq!(store.get_now("p/3"), None);
+        assert_eq!(store.put_now("p/3", "x".into()), Some("dead".into()));
+        store.put_expiring_now("p/4", "long".into(), Duration::MAX);
+        assert_eq!(store.get_now("p/4").as_deref(), Some("long"));
     }
 }
