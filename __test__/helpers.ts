@@ -78,6 +78,18 @@ export function pattern(seed: number, offset: number, length: number): Buffer {
  */
 export function fillPattern(buffer: Uint8Array, seed: number, offset = 0): void {
   const TWO32 = 2 ** 32
+  if (offset % 8 === 0 && buffer.byteOffset % 4 === 0 && buffer.length >= 8) {
+    // Whole words at once (the little-endian halves of each), then the tail byte by byte.
+    const words = Math.floor(buffer.length / 8)
+    const halves = new Uint32Array(buffer.buffer, buffer.byteOffset, words * 2)
+    for (let i = 0; i < words; i++) {
+      const w = offset + i * 8
+      halves[2 * i] = w % TWO32
+      halves[2 * i + 1] = (Math.floor(w / TWO32) ^ (seed << 8)) >>> 0
+    }
+    fillPattern(buffer.subarray(words * 8), seed, offset + words * 8)
+    return
+  }
   let word = -1
   let low = 0
   let high = 0

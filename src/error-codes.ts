@@ -82,6 +82,16 @@ export type MooncakeErrorCode =
   | 'ERR_UNAUTHENTICATED'
   /** Authenticated, but the operation needs a role or ownership the caller lacks. */
   | 'ERR_PERMISSION_DENIED'
+  /** P2P store: this node already serves a payload of that name. */
+  | 'ERR_PAYLOAD_OPENED'
+  /** P2P store: this node does not serve a payload of that name. */
+  | 'ERR_PAYLOAD_NOT_OPENED'
+  /** P2P store: no payload of that name is in the catalogue. */
+  | 'ERR_PAYLOAD_NOT_FOUND'
+  /** P2P store: a shard failed on every source, as many times as allowed. */
+  | 'ERR_TOO_MANY_RETRIES'
+  /** Bytes read do not match the checksum their writer recorded. */
+  | 'ERR_CHECKSUM_MISMATCH'
 
 /** What each code means, and Mooncake's number for it where it has one. */
 export const ERROR_CODES: Readonly<Record<MooncakeErrorCode, { readonly errno?: number; readonly description: string }>> = {
@@ -125,4 +135,9 @@ export const ERROR_CODES: Readonly<Record<MooncakeErrorCode, { readonly errno?: 
   ERR_INTERNAL_ERROR: { errno: -1, description: "Store: an internal invariant broke." },
   ERR_UNAUTHENTICATED: { description: "The peer did not prove it holds the cluster token (or the proof was stale or replayed)." },
   ERR_PERMISSION_DENIED: { description: "Authenticated, but the operation needs a role or ownership the caller lacks." },
+  ERR_PAYLOAD_OPENED: { description: "P2P store: this node already serves a payload of that name." },
+  ERR_PAYLOAD_NOT_OPENED: { description: "P2P store: this node does not serve a payload of that name." },
+  ERR_PAYLOAD_NOT_FOUND: { description: "P2P store: no payload of that name is in the catalogue." },
+  ERR_TOO_MANY_RETRIES: { description: "P2P store: a shard failed on every source, as many times as allowed." },
+  ERR_CHECKSUM_MISMATCH: { description: "Bytes read do not match the checksum their writer recorded." },
 }

@@ -1,7 +1,8 @@
 /**
  * Mooncake for Node.js: the Transfer Engine (batched one-sided reads and writes between
- * registered memory of processes), its metadata server, and Mooncake Store (a replicated
- * distributed object cache whose master keeps metadata only).
+ * registered memory of processes), its metadata server, Mooncake Store (a replicated
+ * distributed object cache whose master keeps metadata only), and the P2P Store (checkpoints
+ * pulled from every node that holds them).
  *
  * @packageDocumentation
  */
@@ -25,4 +26,14 @@ export {
 export { ERROR_CODES, MooncakeError, type MooncakeErrorCode } from './errors'
 export { MasterServer, type MasterServerOptions } from './master'
 export { MetadataServer, startMetadataServer, type MetadataServerOptions } from './metadata-server'
+export {
+  P2PStore,
+  type GetReplicaOptions,
+  type P2PStoreOptions,
+  type PayloadInfo,
+  type PullProgress,
+  type PullReport,
+  type PullSource,
+  type RegisterOptions,
+} from './p2p'
 export { MooncakeStore, type MooncakeStoreOptions, type PutOptions, type RemoveOptions } from './store'

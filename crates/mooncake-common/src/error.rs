@@ -93,6 +93,16 @@ pub enum ErrorKind {
     Unauthenticated,
     /// Authenticated, but the operation needs a role or ownership the caller lacks.
     PermissionDenied,
+    /// P2P store: this node already serves a payload of that name.
+    PayloadOpened,
+    /// P2P store: this node does not serve a payload of that name.
+    PayloadNotOpened,
+    /// P2P store: no payload of that name is in the catalogue.
+    PayloadNotFound,
+    /// P2P store: a shard failed on every source, as many times as allowed.
+    TooManyRetries,
+    /// Bytes read do not match the checksum their writer recorded.
+    ChecksumMismatch,
 }
 
 impl ErrorKind {
@@ -138,6 +148,11 @@ impl ErrorKind {
         Self::InternalError,
         Self::Unauthenticated,
         Self::PermissionDenied,
+        Self::PayloadOpened,
+        Self::PayloadNotOpened,
+        Self::PayloadNotFound,
+        Self::TooManyRetries,
+        Self::ChecksumMismatch,
     ];
 
     /// The stable string code JavaScript sees as `error.code`.
@@ -183,6 +198,11 @@ impl ErrorKind {
             Self::InternalError => "ERR_INTERNAL_ERROR",
             Self::Unauthenticated => "ERR_UNAUTHENTICATED",
             Self::PermissionDenied => "ERR_PERMISSION_DENIED",
+            Self::PayloadOpened => "ERR_PAYLOAD_OPENED",
+            Self::PayloadNotOpened => "ERR_PAYLOAD_NOT_OPENED",
+            Self::PayloadNotFound => "ERR_PAYLOAD_NOT_FOUND",
+            Self::TooManyRetries => "ERR_TOO_MANY_RETRIES",
+            Self::ChecksumMismatch => "ERR_CHECKSUM_MISMATCH",
         }
     }
 

@@ -549,7 +549,7 @@ pub(crate) fn register(
 }
 
 /// Keeps a JavaScript buffer referenced; never read, only dropped.
-struct Held(#[allow(dead_code)] Uint8Array);
+pub(crate) struct Held(#[allow(dead_code)] pub(crate) Uint8Array);
 
 // SAFETY: the wrapped reference is never accessed, only dropped, and napi-rs routes an
 // off-thread drop of a buffer reference back to the JavaScript thread.

@@ -12,6 +12,7 @@ mod engine;
 mod error;
 mod master;
 mod metadata_server;
+mod p2p;
 mod store;
 
 use std::sync::Once;

@@ -1,0 +1,256 @@
+//! Which copy of a shard to read next.
+//!
+//! Mooncake reads from a random copy, so every puller piles onto the seed as often as onto
+//! anyone else. Here each puller keeps, per source, the shards it has in flight there and the
+//! speed it observed, and reads from the source expected to finish soonest. Sources known to
+//! be alive come first, then those whose liveness is unknown (a Mooncake node publishes none);
+//! one that failed is tried again only when nothing else is left. Ties are broken by a hash of
+//! (puller, shard, source), so that pullers starting together spread over the sources rather
+//! than all picking the first.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use crate::catalogue::{Location, Shard};
+
+/// Weight of the newest observation in a source's speed.
+const SPEED_WEIGHT: f64 = 0.5;
+
+/// What one puller knows of one source.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Source {
+    /// Shards in flight from it.
+    inflight: usize,
+    /// Observed bytes per second, smoothed.
+    speed: Option<f64>,
+    /// Reads that failed (a dead peer, unregistered memory).
+    failures: usize,
+    /// Shards whose bytes did not match their checksum.
+    corrupt: usize,
+    /// Bytes and shards read from it.
+    bytes: u64,
+    shards: usize,
+}
+
+/// What a puller tells about one source once done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceReport {
+    /// Its segment name.
+    pub segment: String,
+    /// Bytes read from it.
+    pub bytes: u64,
+    /// Shards read from it.
+    pub shards: usize,
+    /// Reads from it that failed.
+    pub failures: usize,
+    /// Shards from it whose bytes did not match their checksum.
+    pub corrupt: usize,
+}
+
+/// Every source a puller has seen.
+#[derive(Debug)]
+pub(crate) struct Sources {
+    by_segment: HashMap<String, Source>,
+    /// Segments that advertise they are alive.
+    live: HashSet<String>,
+    /// This puller's name, salting the tie-break.
+    salt: String,
+}
+
+impl Sources {
+    pub(crate) fn new(live: HashSet<String>, puller: &str) -> Self {
+        Self {
+            by_segment: HashMap::new(),
+            live,
+            salt: puller.to_owned(),
+        }
+    }
+
+    /// The copy of shard `index` to read next, avoiding `exclude` (copies that already failed
+    /// for this shard) unless every copy did.
+    pub(crate) fn pick<'a>(
+        &self,
+        index: usize,
+        shard: &'a Shard,
+        exclude: &HashSet<Location>,
+    ) -> Option<&'a Location> {
+        let fresh: Vec<&Location> = shard.locations().filter(|l| !exclude.contains(l)).collect();
+        let candidates = if fresh.is_empty() {
+            shard.locations().collect()
+        } else {
+            fresh
+        };
+        let best_speed = self
+            .by_segment
+            .values()
+            .filter_map(|s| s.speed)
+            .fold(None, |best: Option<f64>, s| {
+                Some(best.map_or(s, |b| b.max(s)))
+            });
+        candidates.into_iter().min_by(|a, b| {
+            let (ka, kb) = (
+                self.cost(index, a, best_speed),
+                self.cost(index, b, best_speed),
+            );
+            ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal)
+        })
+    }
+
+    /// (tier, expected seconds per byte of the queue, tie-break): lower is better.
+    fn cost(&self, index: usize, location: &Location, best_speed: Option<f64>) -> (u8, f64, u64) {
+        let segment = &location.segment_name;
+        let source = self.by_segment.get(segment);
+        let failed = source.is_some_and(|s| s.failures + s.corrupt > 0);
+        let tier = match (failed, self.live.contains(segment)) {
+            (false, true) => 0,
+            (false, false) => 1,
+            (true, _) => 2,
+        };
+        // A source never measured is assumed as fast as the best one, so that it gets tried.
+        let speed = source
+            .and_then(|s| s.speed)
+            .or(best_speed)
+            .unwrap_or(1.0)
+            .max(1.0);
+        let queue = source.map_or(0, |s| s.inflight) as f64 + 1.0;
+        let tie =
+            xxhash_rust::xxh3::xxh3_64(format!("{}\0{index}\0{segment}", self.salt).as_bytes());
+        (tier, queue / speed, tie)
+    }
+
+    pub(crate) fn started(&mut self, segment: &str) {
+        self.entry(segment).inflight += 1;
+    }
+
+    pub(crate) fn finished(&mut self, segment: &str, bytes: u64, took: Duration) {
+        let source = self.entry(segment);
+        source.inflight = source.inflight.saturating_sub(1);
+        source.bytes += bytes;
+        source.shards += 1;
+        let observed = bytes as f64 / took.as_secs_f64().max(1e-6);
+        source.speed = Some(match source.speed {
+            None => observed,
+            Some(old) => old * (1.0 - SPEED_WEIGHT) + observed * SPEED_WEIGHT,
+        });
+    }
+
+    pub(crate) fn failed(&mut self, segment: &str, corrupt: bool) {
+        let source = self.entry(segment);
+        source.inflight = source.inflight.saturating_sub(1);
+        if corrupt {
+            source.corrupt += 1;
+        } else {
+            source.failures += 1;
+        }
+    }
+
+    /// Whether this puller has read, or tried to read, from `segment`.
+    pub(crate) fn knows(&self, segment: &str) -> bool {
+        self.by_segment.contains_key(segment)
+    }
+
+    /// Segments a read from failed (not for bad bytes).
+    pub(crate) fn unreachable(&self) -> HashSet<String> {
+        self.by_segment
+            .iter()
+            .filter(|(_, s)| s.failures > 0)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    pub(crate) fn report(&self) -> Vec<SourceReport> {
+        let mut out: Vec<SourceReport> = self
+            .by_segment
+            .iter()
+            .map(|(segment, s)| SourceReport {
+                segment: segment.clone(),
+                bytes: s.bytes,
+                shards: s.shards,
+                failures: s.failures,
+                corrupt: s.corrupt,
+            })
+            .collect();
+        out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.segment.cmp(&b.segment)));
+        out
+    }
+
+    fn entry(&mut self, segment: &str) -> &mut Source {
+        self.by_segment.entry(segment.to_owned()).or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(segments: &[&str]) -> Shard {
+        Shard {
+            size: 100,
+            gold: vec![Location {
+                segment_name: segments[0].into(),
+                offset: 0,
+            }],
+            replica_list: segments[1..]
+                .iter()
+                .map(|s| Location {
+                    segment_name: (*s).into(),
+                    offset: 0,
+                })
+                .collect(),
+            checksum: None,
+        }
+    }
+
+    fn live(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn load_spreads_over_live_sources_and_failed_ones_come_last() {
+        let shard = shard(&["seed", "a", "b"]);
+        let mut sources = Sources::new(live(&["seed", "a", "b"]), "puller");
+        let none = HashSet::new();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for i in 0..9 {
+            let pick = sources.pick(i, &shard, &none).unwrap().segment_name.clone();
+            sources.started(&pick);
+            *counts.entry(pick).or_default() += 1;
+        }
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), [3, 3, 3]);
+
+        let mut sources = Sources::new(live(&["a", "b"]), "puller");
+        sources.failed("a", false);
+        for i in 0..4 {
+            assert_eq!(sources.pick(i, &shard, &none).unwrap().segment_name, "b");
+            sources.started("b");
+        }
+        // Past the live one, the unknown one beats the failed one.
+        let exclude: HashSet<Location> = shard
+            .locations()
+            .filter(|l| l.segment_name == "b")
+            .cloned()
+            .collect();
+        assert_eq!(
+            sources.pick(0, &shard, &exclude).unwrap().segment_name,
+            "seed"
+        );
+    }
+
+    #[test]
+    fn a_faster_source_takes_more() {
+        let shard = shard(&["slow", "fast"]);
+        let mut sources = Sources::new(live(&["slow", "fast"]), "p");
+        sources.started("slow");
+        sources.finished("slow", 100, Duration::from_secs(1));
+        sources.started("fast");
+        sources.finished("fast", 1000, Duration::from_secs(1));
+        let none = HashSet::new();
+        let mut fast = 0;
+        for i in 0..11 {
+            let pick = sources.pick(i, &shard, &none).unwrap().segment_name.clone();
+            fast += usize::from(pick == "fast");
+            sources.started(&pick);
+        }
+        assert_eq!(fast, 10, "ten times the speed, ten times the queue");
+    }
+}

@@ -1,0 +1,344 @@
+//! Nodes of the P2P store in one process, over TCP, with the embedded HTTP metadata server
+//! holding the catalogue. Payload bytes are unique per position: each 8-byte word holds the
+//! payload's seed and its own offset.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_common::config::Protocol;
+use mooncake_common::{EngineConfig, ErrorKind};
+use mooncake_metadata::http::MetadataServer;
+use mooncake_p2p::catalogue::{Catalogue, Payload};
+use mooncake_p2p::liveness::live_key;
+use mooncake_p2p::{LocalBuffer, P2PConfig, P2PStore, RegisterOptions};
+use mooncake_transport::Arena;
+
+const SHARD: u64 = 64 << 10;
+
+async fn node(metadata: &str, name: &str) -> Arc<P2PStore> {
+    let mut engine = EngineConfig::from_env(name, metadata);
+    engine.advertised_host = Some("127.0.0.1".into());
+    engine.protocol = Protocol::Tcp;
+    engine.shared_memory = false;
+    engine.cluster_token = None;
+    let mut config = P2PConfig::new(engine);
+    config.liveness_ttl = Duration::from_millis(600);
+    P2PStore::start(config).await.expect("the node starts")
+}
+
+fn arena(len: usize) -> Arc<Arena> {
+    Arc::new(Arena::new("p2p-test", len).expect("memory"))
+}
+
+fn bytes(arena: &Arena) -> &[u8] {
+    // SAFETY: the arena is mapped for its whole length while borrowed; tests read it only
+    // while no transfer writes it.
+    unsafe { std::slice::from_raw_parts(arena.as_ptr(), arena.len()) }
+}
+
+fn write(arena: &Arena, fill: impl FnOnce(&mut [u8])) {
+    // SAFETY: as for `bytes`; tests write it only while no transfer touches it.
+    fill(unsafe { std::slice::from_raw_parts_mut(arena.as_ptr(), arena.len()) })
+}
+
+/// Buffers of `sizes` bytes holding payload `seed`'s bytes.
+fn payload(seed: u64, sizes: &[usize]) -> Vec<Arc<Arena>> {
+    let mut offset = 0u64;
+    sizes
+        .iter()
+        .map(|&len| {
+            let a = arena(len);
+            write(&a, |bytes| {
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    let at = offset + i as u64;
+                    *b = ((seed << 40 | (at & !7)).to_le_bytes())[(at % 8) as usize];
+                }
+            });
+            offset += len as u64;
+            a
+        })
+        .collect()
+}
+
+fn empty(sizes: &[usize]) -> Vec<Arc<Arena>> {
+    sizes.iter().map(|&len| arena(len)).collect()
+}
+
+fn local(arenas: &[Arc<Arena>]) -> Vec<LocalBuffer> {
+    arenas.iter().cloned().map(LocalBuffer::arena).collect()
+}
+
+fn same(a: &[Arc<Arena>], b: &[Arc<Arena>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| bytes(x) == bytes(y))
+}
+
+async fn entry(server: &MetadataServer, name: &str) -> Option<Payload> {
+    let store: Arc<dyn mooncake_metadata::MetadataStore> = server.store().clone();
+    Catalogue::new(store)
+        .get(name)
+        .await
+        .unwrap()
+        .map(|(p, _)| p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pullers_read_from_each_other_and_the_catalogue_follows() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let sizes = [300 << 10, (200 << 10) + 7, 5];
+    let seed = node(&url, "seed").await;
+    let source = payload(1, &sizes);
+    let options = RegisterOptions {
+        max_shard_size: SHARD,
+        force: false,
+    };
+    seed.register("ckpt/step-1", local(&source), options)
+        .await
+        .unwrap();
+    let listed = seed.list("ckpt/").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].size_list, sizes.map(|s| s as u64));
+    assert_eq!(listed[0].total_size, sizes.iter().sum::<usize>() as u64);
+    assert!(seed.list("other/").await.unwrap().is_empty());
+
+    let first = node(&url, "first").await;
+    let into = empty(&sizes);
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let report = first
+        .get_replica(
+            "ckpt/step-1",
+            local(&into),
+            Some(Arc::new(move |p| {
+                assert!(p.bytes_done <= p.bytes_total);
+                counter.store(p.shards_done, Ordering::Relaxed);
+            })),
+        )
+        .await
+        .unwrap();
+    assert!(same(&source, &into));
+    assert_eq!(seen.load(Ordering::Relaxed), 10, "5 + 4 + 1 shards");
+    assert_eq!(report.sources.len(), 1);
+    assert_eq!(report.sources[0].segment, "seed");
+
+    let second = node(&url, "second").await;
+    let again = empty(&sizes);
+    let report = second
+        .get_replica("ckpt/step-1", local(&again), None)
+        .await
+        .unwrap();
+    assert!(same(&source, &again));
+    let from_first = report
+        .sources
+        .iter()
+        .find(|s| s.segment == "first")
+        .map_or(0, |s| s.shards);
+    assert!(
+        (2..=8).contains(&from_first),
+        "load is spread over both sources: {report:?}"
+    );
+
+    let entry_now = entry(&server, "ckpt/step-1").await.unwrap();
+    for shard in &entry_now.shards {
+        let holders: Vec<&str> = shard.locations().map(|l| l.segment_name.as_str()).collect();
+        assert_eq!(holders, ["seed", "first", "second"]);
+        assert!(shard.checksum.is_some());
+    }
+
+    first.delete_replica("ckpt/step-1").await.unwrap();
+    seed.unregister("ckpt/step-1").await.unwrap();
+    let left = entry(&server, "ckpt/step-1").await.unwrap();
+    assert!(left.shards.iter().all(|s| s.gold.is_empty()
+        && s.replica_list.len() == 1
+        && s.replica_list[0].segment_name == "second"));
+    second.close().await;
+    assert!(
+        entry(&server, "ckpt/step-1").await.is_none(),
+        "the entry goes with the last node serving it"
+    );
+    seed.close().await;
+    first.close().await;
+    assert_eq!(server.store().get_now(&live_key("seed")), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_codes() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let a = node(&url, "a").await;
+    let b = node(&url, "b").await;
+    let options = RegisterOptions {
+        max_shard_size: SHARD,
+        force: false,
+    };
+    let data = payload(2, &[100 << 10, 10]);
+    a.register("p", local(&data), options).await.unwrap();
+
+    let code = |r: mooncake_common::Result<()>| r.unwrap_err().kind();
+    assert_eq!(
+        code(a.register("p", local(&data), options).await),
+        ErrorKind::PayloadOpened
+    );
+    let other = payload(3, &[10]);
+    assert_eq!(
+        code(b.register("p", local(&other), options).await),
+        ErrorKind::PayloadOpened,
+        "the catalogue already has it"
+    );
+    // The same buffers under another name share the registration; a partial overlap does not.
+    a.register("p-again", local(&data), options).await.unwrap();
+    let whole = &data[0];
+    // SAFETY: the range lies inside the arena, which the owner keeps mapped.
+    let inner =
+        unsafe { LocalBuffer::external(whole.as_ptr() as usize + 8, 16, Box::new(whole.clone())) };
+    assert_eq!(
+        code(a.register("q", vec![inner], options).await),
+        ErrorKind::AddressOverlapped
+    );
+    let twice = vec![
+        LocalBuffer::arena(other[0].clone()),
+        LocalBuffer::arena(other[0].clone()),
+    ];
+    assert_eq!(
+        code(b.register("r", twice, options).await),
+        ErrorKind::AddressOverlapped
+    );
+    let zero = RegisterOptions {
+        max_shard_size: 0,
+        force: false,
+    };
+    assert_eq!(
+        code(b.register("r", local(&other), zero).await),
+        ErrorKind::InvalidArgument
+    );
+
+    let pulled = |r: mooncake_common::Result<mooncake_p2p::PullReport>| r.unwrap_err().kind();
+    assert_eq!(
+        pulled(b.get_replica("nothing", local(&empty(&[10])), None).await),
+        ErrorKind::PayloadNotFound
+    );
+    assert_eq!(
+        pulled(
+            b.get_replica("p", local(&empty(&[10, 100 << 10])), None)
+                .await
+        ),
+        ErrorKind::InvalidArgument,
+        "buffers in another order"
+    );
+    assert_eq!(
+        pulled(b.get_replica("p", local(&empty(&[100 << 10])), None).await),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        pulled(
+            a.get_replica("p", local(&empty(&[100 << 10, 10])), None)
+                .await
+        ),
+        ErrorKind::PayloadOpened,
+        "a node holds a name once"
+    );
+    assert_eq!(code(b.unregister("p").await), ErrorKind::PayloadNotOpened);
+    assert_eq!(
+        code(a.delete_replica("p").await),
+        ErrorKind::PayloadNotOpened
+    );
+    assert_eq!(
+        code(b.delete_replica("p").await),
+        ErrorKind::PayloadNotOpened
+    );
+
+    // A failed call leaves nothing behind: the same buffers register fine afterwards.
+    b.register("r", local(&other), options).await.unwrap();
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_copies_are_caught_fetched_elsewhere_and_dropped() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let sizes = [16 * SHARD as usize];
+    let seed = node(&url, "seed").await;
+    let source = payload(4, &sizes);
+    let options = RegisterOptions {
+        max_shard_size: SHARD,
+        force: false,
+    };
+    seed.register("c", local(&source), options).await.unwrap();
+    let first = node(&url, "first").await;
+    let bad = empty(&sizes);
+    first.get_replica("c", local(&bad), None).await.unwrap();
+    write(&bad[0], |bytes| {
+        for shard in 0..16 {
+            bytes[shard * SHARD as usize + 100] ^= 0xff;
+        }
+    });
+    let second = node(&url, "second").await;
+    let good = empty(&sizes);
+    let report = second.get_replica("c", local(&good), None).await.unwrap();
+    assert!(same(&source, &good), "no altered byte is kept");
+    let corrupt: usize = report.sources.iter().map(|s| s.corrupt).sum();
+    assert!(
+        corrupt > 0,
+        "some shards were first read from the altered copy: {report:?}"
+    );
+    let after = entry(&server, "c").await.unwrap();
+    for shard in &after.shards {
+        let holders: Vec<&str> = shard.locations().map(|l| l.segment_name.as_str()).collect();
+        assert!(!holders.contains(&"first") || holders.len() == 3);
+        assert!(holders.contains(&"second"));
+    }
+    for node in [seed, first, second] {
+        node.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_whose_only_source_died_resumes_from_what_it_holds() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let sizes = [12 * SHARD as usize + 3];
+    let source = payload(5, &sizes);
+    let options = RegisterOptions {
+        max_shard_size: SHARD,
+        force: false,
+    };
+    let seed = node(&url, "seed").await;
+    seed.register("r", local(&source), options).await.unwrap();
+    let puller = node(&url, "puller").await;
+    let into = empty(&sizes);
+    let dying = seed.clone();
+    let killed = Arc::new(std::sync::Once::new());
+    let error = puller
+        .get_replica(
+            "r",
+            local(&into),
+            Some(Arc::new(move |p| {
+                if p.shards_done >= 4 {
+                    let dying = dying.clone();
+                    killed.call_once(|| {
+                        tokio::spawn(async move { dying.engine().close().await });
+                    });
+                }
+            })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::TooManyRetries, "{error}");
+
+    let again = node(&url, "seed-2").await;
+    let forced = RegisterOptions {
+        max_shard_size: SHARD,
+        force: true,
+    };
+    again.register("r", local(&source), forced).await.unwrap();
+    let report = puller.get_replica("r", local(&into), None).await.unwrap();
+    assert!(same(&source, &into));
+    assert!(report.resumed_bytes >= 4 * SHARD, "{report:?}");
+    assert_eq!(report.bytes + report.resumed_bytes, sizes[0] as u64);
+    for node in [puller, again] {
+        node.close().await;
+    }
+    seed.close().await;
+}
