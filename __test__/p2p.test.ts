@@ -1,7 +1,11 @@
 // The P2P store across real processes on loopback (TCP, shared memory off, so that the network
 // path is what moves the bytes): one registrant, pullers that become sources, nodes that die.
-import type { ChildProcess } from 'node:child_process'
+import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { dirname, join } from 'node:path'
 import { createInterface } from 'node:readline'
 
 import test from 'ava'
@@ -234,4 +238,73 @@ test('bad input gets MooncakeErrors with stable codes', async (t) => {
   }
   await node.unregister('bad/a')
   t.deepEqual(await node.list('bad/'), [], 'the entry goes with the last node serving it')
+})
+
+const CLI = join(__dirname, '..', 'dist', 'cli.js')
+
+function cli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((done) => {
+    execFile(process.execPath, [CLI, 'p2p', ...args], { encoding: 'utf8' }, (error, stdout, stderr) => {
+      done({ code: error === null ? 0 : typeof error.code === 'number' ? error.code : 1, stdout, stderr })
+    })
+  })
+}
+
+test.serial('the CLI moves a checkpoint directory, refuses names that leave the output directory, and unregisters for a dead registrant', async (t) => {
+  t.timeout(120_000)
+  const server = await startMetadataServer()
+  const dir = mkdtempSync(join(tmpdir(), 'mooncake-p2p-cli-'))
+  const children: ChildProcess[] = []
+  t.teardown(async () => {
+    for (const child of children) child.kill('SIGKILL')
+    await server.close()
+    rmSync(dir, { recursive: true, force: true })
+  })
+  const files: Record<string, Buffer> = {
+    'a.bin': randomBytes(3 * MiB + 17),
+    'nested/b.bin': randomBytes(MiB),
+    'nested/deeper/c.txt': Buffer.from('config\n'),
+  }
+  for (const [name, bytes] of Object.entries(files)) {
+    mkdirSync(dirname(join(dir, 'src', name)), { recursive: true })
+    writeFileSync(join(dir, 'src', name), bytes)
+  }
+  writeFileSync(join(dir, 'src', 'empty'), '')
+  const common = ['--metadata', server.url, '--ip', '127.0.0.1']
+  const name = `ckpt-${process.pid}`
+  const registrant = spawn(process.execPath, [CLI, 'p2p', 'register', name, join(dir, 'src'), '--max-shard-size', '1MiB', ...common], { stdio: ['ignore', 'pipe', 'pipe'] })
+  children.push(registrant)
+  let stderr = ''
+  registrant.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()))
+  const [serving] = (await once(createInterface({ input: registrant.stdout! }), 'line')) as [string]
+  t.regex(serving, /^serving 'ckpt-\d+' from .*: 3 files, 4\.0 MiB/)
+  t.regex(stderr, /skipping empty file/)
+
+  const listed = await cli(['list', ...common])
+  t.is(listed.code, 0, listed.stderr)
+  t.regex(listed.stdout, new RegExp(`^${name}\\t4\\.0 MiB\\t3 buffers\\t1\\.0 MiB shards$`, 'm'))
+
+  const got = await cli(['get', name, join(dir, 'out'), ...common])
+  t.is(got.code, 0, got.stderr)
+  t.regex(got.stdout, /pulled 4\.0 MiB/)
+  for (const [file, bytes] of Object.entries(files)) t.true(readFileSync(join(dir, 'out', file)).equals(bytes), file)
+  t.is((await cli(['get', name, join(dir, 'out'), ...common])).code, 1, 'existing files are not overwritten without --overwrite')
+
+  // A catalogue entry is untrusted: a buffer name that climbs out of the output directory is refused.
+  const hostile = await P2PStore.create({ metadata: server.url, localServerName: `hostile-${process.pid}`, ipOrHostName: '127.0.0.1' })
+  try {
+    await hostile.register(`evil-${process.pid}`, [Buffer.from('x')], { bufferNames: ['../../escaped'] })
+    const evil = await cli(['get', `evil-${process.pid}`, join(dir, 'evil', 'out'), ...common])
+    t.is(evil.code, 1)
+    t.regex(evil.stderr, /ERR_INVALID_ARGUMENT: .*not a safe relative path/)
+    t.false(existsSync(join(dir, 'escaped')))
+  } finally {
+    await hostile.close()
+  }
+
+  registrant.kill('SIGKILL')
+  await once(registrant, 'exit')
+  const forgotten = await cli(['unregister', name, ...common])
+  t.is(forgotten.code, 0, forgotten.stderr)
+  t.regex((await cli(['list', ...common])).stdout, /^no payloads$/m, 'the dead registrant was the only copy')
 })

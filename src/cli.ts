@@ -7,6 +7,7 @@
  *   mooncake bench --mode target|initiator ...   Mooncake's transfer_engine_bench
  *   mooncake bench-raw --mode target|initiator ...   the raw TCP socket baseline
  *   mooncake topology                 the host's devices and NIC priority matrix
+ *   mooncake p2p register|get|list|unregister   checkpoints through the P2P store
  */
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
@@ -22,6 +23,7 @@ import { nativeAsync, native, MooncakeError } from './errors'
 import { segmentHandle, TransferEngine, type TransferRequest } from './engine'
 import { MasterServer, type MasterServerOptions } from './master'
 import { startMetadataServer } from './metadata-server'
+import { p2p } from './p2p-cli'
 import { MooncakeStore } from './store'
 
 const USAGE = `usage: mooncake <command> [options]
@@ -60,6 +62,8 @@ commands:
                       --duration 2   --inflight 4   --repeat 3   --json
   bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
+  p2p               checkpoints as files through the P2P store: register, get, list, unregister
+                      (mooncake p2p help)
   token             print a fresh cluster token (64 hex characters)
   topology          this host's NUMA nodes, RDMA NICs, interfaces, GPUs and NIC priority matrix
                       --json   --root <sysfs tree root> (default /)   (MC_TE_FILTERS limits the NICs)
@@ -495,6 +499,8 @@ async function main(): Promise<void> {
       return benchStore(rest)
     case 'topology':
       return topology(rest)
+    case 'p2p':
+      return p2p(rest, { parseSize, readToken, untilSignal })
     case 'token':
       console.log(newToken())
       return

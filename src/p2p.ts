@@ -24,6 +24,8 @@ export interface RegisterOptions {
   maxShardSize?: number
   /** Replace an entry of the same name already in the catalogue (left by a node that died, say). */
   force?: boolean
+  /** A name for each buffer (the file it came from, say), kept in the catalogue for pullers. */
+  bufferNames?: string[]
 }
 
 /** A payload as {@link P2PStore.list} shows it. */
@@ -36,6 +38,8 @@ export interface PayloadInfo {
   sizeList: number[]
   /** Largest shard. */
   maxShardSize: number
+  /** A name for each buffer, when the registrant gave them. Untrusted input: check before using one as a path. */
+  bufferNames?: string[]
 }
 
 /** How far a pull has come. */
@@ -154,8 +158,18 @@ export class P2PStore {
   }
 
   /** Payloads whose names start with `prefix`, in name order. */
-  list(prefix = ''): Promise<PayloadInfo[]> {
-    return nativeAsync(() => this.inner.list(prefix))
+  async list(prefix = ''): Promise<PayloadInfo[]> {
+    const listed = await nativeAsync(() => this.inner.list(prefix))
+    return listed.map(({ bufferNames, ...info }) => (bufferNames === undefined || bufferNames === null ? info : { ...info, bufferNames }))
+  }
+
+  /**
+   * Removes registrants' copies of `name` from the catalogue on their behalf: those of `segment`, or every one (as
+   * Mooncake's unregister does). For a registrant that is gone; the entry goes when no copy is left. This node's own
+   * copies go with {@link unregister}.
+   */
+  forget(name: string, segment?: string): Promise<void> {
+    return nativeAsync(() => this.inner.forget(name, segment))
   }
 
   /**

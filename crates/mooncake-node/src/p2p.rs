@@ -27,6 +27,8 @@ pub struct NativeRegisterOptions {
     pub max_shard_size: Option<f64>,
     /// Replace an entry of the same name.
     pub force: Option<bool>,
+    /// A name for each buffer.
+    pub buffer_names: Option<Vec<String>>,
 }
 
 /// A payload in the catalogue.
@@ -36,6 +38,7 @@ pub struct PayloadInfo {
     pub total_size: f64,
     pub size_list: Vec<f64>,
     pub max_shard_size: f64,
+    pub buffer_names: Option<Vec<String>>,
 }
 
 /// How far a pull has come.
@@ -157,6 +160,7 @@ impl NativeP2PStore {
                 register.max_shard_size = to_len(size, "maxShardSize")? as u64;
             }
             register.force = options.force.unwrap_or(false);
+            register.buffer_names = options.buffer_names;
         }
         self.inner
             .register(&name, local(buffers), register)
@@ -168,6 +172,12 @@ impl NativeP2PStore {
     #[napi]
     pub async fn unregister(&self, name: String) -> Result<()> {
         self.inner.unregister(&name).await.napi()
+    }
+
+    /// Removes registrants' copies of `name` from the catalogue on their behalf.
+    #[napi]
+    pub async fn forget(&self, name: String, segment: Option<String>) -> Result<()> {
+        self.inner.forget(&name, segment.as_deref()).await.napi()
     }
 
     /// Payloads whose names start with `prefix`.
@@ -184,6 +194,7 @@ impl NativeP2PStore {
                 total_size: p.total_size as f64,
                 size_list: p.size_list.into_iter().map(|s| s as f64).collect(),
                 max_shard_size: p.max_shard_size as f64,
+                buffer_names: p.buffer_names,
             })
             .collect())
     }

@@ -31,6 +31,9 @@ pub struct Payload {
     /// Every shard, buffer by buffer.
     #[serde(deserialize_with = "null_as_empty")]
     pub shards: Vec<Shard>,
+    /// A name for each buffer (the file it came from, say), as the registrant gave them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer_names: Option<Vec<String>>,
 }
 
 /// A contiguous piece of a payload and where it can be read.
@@ -69,6 +72,8 @@ pub struct PayloadInfo {
     pub size_list: Vec<u64>,
     /// Largest shard.
     pub max_shard_size: u64,
+    /// A name for each buffer, when the registrant gave them.
+    pub buffer_names: Option<Vec<String>>,
 }
 
 /// Go writes an empty slice as `null`.
@@ -102,6 +107,7 @@ impl Payload {
             total_size: self.size,
             size_list: self.size_list.clone(),
             max_shard_size: self.max_shard_size,
+            buffer_names: self.buffer_names.clone(),
         }
     }
 
@@ -245,6 +251,22 @@ impl Catalogue {
             })
             .collect())
     }
+}
+
+/// Buffer names are at most 4096 bytes, without NUL, one per buffer.
+pub(crate) fn check_buffer_names(names: &[String], buffers: usize) -> Result<()> {
+    if names.len() != buffers {
+        return Err(Error::invalid(format!(
+            "{} buffer names for {buffers} buffers",
+            names.len()
+        )));
+    }
+    if names.iter().any(|n| n.len() > 4096 || n.contains('\0')) {
+        return Err(Error::invalid(
+            "a buffer name is at most 4096 bytes, without NUL",
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn not_found(name: &str) -> Error {

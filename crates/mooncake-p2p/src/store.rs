@@ -11,7 +11,9 @@ use mooncake_te::TransferEngine;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::catalogue::{Catalogue, Change, Location, Payload, PayloadInfo, Shard};
+use crate::catalogue::{
+    check_buffer_names, Catalogue, Change, Location, Payload, PayloadInfo, Shard,
+};
 use crate::layout::{checksum, shard_places, LocalBuffer};
 use crate::liveness::{heartbeat, live_segments};
 use crate::pull::{answers, ProgressFn, Pull, PullReport, Pulled};
@@ -39,13 +41,15 @@ impl P2PConfig {
 }
 
 /// Options of [`P2PStore::register`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RegisterOptions {
     /// Largest shard. Default 64 MiB.
     pub max_shard_size: u64,
     /// Replace an entry of the same name already in the catalogue (left by a node that died,
     /// say) rather than fail with `ERR_PAYLOAD_OPENED`.
     pub force: bool,
+    /// A name for each buffer (the file it came from, say), kept in the catalogue for pullers.
+    pub buffer_names: Option<Vec<String>>,
 }
 
 impl Default for RegisterOptions {
@@ -53,6 +57,7 @@ impl Default for RegisterOptions {
         Self {
             max_shard_size: 64 << 20,
             force: false,
+            buffer_names: None,
         }
     }
 }
@@ -153,6 +158,9 @@ impl P2PStore {
         check_name(name)?;
         let sizes: Vec<u64> = buffers.iter().map(|b| b.len() as u64).collect();
         let places = shard_places(&sizes, options.max_shard_size)?;
+        if let Some(names) = &options.buffer_names {
+            check_buffer_names(names, sizes.len())?;
+        }
         let spans: Vec<(usize, usize)> = buffers.iter().map(|b| (b.addr(), b.len())).collect();
         let owners: Vec<_> = buffers.into_iter().map(LocalBuffer::into_owner).collect();
         self.open(name, Role::Registered, &spans, owners)?;
@@ -209,6 +217,7 @@ impl P2PStore {
             size_list: spans.iter().map(|s| s.1 as u64).collect(),
             max_shard_size: options.max_shard_size,
             shards,
+            buffer_names: options.buffer_names,
         };
         if options.force {
             let text = serde_json::to_string(&payload)
@@ -269,6 +278,37 @@ impl P2PStore {
         }
         self.close_payload(name);
         Ok(())
+    }
+
+    /// Removes registrants' copies of `name` from the catalogue on their behalf (those of
+    /// `segment`, or all, as Mooncake's unregister does): for a registrant that is gone. The
+    /// entry goes when no copy is left. A node's own copies go with
+    /// [`unregister`](Self::unregister).
+    pub async fn forget(&self, name: &str, segment: Option<&str>) -> Result<()> {
+        check_name(name)?;
+        let me = self.segment_name();
+        if segment.is_none_or(|s| s == me) && self.lock().payloads.contains_key(name) {
+            return Err(Error::new(
+                ErrorKind::PayloadOpened,
+                format!("this node holds '{name}': unregister it instead"),
+            ));
+        }
+        self.catalogue
+            .update(name, |payload| {
+                let mut next = payload.clone();
+                for shard in &mut next.shards {
+                    shard
+                        .gold
+                        .retain(|l| segment.is_some_and(|s| l.segment_name != s));
+                }
+                Ok(if next == *payload {
+                    Change::Keep
+                } else {
+                    Change::Write(next)
+                })
+            })
+            .await
+            .map(drop)
     }
 
     /// Payloads whose names start with `prefix`.

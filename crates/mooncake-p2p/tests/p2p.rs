@@ -27,6 +27,13 @@ async fn node(metadata: &str, name: &str) -> Arc<P2PStore> {
     P2PStore::start(config).await.expect("the node starts")
 }
 
+fn sharded(max_shard_size: u64) -> RegisterOptions {
+    RegisterOptions {
+        max_shard_size,
+        ..RegisterOptions::default()
+    }
+}
+
 fn arena(len: usize) -> Arc<Arena> {
     Arc::new(Arena::new("p2p-test", len).expect("memory"))
 }
@@ -89,15 +96,17 @@ async fn pullers_read_from_each_other_and_the_catalogue_follows() {
     let sizes = [300 << 10, (200 << 10) + 7, 5];
     let seed = node(&url, "seed").await;
     let source = payload(1, &sizes);
+    let names = ["a.bin", "shards/b.bin", "c"].map(String::from).to_vec();
     let options = RegisterOptions {
-        max_shard_size: SHARD,
-        force: false,
+        buffer_names: Some(names.clone()),
+        ..sharded(SHARD)
     };
-    seed.register("ckpt/step-1", local(&source), options)
+    seed.register("ckpt/step-1", local(&source), options.clone())
         .await
         .unwrap();
     let listed = seed.list("ckpt/").await.unwrap();
     assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].buffer_names.as_ref(), Some(&names));
     assert_eq!(listed[0].size_list, sizes.map(|s| s as u64));
     assert_eq!(listed[0].total_size, sizes.iter().sum::<usize>() as u64);
     assert!(seed.list("other/").await.unwrap().is_empty());
@@ -168,32 +177,33 @@ async fn bad_input_gets_clear_codes() {
     let url = server.url();
     let a = node(&url, "a").await;
     let b = node(&url, "b").await;
-    let options = RegisterOptions {
-        max_shard_size: SHARD,
-        force: false,
-    };
+    let options = sharded(SHARD);
     let data = payload(2, &[100 << 10, 10]);
-    a.register("p", local(&data), options).await.unwrap();
+    a.register("p", local(&data), options.clone())
+        .await
+        .unwrap();
 
     let code = |r: mooncake_common::Result<()>| r.unwrap_err().kind();
     assert_eq!(
-        code(a.register("p", local(&data), options).await),
+        code(a.register("p", local(&data), options.clone()).await),
         ErrorKind::PayloadOpened
     );
     let other = payload(3, &[10]);
     assert_eq!(
-        code(b.register("p", local(&other), options).await),
+        code(b.register("p", local(&other), options.clone()).await),
         ErrorKind::PayloadOpened,
         "the catalogue already has it"
     );
     // The same buffers under another name share the registration; a partial overlap does not.
-    a.register("p-again", local(&data), options).await.unwrap();
+    a.register("p-again", local(&data), options.clone())
+        .await
+        .unwrap();
     let whole = &data[0];
     // SAFETY: the range lies inside the arena, which the owner keeps mapped.
     let inner =
         unsafe { LocalBuffer::external(whole.as_ptr() as usize + 8, 16, Box::new(whole.clone())) };
     assert_eq!(
-        code(a.register("q", vec![inner], options).await),
+        code(a.register("q", vec![inner], options.clone()).await),
         ErrorKind::AddressOverlapped
     );
     let twice = vec![
@@ -201,13 +211,10 @@ async fn bad_input_gets_clear_codes() {
         LocalBuffer::arena(other[0].clone()),
     ];
     assert_eq!(
-        code(b.register("r", twice, options).await),
+        code(b.register("r", twice, options.clone()).await),
         ErrorKind::AddressOverlapped
     );
-    let zero = RegisterOptions {
-        max_shard_size: 0,
-        force: false,
-    };
+    let zero = sharded(0);
     assert_eq!(
         code(b.register("r", local(&other), zero).await),
         ErrorKind::InvalidArgument
@@ -239,6 +246,13 @@ async fn bad_input_gets_clear_codes() {
         "a node holds a name once"
     );
     assert_eq!(code(b.unregister("p").await), ErrorKind::PayloadNotOpened);
+    assert_eq!(code(a.forget("p", None).await), ErrorKind::PayloadOpened);
+    assert_eq!(
+        code(b.forget("nothing", None).await),
+        ErrorKind::PayloadNotFound
+    );
+    b.forget("p", Some("elsewhere")).await.unwrap();
+    assert_eq!(b.list("p").await.unwrap().len(), 2, "p and p-again");
     assert_eq!(
         code(a.delete_replica("p").await),
         ErrorKind::PayloadNotOpened
@@ -249,7 +263,9 @@ async fn bad_input_gets_clear_codes() {
     );
 
     // A failed call leaves nothing behind: the same buffers register fine afterwards.
-    b.register("r", local(&other), options).await.unwrap();
+    b.register("r", local(&other), options.clone())
+        .await
+        .unwrap();
     a.close().await;
     b.close().await;
 }
@@ -261,11 +277,10 @@ async fn corrupt_copies_are_caught_fetched_elsewhere_and_dropped() {
     let sizes = [16 * SHARD as usize];
     let seed = node(&url, "seed").await;
     let source = payload(4, &sizes);
-    let options = RegisterOptions {
-        max_shard_size: SHARD,
-        force: false,
-    };
-    seed.register("c", local(&source), options).await.unwrap();
+    let options = sharded(SHARD);
+    seed.register("c", local(&source), options.clone())
+        .await
+        .unwrap();
     let first = node(&url, "first").await;
     let bad = empty(&sizes);
     first.get_replica("c", local(&bad), None).await.unwrap();
@@ -300,12 +315,11 @@ async fn a_pull_whose_only_source_died_resumes_from_what_it_holds() {
     let url = server.url();
     let sizes = [12 * SHARD as usize + 3];
     let source = payload(5, &sizes);
-    let options = RegisterOptions {
-        max_shard_size: SHARD,
-        force: false,
-    };
+    let options = sharded(SHARD);
     let seed = node(&url, "seed").await;
-    seed.register("r", local(&source), options).await.unwrap();
+    seed.register("r", local(&source), options.clone())
+        .await
+        .unwrap();
     let puller = node(&url, "puller").await;
     let into = empty(&sizes);
     let dying = seed.clone();
@@ -329,8 +343,8 @@ async fn a_pull_whose_only_source_died_resumes_from_what_it_holds() {
 
     let again = node(&url, "seed-2").await;
     let forced = RegisterOptions {
-        max_shard_size: SHARD,
         force: true,
+        ..sharded(SHARD)
     };
     again.register("r", local(&source), forced).await.unwrap();
     let report = puller.get_replica("r", local(&into), None).await.unwrap();
