@@ -3,7 +3,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { createInterface } from 'node:readline'
@@ -46,8 +46,8 @@ class Node {
     })()
   }
 
-  static async start(metadata: string, name: string, livenessTtlMs = 1000): Promise<Node> {
-    const child = runFixture('p2p-node.ts', [JSON.stringify({ metadata, name, livenessTtlMs })])
+  static async start(metadata: string, name: string, options: { livenessTtlMs?: number; readTimeoutMs?: number } = {}): Promise<Node> {
+    const child = runFixture('p2p-node.ts', [JSON.stringify({ metadata, name, livenessTtlMs: 1000, ...options })])
     const lines = createInterface({ input: child.stdout! })
     const iterator = lines[Symbol.asyncIterator]()
     const exited = once(child, 'exit').then(([code]) => {
@@ -156,7 +156,7 @@ etcdTest('1 GiB from one registrant to four pullers over etcd: pullers serve eac
   t.is(await etcdEntry(etcd.endpoints[0], `mooncake/checkpoint/${name}`), undefined, 'the entry goes with the last node serving it')
 })
 
-test.serial('a puller killed mid-pull never serves, its lease expires, and corrupt copies are caught', async (t) => {
+test.serial('pullers read from a puller still pulling; one killed mid-pull never serves and its lease expires; corrupt copies are caught', async (t) => {
   t.timeout(120_000)
   const server = await startMetadataServer()
   const nodes: Node[] = []
@@ -166,26 +166,48 @@ test.serial('a puller killed mid-pull never serves, its lease expires, and corru
   })
   const name = `faults-${process.pid}`
   const sizes = [128 * MiB + 5]
-  const [seed, holder, victim, fresh, last] = await Promise.all(['seed', 'holder', 'victim', 'fresh', 'last'].map((n) => Node.start(server.url, `${n}-${process.pid}`)))
-  nodes.push(seed, holder, victim, fresh, last)
+  const started = await Promise.all([
+    Node.start(server.url, `seed-${process.pid}`),
+    Node.start(server.url, `holder-${process.pid}`),
+    // Waits on a frozen source for as long as the test needs it mid-pull.
+    Node.start(server.url, `victim-${process.pid}`, { readTimeoutMs: 60_000 }),
+    // Gives up on a frozen source after 1 s.
+    Node.start(server.url, `sharer-${process.pid}`, { readTimeoutMs: 1000 }),
+    Node.start(server.url, `fresh-${process.pid}`),
+    Node.start(server.url, `last-${process.pid}`),
+  ])
+  nodes.push(...started)
+  const [seed, holder, victim, sharer, fresh, last] = started
+  const partialKey = `mooncake/p2p/partial/${name}/${victim.segment}`
   t.deepEqual(await seed.call({ op: 'register', name, sizes, seed: 3, maxShardSize: 8 * MiB }), { ok: true })
   t.is((await holder.call({ op: 'pull', name, seed: 3 })).mismatch, -1)
 
   // With the seed frozen, the victim gets shards from the holder and waits on the seed for the
-  // others: it is mid-pull for certain when it dies.
+  // others: it is mid-pull for certain, and offers what it holds.
   seed.child.kill('SIGSTOP')
   victim.send({ op: 'pull', name, seed: 3 })
   const progress = await victim.next((a) => a.progress !== undefined && a.progress >= 1)
   t.true((progress.progress ?? 0) < (progress.of ?? 0))
+  for (let i = 0; i < 50 && (await httpEntry(server.url, partialKey)) === undefined; i++) await new Promise((r) => setTimeout(r, 100))
+  const offered = JSON.parse((await httpEntry(server.url, partialKey)) ?? '{"shards":[]}') as { shards: unknown[] }
+  t.true(offered.shards.length >= 1, 'a puller offers the checked shards it holds')
+
+  const shared = await sharer.call({ op: 'pull', name, seed: 3 })
+  t.is(shared.mismatch, -1)
+  t.log('sharer:', bySource(shared.report), shared.report?.elapsedMs, 'ms')
+  t.true((bySource(shared.report)[victim.segment] ?? 0) > 0, 'part came from a puller that had not finished')
+
   await victim.kill('SIGKILL')
   seed.child.kill('SIGCONT')
-  t.false(holders(await httpEntry(server.url, `mooncake/checkpoint/${name}`)).flat().includes(victim.segment), 'it never completed, so it never serves')
-
+  t.false(holders(await httpEntry(server.url, `mooncake/checkpoint/${name}`)).flat().includes(victim.segment), 'it never completed, so the catalogue never lists it')
+  for (const key of [`mooncake/p2p/live/${victim.segment}`, partialKey]) {
+    for (let i = 0; i < 50 && (await httpEntry(server.url, key)) !== undefined; i++) await new Promise((r) => setTimeout(r, 100))
+    t.is(await httpEntry(server.url, key), undefined, `${key} expired with the victim`)
+  }
   const pulled = await fresh.call({ op: 'pull', name, seed: 3 })
   t.is(pulled.mismatch, -1)
-  t.false(victim.segment in bySource(pulled.report))
-  for (let i = 0; i < 50 && (await httpEntry(server.url, `mooncake/p2p/live/${victim.segment}`)) !== undefined; i++) await new Promise((r) => setTimeout(r, 100))
-  t.is(await httpEntry(server.url, `mooncake/p2p/live/${victim.segment}`), undefined, "the victim's lease expired")
+  t.log('fresh:', pulled.report?.elapsedMs, 'ms')
+  t.is(bySource(pulled.report)[victim.segment] ?? 0, 0, 'the dead puller serves nothing')
 
   // A source whose bytes were altered after it checked them: the puller reads those shards
   // elsewhere, and drops the bad copies from the catalogue.
@@ -193,7 +215,7 @@ test.serial('a puller killed mid-pull never serves, its lease expires, and corru
   const checked = await last.call({ op: 'pull', name, seed: 3 })
   t.is(checked.mismatch, -1, 'no altered byte is kept')
   const bad = checked.report?.sources.find((s) => s.segment === fresh.segment)
-  t.log('last puller:', checked.report?.sources)
+  t.log('last puller:', checked.report?.elapsedMs, 'ms', checked.report?.sources)
   t.true((bad?.corrupt ?? 0) > 0, 'some shards were first read from the altered copy')
   const after = holders(await httpEntry(server.url, `mooncake/checkpoint/${name}`))
   t.true(after.some((shard) => !shard.includes(fresh.segment)), 'altered copies are dropped')
@@ -298,6 +320,17 @@ test.serial('the CLI moves a checkpoint directory, refuses names that leave the 
     t.is(evil.code, 1)
     t.regex(evil.stderr, /ERR_INVALID_ARGUMENT: .*not a safe relative path/)
     t.false(existsSync(join(dir, 'escaped')))
+    await hostile.register(`twice-${process.pid}`, [Buffer.from('x'), Buffer.from('y')], { bufferNames: ['a', './a'] })
+    const twice = await cli(['get', `twice-${process.pid}`, join(dir, 'twice'), ...common])
+    t.regex(twice.stderr, /ERR_INVALID_ARGUMENT: the catalogue names two buffers 'a'/)
+    // A symbolic link in the output directory does not carry a write outside it.
+    mkdirSync(join(dir, 'linked'))
+    symlinkSync(join(dir, 'elsewhere'), join(dir, 'linked', 'link'))
+    mkdirSync(join(dir, 'elsewhere'))
+    await hostile.register(`link-${process.pid}`, [Buffer.from('z')], { bufferNames: ['link/file'] })
+    const linked = await cli(['get', `link-${process.pid}`, join(dir, 'linked'), ...common])
+    t.regex(linked.stderr, /would be written outside/)
+    t.false(existsSync(join(dir, 'elsewhere', 'file')))
   } finally {
     await hostile.close()
   }

@@ -4,8 +4,9 @@
  * them and writes them out; `list` shows the catalogue; `unregister` removes a registrant's
  * copies on its behalf.
  */
-import { closeSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, realpathSync, writeFileSync } from 'node:fs'
-import { hostname } from 'node:os'
+import { constants as fs, closeSync, lstatSync, mkdirSync, openSync, readdirSync, readSync, realpathSync, writeSync } from 'node:fs'
+import { constants as bufferLimits } from 'node:buffer'
+import { hostname, totalmem } from 'node:os'
 import { basename, dirname, join, posix, relative, resolve, sep } from 'node:path'
 import { parseArgs } from 'node:util'
 
@@ -119,21 +120,49 @@ function readWhole(path: string): Buffer {
   return buffer
 }
 
-/** Where buffer `i` of a payload goes under `out`: its published name when that is a safe relative path. */
-function destination(out: string, info: PayloadInfo, i: number): string {
-  const given = info.bufferNames?.[i] ?? `buffer-${i}`
-  const clean = posix.normalize(given)
-  if (given.includes('\\') || given.includes('\0') || posix.isAbsolute(clean) || clean === '.' || clean.startsWith('../') || clean === '..') {
-    throw new MooncakeError('ERR_INVALID_ARGUMENT', `the catalogue names buffer ${i} '${given}', which is not a safe relative path`)
-  }
-  const path = resolve(out, clean)
-  mkdirSync(dirname(path), { recursive: true })
+/**
+ * Where each buffer of a payload goes under `out`: its published name, which must be a safe relative path (the
+ * catalogue is not trusted), distinct from every other one.
+ */
+function destinations(out: string, info: PayloadInfo): string[] {
   const root = realpathSync(out)
-  const parent = realpathSync(dirname(path))
-  if (parent !== root && !parent.startsWith(root + sep)) {
-    throw new MooncakeError('ERR_INVALID_ARGUMENT', `'${given}' would be written outside ${out}`)
+  const taken = new Set<string>()
+  return info.sizeList.map((_, i) => {
+    const given = info.bufferNames?.[i] ?? `buffer-${i}`
+    const clean = posix.normalize(given)
+    if (given.includes('\\') || given.includes('\0') || posix.isAbsolute(clean) || clean === '.' || clean === '..' || clean.startsWith('../')) {
+      throw new MooncakeError('ERR_INVALID_ARGUMENT', `the catalogue names buffer ${i} '${given}', which is not a safe relative path`)
+    }
+    if (taken.has(clean) || [...taken].some((t) => t.startsWith(`${clean}/`) || clean.startsWith(`${t}/`))) {
+      throw new MooncakeError('ERR_INVALID_ARGUMENT', `the catalogue names two buffers '${clean}' (or a file and a directory)`)
+    }
+    taken.add(clean)
+    const path = resolve(root, clean)
+    mkdirSync(dirname(path), { recursive: true })
+    const parent = realpathSync(dirname(path))
+    if (parent !== root && !parent.startsWith(root + sep)) {
+      throw new MooncakeError('ERR_INVALID_ARGUMENT', `'${given}' would be written outside ${out}`)
+    }
+    return join(parent, basename(path))
+  })
+}
+
+/** Writes `bytes` to `path`, never through a symbolic link, and over an existing file only with `overwrite`. */
+function writeFile(path: string, bytes: Buffer, overwrite: boolean): void {
+  let fd: number
+  try {
+    fd = openSync(path, fs.O_WRONLY | fs.O_CREAT | fs.O_NOFOLLOW | (overwrite ? fs.O_TRUNC : fs.O_EXCL), 0o644)
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code
+    if (code === 'EEXIST') throw new MooncakeError('ERR_INVALID_ARGUMENT', `${path} exists (--overwrite replaces it)`)
+    if (code === 'ELOOP') throw new MooncakeError('ERR_INVALID_ARGUMENT', `${path} is a symbolic link: not followed`)
+    throw error
   }
-  return join(parent, basename(path))
+  try {
+    for (let at = 0; at < bytes.length; ) at += writeSync(fd, bytes, at, bytes.length - at)
+  } finally {
+    closeSync(fd)
+  }
 }
 
 function mib(bytes: number): string {
@@ -167,22 +196,26 @@ async function get(node: P2PStore, args: string[], o: Values, kit: CliKit): Prom
   if (name === undefined || out === undefined) throw invalid('usage: mooncake p2p get <name> <out dir>')
   const info = (await node.list(name)).find((p) => p.name === name)
   if (info === undefined) throw new MooncakeError('ERR_PAYLOAD_NOT_FOUND', `no payload named '${name}' in the catalogue`)
+  const largest = Math.max(...info.sizeList)
+  if (largest > bufferLimits.MAX_LENGTH || info.totalSize > totalmem()) {
+    throw new MooncakeError('ERR_INVALID_ARGUMENT', `'${name}' (${mib(info.totalSize)} MiB, buffers up to ${mib(largest)} MiB) does not fit in this process's memory`)
+  }
   mkdirSync(out, { recursive: true })
-  const targets = info.sizeList.map((_, i) => destination(out, info, i))
-  const buffers = info.sizeList.map((size) => Buffer.alloc(size))
+  const targets = destinations(out, info)
+  const into = info.sizeList.map((size) => Buffer.alloc(size))
   const bar = process.stderr.isTTY
     ? new SingleBar({ format: '{bar} {percentage}% | {value}/{total} MiB | {shards} shards', stream: process.stderr, hideCursor: true }, Presets.shades_classic)
     : undefined
   bar?.start(Number(mib(info.totalSize)), 0, { shards: `0/?` })
   let report: PullReport
   try {
-    report = await node.getReplica(name, buffers, {
+    report = await node.getReplica(name, into, {
       onProgress: (p) => bar?.update(Number(mib(p.bytesDone)), { shards: `${p.shardsDone}/${p.shardsTotal}` }),
     })
   } finally {
     bar?.stop()
   }
-  targets.forEach((path, i) => writeFileSync(path, buffers[i], { flag: o.overwrite ? 'w' : 'wx', mode: 0o644 }))
+  targets.forEach((path, i) => writeFile(path, into[i], o.overwrite))
   printReport(report)
   console.log(`wrote ${targets.length} files under ${out}`)
   if (o.serve) {

@@ -16,6 +16,11 @@ export interface P2PStoreOptions extends TransferEngineOptions {
   livenessTtlMs?: number
   /** Shards a pull reads at once. Default 4. */
   concurrency?: number
+  /**
+   * The least time a shard read is given, ms, before it is abandoned and made from another node (a large shard gets
+   * the time it takes at 32 MB/s if that is longer). Default 5000.
+   */
+  readTimeoutMs?: number
 }
 
 /** Options of {@link P2PStore.register}. */
@@ -131,9 +136,9 @@ export class P2PStore {
   /** Starts a node: its engine and its liveness entry. */
   static async create(options: P2PStoreOptions): Promise<P2PStore> {
     if (typeof options !== 'object' || options === null) throw invalidArgument('options are required')
-    const { livenessTtlMs, concurrency, ...engine } = options
+    const { livenessTtlMs, concurrency, readTimeoutMs, ...engine } = options
     const inner = await nativeAsync(() =>
-      createP2PStore(nativeEngineOptions(engine), { livenessTtlMs, concurrency }, () => undefined),
+      createP2PStore(nativeEngineOptions(engine), { livenessTtlMs, concurrency, readTimeoutMs }, () => undefined),
     )
     return new P2PStore(inner)
   }

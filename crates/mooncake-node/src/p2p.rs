@@ -18,6 +18,8 @@ pub struct P2POptions {
     pub liveness_ttl_ms: Option<f64>,
     /// Shards a pull reads at once (default 4).
     pub concurrency: Option<u32>,
+    /// The least time a shard read is given before it is made elsewhere, ms (default 5000).
+    pub read_timeout_ms: Option<f64>,
 }
 
 /// Options of `register`.
@@ -92,6 +94,11 @@ pub async fn create_p2p_store(
         options.liveness_ttl_ms,
         "livenessTtlMs",
         &mut config.liveness_ttl,
+    )?;
+    millis(
+        options.read_timeout_ms,
+        "readTimeoutMs",
+        &mut config.read_timeout,
     )?;
     if let Some(concurrency) = options.concurrency {
         if !(1..=256).contains(&concurrency) {

@@ -13,10 +13,15 @@ use tokio::task::JoinSet;
 use crate::catalogue::{not_found, Catalogue, Location, Payload};
 use crate::layout::{checksum, shard_places};
 use crate::liveness::live_segments;
+use crate::local::Owner;
+use crate::partial::{holders, offer, Holding};
 use crate::sources::{SourceReport, Sources};
 
 /// Rounds of "pull what is missing, then check the sources still stand" before giving up.
 const ROUNDS: usize = 4;
+
+/// How often a puller offers what it holds and learns what the others hold.
+const EXCHANGE_PERIOD: Duration = Duration::from_millis(100);
 
 /// How far a pull has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,11 +61,22 @@ pub(crate) struct Pull {
     pub(crate) payload: Payload,
     /// Address of each local buffer, as `size_list`.
     pub(crate) bases: Vec<usize>,
+    /// What keeps each local buffer's memory valid, for the reads that check it.
+    pub(crate) owners: Vec<Owner>,
+    /// Where each held shard was read from (`None` for shards resumed).
+    pub(crate) from: Vec<Option<Location>>,
     /// Shards held and checked.
     pub(crate) done: Vec<bool>,
     pub(crate) concurrency: usize,
     pub(crate) progress: Option<ProgressFn>,
+    /// How long what this puller offers stays up without a refresh.
+    pub(crate) holding_ttl: Duration,
+    /// The least time a shard read is given before it is abandoned and made elsewhere.
+    pub(crate) read_timeout: Duration,
 }
+
+/// A shard read is given at least the time it takes at this rate.
+const SLOWEST_SOURCE: f64 = 32e6;
 
 /// What a pull learned, for the catalogue update that follows it.
 pub(crate) struct Pulled {
@@ -72,8 +88,17 @@ pub(crate) struct Pulled {
 }
 
 impl Pull {
-    /// The local address of each shard.
+    /// The local address and length of each shard.
     pub(crate) fn shard_addrs(&self) -> Result<Vec<(usize, usize)>> {
+        Ok(self
+            .shard_spans()?
+            .into_iter()
+            .map(|(_, a, l)| (a, l))
+            .collect())
+    }
+
+    /// The buffer, local address and length of each shard.
+    fn shard_spans(&self) -> Result<Vec<(usize, usize, usize)>> {
         shard_places(&self.payload.size_list, self.payload.max_shard_size)?
             .into_iter()
             .map(|(buffer, offset, len)| {
@@ -81,7 +106,7 @@ impl Pull {
                     .ok()
                     .and_then(|o| self.bases[buffer].checked_add(o));
                 match (addr, usize::try_from(len)) {
-                    (Some(addr), Ok(len)) => Ok((addr, len)),
+                    (Some(addr), Ok(len)) => Ok((buffer, addr, len)),
                     _ => Err(Error::invalid("shard address out of range")),
                 }
             })
@@ -91,18 +116,12 @@ impl Pull {
     /// Pulls every shard not yet held. On failure `done` still says what was held, so that a
     /// later call resumes.
     pub(crate) async fn run(&mut self, name: &str) -> Result<Pulled> {
-        let store = self.catalogue.store().clone();
-        let live = live_segments(store.as_ref()).await.unwrap_or_else(|e| {
-            tracing::warn!("P2P pull of '{name}': liveness unknown: {e}");
-            HashSet::new()
-        });
-        let mut sources = Sources::new(live, self.engine.segment_name());
+        let mut sources = Sources::new(HashSet::new(), self.engine.segment_name());
         let mut bytes = 0;
         let mut retries = 0;
         let mut corrupt = HashSet::new();
         for _ in 0..ROUNDS {
-            let used = self
-                .round(&mut sources, &mut corrupt, &mut bytes, &mut retries)
+            self.round(&mut sources, &mut corrupt, &mut bytes, &mut retries)
                 .await?;
             let Some((latest, _)) = self.catalogue.get(name).await? else {
                 return Err(not_found(name));
@@ -117,14 +136,18 @@ impl Pull {
             }
             // Bytes with no checksum are only as good as their source: one that left the
             // catalogue while read from may have reused the memory, so read those again.
+            // A payload registered again under the name (same layout, `force`) may hold other
+            // bytes: what was checked against the old checksums is read again.
             let mut again = false;
-            for (i, used) in used.into_iter().enumerate() {
+            for (i, from) in self.from.iter().enumerate() {
                 let shard = &latest.shards[i];
-                if let Some(location) = used {
-                    if shard.checksum.is_none() && !shard.locations().any(|l| *l == location) {
-                        self.done[i] = false;
-                        again = true;
-                    }
+                let rewritten = shard.checksum != self.payload.shards[i].checksum;
+                let source_left = from.as_ref().is_some_and(|location| {
+                    shard.checksum.is_none() && !shard.locations().any(|l| l == location)
+                });
+                if self.done[i] && (rewritten || source_left) {
+                    self.done[i] = false;
+                    again = true;
                 }
             }
             self.payload = latest;
@@ -150,20 +173,31 @@ impl Pull {
         corrupt: &mut HashSet<Location>,
         bytes: &mut u64,
         retries: &mut usize,
-    ) -> Result<Vec<Option<Location>>> {
-        let addrs = self.shard_addrs()?;
+    ) -> Result<()> {
+        let spans = self.shard_spans()?;
+        let addrs: Vec<(usize, usize)> = spans.iter().map(|&(_, a, l)| (a, l)).collect();
         let count = addrs.len();
-        let mut used: Vec<Option<Location>> = vec![None; count];
+        let me = self.engine.segment_name().to_owned();
         let mut tried: Vec<HashSet<Location>> = vec![HashSet::new(); count];
         let mut attempts = vec![0usize; count];
         let mut pending: VecDeque<usize> = (0..count).filter(|&i| !self.done[i]).collect();
         let mut reads = JoinSet::new();
         let mut failure: Option<Error> = None;
+        let mut peers = self.exchange(sources, &addrs).await;
+        let mut tick = tokio::time::interval(EXCHANGE_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
         loop {
             while failure.is_none() && reads.len() < self.concurrency.max(1) {
                 let Some(i) = pending.pop_front() else { break };
                 let shard = &self.payload.shards[i];
-                let Some(from) = sources.pick(i, shard, &tried[i]).cloned() else {
+                // A copy under this node's own name is a stale one of an earlier run.
+                let copies: Vec<&Location> = shard
+                    .locations()
+                    .chain(&peers[i])
+                    .filter(|l| l.segment_name != me)
+                    .collect();
+                let Some(from) = sources.pick(i, &copies, &tried[i]).cloned() else {
                     failure = Some(Error::new(
                         ErrorKind::TooManyRetries,
                         format!("no node serves shard {i} of '{}'", self.payload.name),
@@ -171,13 +205,16 @@ impl Pull {
                     break;
                 };
                 sources.started(&from.segment_name);
-                let (addr, len) = addrs[i];
+                let (buffer, addr, len) = spans[i];
+                let timeout = self
+                    .read_timeout
+                    .max(Duration::from_secs_f64(len as f64 / SLOWEST_SOURCE));
                 let read = read_shard(
                     self.engine.clone(),
                     from.clone(),
-                    addr,
-                    len,
+                    (addr, len, self.owners[buffer].clone()),
                     shard.checksum.clone(),
+                    timeout,
                 );
                 reads.spawn(async move {
                     let started = Instant::now();
@@ -185,9 +222,17 @@ impl Pull {
                     (i, from, started.elapsed(), result)
                 });
             }
-            let Some(joined) = reads.join_next().await else {
+            if reads.is_empty() {
                 break;
+            }
+            let joined = tokio::select! {
+                joined = reads.join_next() => joined,
+                _ = tick.tick() => {
+                    peers = self.exchange(sources, &addrs).await;
+                    continue;
+                }
             };
+            let Some(joined) = joined else { break };
             let (i, from, took, result) = joined.map_err(|e| {
                 Error::new(
                     ErrorKind::InternalError,
@@ -199,7 +244,7 @@ impl Pull {
                 Ok(()) => {
                     sources.finished(&from.segment_name, len, took);
                     self.done[i] = true;
-                    used[i] = Some(from);
+                    self.from[i] = Some(from);
                     *bytes += len;
                     self.report_progress(&addrs);
                 }
@@ -217,8 +262,8 @@ impl Pull {
                     tried[i].insert(from);
                     attempts[i] += 1;
                     *retries += 1;
-                    let limit = self.payload.shards[i].locations().count().max(3);
-                    if attempts[i] >= limit {
+                    let copies = self.payload.shards[i].locations().count() + peers[i].len();
+                    if attempts[i] >= copies.max(3) {
                         failure.get_or_insert_with(|| {
                             Error::new(
                                 ErrorKind::TooManyRetries,
@@ -236,8 +281,44 @@ impl Pull {
         }
         match failure {
             Some(e) => Err(e),
-            None => Ok(used),
+            None => Ok(()),
         }
+    }
+
+    /// Offers the checked shards this puller holds to the others, and learns what they hold
+    /// (and who is alive). Metadata trouble only costs the exchange, never the pull.
+    async fn exchange(
+        &self,
+        sources: &mut Sources,
+        addrs: &[(usize, usize)],
+    ) -> Vec<Vec<Location>> {
+        let store = self.catalogue.store();
+        let me = self.engine.segment_name();
+        let shards: Vec<(usize, u64)> = (0..addrs.len())
+            .filter(|&i| self.done[i] && self.payload.shards[i].checksum.is_some())
+            .map(|i| (i, addrs[i].0 as u64))
+            .collect();
+        if !shards.is_empty() {
+            let holding = Holding {
+                name: self.payload.name.clone(),
+                segment_name: me.to_owned(),
+                size_list: self.payload.size_list.clone(),
+                max_shard_size: self.payload.max_shard_size,
+                shards,
+            };
+            if let Err(e) = offer(store.as_ref(), &holding, self.holding_ttl).await {
+                tracing::debug!("P2P '{}': shards held not offered: {e}", self.payload.name);
+            }
+        }
+        if let Ok(live) = live_segments(store.as_ref()).await {
+            sources.set_live(live);
+        }
+        holders(store.as_ref(), &self.payload, me)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!("P2P '{}': other pullers unknown: {e}", self.payload.name);
+                vec![Vec::new(); addrs.len()]
+            })
     }
 
     fn report_progress(&self, addrs: &[(usize, usize)]) {
@@ -260,13 +341,14 @@ impl Pull {
     }
 }
 
-/// Reads one shard from `from` into `[local, local+len)` and checks it.
+/// Reads one shard from `from` into `[local, local+len)` (kept valid by `owner`) and checks
+/// it.
 async fn read_shard(
     engine: Arc<TransferEngine>,
     from: Location,
-    local: usize,
-    len: usize,
+    (local, len, owner): (usize, usize, Owner),
     expected: Option<String>,
+    timeout: Duration,
 ) -> Result<()> {
     let segment = engine.open_segment(&from.segment_name).await?;
     let request = TransferRequest {
@@ -276,14 +358,17 @@ async fn read_shard(
         remote_addr: from.offset,
         len,
     };
-    engine
-        .transfer(&[request], SubmitOptions::default())
-        .await?;
+    let options = SubmitOptions {
+        timeout: Some(timeout),
+        ..SubmitOptions::default()
+    };
+    engine.transfer(&[request], options).await?;
     if let Some(expected) = expected {
-        // SAFETY: the range lies inside a buffer the pull registered and keeps alive until it
-        // returns, and the read that filled it has completed.
+        // SAFETY: the range lies inside the buffer `owner` keeps valid, and the read that
+        // filled it has settled: nothing writes it any more.
         let bytes = unsafe { std::slice::from_raw_parts(local as *const u8, len) };
         let found = checksum(bytes);
+        drop(owner);
         if found != expected {
             return Err(Error::new(
                 ErrorKind::ChecksumMismatch,

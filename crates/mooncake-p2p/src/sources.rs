@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::catalogue::{Location, Shard};
+use crate::catalogue::Location;
 
 /// Weight of the newest observation in a source's speed.
 const SPEED_WEIGHT: f64 = 0.5;
@@ -66,17 +66,26 @@ impl Sources {
         }
     }
 
-    /// The copy of shard `index` to read next, avoiding `exclude` (copies that already failed
-    /// for this shard) unless every copy did.
+    /// Replaces the set of segments known to be alive.
+    pub(crate) fn set_live(&mut self, live: HashSet<String>) {
+        self.live = live;
+    }
+
+    /// The copy of shard `index` to read next among `copies`, avoiding `exclude` (copies that
+    /// already failed for this shard) unless every copy did.
     pub(crate) fn pick<'a>(
         &self,
         index: usize,
-        shard: &'a Shard,
+        copies: &[&'a Location],
         exclude: &HashSet<Location>,
     ) -> Option<&'a Location> {
-        let fresh: Vec<&Location> = shard.locations().filter(|l| !exclude.contains(l)).collect();
+        let fresh: Vec<&Location> = copies
+            .iter()
+            .copied()
+            .filter(|l| !exclude.contains(l))
+            .collect();
         let candidates = if fresh.is_empty() {
-            shard.locations().collect()
+            copies.to_vec()
         } else {
             fresh
         };
@@ -182,6 +191,7 @@ impl Sources {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalogue::Shard;
 
     fn shard(segments: &[&str]) -> Shard {
         Shard {
@@ -201,6 +211,10 @@ mod tests {
         }
     }
 
+    fn copies(shard: &Shard) -> Vec<&Location> {
+        shard.locations().collect()
+    }
+
     fn live(names: &[&str]) -> HashSet<String> {
         names.iter().map(|s| (*s).to_owned()).collect()
     }
@@ -212,7 +226,11 @@ mod tests {
         let none = HashSet::new();
         let mut counts: HashMap<String, usize> = HashMap::new();
         for i in 0..9 {
-            let pick = sources.pick(i, &shard, &none).unwrap().segment_name.clone();
+            let pick = sources
+                .pick(i, &copies(&shard), &none)
+                .unwrap()
+                .segment_name
+                .clone();
             sources.started(&pick);
             *counts.entry(pick).or_default() += 1;
         }
@@ -221,7 +239,13 @@ mod tests {
         let mut sources = Sources::new(live(&["a", "b"]), "puller");
         sources.failed("a", false);
         for i in 0..4 {
-            assert_eq!(sources.pick(i, &shard, &none).unwrap().segment_name, "b");
+            assert_eq!(
+                sources
+                    .pick(i, &copies(&shard), &none)
+                    .unwrap()
+                    .segment_name,
+                "b"
+            );
             sources.started("b");
         }
         // Past the live one, the unknown one beats the failed one.
@@ -231,7 +255,10 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(
-            sources.pick(0, &shard, &exclude).unwrap().segment_name,
+            sources
+                .pick(0, &copies(&shard), &exclude)
+                .unwrap()
+                .segment_name,
             "seed"
         );
     }
@@ -247,7 +274,11 @@ mod tests {
         let none = HashSet::new();
         let mut fast = 0;
         for i in 0..11 {
-            let pick = sources.pick(i, &shard, &none).unwrap().segment_name.clone();
+            let pick = sources
+                .pick(i, &copies(&shard), &none)
+                .unwrap()
+                .segment_name
+                .clone();
             fast += usize::from(pick == "fast");
             sources.started(&pick);
         }

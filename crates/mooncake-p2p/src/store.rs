@@ -1,8 +1,8 @@
 //! [`P2PStore`]: one node of the P2P store, its engine, what it serves and its liveness.
 
-use std::any::Any;
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use mooncake_common::{EngineConfig, Error, ErrorKind, Result};
@@ -12,11 +12,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::catalogue::{
-    check_buffer_names, Catalogue, Change, Location, Payload, PayloadInfo, Shard,
+    check_buffer_names, not_found, Catalogue, Change, Location, Payload, PayloadInfo, Shard,
 };
 use crate::layout::{checksum, shard_places, LocalBuffer};
 use crate::liveness::{heartbeat, live_segments};
+use crate::local::{Local, Owner, Partial, Role};
 use crate::pull::{answers, ProgressFn, Pull, PullReport, Pulled};
+
+/// Most silent sources one pull probes before it updates the catalogue.
+const MAX_PROBES: usize = 16;
 
 /// Settings of a node.
 #[derive(Debug, Clone)]
@@ -27,15 +31,19 @@ pub struct P2PConfig {
     pub liveness_ttl: Duration,
     /// Shards a pull reads at once.
     pub concurrency: usize,
+    /// The least time a shard read is given (more for a large shard, at 32 MB/s) before it
+    /// is abandoned and made from another source.
+    pub read_timeout: Duration,
 }
 
 impl P2PConfig {
-    /// Defaults: 10 s liveness, four shards in flight.
+    /// Defaults: 10 s liveness, four shards in flight, 5 s per shard read at least.
     pub fn new(engine: EngineConfig) -> Self {
         Self {
             engine,
             liveness_ttl: Duration::from_secs(10),
             concurrency: 4,
+            read_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -62,45 +70,84 @@ impl Default for RegisterOptions {
     }
 }
 
-/// Why this node holds a payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Registered,
-    Pulling,
-    Replica,
-}
-
-struct Held {
-    role: Role,
-    buffers: Vec<(usize, usize)>,
-    owners: Vec<Box<dyn Any + Send + Sync>>,
-}
-
-/// Shards held when a pull failed, for the next try with the same buffers.
-struct Partial {
-    buffers: Vec<(usize, usize)>,
-    max_shard_size: u64,
-    done: Vec<bool>,
-}
-
-#[derive(Default)]
-struct Local {
-    payloads: HashMap<String, Held>,
-    partial: HashMap<String, Partial>,
-    /// Registered ranges, `addr -> (len, payloads using it)`.
-    regions: HashMap<usize, (usize, usize)>,
-    /// Owners of memory the engine could not let go of; dropped after the engine closes.
-    lingering: Vec<Box<dyn Any + Send + Sync>>,
-}
-
 /// One node of the P2P store.
 pub struct P2PStore {
     engine: Arc<TransferEngine>,
     catalogue: Catalogue,
     config: P2PConfig,
     local: Mutex<Local>,
+    /// Held by every catalogue change of this node's own copies, so that restoring them never
+    /// races withdrawing them.
+    writes: tokio::sync::Mutex<()>,
+    /// Registrations and pulls in progress; `close` waits for them.
+    calls: TaskTracker,
+    closing: AtomicBool,
     stop: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// A payload opened by a call in progress: closed again if the call ends early (fails, or its
+/// future is dropped), its catalogue entries withdrawn in the background.
+struct Opening<'a> {
+    node: &'a P2PStore,
+    name: String,
+    armed: bool,
+}
+
+impl Opening<'_> {
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let node = self.node;
+        node.lock().close(&node.engine, &self.name);
+        // A call dropped between its catalogue update and its return leaves this node listed.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (catalogue, name) = (node.catalogue.clone(), self.name.clone());
+            let me = node.segment_name().to_owned();
+            runtime.spawn(async move {
+                let _ = catalogue
+                    .update(&name, |payload| Ok(without(payload, &me, true, true)))
+                    .await;
+            });
+        }
+    }
+}
+
+/// `payload` without `segment`'s copies (registrant ones, pulled ones, or both).
+fn without(payload: &Payload, segment: &str, gold: bool, replicas: bool) -> Change {
+    let mut next = payload.clone();
+    for shard in &mut next.shards {
+        if gold {
+            shard.gold.retain(|l| l.segment_name != segment);
+        }
+        if replicas {
+            shard.replica_list.retain(|l| l.segment_name != segment);
+        }
+    }
+    if next == *payload {
+        Change::Keep
+    } else {
+        Change::Write(next)
+    }
+}
+
+/// Whether `a` and `b` describe the same bytes: same layout and, shard by shard, the same
+/// checksum. Entries without checksums (Mooncake's) can never be told apart.
+fn same_bytes(a: &Payload, b: &Payload) -> bool {
+    a.size_list == b.size_list
+        && a.max_shard_size == b.max_shard_size
+        && a.shards.len() == b.shards.len()
+        && a.shards
+            .iter()
+            .zip(&b.shards)
+            .all(|(x, y)| x.checksum.is_some() && x.checksum == y.checksum)
 }
 
 impl P2PStore {
@@ -124,6 +171,9 @@ impl P2PStore {
             engine,
             config,
             local: Mutex::new(Local::default()),
+            writes: tokio::sync::Mutex::new(()),
+            calls: TaskTracker::new(),
+            closing: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -133,6 +183,7 @@ impl P2PStore {
             node.config.liveness_ttl,
             node.stop.clone(),
         ));
+        node.tasks.spawn(keep_listed(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -155,6 +206,7 @@ impl P2PStore {
         buffers: Vec<LocalBuffer>,
         options: RegisterOptions,
     ) -> Result<()> {
+        let _call = self.call()?;
         check_name(name)?;
         let sizes: Vec<u64> = buffers.iter().map(|b| b.len() as u64).collect();
         let places = shard_places(&sizes, options.max_shard_size)?;
@@ -162,13 +214,15 @@ impl P2PStore {
             check_buffer_names(names, sizes.len())?;
         }
         let spans: Vec<(usize, usize)> = buffers.iter().map(|b| (b.addr(), b.len())).collect();
-        let owners: Vec<_> = buffers.into_iter().map(LocalBuffer::into_owner).collect();
-        self.open(name, Role::Registered, &spans, owners)?;
-        let published = self.publish(name, &spans, &places, options).await;
-        if let Err(e) = published {
-            self.close_payload(name);
-            return Err(e);
-        }
+        let owners: Vec<Owner> = buffers
+            .into_iter()
+            .map(|b| Owner::from(b.into_owner()))
+            .collect();
+        let opening = self.open(name, Role::Registering, &spans, &owners)?;
+        let payload = self.publish(name, &spans, &places, owners, options).await?;
+        let mine = payload.shards.iter().map(|s| s.gold[0].clone()).collect();
+        self.listed(name, Role::Registered, payload, mine);
+        opening.keep();
         Ok(())
     }
 
@@ -177,23 +231,24 @@ impl P2PStore {
         name: &str,
         spans: &[(usize, usize)],
         places: &[(usize, u64, u64)],
+        owners: Vec<Owner>,
         options: RegisterOptions,
-    ) -> Result<()> {
+    ) -> Result<Payload> {
         let ranges: Vec<(usize, usize)> = places
             .iter()
             .map(|&(buffer, offset, len)| (spans[buffer].0 + offset as usize, len as usize))
             .collect();
-        // Hashing a checkpoint takes a while: off the async workers. The buffers stay
-        // registered, and their owners held, until this returns.
+        // Hashing a checkpoint takes a while: off the async workers, holding the memory.
         let sums = tokio::task::spawn_blocking(move || {
-            ranges
+            let sums = ranges
                 .into_iter()
                 .map(|(addr, len)| {
-                    // SAFETY: the range lies inside a buffer registered above, whose owner
-                    // keeps it alive until the payload is closed, which waits for us.
+                    // SAFETY: the range lies inside a buffer that `owners` keep valid.
                     checksum(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            drop(owners);
+            sums
         })
         .await
         .map_err(|e| Error::new(ErrorKind::InternalError, format!("checksums: {e}")))?;
@@ -225,10 +280,11 @@ impl P2PStore {
             self.catalogue
                 .store()
                 .put(&Catalogue::key(name), &text)
-                .await
+                .await?;
         } else {
-            self.catalogue.create(&payload).await
+            self.catalogue.create(&payload).await?;
         }
+        Ok(payload)
     }
 
     /// Stops serving a payload this node registered; its entry goes when no one serves it.
@@ -242,41 +298,40 @@ impl P2PStore {
     }
 
     async fn withdraw(&self, name: &str, role: Role) -> Result<()> {
-        let held = self.lock().payloads.get(name).map(|h| h.role);
-        if held != Some(role) {
-            let what = match role {
-                Role::Registered => "registered",
-                _ => "pulled",
-            };
-            return Err(Error::new(
-                ErrorKind::PayloadNotOpened,
-                format!("this node has not {what} '{name}'"),
-            ));
+        let _writes = self.writes.lock().await;
+        {
+            let mut local = self.lock();
+            match local.role(name) {
+                Some(held) if held == role => local.settle(name, Role::Withdrawing),
+                held => {
+                    let what = match (role, held) {
+                        (_, Some(Role::Registering)) => "finished registering",
+                        (_, Some(Role::Pulling)) => "finished pulling",
+                        (Role::Registered, _) => "registered",
+                        _ => "pulled",
+                    };
+                    return Err(Error::new(
+                        ErrorKind::PayloadNotOpened,
+                        format!("this node has not {what} '{name}'"),
+                    ));
+                }
+            }
         }
         let me = self.segment_name().to_owned();
+        let gold = role == Role::Registered;
         let removed = self
             .catalogue
-            .update(name, |payload| {
-                let mut next = payload.clone();
-                for shard in &mut next.shards {
-                    match role {
-                        Role::Registered => shard.gold.retain(|l| l.segment_name != me),
-                        _ => shard.replica_list.retain(|l| l.segment_name != me),
-                    }
-                }
-                Ok(if next == *payload {
-                    Change::Keep
-                } else {
-                    Change::Write(next)
-                })
-            })
+            .update(name, |payload| Ok(without(payload, &me, gold, !gold)))
             .await;
         match removed {
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::PayloadNotFound => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                self.lock().settle(name, role);
+                return Err(e);
+            }
         }
-        self.close_payload(name);
+        self.lock().close(&self.engine, name);
         Ok(())
     }
 
@@ -287,7 +342,7 @@ impl P2PStore {
     pub async fn forget(&self, name: &str, segment: Option<&str>) -> Result<()> {
         check_name(name)?;
         let me = self.segment_name();
-        if segment.is_none_or(|s| s == me) && self.lock().payloads.contains_key(name) {
+        if segment.is_none_or(|s| s == me) && self.lock().role(name).is_some() {
             return Err(Error::new(
                 ErrorKind::PayloadOpened,
                 format!("this node holds '{name}': unregister it instead"),
@@ -331,10 +386,11 @@ impl P2PStore {
         buffers: Vec<LocalBuffer>,
         progress: Option<ProgressFn>,
     ) -> Result<PullReport> {
+        let _call = self.call()?;
         check_name(name)?;
         let started = Instant::now();
         let Some((payload, _)) = self.catalogue.get(name).await? else {
-            return Err(crate::catalogue::not_found(name));
+            return Err(not_found(name));
         };
         let sizes: Vec<u64> = buffers.iter().map(|b| b.len() as u64).collect();
         if sizes != payload.size_list {
@@ -344,28 +400,38 @@ impl P2PStore {
             )));
         }
         let spans: Vec<(usize, usize)> = buffers.iter().map(|b| (b.addr(), b.len())).collect();
-        let owners: Vec<_> = buffers.into_iter().map(LocalBuffer::into_owner).collect();
-        self.open(name, Role::Pulling, &spans, owners)?;
+        let owners: Vec<Owner> = buffers
+            .into_iter()
+            .map(|b| Owner::from(b.into_owner()))
+            .collect();
+        let opening = self.open(name, Role::Pulling, &spans, &owners)?;
         let shard_count = payload.shards.len();
         let mut pull = Pull {
             engine: self.engine.clone(),
             catalogue: self.catalogue.clone(),
             bases: spans.iter().map(|s| s.0).collect(),
+            owners,
+            from: vec![None; shard_count],
             done: vec![false; shard_count],
             payload,
             concurrency: self.config.concurrency,
             progress,
+            holding_ttl: self.config.liveness_ttl,
+            read_timeout: self.config.read_timeout,
         };
         let resumed_bytes = self.resume(name, &spans, &mut pull);
         let result = match pull.run(name).await {
             Ok(pulled) => self.commit(name, &pull, pulled).await,
             Err(e) => Err(e),
         };
+        let offered = crate::partial::key(name, self.segment_name());
+        if let Err(e) = self.catalogue.store().delete(&offered).await {
+            tracing::debug!("P2P '{name}': the offer of held shards stays until it expires: {e}");
+        }
         match result {
-            Ok((bytes, retries, sources)) => {
-                if let Some(held) = self.lock().payloads.get_mut(name) {
-                    held.role = Role::Replica;
-                }
+            Ok((bytes, retries, sources, listed, mine)) => {
+                self.listed(name, Role::Replica, listed, mine);
+                opening.keep();
                 Ok(PullReport {
                     bytes,
                     resumed_bytes,
@@ -377,28 +443,23 @@ impl P2PStore {
             Err(e) => {
                 let partial = Partial {
                     buffers: spans,
-                    max_shard_size: pull.payload.max_shard_size,
+                    payload: pull.payload,
                     done: pull.done,
                 };
-                let mut local = self.lock();
-                local.partial.insert(name.to_owned(), partial);
-                drop(local);
-                self.close_payload(name);
+                self.lock().partial.insert(name.to_owned(), partial);
                 Err(e)
             }
         }
     }
 
     /// Marks the shards an earlier failed pull into the same buffers left behind, once their
-    /// bytes check out; the bytes they hold.
+    /// bytes match the checksums of the same entry; the bytes they hold. Shards without a
+    /// checksum are read again: nothing says they are still what was read.
     fn resume(&self, name: &str, spans: &[(usize, usize)], pull: &mut Pull) -> u64 {
         let Some(partial) = self.lock().partial.remove(name) else {
             return 0;
         };
-        if partial.buffers != spans
-            || partial.max_shard_size != pull.payload.max_shard_size
-            || partial.done.len() != pull.done.len()
-        {
+        if partial.buffers != spans || !same_bytes(&partial.payload, &pull.payload) {
             return 0;
         }
         let Ok(addrs) = pull.shard_addrs() else {
@@ -406,15 +467,14 @@ impl P2PStore {
         };
         let mut bytes = 0;
         for (i, held) in partial.done.into_iter().enumerate() {
-            let shard = &pull.payload.shards[i];
             let (addr, len) = addrs[i];
             let intact = |sum: &String| {
-                // SAFETY: the range lies inside a buffer registered for this pull and kept
-                // alive by its owner until the pull ends.
+                // SAFETY: the range lies inside a buffer this pull registered, whose owner
+                // the pull holds.
                 let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
                 checksum(bytes) == *sum
             };
-            if held && shard.checksum.as_ref().is_none_or(intact) {
+            if held && pull.payload.shards[i].checksum.as_ref().is_some_and(intact) {
                 pull.done[i] = true;
                 bytes += len as u64;
             }
@@ -422,39 +482,51 @@ impl P2PStore {
         bytes
     }
 
-    /// Adds this node's copies to the catalogue, and drops copies found dead or corrupt.
-    async fn commit(
-        &self,
-        name: &str,
-        pull: &Pull,
-        pulled: Pulled,
-    ) -> Result<(u64, usize, Vec<crate::SourceReport>)> {
+    /// Sources that failed and keep no liveness entry, and those never tried that keep none,
+    /// which then fail a probe too: they are gone.
+    async fn dead_sources(&self, payload: &Payload, pulled: &Pulled) -> HashSet<String> {
         let live = live_segments(self.catalogue.store().as_ref())
             .await
             .unwrap_or_default();
-        let mut dead = pulled.sources.unreachable();
-        dead.retain(|segment| !live.contains(segment));
-        // Copies on nodes that keep no liveness entry and were not read from: one probe each.
-        let me = self.segment_name().to_owned();
-        let mut silent: HashMap<&str, &Location> = HashMap::new();
-        for location in pull.payload.shards.iter().flat_map(Shard::locations) {
+        let me = self.segment_name();
+        let mut suspects: Vec<Location> = Vec::new();
+        let failed = pulled.sources.unreachable();
+        for location in payload.shards.iter().flat_map(Shard::locations) {
             let segment = location.segment_name.as_str();
-            if segment != me && !live.contains(segment) && !pulled.sources.knows(segment) {
-                silent.entry(segment).or_insert(location);
+            let suspect = segment != me
+                && !live.contains(segment)
+                && (failed.contains(segment) || !pulled.sources.knows(segment));
+            if suspect && !suspects.iter().any(|s| s.segment_name == segment) {
+                suspects.push(location.clone());
             }
         }
+        suspects.truncate(MAX_PROBES);
         let mut probes = tokio::task::JoinSet::new();
-        for (segment, at) in silent {
-            let (engine, segment, at) = (self.engine.clone(), segment.to_owned(), at.clone());
-            probes.spawn(async move { (answers(&engine, &at).await, segment) });
+        for at in suspects {
+            let engine = self.engine.clone();
+            probes.spawn(async move { (answers(&engine, &at).await, at.segment_name) });
         }
+        let mut dead = HashSet::new();
         while let Some(probed) = probes.join_next().await {
             if let Ok((false, segment)) = probed {
                 dead.insert(segment);
             }
         }
-        let addrs = pull.shard_addrs()?;
-        let mine: Vec<Location> = addrs
+        dead
+    }
+
+    /// Adds this node's copies to the entry it pulled, if the entry still describes the bytes
+    /// pulled, and drops copies found dead or corrupt.
+    async fn commit(
+        &self,
+        name: &str,
+        pull: &Pull,
+        pulled: Pulled,
+    ) -> Result<(u64, usize, Vec<crate::SourceReport>, Payload, Vec<Location>)> {
+        let dead = self.dead_sources(&pull.payload, &pulled).await;
+        let me = self.segment_name().to_owned();
+        let mine: Vec<Location> = pull
+            .shard_addrs()?
             .iter()
             .map(|&(addr, _)| Location {
                 segment_name: me.clone(),
@@ -464,141 +536,185 @@ impl P2PStore {
         let updated = self
             .catalogue
             .update(name, |payload| {
-                if payload.shards.len() != mine.len() {
+                let pulled_from_it = pull.from.iter().zip(&payload.shards).all(|(from, shard)| {
+                    shard.checksum.is_some()
+                        || from
+                            .as_ref()
+                            .is_none_or(|f| shard.locations().any(|l| l == f))
+                });
+                let same = payload.size_list == pull.payload.size_list
+                    && payload.max_shard_size == pull.payload.max_shard_size
+                    && payload.shards.len() == pull.payload.shards.len()
+                    && payload
+                        .shards
+                        .iter()
+                        .zip(&pull.payload.shards)
+                        .all(|(a, b)| a.checksum == b.checksum);
+                if !same || !pulled_from_it {
                     return Err(Error::new(
                         ErrorKind::PayloadNotFound,
-                        format!("'{name}' was replaced while pulled"),
+                        format!("'{name}' changed as its pull finished; pull it again"),
                     ));
                 }
                 let mut next = payload.clone();
                 for (shard, location) in next.shards.iter_mut().zip(&mine) {
                     let keep = |l: &Location| {
-                        !dead.contains(&l.segment_name) && !pulled.corrupt.contains(l)
+                        l.segment_name != me
+                            && !dead.contains(&l.segment_name)
+                            && !pulled.corrupt.contains(l)
                     };
                     shard.gold.retain(keep);
-                    shard.replica_list.retain(|l| keep(l) && l != location);
+                    shard.replica_list.retain(keep);
                     shard.replica_list.push(location.clone());
                 }
                 Ok(Change::Write(next))
             })
             .await?;
-        if updated.is_none() {
-            return Err(crate::catalogue::not_found(name));
-        }
+        let Some(listed) = updated else {
+            return Err(not_found(name));
+        };
         if !dead.is_empty() || !pulled.corrupt.is_empty() {
             tracing::info!(
                 "P2P '{name}': dropped unreachable sources {dead:?} and corrupt copies {:?}",
                 pulled.corrupt
             );
         }
-        Ok((pulled.bytes, pulled.retries, pulled.sources.report()))
+        Ok((
+            pulled.bytes,
+            pulled.retries,
+            pulled.sources.report(),
+            listed,
+            mine,
+        ))
     }
 
-    /// Withdraws everything this node serves, stops its liveness and closes its engine.
+    /// Records that `name` is in the catalogue as `payload`, with `mine` as this node's copies.
+    fn listed(&self, name: &str, role: Role, payload: Payload, mine: Vec<Location>) {
+        let mut local = self.lock();
+        local.settle(name, role);
+        if let Some(held) = local.payloads.get_mut(name) {
+            held.listed = Some((payload, mine));
+        }
+    }
+
+    /// Puts this node's copies back into entries that lost them (a puller that took this node
+    /// for dead while it was paused, say), and entries back that are gone. Only entries with
+    /// checksums: for any other, nothing tells the entry this node pulled from one that
+    /// replaced it under the same name.
+    async fn restore_listing(&self) {
+        let _writes = self.writes.lock().await;
+        let listed: Vec<(String, Role, Payload, Vec<Location>)> = self
+            .lock()
+            .payloads
+            .iter()
+            .filter(|(_, h)| matches!(h.role, Role::Registered | Role::Replica))
+            .filter_map(|(name, h)| {
+                let (payload, mine) = h.listed.clone()?;
+                Some((name.clone(), h.role, payload, mine))
+            })
+            .filter(|(_, _, payload, _)| same_bytes(payload, payload))
+            .collect();
+        for (name, role, known, mine) in listed {
+            let restored = self
+                .catalogue
+                .update(&name, |payload| {
+                    if !same_bytes(payload, &known) || self.lock().role(&name) != Some(role) {
+                        return Ok(Change::Keep);
+                    }
+                    let mut next = payload.clone();
+                    for (shard, copy) in next.shards.iter_mut().zip(&mine) {
+                        let copies = match role {
+                            Role::Registered => &mut shard.gold,
+                            _ => &mut shard.replica_list,
+                        };
+                        if !copies.contains(copy) {
+                            copies.push(copy.clone());
+                        }
+                    }
+                    Ok(if next == *payload {
+                        Change::Keep
+                    } else {
+                        tracing::info!("P2P '{name}': this node's copies are listed again");
+                        Change::Write(next)
+                    })
+                })
+                .await;
+            match restored {
+                Err(e) if e.kind() == ErrorKind::PayloadNotFound => {
+                    let mut alone = known.clone();
+                    for (shard, copy) in alone.shards.iter_mut().zip(&mine) {
+                        let only = vec![copy.clone()];
+                        (shard.gold, shard.replica_list) = match role {
+                            Role::Registered => (only, Vec::new()),
+                            _ => (Vec::new(), only),
+                        };
+                    }
+                    if let Err(e) = self.catalogue.create(&alone).await {
+                        tracing::debug!("P2P '{name}': entry not restored: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("P2P '{name}': listing not checked: {e}"),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Withdraws everything this node serves, waits for registrations and pulls in progress
+    /// (they fail once the engine is closed), stops its liveness and closes its engine.
     pub async fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.withdraw_all().await;
+        self.engine.close().await;
+        self.calls.close();
+        self.calls.wait().await;
+        // A registration that finished meanwhile.
+        self.withdraw_all().await;
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        let names: Vec<String> = self.lock().payloads.keys().cloned().collect();
+        for name in names {
+            self.lock().close(&self.engine, &name);
+        }
+    }
+
+    async fn withdraw_all(&self) {
         let held: Vec<(String, Role)> = self
             .lock()
             .payloads
             .iter()
             .map(|(name, held)| (name.clone(), held.role))
+            .filter(|(_, role)| matches!(role, Role::Registered | Role::Replica))
             .collect();
         for (name, role) in held {
-            let withdrawn = match role {
-                Role::Registered | Role::Replica => self.withdraw(&name, role).await,
-                Role::Pulling => Ok(()),
-            };
-            if let Err(e) = withdrawn {
+            if let Err(e) = self.withdraw(&name, role).await {
                 tracing::warn!("P2P close: '{name}' stays in the catalogue: {e}");
             }
         }
-        self.stop.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
-        self.engine.close().await;
-        let mut local = self.lock();
-        local.payloads.clear();
-        local.lingering.clear();
     }
 
-    /// Registers `spans` for payload `name` (shared ranges counted, partial overlaps refused)
-    /// and records it locally.
+    /// Counts a registration or pull in progress; refused once the node is closing.
+    fn call(&self) -> Result<tokio_util::task::task_tracker::TaskTrackerToken> {
+        if self.closing.load(Ordering::Acquire) || self.engine.is_closed() {
+            return Err(Error::closed("the P2P store"));
+        }
+        Ok(self.calls.token())
+    }
+
+    /// Registers `spans` for payload `name` and records it, until the returned guard is kept.
     fn open(
         &self,
         name: &str,
         role: Role,
         spans: &[(usize, usize)],
-        owners: Vec<Box<dyn Any + Send + Sync>>,
-    ) -> Result<()> {
-        if self.engine.is_closed() {
-            return Err(Error::closed("the P2P store"));
-        }
-        let mut local = self.lock();
-        if local.payloads.contains_key(name) {
-            return Err(Error::new(
-                ErrorKind::PayloadOpened,
-                format!("this node already holds '{name}'"),
-            ));
-        }
-        check_spans(spans, &local.regions)?;
-        let mut added = Vec::new();
-        for &(addr, len) in spans {
-            if let Some(region) = local.regions.get_mut(&addr) {
-                region.1 += 1;
-                continue;
-            }
-            // SAFETY: the memory stays valid while its owner lives; the owner is kept in
-            // `Held` until the engine has let go of the range (`close_payload`).
-            let registered = unsafe { self.engine.register(addr, len, "*", Box::new(())) };
-            if let Err(e) = registered {
-                for addr in added {
-                    local.regions.remove(&addr);
-                    let _ = self.engine.unregister(addr);
-                }
-                for &(addr, _) in spans {
-                    if let Some(region) = local.regions.get_mut(&addr) {
-                        region.1 -= 1;
-                    }
-                }
-                return Err(e);
-            }
-            local.regions.insert(addr, (len, 1));
-            added.push(addr);
-        }
-        local.payloads.insert(
-            name.to_owned(),
-            Held {
-                role,
-                buffers: spans.to_vec(),
-                owners,
-            },
-        );
-        Ok(())
-    }
-
-    /// Forgets payload `name` locally and lets go of ranges no other payload uses.
-    fn close_payload(&self, name: &str) {
-        let mut local = self.lock();
-        let Some(held) = local.payloads.remove(name) else {
-            return;
-        };
-        let mut keep = false;
-        for (addr, _) in &held.buffers {
-            let Some(region) = local.regions.get_mut(addr) else {
-                continue;
-            };
-            region.1 -= 1;
-            if region.1 > 0 {
-                continue;
-            }
-            local.regions.remove(addr);
-            if let Err(e) = self.engine.unregister(*addr) {
-                tracing::warn!("P2P '{name}': {addr:#x} stays registered: {e}");
-                keep = true;
-            }
-        }
-        if keep {
-            local.lingering.extend(held.owners);
-        }
+        owners: &[Owner],
+    ) -> Result<Opening<'_>> {
+        self.lock().open(&self.engine, name, role, spans, owners)?;
+        Ok(Opening {
+            node: self,
+            name: name.to_owned(),
+            armed: true,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Local> {
@@ -613,41 +729,30 @@ impl Drop for P2PStore {
     }
 }
 
+/// Every liveness period, puts the node's copies back where they went missing; ends with the
+/// node.
+async fn keep_listed(node: Weak<P2PStore>) {
+    let Some((period, stop)) = node
+        .upgrade()
+        .map(|n| (n.config.liveness_ttl, n.stop.clone()))
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        let Some(node) = node.upgrade() else { return };
+        node.restore_listing().await;
+    }
+}
+
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 1024 || name.contains('\0') {
         return Err(Error::invalid(
             "a payload name is 1 to 1024 bytes without NUL",
         ));
-    }
-    Ok(())
-}
-
-/// Refuses empty buffers and buffers that overlap each other or a registered range other
-/// than exactly.
-fn check_spans(spans: &[(usize, usize)], regions: &HashMap<usize, (usize, usize)>) -> Result<()> {
-    let overlap = |a: (usize, usize), b: (usize, usize)| a.0 < b.0 + b.1 && b.0 < a.0 + a.1;
-    let mut seen = HashSet::new();
-    for (i, &(addr, len)) in spans.iter().enumerate() {
-        if len == 0 || addr.checked_add(len).is_none() {
-            return Err(Error::invalid(format!(
-                "buffer {i} is empty or out of range"
-            )));
-        }
-        if !seen.insert(addr) || spans[..i].iter().any(|&other| overlap(other, (addr, len))) {
-            return Err(Error::new(
-                ErrorKind::AddressOverlapped,
-                format!("buffer {i} overlaps another buffer of the same payload"),
-            ));
-        }
-        let clash = regions.iter().any(|(&start, &(rlen, _))| {
-            (start, rlen) != (addr, len) && overlap((start, rlen), (addr, len))
-        });
-        if clash {
-            return Err(Error::new(
-                ErrorKind::AddressOverlapped,
-                format!("buffer {i} ({addr:#x}+{len}) overlaps memory of another payload"),
-            ));
-        }
     }
     Ok(())
 }

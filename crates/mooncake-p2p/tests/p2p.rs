@@ -262,6 +262,18 @@ async fn bad_input_gets_clear_codes() {
         ErrorKind::PayloadNotOpened
     );
 
+    // A pull never writes memory another payload serves.
+    let alike = payload(7, &[100 << 10, 10]);
+    b.register("alike", local(&alike), sharded(SHARD))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.get_replica("alike", local(&data), None)
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::AddressOverlapped
+    );
     // A failed call leaves nothing behind: the same buffers register fine afterwards.
     b.register("r", local(&other), options.clone())
         .await
@@ -355,4 +367,115 @@ async fn a_pull_whose_only_source_died_resumes_from_what_it_holds() {
         node.close().await;
     }
     seed.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_puts_back_copies_others_dropped_while_it_lives() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let seed = node(&url, "seed").await;
+    let data = payload(6, &[3 * SHARD as usize]);
+    seed.register("back", local(&data), sharded(SHARD))
+        .await
+        .unwrap();
+    let puller = node(&url, "puller").await;
+    let into = empty(&[3 * SHARD as usize]);
+    puller
+        .get_replica("back", local(&into), None)
+        .await
+        .unwrap();
+
+    // Another node takes the seed for dead and drops its copies; the seed, alive, restores them
+    // within a liveness period.
+    let other = node(&url, "other").await;
+    other.forget("back", Some("seed")).await.unwrap();
+    let holders = |p: &Payload| -> Vec<Vec<String>> {
+        p.shards
+            .iter()
+            .map(|s| s.locations().map(|l| l.segment_name.clone()).collect())
+            .collect()
+    };
+    assert_eq!(
+        holders(&entry(&server, "back").await.unwrap()),
+        vec![vec!["puller".to_owned()]; 3]
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = holders(&entry(&server, "back").await.unwrap());
+        if now == vec![vec!["seed".to_owned(), "puller".to_owned()]; 3] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not restored: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A whole entry deleted under a live node comes back too.
+    server.store().delete_now(&Catalogue::key("back"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while entry(&server, "back").await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "entry not restored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Withdrawn copies stay withdrawn.
+    seed.unregister("back").await.unwrap();
+    puller.delete_replica("back").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(entry(&server, "back").await.is_none());
+    for node in [seed, puller, other] {
+        node.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_in_progress_cannot_be_withdrawn_and_stale_self_copies_are_ignored() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let seed = node(&url, "seed").await;
+    // Hashing 256 MiB takes long enough for an unregister to arrive meanwhile.
+    let big = payload(8, &[256 << 20]);
+    let registering = {
+        let (seed, big) = (seed.clone(), big.clone());
+        tokio::spawn(async move { seed.register("big", local(&big), sharded(16 << 20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    if let Err(e) = seed.unregister("big").await {
+        assert_eq!(e.kind(), ErrorKind::PayloadNotOpened);
+    }
+    registering.await.unwrap().unwrap();
+    seed.unregister("big").await.unwrap();
+
+    // An entry that names the puller itself (left by an earlier run under the same name) is
+    // never read from: the bytes come from the seed.
+    let sizes = [4 * SHARD as usize];
+    let data = payload(9, &sizes);
+    seed.register("selfy", local(&data), sharded(SHARD))
+        .await
+        .unwrap();
+    let puller = node(&url, "puller").await;
+    let into = empty(&sizes);
+    let mut listed = entry(&server, "selfy").await.unwrap();
+    for (i, shard) in listed.shards.iter_mut().enumerate() {
+        shard.replica_list.push(mooncake_p2p::Location {
+            segment_name: "puller".into(),
+            offset: into[0].as_ptr() as u64 + i as u64 * SHARD,
+        });
+    }
+    server.store().put_now(
+        &Catalogue::key("selfy"),
+        serde_json::to_string(&listed).unwrap(),
+    );
+    let report = puller
+        .get_replica("selfy", local(&into), None)
+        .await
+        .unwrap();
+    assert!(same(&data, &into));
+    assert_eq!(report.sources.len(), 1);
+    assert_eq!(report.sources[0].segment, "seed");
+    let after = entry(&server, "selfy").await.unwrap();
+    assert!(after.shards.iter().all(|s| s.replica_list.len() == 1));
+    seed.close().await;
+    puller.close().await;
 }
