@@ -180,7 +180,11 @@ impl Pull {
         let me = self.engine.segment_name().to_owned();
         let mut tried: Vec<HashSet<Location>> = vec![HashSet::new(); count];
         let mut attempts = vec![0usize; count];
-        let mut pending: VecDeque<usize> = (0..count).filter(|&i| !self.done[i]).collect();
+        // Each puller takes the shards in its own order, so that pullers starting together
+        // soon hold different shards to offer each other.
+        let mut order: Vec<usize> = (0..count).filter(|&i| !self.done[i]).collect();
+        order.sort_by_key(|i| xxhash_rust::xxh3::xxh3_64(format!("{me}\0{i}").as_bytes()));
+        let mut pending: VecDeque<usize> = order.into();
         let mut reads = JoinSet::new();
         let mut failure: Option<Error> = None;
         let mut peers = self.exchange(sources, &addrs).await;
