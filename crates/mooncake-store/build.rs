@@ -4,16 +4,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `etcd_server` when Debian's etcd runs here: the HA tests are ignored (not passed) without.
-    println!("cargo::rustc-check-cfg=cfg(etcd_server)");
-    println!("cargo::rerun-if-env-changed=PATH");
-    let etcd = std::process::Command::new("etcd")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
-    if etcd.is_ok_and(|s| s.success()) {
-        println!("cargo::rustc-cfg=etcd_server");
-    }
+    mooncake_testkit::probe::declare_servers();
     // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     tonic_prost_build::configure().compile_protos(

@@ -18,6 +18,7 @@ use mooncake_common::ErrorKind;
 use mooncake_metadata::http::{HttpStore, MetadataServer, MetadataServerConfig};
 use mooncake_metadata::store::MemoryStore;
 use mooncake_metadata::{connect, MetadataBackend, MetadataStore, Revisioned};
+use mooncake_testkit::RedisServer;
 
 /// Bound on each test, server start included.
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -293,46 +294,6 @@ async fn etcd_conforms() {
     .await;
 }
 
-/// A `redis-server` on a free loopback port, stopped on drop.
-struct RedisServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let server = Self { child, port };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start listening on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(
     not(redis_server),
@@ -342,6 +303,7 @@ async fn redis_conforms() {
     bounded(async {
         let redis = tokio::task::spawn_blocking(RedisServer::start)
             .await
+            .expect("the start does not panic")
             .expect("redis-server starts");
         let store = match connect(&redis.url(), None).unwrap() {
             MetadataBackend::Store(store) => store,

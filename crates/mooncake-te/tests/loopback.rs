@@ -14,6 +14,7 @@ use mooncake_metadata::{Keys, MetadataStore};
 use mooncake_te::engine::SubmitOptions;
 use mooncake_te::stats::TransportKind;
 use mooncake_te::{ErrorKind, Opcode, TaskStatus, TransferEngine, TransferRequest};
+use mooncake_testkit::RedisServer;
 
 async fn engine(metadata: &str, name: &str) -> Arc<TransferEngine> {
     engine_over(metadata, name, Protocol::Auto).await
@@ -203,47 +204,6 @@ async fn write_one_mib(
         bytes(remote, 1 << 20) == bytes(local.as_ptr(), 1 << 20),
         "write landed wrong"
     );
-}
-
-/// A `redis-server` on a free loopback port, stopped on drop; none where Redis is not installed.
-struct RedisServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start() -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let server = Self { child, port };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(server);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start listening on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

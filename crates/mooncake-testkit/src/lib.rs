@@ -3,11 +3,16 @@
 //! - [`EtcdCluster`]: one or three real `etcd` members on loopback, each with its own data
 //!   directory, killed and removed on drop; [`etcd_installed`] says whether the host can run
 //!   one (Debian's `etcd-server`);
+//! - [`RedisServer`]: a real `redis-server` on loopback, stopped on drop;
+//! - [`probe::declare_servers`]: for build scripts, which of those this host can run;
 //! - [`rss_kib`]: this process's resident memory, for tests that print what a load costs.
 
 mod etcd;
+pub mod probe;
+mod redis;
 
 pub use etcd::{etcd_installed, EtcdCluster};
+pub use redis::RedisServer;
 
 /// This process's resident memory in KiB (0 where `/proc` is not there).
 pub fn rss_kib() -> u64 {
