@@ -354,19 +354,7 @@ async fn read_shard(
     expected: Option<String>,
     timeout: Duration,
 ) -> Result<()> {
-    let segment = engine.open_segment(&from.segment_name).await?;
-    let request = TransferRequest {
-        op: Opcode::Read,
-        segment: segment.id,
-        local_addr: local,
-        remote_addr: from.offset,
-        len,
-    };
-    let options = SubmitOptions {
-        timeout: Some(timeout),
-        ..SubmitOptions::default()
-    };
-    engine.transfer(&[request], options).await?;
+    read(&engine, &from, (local, len), timeout).await?;
     if let Some(expected) = expected {
         // SAFETY: the range lies inside the buffer `owner` keeps valid, and the read that
         // filled it has settled: nothing writes it any more.
@@ -399,24 +387,32 @@ pub(crate) async fn answers(engine: &Arc<TransferEngine>, at: &Location) -> bool
         tracing::debug!("no probe of {}: {e}", at.segment_name);
         return true;
     }
-    let read = async {
-        let segment = engine.open_segment(&at.segment_name).await?;
-        let request = TransferRequest {
-            op: Opcode::Read,
-            segment: segment.id,
-            local_addr: addr,
-            remote_addr: at.offset,
-            len: 1,
-        };
-        let options = SubmitOptions {
-            timeout: Some(PROBE_TIMEOUT),
-            ..SubmitOptions::default()
-        };
-        engine.transfer(&[request], options).await
-    };
-    let answered = tokio::time::timeout(PROBE_TIMEOUT * 2, read).await;
+    let probe = read(engine, at, (addr, 1), PROBE_TIMEOUT);
+    let answered = tokio::time::timeout(PROBE_TIMEOUT * 2, probe).await;
     if let Err(e) = engine.unregister(addr) {
         tracing::debug!("probe scratch at {addr:#x} stays registered: {e}");
     }
     matches!(answered, Ok(Ok(())))
+}
+
+/// One READ of `len` bytes at `from` into registered `local`, bounded by `timeout`.
+async fn read(
+    engine: &Arc<TransferEngine>,
+    from: &Location,
+    (local, len): (usize, usize),
+    timeout: Duration,
+) -> Result<()> {
+    let segment = engine.open_segment(&from.segment_name).await?;
+    let request = TransferRequest {
+        op: Opcode::Read,
+        segment: segment.id,
+        local_addr: local,
+        remote_addr: from.offset,
+        len,
+    };
+    let options = SubmitOptions {
+        timeout: Some(timeout),
+        ..SubmitOptions::default()
+    };
+    engine.transfer(&[request], options).await
 }

@@ -1,44 +1,15 @@
 //! The P2P store on each metadata backend it supports besides the HTTP server (which
 //! `p2p.rs` uses): real Redis and etcd servers on loopback, ignored where not installed.
 
-use std::sync::Arc;
+mod support;
+
 use std::time::Duration;
 
-use mooncake_common::config::Protocol;
-use mooncake_common::EngineConfig;
 use mooncake_metadata::{connect, MetadataBackend};
 use mooncake_p2p::liveness::live_key;
-use mooncake_p2p::{LocalBuffer, P2PConfig, P2PStore, RegisterOptions};
+use mooncake_p2p::RegisterOptions;
 use mooncake_testkit::{EtcdCluster, RedisServer};
-use mooncake_transport::Arena;
-
-async fn node(metadata: &str, name: &str) -> Arc<P2PStore> {
-    let mut engine = EngineConfig::from_env(name, metadata);
-    engine.advertised_host = Some("127.0.0.1".into());
-    engine.protocol = Protocol::Tcp;
-    engine.shared_memory = false;
-    engine.cluster_token = None;
-    let mut config = P2PConfig::new(engine);
-    config.liveness_ttl = Duration::from_secs(2);
-    P2PStore::start(config).await.expect("the node starts")
-}
-
-fn filled(len: usize, seed: u8) -> Arc<Arena> {
-    let arena = Arc::new(Arena::new("p2p-backend-test", len).expect("memory"));
-    // SAFETY: the arena is mapped for its whole length and nothing else uses it yet.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(arena.as_ptr(), len) };
-    // Each 8-byte word holds the seed and its own offset.
-    for (i, b) in bytes.iter_mut().enumerate() {
-        let at = i as u64;
-        *b = ((u64::from(seed) << 40 | (at & !7)).to_le_bytes())[(at % 8) as usize];
-    }
-    arena
-}
-
-fn bytes(arena: &Arena) -> &[u8] {
-    // SAFETY: mapped for its whole length; read only once no transfer writes it.
-    unsafe { std::slice::from_raw_parts(arena.as_ptr(), arena.len()) }
-}
+use support::{empty, local, node_with, payload, same};
 
 /// Register, pull from two nodes (the second reads from both), list, withdraw: the entry goes
 /// with the last copy, and each node's liveness entry with the node.
@@ -47,15 +18,15 @@ async fn cycle(metadata: &str) {
         panic!("{metadata} is a store");
     };
     let name = format!("ckpt-{}", std::process::id());
-    let seed = node(metadata, "seed").await;
-    let source = filled((3 << 20) + 11, 1);
+    let liveness = Duration::from_secs(2);
+    let seed = node_with(metadata, "seed", liveness).await;
+    let sizes = [(3 << 20) + 11];
+    let source = payload(1, &sizes);
     let options = RegisterOptions {
         max_shard_size: 256 << 10,
         ..RegisterOptions::default()
     };
-    seed.register(&name, vec![LocalBuffer::arena(source.clone())], options)
-        .await
-        .unwrap();
+    seed.register(&name, local(&source), options).await.unwrap();
     assert!(store.get(&live_key("seed")).await.unwrap().is_some());
     let listed = seed.list("ckpt-").await.unwrap();
     assert_eq!(listed.len(), 1);
@@ -63,13 +34,10 @@ async fn cycle(metadata: &str) {
 
     let mut pulled = Vec::new();
     for puller in ["first", "second"] {
-        let node = node(metadata, puller).await;
-        let into = Arc::new(Arena::new("p2p-backend-test", source.len()).unwrap());
-        let report = node
-            .get_replica(&name, vec![LocalBuffer::arena(into.clone())], None)
-            .await
-            .unwrap();
-        assert!(bytes(&into) == bytes(&source), "{puller} is byte-exact");
+        let node = node_with(metadata, puller, liveness).await;
+        let into = empty(&sizes);
+        let report = node.get_replica(&name, local(&into), None).await.unwrap();
+        assert!(same(&into, &source), "{puller} is byte-exact");
         if puller == "second" {
             assert!(report
                 .sources

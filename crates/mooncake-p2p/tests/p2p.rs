@@ -6,78 +6,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mooncake_common::config::Protocol;
-use mooncake_common::{EngineConfig, ErrorKind};
+mod support;
+
+use mooncake_common::ErrorKind;
 use mooncake_metadata::http::MetadataServer;
 use mooncake_p2p::catalogue::{Catalogue, Payload};
 use mooncake_p2p::liveness::live_key;
-use mooncake_p2p::{LocalBuffer, P2PConfig, P2PStore, RegisterOptions};
-use mooncake_transport::Arena;
+use mooncake_p2p::{LocalBuffer, P2PStore, RegisterOptions};
+use support::*;
 
 const SHARD: u64 = 64 << 10;
 
 async fn node(metadata: &str, name: &str) -> Arc<P2PStore> {
-    let mut engine = EngineConfig::from_env(name, metadata);
-    engine.advertised_host = Some("127.0.0.1".into());
-    engine.protocol = Protocol::Tcp;
-    engine.shared_memory = false;
-    engine.cluster_token = None;
-    let mut config = P2PConfig::new(engine);
-    config.liveness_ttl = Duration::from_millis(600);
-    P2PStore::start(config).await.expect("the node starts")
-}
-
-fn sharded(max_shard_size: u64) -> RegisterOptions {
-    RegisterOptions {
-        max_shard_size,
-        ..RegisterOptions::default()
-    }
-}
-
-fn arena(len: usize) -> Arc<Arena> {
-    Arc::new(Arena::new("p2p-test", len).expect("memory"))
-}
-
-fn bytes(arena: &Arena) -> &[u8] {
-    // SAFETY: the arena is mapped for its whole length while borrowed; tests read it only
-    // while no transfer writes it.
-    unsafe { std::slice::from_raw_parts(arena.as_ptr(), arena.len()) }
-}
-
-fn write(arena: &Arena, fill: impl FnOnce(&mut [u8])) {
-    // SAFETY: as for `bytes`; tests write it only while no transfer touches it.
-    fill(unsafe { std::slice::from_raw_parts_mut(arena.as_ptr(), arena.len()) })
-}
-
-/// Buffers of `sizes` bytes holding payload `seed`'s bytes.
-fn payload(seed: u64, sizes: &[usize]) -> Vec<Arc<Arena>> {
-    let mut offset = 0u64;
-    sizes
-        .iter()
-        .map(|&len| {
-            let a = arena(len);
-            write(&a, |bytes| {
-                for (i, b) in bytes.iter_mut().enumerate() {
-                    let at = offset + i as u64;
-                    *b = ((seed << 40 | (at & !7)).to_le_bytes())[(at % 8) as usize];
-                }
-            });
-            offset += len as u64;
-            a
-        })
-        .collect()
-}
-
-fn empty(sizes: &[usize]) -> Vec<Arc<Arena>> {
-    sizes.iter().map(|&len| arena(len)).collect()
-}
-
-fn local(arenas: &[Arc<Arena>]) -> Vec<LocalBuffer> {
-    arenas.iter().cloned().map(LocalBuffer::arena).collect()
-}
-
-fn same(a: &[Arc<Arena>], b: &[Arc<Arena>]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| bytes(x) == bytes(y))
+    node_with(metadata, name, Duration::from_millis(600)).await
 }
 
 async fn entry(server: &MetadataServer, name: &str) -> Option<Payload> {
