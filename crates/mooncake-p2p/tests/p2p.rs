@@ -420,3 +420,41 @@ async fn a_registration_in_progress_cannot_be_withdrawn_and_stale_self_copies_ar
     seed.close().await;
     puller.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_as_mooncakes_go_nodes_write_it_is_pulled_and_stays_theirs() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let seed = node(&url, "seed").await;
+    let sizes = [3 * SHARD as usize + 5];
+    let data = payload(10, &sizes);
+    seed.register("go", local(&data), sharded(SHARD))
+        .await
+        .unwrap();
+    // What a Go node writes after rewriting our entry: its own fields only, empty lists null.
+    let ours = entry(&server, "go").await.unwrap();
+    let mut go: serde_json::Value = serde_json::to_value(&ours).unwrap();
+    go.as_object_mut().unwrap().remove("buffer_names");
+    for shard in go["shards"].as_array_mut().unwrap() {
+        let shard = shard.as_object_mut().unwrap();
+        shard.remove("checksum");
+        shard.insert("replica_list".into(), serde_json::Value::Null);
+    }
+    server
+        .store()
+        .put_now(&Catalogue::key("go"), go.to_string());
+
+    let puller = node(&url, "puller").await;
+    let into = empty(&sizes);
+    puller.get_replica("go", local(&into), None).await.unwrap();
+    assert!(same(&data, &into));
+    let text = server.store().get_now(&Catalogue::key("go")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for shard in value["shards"].as_array().unwrap() {
+        assert!(shard.get("checksum").is_none(), "no checksum is made up");
+        assert_eq!(shard["replica_list"][0]["segment_name"], "puller");
+        assert!(shard["replica_list"][0]["offset"].is_u64());
+    }
+    seed.close().await;
+    puller.close().await;
+}
