@@ -3,8 +3,8 @@ import { createInterface } from 'node:readline'
 
 import { P2PStore } from '../dist/index.mjs'
 
-const { metadata, name } = JSON.parse(process.argv[2])
-const node = await P2PStore.create({ metadata, localServerName: name, ipOrHostName: '127.0.0.1', protocol: 'tcp', sharedMemory: false })
+const { metadata, name, address } = JSON.parse(process.argv[2])
+const node = await P2PStore.create({ metadata, localServerName: name, ipOrHostName: address, protocol: 'tcp', sharedMemory: false })
 const answer = (value) => console.log(JSON.stringify(value))
 answer({ segment: node.segmentName })
 

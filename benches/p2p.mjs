@@ -3,8 +3,12 @@
 // after another from the seed alone, in the same run. Loopback, TCP, shared memory off, so the
 // network path moves every byte. Medians of BENCH_REPEAT runs.
 //
-//   BENCH_P2P_SIZE=1GiB BENCH_P2P_SHARD=64MiB BENCH_REPEAT=3 npm run bench:p2p
-import { spawn } from 'node:child_process'
+// BENCH_P2P_LINK=2gbit puts every node in its own network namespace behind a veth pair capped
+// at that rate each way (tc tbf), as hosts with one NIC each: then the seed's link is the
+// bottleneck, as in a cluster. Needs root and iproute2.
+//
+//   BENCH_P2P_SIZE=1GiB BENCH_P2P_SHARD=64MiB BENCH_REPEAT=3 [BENCH_P2P_LINK=2gbit] npm run bench:p2p
+import { execFileSync, spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
@@ -21,11 +25,48 @@ const size = parseSize(process.env.BENCH_P2P_SIZE ?? '1GiB')
 const shard = parseSize(process.env.BENCH_P2P_SHARD ?? '64MiB')
 const repeat = Number(process.env.BENCH_REPEAT ?? 3)
 const counts = (process.env.BENCH_P2P_PULLERS ?? '1,2,4').split(',').map(Number)
+const link = process.env.BENCH_P2P_LINK
 const worker = fileURLToPath(new URL('./p2p-node.mjs', import.meta.url))
+
+/** Hosts of the namespace network: the metadata server on the bridge, node i at .(10 + i). */
+const NET = { prefix: 'mcp2p', bridge: 'mcp2p-br', hub: '10.77.0.1' }
+const ip = (...args) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] })
+const tc = (...args) => execFileSync('tc', args, { stdio: ['ignore', 'ignore', 'pipe'] })
+const cap = (...where) => ['qdisc', 'replace', ...where, 'root', 'tbf', 'rate', link, 'burst', '4mbit', 'latency', '20ms']
+
+function teardown(nodes) {
+  for (let i = 0; i < nodes; i++) {
+    try {
+      ip('netns', 'del', `${NET.prefix}-${i}`)
+    } catch {}
+  }
+  try {
+    ip('link', 'del', NET.bridge)
+  } catch {}
+}
+
+/** Node i's namespace, address and capped link. */
+function host(i) {
+  const ns = `${NET.prefix}-${i}`
+  const outside = `${NET.prefix}-h${i}`
+  ip('netns', 'add', ns)
+  ip('link', 'add', outside, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns)
+  ip('link', 'set', outside, 'master', NET.bridge, 'up')
+  ip('-n', ns, 'addr', 'add', `10.77.0.${10 + i}/24`, 'dev', 'eth0')
+  ip('-n', ns, 'link', 'set', 'eth0', 'up')
+  ip('-n', ns, 'link', 'set', 'lo', 'up')
+  tc(...cap('dev', outside))
+  tc('-n', ns, ...cap('dev', 'eth0'))
+  return { ns, address: `10.77.0.${10 + i}` }
+}
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 
-async function start(metadata, name) {
-  const child = spawn(process.execPath, [worker, JSON.stringify({ metadata, name })], { stdio: ['pipe', 'pipe', 'inherit'] })
+async function start(metadata, name, i) {
+  const at = link === undefined ? { address: '127.0.0.1' } : host(i)
+  const argv = [worker, JSON.stringify({ metadata, name, address: at.address })]
+  const child = at.ns === undefined
+    ? spawn(process.execPath, argv, { stdio: ['pipe', 'pipe', 'inherit'] })
+    : spawn('ip', ['netns', 'exec', at.ns, process.execPath, ...argv], { stdio: ['pipe', 'pipe', 'inherit'] })
   const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]()
   const { segment } = JSON.parse((await lines.next()).value)
   const call = async (command) => {
@@ -37,10 +78,17 @@ async function start(metadata, name) {
   return { segment, call, child }
 }
 
-const server = await startMetadataServer()
+const nodes = Math.max(...counts) + 1
+if (link !== undefined) {
+  teardown(nodes)
+  ip('link', 'add', NET.bridge, 'type', 'bridge')
+  ip('addr', 'add', `${NET.hub}/24`, 'dev', NET.bridge)
+  ip('link', 'set', NET.bridge, 'up')
+}
+const server = await startMetadataServer({ host: link === undefined ? '127.0.0.1' : NET.hub })
 const name = `bench-${process.pid}`
-const seed = await start(server.url, 'seed')
-const pullers = await Promise.all(Array.from({ length: Math.max(...counts) }, (_, i) => start(server.url, `puller-${i}`)))
+const seed = await start(server.url, 'seed', 0)
+const pullers = await Promise.all(Array.from({ length: nodes - 1 }, (_, i) => start(server.url, `puller-${i}`, i + 1)))
 try {
   await seed.call({ op: 'register', name, size, shard })
   await Promise.all(pullers.map((p) => p.call({ op: 'prepare', sizes: [size] })))
@@ -84,7 +132,8 @@ try {
   }
   process.stderr.write('\n')
   const gib = (bytes) => (bytes / 2 ** 30).toFixed(2)
-  console.log(`P2P fan-out: ${gib(size)} GiB payload in ${shard / MiB} MiB shards; loopback TCP, shared memory off; median of ${repeat}`)
+  const network = link === undefined ? 'loopback TCP, shared memory off' : `one namespace per node, links capped at ${link} each way`
+  console.log(`P2P fan-out: ${gib(size)} GiB payload in ${shard / MiB} MiB shards; ${network}; median of ${repeat}`)
   console.log('')
   console.log('pullers  one-by-one from seed (s)  all at once (s)  speed-up  GiB from seed  GiB from peers')
   for (const row of rows) {
@@ -96,4 +145,5 @@ try {
 } finally {
   await Promise.allSettled([seed, ...pullers].map((p) => p.call({ op: 'close' })))
   await server.close()
+  if (link !== undefined) teardown(nodes)
 }

@@ -302,7 +302,8 @@ async fn a_pull_whose_only_source_died_resumes_from_what_it_holds() {
     again.register("r", local(&source), forced).await.unwrap();
     let report = puller.get_replica("r", local(&into), None).await.unwrap();
     assert!(same(&source, &into));
-    assert!(report.resumed_bytes >= 4 * SHARD, "{report:?}");
+    // At least the four shards held when the seed died (the 3-byte one may be among them).
+    assert!(report.resumed_bytes >= 3 * SHARD + 3, "{report:?}");
     assert_eq!(report.bytes + report.resumed_bytes, sizes[0] as u64);
     for node in [puller, again] {
         node.close().await;
