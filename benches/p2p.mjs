@@ -7,7 +7,7 @@
 // at that rate each way (tc tbf), as hosts with one NIC each: then the seed's link is the
 // bottleneck, as in a cluster. Needs root and iproute2.
 //
-//   BENCH_P2P_SIZE=1GiB BENCH_P2P_SHARD=64MiB BENCH_REPEAT=3 [BENCH_P2P_LINK=2gbit] npm run bench:p2p
+//   BENCH_P2P_SIZE=1GiB BENCH_P2P_SHARD=16MiB BENCH_REPEAT=3 [BENCH_P2P_LINK=2gbit] npm run bench:p2p
 import { execFileSync, spawn } from 'node:child_process'
 import { once } from 'node:events'
 import { createInterface } from 'node:readline'
@@ -22,7 +22,7 @@ const parseSize = (text) => {
   return Number(match[1]) * { k: 1 << 10, m: MiB, g: 1 << 30 }[(match[2] ?? '').toLowerCase()] || Number(match[1])
 }
 const size = parseSize(process.env.BENCH_P2P_SIZE ?? '1GiB')
-const shard = parseSize(process.env.BENCH_P2P_SHARD ?? '64MiB')
+const shard = parseSize(process.env.BENCH_P2P_SHARD ?? '16MiB')
 const repeat = Number(process.env.BENCH_REPEAT ?? 3)
 const counts = (process.env.BENCH_P2P_PULLERS ?? '1,2,4').split(',').map(Number)
 const link = process.env.BENCH_P2P_LINK
@@ -36,9 +36,11 @@ const cap = (...where) => ['qdisc', 'replace', ...where, 'root', 'tbf', 'rate', 
 
 function teardown(nodes) {
   for (let i = 0; i < nodes; i++) {
-    try {
-      ip('netns', 'del', `${NET.prefix}-${i}`)
-    } catch {}
+    for (const args of [['link', 'del', `${NET.prefix}-h${i}`], ['netns', 'del', `${NET.prefix}-${i}`]]) {
+      try {
+        ip(...args)
+      } catch {}
+    }
   }
   try {
     ip('link', 'del', NET.bridge)
@@ -143,7 +145,11 @@ try {
     )
   }
 } finally {
-  await Promise.allSettled([seed, ...pullers].map((p) => p.call({ op: 'close' })))
+  await Promise.allSettled([seed, ...pullers].map(async (p) => {
+    const exited = once(p.child, 'exit')
+    await p.call({ op: 'close' })
+    await exited
+  }))
   await server.close()
   if (link !== undefined) teardown(nodes)
 }

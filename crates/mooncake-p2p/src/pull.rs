@@ -15,13 +15,19 @@ use crate::layout::{checksum, shard_places};
 use crate::liveness::live_segments;
 use crate::local::Owner;
 use crate::partial::{holders, offer, Holding};
-use crate::sources::{SourceReport, Sources};
+use crate::sources::{Cost, SourceReport, Sources};
 
 /// Rounds of "pull what is missing, then check the sources still stand" before giving up.
 const ROUNDS: usize = 4;
 
+/// Missing shards weighed for each read a pull starts, in its order.
+const SCHEDULE_WINDOW: usize = 256;
+
 /// How often a puller offers what it holds and learns what the others hold.
 const EXCHANGE_PERIOD: Duration = Duration::from_millis(100);
+
+/// A shard that arrives is offered at once unless the last exchange is more recent than this.
+const EXCHANGE_SOON: Duration = Duration::from_millis(20);
 
 /// How far a pull has come.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,26 +194,59 @@ impl Pull {
         let mut reads = JoinSet::new();
         let mut failure: Option<Error> = None;
         let mut peers = self.exchange(sources, &addrs).await;
+        let per_source = self.concurrency.div_ceil(2).max(1);
+        let mut exchanged = Instant::now();
         let mut tick = tokio::time::interval(EXCHANGE_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         loop {
             while failure.is_none() && reads.len() < self.concurrency.max(1) {
-                let Some(i) = pending.pop_front() else { break };
-                let shard = &self.payload.shards[i];
-                // A copy under this node's own name is a stale one of an earlier run.
-                let copies: Vec<&Location> = shard
-                    .locations()
-                    .chain(&peers[i])
-                    .filter(|l| l.segment_name != me)
-                    .collect();
-                let Some(from) = sources.pick(i, &copies, &tried[i]).cloned() else {
-                    failure = Some(Error::new(
-                        ErrorKind::TooManyRetries,
-                        format!("no node serves shard {i} of '{}'", self.payload.name),
-                    ));
+                // The missing shard with the cheapest copy next: a shard an idle peer offers
+                // goes before one only a busy seed has. Ties keep this puller's own order.
+                let mut best: Option<(usize, Location, Cost)> = None;
+                for (position, &i) in pending.iter().enumerate().take(SCHEDULE_WINDOW) {
+                    // A copy under this node's own name is a stale one of an earlier run.
+                    let copies: Vec<&Location> = self.payload.shards[i]
+                        .locations()
+                        .chain(&peers[i])
+                        .filter(|l| l.segment_name != me)
+                        .collect();
+                    if copies.is_empty() {
+                        failure = Some(Error::new(
+                            ErrorKind::TooManyRetries,
+                            format!("no node serves shard {i} of '{}'", self.payload.name),
+                        ));
+                        break;
+                    }
+                    // Half the reads at most from one source: more would not make it serve
+                    // faster, and the others are left for peers that may soon offer the shard.
+                    // A copy that failed this shard is tried again only once every copy did.
+                    let untried = copies.iter().any(|l| !tried[i].contains(*l));
+                    let free: Vec<&Location> = copies
+                        .into_iter()
+                        .filter(|l| !(untried && tried[i].contains(*l)))
+                        .filter(|l| !sources.busy(&l.segment_name, per_source))
+                        .collect();
+                    let Some((from, cost)) = sources.pick(i, &free, &tried[i]) else {
+                        continue;
+                    };
+                    let better = best
+                        .as_ref()
+                        .is_none_or(|(_, _, b)| (cost.0, cost.1) < (b.0, b.1));
+                    if better {
+                        best = Some((position, from.clone(), cost));
+                    }
+                }
+                if failure.is_some() {
+                    break;
+                }
+                let Some((position, from, _)) = best else {
                     break;
                 };
+                let Some(i) = pending.remove(position) else {
+                    break;
+                };
+                let shard = &self.payload.shards[i];
                 sources.started(&from.segment_name);
                 let (buffer, addr, len) = spans[i];
                 let timeout = self
@@ -233,6 +272,7 @@ impl Pull {
                 joined = reads.join_next() => joined,
                 _ = tick.tick() => {
                     peers = self.exchange(sources, &addrs).await;
+                    exchanged = Instant::now();
                     continue;
                 }
             };
@@ -251,6 +291,11 @@ impl Pull {
                     self.from[i] = Some(from);
                     *bytes += len;
                     self.report_progress(&addrs);
+                    // Offered at once, so that pullers deciding now see it.
+                    if exchanged.elapsed() >= EXCHANGE_SOON {
+                        peers = self.exchange(sources, &addrs).await;
+                        exchanged = Instant::now();
+                    }
                 }
                 Err(e) => {
                     let bad_bytes = e.kind() == ErrorKind::ChecksumMismatch;

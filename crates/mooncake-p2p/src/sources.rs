@@ -16,6 +16,10 @@ use crate::catalogue::Location;
 /// Weight of the newest observation in a source's speed.
 const SPEED_WEIGHT: f64 = 0.5;
 
+/// What reading a copy is expected to cost: (tier: alive, unknown, failed; seconds per byte of
+/// the queue there; tie-break). Lower is better.
+pub(crate) type Cost = (u8, f64, u64);
+
 /// What one puller knows of one source.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Source {
@@ -72,13 +76,13 @@ impl Sources {
     }
 
     /// The copy of shard `index` to read next among `copies`, avoiding `exclude` (copies that
-    /// already failed for this shard) unless every copy did.
+    /// already failed for this shard) unless every copy did, and what reading it costs.
     pub(crate) fn pick<'a>(
         &self,
         index: usize,
         copies: &[&'a Location],
         exclude: &HashSet<Location>,
-    ) -> Option<&'a Location> {
+    ) -> Option<(&'a Location, Cost)> {
         let fresh: Vec<&Location> = copies
             .iter()
             .copied()
@@ -96,17 +100,13 @@ impl Sources {
             .fold(None, |best: Option<f64>, s| {
                 Some(best.map_or(s, |b| b.max(s)))
             });
-        candidates.into_iter().min_by(|a, b| {
-            let (ka, kb) = (
-                self.cost(index, a, best_speed),
-                self.cost(index, b, best_speed),
-            );
-            ka.partial_cmp(&kb).unwrap_or(std::cmp::Ordering::Equal)
-        })
+        candidates
+            .into_iter()
+            .map(|l| (l, self.cost(index, l, best_speed)))
+            .min_by(|(_, a), (_, b)| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal))
     }
 
-    /// (tier, expected seconds per byte of the queue, tie-break): lower is better.
-    fn cost(&self, index: usize, location: &Location, best_speed: Option<f64>) -> (u8, f64, u64) {
+    fn cost(&self, index: usize, location: &Location, best_speed: Option<f64>) -> Cost {
         let segment = &location.segment_name;
         let source = self.by_segment.get(segment);
         let failed = source.is_some_and(|s| s.failures + s.corrupt > 0);
@@ -125,6 +125,13 @@ impl Sources {
         let tie =
             xxhash_rust::xxh3::xxh3_64(format!("{}\0{index}\0{segment}", self.salt).as_bytes());
         (tier, queue / speed, tie)
+    }
+
+    /// Whether `limit` shards are already in flight from `segment`.
+    pub(crate) fn busy(&self, segment: &str, limit: usize) -> bool {
+        self.by_segment
+            .get(segment)
+            .is_some_and(|s| s.inflight >= limit)
     }
 
     pub(crate) fn started(&mut self, segment: &str) {
@@ -229,6 +236,7 @@ mod tests {
             let pick = sources
                 .pick(i, &copies(&shard), &none)
                 .unwrap()
+                .0
                 .segment_name
                 .clone();
             sources.started(&pick);
@@ -243,6 +251,7 @@ mod tests {
                 sources
                     .pick(i, &copies(&shard), &none)
                     .unwrap()
+                    .0
                     .segment_name,
                 "b"
             );
@@ -258,6 +267,7 @@ mod tests {
             sources
                 .pick(0, &copies(&shard), &exclude)
                 .unwrap()
+                .0
                 .segment_name,
             "seed"
         );
@@ -277,6 +287,7 @@ mod tests {
             let pick = sources
                 .pick(i, &copies(&shard), &none)
                 .unwrap()
+                .0
                 .segment_name
                 .clone();
             fast += usize::from(pick == "fast");
