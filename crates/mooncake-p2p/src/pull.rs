@@ -157,6 +157,13 @@ impl Pull {
                 }
             }
             self.payload = latest;
+            if self.done.iter().any(|held| !held) && !again {
+                // Never list a copy with a hole in it.
+                return Err(Error::new(
+                    ErrorKind::InternalError,
+                    format!("the pull of '{name}' ended with shards missing"),
+                ));
+            }
             if !again {
                 return Ok(Pulled {
                     sources,
