@@ -58,11 +58,12 @@ pub(crate) async fn holders(
                 .shards
                 .get(index)
                 .is_some_and(|s| s.checksum.is_some());
-            if checked {
-                found[index].push(Location {
-                    segment_name: holding.segment_name.clone(),
-                    offset,
-                });
+            let location = Location {
+                segment_name: holding.segment_name.clone(),
+                offset,
+            };
+            if checked && !found[index].contains(&location) {
+                found[index].push(location);
             }
         }
     }

@@ -26,6 +26,10 @@ const SCHEDULE_WINDOW: usize = 256;
 /// How often a puller offers what it holds and learns what the others hold.
 const EXCHANGE_PERIOD: Duration = Duration::from_millis(100);
 
+/// The longest a pull waits on one exchange: a slow metadata store costs the exchange, never
+/// the pull's pace.
+const EXCHANGE_LIMIT: Duration = Duration::from_millis(500);
+
 /// A shard that arrives is offered at once unless the last exchange is more recent than this.
 const EXCHANGE_SOON: Duration = Duration::from_millis(20);
 
@@ -200,7 +204,7 @@ impl Pull {
         let mut pending: VecDeque<usize> = order.into();
         let mut reads = JoinSet::new();
         let mut failure: Option<Error> = None;
-        let mut peers = self.exchange(sources, &addrs).await;
+        let mut peers = self.exchange(sources, &addrs, None).await;
         let per_source = self.concurrency.div_ceil(2).max(1);
         let mut exchanged = Instant::now();
         let mut tick = tokio::time::interval(EXCHANGE_PERIOD);
@@ -225,13 +229,21 @@ impl Pull {
                         ));
                         break;
                     }
-                    // Half the reads at most from one source: more would not make it serve
-                    // faster, and the others are left for peers that may soon offer the shard.
                     // A copy that failed this shard is tried again only once every copy did.
                     let untried = copies.iter().any(|l| !tried[i].contains(*l));
-                    let free: Vec<&Location> = copies
+                    let eligible: Vec<&Location> = copies
                         .into_iter()
                         .filter(|l| !(untried && tried[i].contains(*l)))
+                        .collect();
+                    // Half the reads at most from one source: more would not make it serve
+                    // faster, and the others are left for peers that may soon offer the shard.
+                    // A busy source is waited for rather than passed over for a worse one.
+                    let tier = |l: &&Location| sources.tier(&l.segment_name);
+                    let best_tier = eligible.iter().map(tier).min().unwrap_or(u8::MAX);
+                    let free: Vec<&Location> = eligible
+                        .iter()
+                        .copied()
+                        .filter(|l| tier(l) == best_tier)
                         .filter(|l| !sources.busy(&l.segment_name, per_source))
                         .collect();
                     let Some((from, cost)) = sources.pick(i, &free, &tried[i]) else {
@@ -278,18 +290,25 @@ impl Pull {
             let joined = tokio::select! {
                 joined = reads.join_next() => joined,
                 _ = tick.tick() => {
-                    peers = self.exchange(sources, &addrs).await;
+                    peers = self.exchange(sources, &addrs, Some(std::mem::take(&mut peers))).await;
                     exchanged = Instant::now();
                     continue;
                 }
             };
             let Some(joined) = joined else { break };
-            let (i, from, took, result) = joined.map_err(|e| {
-                Error::new(
-                    ErrorKind::InternalError,
-                    format!("a shard read panicked: {e}"),
-                )
-            })?;
+            // A read that panicked fails the pull, once every other read has settled.
+            let (i, from, took, result) = match joined {
+                Ok(read) => read,
+                Err(e) => {
+                    failure.get_or_insert_with(|| {
+                        Error::new(
+                            ErrorKind::InternalError,
+                            format!("a shard read panicked: {e}"),
+                        )
+                    });
+                    continue;
+                }
+            };
             let len = addrs[i].1 as u64;
             match result {
                 Ok(()) => {
@@ -300,7 +319,9 @@ impl Pull {
                     self.report_progress(&addrs);
                     // Offered at once, so that pullers deciding now see it.
                     if exchanged.elapsed() >= EXCHANGE_SOON {
-                        peers = self.exchange(sources, &addrs).await;
+                        peers = self
+                            .exchange(sources, &addrs, Some(std::mem::take(&mut peers)))
+                            .await;
                         exchanged = Instant::now();
                     }
                 }
@@ -318,8 +339,14 @@ impl Pull {
                     tried[i].insert(from);
                     attempts[i] += 1;
                     *retries += 1;
-                    let copies = self.payload.shards[i].locations().count() + peers[i].len();
-                    if attempts[i] >= copies.max(3) {
+                    // Given up only once every copy known now failed, and each as often as
+                    // there are copies (three times at least).
+                    let all_tried = self.payload.shards[i]
+                        .locations()
+                        .chain(&peers[i])
+                        .filter(|l| l.segment_name != me)
+                        .all(|l| tried[i].contains(l));
+                    if all_tried && attempts[i] >= tried[i].len().max(3) {
                         failure.get_or_insert_with(|| {
                             Error::new(
                                 ErrorKind::TooManyRetries,
@@ -344,6 +371,26 @@ impl Pull {
     /// Offers the checked shards this puller holds to the others, and learns what they hold
     /// (and who is alive). Metadata trouble only costs the exchange, never the pull.
     async fn exchange(
+        &self,
+        sources: &mut Sources,
+        addrs: &[(usize, usize)],
+        known: Option<Vec<Vec<Location>>>,
+    ) -> Vec<Vec<Location>> {
+        let none = || vec![Vec::new(); addrs.len()];
+        let exchange = self.exchange_now(sources, addrs);
+        match tokio::time::timeout(EXCHANGE_LIMIT, exchange).await {
+            Ok(peers) => peers,
+            Err(_) => {
+                tracing::debug!(
+                    "P2P '{}': the metadata store is slow; exchange skipped",
+                    self.payload.name
+                );
+                known.unwrap_or_else(none)
+            }
+        }
+    }
+
+    async fn exchange_now(
         &self,
         sources: &mut Sources,
         addrs: &[(usize, usize)],

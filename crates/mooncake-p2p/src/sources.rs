@@ -106,15 +106,23 @@ impl Sources {
             .min_by(|(_, a), (_, b)| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal))
     }
 
-    fn cost(&self, index: usize, location: &Location, best_speed: Option<f64>) -> Cost {
-        let segment = &location.segment_name;
-        let source = self.by_segment.get(segment);
-        let failed = source.is_some_and(|s| s.failures + s.corrupt > 0);
-        let tier = match (failed, self.live.contains(segment)) {
+    /// 0 for a source known alive, 1 for one whose liveness is unknown, 2 for one that failed.
+    pub(crate) fn tier(&self, segment: &str) -> u8 {
+        let failed = self
+            .by_segment
+            .get(segment)
+            .is_some_and(|s| s.failures + s.corrupt > 0);
+        match (failed, self.live.contains(segment)) {
             (false, true) => 0,
             (false, false) => 1,
             (true, _) => 2,
-        };
+        }
+    }
+
+    fn cost(&self, index: usize, location: &Location, best_speed: Option<f64>) -> Cost {
+        let segment = &location.segment_name;
+        let source = self.by_segment.get(segment);
+        let tier = self.tier(segment);
         // A source never measured is assumed as fast as the best one, so that it gets tried.
         let speed = source
             .and_then(|s| s.speed)
