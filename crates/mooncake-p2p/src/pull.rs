@@ -9,6 +9,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_te::engine::SubmitOptions;
 use mooncake_te::{Opcode, TransferEngine, TransferRequest};
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use crate::catalogue::{not_found, Catalogue, Location, Payload};
 use crate::layout::{checksum, shard_places};
@@ -83,6 +84,30 @@ pub(crate) struct Pull {
     pub(crate) holding_ttl: Duration,
     /// The least time a shard read is given before it is abandoned and made elsewhere.
     pub(crate) read_timeout: Duration,
+    /// Where reads still in flight go on when the pull is dropped.
+    pub(crate) settling: TaskTracker,
+}
+
+/// The reads of a pull. Dropped with reads in flight (the pull's future was dropped), it lets
+/// them finish on `settling` rather than abort them: an aborted wait does not stop a transfer,
+/// and whoever reuses the buffers must know when the last one landed.
+struct Reads<T: Send + 'static> {
+    set: JoinSet<T>,
+    settling: TaskTracker,
+}
+
+impl<T: Send + 'static> Drop for Reads<T> {
+    fn drop(&mut self) {
+        if self.set.is_empty() {
+            return;
+        }
+        let mut set = std::mem::take(&mut self.set);
+        let drain = async move { while set.join_next().await.is_some() {} };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(self.settling.spawn_on(drain, &runtime)),
+            Err(_) => tracing::warn!("P2P pull dropped outside a runtime; its reads are aborted"),
+        }
+    }
 }
 
 /// A shard read is given at least the time it takes at this rate.
@@ -202,7 +227,10 @@ impl Pull {
         let mut order: Vec<usize> = (0..count).filter(|&i| !self.done[i]).collect();
         order.sort_by_key(|i| xxhash_rust::xxh3::xxh3_64(format!("{me}\0{i}").as_bytes()));
         let mut pending: VecDeque<usize> = order.into();
-        let mut reads = JoinSet::new();
+        let mut reads = Reads {
+            set: JoinSet::new(),
+            settling: self.settling.clone(),
+        };
         let mut failure: Option<Error> = None;
         let mut peers = self.exchange(sources, &addrs, None).await;
         let per_source = self.concurrency.div_ceil(2).max(1);
@@ -211,7 +239,7 @@ impl Pull {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         loop {
-            while failure.is_none() && reads.len() < self.concurrency.max(1) {
+            while failure.is_none() && reads.set.len() < self.concurrency.max(1) {
                 // The missing shard with the cheapest copy next: a shard an idle peer offers
                 // goes before one only a busy seed has. Ties keep this puller's own order.
                 let mut best: Option<(usize, Location, Cost)> = None;
@@ -278,17 +306,17 @@ impl Pull {
                     shard.checksum.clone(),
                     timeout,
                 );
-                reads.spawn(async move {
+                reads.set.spawn(async move {
                     let started = Instant::now();
                     let result = read.await;
                     (i, from, started.elapsed(), result)
                 });
             }
-            if reads.is_empty() {
+            if reads.set.is_empty() {
                 break;
             }
             let joined = tokio::select! {
-                joined = reads.join_next() => joined,
+                joined = reads.set.join_next() => joined,
                 _ = tick.tick() => {
                     peers = self.exchange(sources, &addrs, Some(std::mem::take(&mut peers))).await;
                     exchanged = Instant::now();

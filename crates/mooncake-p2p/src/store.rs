@@ -72,6 +72,7 @@ impl Default for RegisterOptions {
 
 /// One node of the P2P store.
 pub struct P2PStore {
+    me: Weak<P2PStore>,
     engine: Arc<TransferEngine>,
     catalogue: Catalogue,
     config: P2PConfig,
@@ -87,16 +88,25 @@ pub struct P2PStore {
 }
 
 /// A payload opened by a call in progress: closed again if the call ends early (fails, or its
-/// future is dropped), its catalogue entries withdrawn in the background.
+/// future is dropped). The closing waits for the call's reads still in flight (`settling`), so
+/// that none lands in buffers used again, then withdraws what the call may have listed.
 struct Opening<'a> {
     node: &'a P2PStore,
     name: String,
     armed: bool,
+    settling: TaskTracker,
 }
 
 impl Opening<'_> {
     fn keep(mut self) {
         self.armed = false;
+    }
+
+    /// Closes the payload now: for a call that failed after every read settled and before
+    /// anything was listed.
+    fn close(mut self) {
+        self.armed = false;
+        self.node.lock().close(&self.node.engine, &self.name);
     }
 }
 
@@ -105,18 +115,28 @@ impl Drop for Opening<'_> {
         if !self.armed {
             return;
         }
+        self.settling.close();
         let node = self.node;
-        node.lock().close(&node.engine, &self.name);
-        // A call dropped between its catalogue update and its return leaves this node listed.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (catalogue, name) = (node.catalogue.clone(), self.name.clone());
-            let me = node.segment_name().to_owned();
-            runtime.spawn(async move {
-                let _ = catalogue
-                    .update(&name, |payload| Ok(without(payload, &me, true, true)))
-                    .await;
-            });
-        }
+        let (Some(strong), Ok(runtime)) =
+            (node.me.upgrade(), tokio::runtime::Handle::try_current())
+        else {
+            node.lock().close(&node.engine, &self.name);
+            return;
+        };
+        let (name, settling) = (std::mem::take(&mut self.name), self.settling.clone());
+        let cleanup = async move {
+            settling.wait().await;
+            // Until this closes it, the name is held: no other call of this node has it.
+            let _writes = strong.writes.lock().await;
+            strong.lock().close(&strong.engine, &name);
+            let me = strong.segment_name().to_owned();
+            // A call dropped between its catalogue update and its return left this node listed.
+            let _ = strong
+                .catalogue
+                .update(&name, |payload| Ok(without(payload, &me, true, true)))
+                .await;
+        };
+        node.tasks.spawn_on(cleanup, &runtime);
     }
 }
 
@@ -166,7 +186,8 @@ impl P2PStore {
             return Err(Error::invalid("livenessTtl must be at least 300 ms"));
         }
         let engine = TransferEngine::start(config.engine.clone()).await?;
-        let node = Arc::new(Self {
+        let node = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             catalogue: Catalogue::new(store.clone()),
             engine,
             config,
@@ -219,7 +240,13 @@ impl P2PStore {
             .map(|b| Owner::from(b.into_owner()))
             .collect();
         let opening = self.open(name, Role::Registering, &spans, &owners)?;
-        let payload = self.publish(name, &spans, &places, owners, options).await?;
+        let payload = match self.publish(name, &spans, &places, owners, options).await {
+            Ok(payload) => payload,
+            Err(e) => {
+                opening.close();
+                return Err(e);
+            }
+        };
         let mine = payload.shards.iter().map(|s| s.gold[0].clone()).collect();
         self.listed(name, Role::Registered, payload, mine);
         opening.keep();
@@ -418,6 +445,7 @@ impl P2PStore {
             progress,
             holding_ttl: self.config.liveness_ttl,
             read_timeout: self.config.read_timeout,
+            settling: opening.settling.clone(),
         };
         let resumed_bytes = self.resume(name, &spans, &mut pull);
         let result = match pull.run(name).await {
@@ -447,6 +475,7 @@ impl P2PStore {
                     done: pull.done,
                 };
                 self.lock().partial.insert(name.to_owned(), partial);
+                opening.close();
                 Err(e)
             }
         }
@@ -714,6 +743,7 @@ impl P2PStore {
             node: self,
             name: name.to_owned(),
             armed: true,
+            settling: TaskTracker::new(),
         })
     }
 

@@ -463,3 +463,37 @@ async fn an_entry_as_mooncakes_go_nodes_write_it_is_pulled_and_stays_theirs() {
     seed.close().await;
     puller.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_whose_future_is_dropped_settles_before_its_buffers_are_used_again() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let seed = node(&url, "seed").await;
+    let sizes = [64 << 20];
+    let data = payload(11, &sizes);
+    seed.register("dropped", local(&data), sharded(1 << 20))
+        .await
+        .unwrap();
+    let puller = node(&url, "puller").await;
+    let into = empty(&sizes);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(5),
+        puller.get_replica("dropped", local(&into), None),
+    )
+    .await;
+    assert!(cut.is_err(), "the pull was cut short");
+    // Until its reads settled, the name stays held: a retry is refused, never overlapped.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        match puller.get_replica("dropped", local(&into), None).await {
+            Ok(report) => break report,
+            Err(e) => assert_eq!(e.kind(), ErrorKind::PayloadOpened, "{e}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(same(&data, &into));
+    assert_eq!(report.bytes + report.resumed_bytes, 64 << 20);
+    seed.close().await;
+    puller.close().await;
+}
