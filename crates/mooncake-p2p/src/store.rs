@@ -644,32 +644,40 @@ impl P2PStore {
             .filter(|(_, _, payload, _)| same_bytes(payload, payload))
             .collect();
         for (name, role, known, mine) in listed {
-            let restored = self
-                .catalogue
-                .update(&name, |payload| {
-                    if !same_bytes(payload, &known) || self.lock().role(&name) != Some(role) {
-                        return Ok(Change::Keep);
-                    }
-                    let mut next = payload.clone();
-                    for (shard, copy) in next.shards.iter_mut().zip(&mine) {
-                        let copies = match role {
-                            Role::Registered => &mut shard.gold,
-                            _ => &mut shard.replica_list,
-                        };
-                        if !copies.contains(copy) {
-                            copies.push(copy.clone());
-                        }
-                    }
-                    Ok(if next == *payload {
-                        Change::Keep
-                    } else {
-                        tracing::info!("P2P '{name}': this node's copies are listed again");
-                        Change::Write(next)
+            let current = match self.catalogue.get(&name).await {
+                Ok(entry) => entry.map(|(payload, _)| payload),
+                Err(e) => {
+                    tracing::debug!("P2P '{name}': listing not checked: {e}");
+                    continue;
+                }
+            };
+            // Shards whose copy here the entry lacks (all, when the entry is gone), put back
+            // only if the bytes here still match: a copy dropped as corrupt stays dropped.
+            let missing: Vec<usize> = (0..mine.len())
+                .filter(|&i| {
+                    current.as_ref().is_none_or(|p| {
+                        p.shards
+                            .get(i)
+                            .is_some_and(|s| !s.locations().any(|l| *l == mine[i]))
                     })
                 })
-                .await;
-            match restored {
-                Err(e) if e.kind() == ErrorKind::PayloadNotFound => {
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let intact: HashSet<usize> = missing
+                .iter()
+                .copied()
+                .filter(|&i| intact(&known.shards[i], &mine[i]))
+                .collect();
+            if intact.len() < missing.len() {
+                tracing::error!(
+                    "P2P '{name}': {} shards held here no longer match their checksums; not listed",
+                    missing.len() - intact.len()
+                );
+            }
+            if current.is_none() {
+                if intact.len() == mine.len() {
                     let mut alone = known.clone();
                     for (shard, copy) in alone.shards.iter_mut().zip(&mine) {
                         let only = vec![copy.clone()];
@@ -682,8 +690,34 @@ impl P2PStore {
                         tracing::debug!("P2P '{name}': entry not restored: {e}");
                     }
                 }
-                Err(e) => tracing::debug!("P2P '{name}': listing not checked: {e}"),
-                Ok(_) => {}
+                continue;
+            }
+            let restored = self
+                .catalogue
+                .update(&name, |payload| {
+                    if !same_bytes(payload, &known) || self.lock().role(&name) != Some(role) {
+                        return Ok(Change::Keep);
+                    }
+                    let mut next = payload.clone();
+                    for &i in &intact {
+                        let copies = match role {
+                            Role::Registered => &mut next.shards[i].gold,
+                            _ => &mut next.shards[i].replica_list,
+                        };
+                        if !copies.contains(&mine[i]) {
+                            copies.push(mine[i].clone());
+                        }
+                    }
+                    Ok(if next == *payload {
+                        Change::Keep
+                    } else {
+                        tracing::info!("P2P '{name}': this node's copies are listed again");
+                        Change::Write(next)
+                    })
+                })
+                .await;
+            if let Err(e) = restored {
+                tracing::debug!("P2P '{name}': listing not restored: {e}");
             }
         }
     }
@@ -776,6 +810,23 @@ async fn keep_listed(node: Weak<P2PStore>) {
         let Some(node) = node.upgrade() else { return };
         node.restore_listing().await;
     }
+}
+
+/// Whether this node's copy of `shard` at `mine` still matches the shard's checksum.
+///
+/// Only for a payload this node serves, with the node's `writes` lock held: that keeps the
+/// payload, and so its buffers, from being closed meanwhile.
+fn intact(shard: &Shard, mine: &Location) -> bool {
+    let Some(sum) = &shard.checksum else {
+        return false;
+    };
+    let (Ok(addr), Ok(len)) = (usize::try_from(mine.offset), usize::try_from(shard.size)) else {
+        return false;
+    };
+    // SAFETY: `[addr, addr+len)` is this node's copy of the shard, inside a buffer it
+    // registered for a payload it still serves (see above).
+    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    checksum(bytes) == *sum
 }
 
 fn check_name(name: &str) -> Result<()> {

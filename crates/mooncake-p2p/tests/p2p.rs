@@ -257,6 +257,15 @@ async fn corrupt_copies_are_caught_fetched_elsewhere_and_dropped() {
         assert!(!holders.contains(&"first") || holders.len() == 3);
         assert!(holders.contains(&"second"));
     }
+    // The altered node is alive and puts back copies others dropped, but only those whose
+    // bytes still match: the altered ones stay out.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = entry(&server, "c").await.unwrap();
+    assert_eq!(later, after);
+    assert!(after
+        .shards
+        .iter()
+        .any(|s| !s.locations().any(|l| l.segment_name == "first")));
     for node in [seed, first, second] {
         node.close().await;
     }
