@@ -6,12 +6,16 @@
 
 use std::sync::Arc;
 
+use mooncake_common::auth::ClusterToken;
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::{MetadataStore, Revisioned};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Where every payload entry lives.
 pub const PAYLOAD_PREFIX: &str = "mooncake/checkpoint/";
+
+/// What a payload entry's signature is for, so that it verifies for nothing else.
+const PAYLOAD_PURPOSE: &[u8] = b"mooncake-p2p-payload";
 
 /// Compare-and-swap attempts before an update gives up (others keep winning the race).
 const SWAP_ATTEMPTS: usize = 64;
@@ -34,6 +38,9 @@ pub struct Payload {
     /// A name for each buffer (the file it came from, say), as the registrant gave them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer_names: Option<Vec<String>>,
+    /// In a cluster with a token: the last writer's signature over the rest of the entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// A contiguous piece of a payload and where it can be read.
@@ -149,6 +156,8 @@ impl Payload {
 #[derive(Clone)]
 pub struct Catalogue {
     store: Arc<dyn MetadataStore>,
+    /// With a cluster token, every entry written is signed and an entry read must be.
+    token: Option<ClusterToken>,
 }
 
 /// What an update decided.
@@ -161,8 +170,8 @@ pub(crate) enum Change {
 
 impl Catalogue {
     /// The catalogue kept in `store`.
-    pub fn new(store: Arc<dyn MetadataStore>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn MetadataStore>, token: Option<ClusterToken>) -> Self {
+        Self { store, token }
     }
 
     /// The key of `name`'s entry.
@@ -180,13 +189,13 @@ impl Catalogue {
         let Some(read) = self.store.get_revisioned(&Self::key(name)).await? else {
             return Ok(None);
         };
-        let payload = parse(name, &read.value)?;
+        let payload = parse(name, &read.value, self.token.as_ref())?;
         Ok(Some((payload, read)))
     }
 
     /// Adds `payload` as a new entry: fails with `ERR_PAYLOAD_OPENED` if one exists.
     pub async fn create(&self, payload: &Payload) -> Result<()> {
-        let text = serialize(payload)?;
+        let text = serialize(payload, self.token.as_ref())?;
         if self
             .store
             .swap(&Self::key(&payload.name), None, Some(&text))
@@ -201,6 +210,12 @@ impl Catalogue {
                 payload.name
             ),
         ))
+    }
+
+    /// Writes `payload` whatever the entry holds now.
+    pub async fn put(&self, payload: &Payload) -> Result<()> {
+        let text = serialize(payload, self.token.as_ref())?;
+        self.store.put(&Self::key(&payload.name), &text).await
     }
 
     /// Read-modify-swap of `name`'s entry until it sticks; an entry no node serves any more is
@@ -224,7 +239,7 @@ impl Catalogue {
                     }
                 }
                 Change::Write(next) => {
-                    let text = serialize(&next)?;
+                    let text = serialize(&next, self.token.as_ref())?;
                     if self.store.swap(&key, Some(&read), Some(&text)).await? {
                         return Ok(Some(next));
                     }
@@ -245,7 +260,7 @@ impl Catalogue {
             .into_iter()
             .filter_map(|(key, value)| {
                 let name = key.strip_prefix(PAYLOAD_PREFIX)?;
-                parse(name, &value)
+                parse(name, &value, self.token.as_ref())
                     .inspect_err(|e| tracing::warn!("skipping catalogue entry '{key}': {e}"))
                     .ok()
             })
@@ -276,7 +291,17 @@ pub(crate) fn not_found(name: &str) -> Error {
     )
 }
 
-fn parse(name: &str, text: &str) -> Result<Payload> {
+/// What a payload entry's signature covers: the entry as this crate writes it, unsigned.
+fn signed_text(payload: &Payload) -> Result<String> {
+    let unsigned = Payload {
+        signature: None,
+        ..payload.clone()
+    };
+    serde_json::to_string(&unsigned)
+        .map_err(|e| Error::new(ErrorKind::InternalError, format!("payload to JSON: {e}")))
+}
+
+fn parse(name: &str, text: &str, token: Option<&ClusterToken>) -> Result<Payload> {
     let payload: Payload = serde_json::from_str(text).map_err(|e| {
         Error::new(
             ErrorKind::MalformedJson,
@@ -290,11 +315,29 @@ fn parse(name: &str, text: &str) -> Result<Payload> {
         ));
     }
     payload.validate()?;
+    if let Some(token) = token {
+        let signed = payload.signature.as_deref().is_some_and(|signature| {
+            signed_text(&payload)
+                .is_ok_and(|text| token.verify(&[PAYLOAD_PURPOSE, text.as_bytes()], signature))
+        });
+        if !signed {
+            return Err(Error::new(
+                ErrorKind::Unauthenticated,
+                format!("the catalogue entry of '{name}' does not carry this cluster's signature"),
+            ));
+        }
+    }
     Ok(payload)
 }
 
-fn serialize(payload: &Payload) -> Result<String> {
-    serde_json::to_string(payload)
+fn serialize(payload: &Payload, token: Option<&ClusterToken>) -> Result<String> {
+    let mut payload = payload.clone();
+    payload.signature = None;
+    if let Some(token) = token {
+        let text = signed_text(&payload)?;
+        payload.signature = Some(token.sign(&[PAYLOAD_PURPOSE, text.as_bytes()]));
+    }
+    serde_json::to_string(&payload)
         .map_err(|e| Error::new(ErrorKind::InternalError, format!("payload to JSON: {e}")))
 }
 
@@ -306,17 +349,17 @@ mod tests {
     fn reads_what_mooncake_writes_and_writes_what_it_reads() {
         // As Go's encoding/json writes Mooncake's structs: nil slices as null.
         let go = r#"{"name":"ckpt","size":10,"size_list":[6,4],"max_shard_size":4,"shards":[{"size":4,"gold":[{"segment_name":"10.0.0.1:12345","offset":4096}],"replica_list":null},{"size":2,"gold":[{"segment_name":"10.0.0.1:12345","offset":4100}],"replica_list":[{"segment_name":"10.0.0.2:12345","offset":8192}]},{"size":4,"gold":null,"replica_list":null}]}"#;
-        let payload = parse("ckpt", go).unwrap();
+        let payload = parse("ckpt", go, None).unwrap();
         assert_eq!(payload.shards.len(), 3);
         assert_eq!(payload.shards[1].replica_list[0].offset, 8192);
         assert!(payload.shards[2].gold.is_empty());
-        let ours = serialize(&payload).unwrap();
+        let ours = serialize(&payload, None).unwrap();
         let value: serde_json::Value = serde_json::from_str(&ours).unwrap();
         for field in ["name", "size", "size_list", "max_shard_size", "shards"] {
             assert!(value.get(field).is_some(), "{field}");
         }
         assert!(value["shards"][0].get("checksum").is_none());
-        assert_eq!(parse("ckpt", &ours).unwrap(), payload);
+        assert_eq!(parse("ckpt", &ours, None).unwrap(), payload);
     }
 
     #[test]
@@ -328,7 +371,7 @@ mod tests {
         };
         let shard = |n: u64| format!(r#"{{"size":{n},"gold":[],"replica_list":[]}}"#);
         let good = entry(6, "[6]", &format!("[{},{}]", shard(4), shard(2)));
-        assert!(parse("p", &good).is_ok());
+        assert!(parse("p", &good, None).is_ok());
         for bad in [
             entry(7, "[6]", &format!("[{},{}]", shard(4), shard(2))),
             entry(6, "[6]", &format!("[{},{}]", shard(2), shard(4))),
@@ -337,13 +380,13 @@ mod tests {
             "{".to_owned(),
         ] {
             assert_eq!(
-                parse("p", &bad).unwrap_err().kind(),
+                parse("p", &bad, None).unwrap_err().kind(),
                 ErrorKind::MalformedJson,
                 "{bad}"
             );
         }
         assert_eq!(
-            parse("q", &good).unwrap_err().kind(),
+            parse("q", &good, None).unwrap_err().kind(),
             ErrorKind::MalformedJson,
             "an entry copied under another name"
         );

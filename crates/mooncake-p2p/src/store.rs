@@ -188,7 +188,7 @@ impl P2PStore {
         let engine = TransferEngine::start(config.engine.clone()).await?;
         let node = Arc::new_cyclic(|me| Self {
             me: me.clone(),
-            catalogue: Catalogue::new(store.clone()),
+            catalogue: Catalogue::new(store.clone(), config.engine.cluster_token.clone()),
             engine,
             config,
             local: Mutex::new(Local::default()),
@@ -300,14 +300,10 @@ impl P2PStore {
             max_shard_size: options.max_shard_size,
             shards,
             buffer_names: options.buffer_names,
+            signature: None,
         };
         if options.force {
-            let text = serde_json::to_string(&payload)
-                .map_err(|e| Error::new(ErrorKind::InternalError, e.to_string()))?;
-            self.catalogue
-                .store()
-                .put(&Catalogue::key(name), &text)
-                .await?;
+            self.catalogue.put(&payload).await?;
         } else {
             self.catalogue.create(&payload).await?;
         }

@@ -23,7 +23,7 @@ async fn node(metadata: &str, name: &str) -> Arc<P2PStore> {
 
 async fn entry(server: &MetadataServer, name: &str) -> Option<Payload> {
     let store: Arc<dyn mooncake_metadata::MetadataStore> = server.store().clone();
-    Catalogue::new(store)
+    Catalogue::new(store, None)
         .get(name)
         .await
         .unwrap()
@@ -505,4 +505,47 @@ async fn a_pull_whose_future_is_dropped_settles_before_its_buffers_are_used_agai
     assert_eq!(report.bytes + report.resumed_bytes, 64 << 20);
     seed.close().await;
     puller.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_token_entries_are_signed_and_a_rewritten_one_is_refused() {
+    let server = MetadataServer::start("127.0.0.1", 0).await.unwrap();
+    let url = server.url();
+    let token =
+        mooncake_common::auth::ClusterToken::new("p2p-test-cluster-token-0123456789").unwrap();
+    let liveness = Duration::from_millis(600);
+    let seed = node_in(&url, "seed", liveness, Some(token.clone())).await;
+    let sizes = [2 * SHARD as usize + 1];
+    let data = payload(12, &sizes);
+    seed.register("signed", local(&data), sharded(SHARD))
+        .await
+        .unwrap();
+    let puller = node_in(&url, "puller", liveness, Some(token.clone())).await;
+    let into = empty(&sizes);
+    puller
+        .get_replica("signed", local(&into), None)
+        .await
+        .unwrap();
+    assert!(same(&data, &into));
+    let listed = entry(&server, "signed").await.unwrap();
+    assert!(listed.signature.is_some());
+
+    // Someone who can write the metadata store but holds no token points a shard elsewhere:
+    // members refuse the entry.
+    let mut forged = listed.clone();
+    forged.shards[0].gold[0].offset += 8;
+    server.store().put_now(
+        &Catalogue::key("signed"),
+        serde_json::to_string(&forged).unwrap(),
+    );
+    let other = node_in(&url, "other", liveness, Some(token)).await;
+    let error = other
+        .get_replica("signed", local(&empty(&sizes)), None)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unauthenticated, "{error}");
+    assert!(other.list("signed").await.unwrap().is_empty());
+    for node in [seed, puller, other] {
+        node.close().await;
+    }
 }

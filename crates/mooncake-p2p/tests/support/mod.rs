@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mooncake_common::auth::ClusterToken;
 use mooncake_common::config::Protocol;
 use mooncake_common::EngineConfig;
 use mooncake_p2p::{LocalBuffer, P2PConfig, P2PStore, RegisterOptions};
@@ -12,11 +13,21 @@ use mooncake_transport::Arena;
 
 /// A node over TCP on loopback (shared memory off), its liveness lasting `liveness`.
 pub async fn node_with(metadata: &str, name: &str, liveness: Duration) -> Arc<P2PStore> {
+    node_in(metadata, name, liveness, None).await
+}
+
+/// The same in a cluster with `token`.
+pub async fn node_in(
+    metadata: &str,
+    name: &str,
+    liveness: Duration,
+    token: Option<ClusterToken>,
+) -> Arc<P2PStore> {
     let mut engine = EngineConfig::from_env(name, metadata);
     engine.advertised_host = Some("127.0.0.1".into());
     engine.protocol = Protocol::Tcp;
     engine.shared_memory = false;
-    engine.cluster_token = None;
+    engine.cluster_token = token;
     let mut config = P2PConfig::new(engine);
     config.liveness_ttl = liveness;
     P2PStore::start(config).await.expect("the node starts")
