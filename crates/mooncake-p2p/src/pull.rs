@@ -244,12 +244,7 @@ impl Pull {
                 // goes before one only a busy seed has. Ties keep this puller's own order.
                 let mut best: Option<(usize, Location, Cost)> = None;
                 for (position, &i) in pending.iter().enumerate().take(SCHEDULE_WINDOW) {
-                    // A copy under this node's own name is a stale one of an earlier run.
-                    let copies: Vec<&Location> = self.payload.shards[i]
-                        .locations()
-                        .chain(&peers[i])
-                        .filter(|l| l.segment_name != me)
-                        .collect();
+                    let copies = self.copies(i, &peers[i], &me);
                     if copies.is_empty() {
                         failure = Some(Error::new(
                             ErrorKind::TooManyRetries,
@@ -257,24 +252,10 @@ impl Pull {
                         ));
                         break;
                     }
-                    // A copy that failed this shard is tried again only once every copy did.
-                    let untried = copies.iter().any(|l| !tried[i].contains(*l));
-                    let eligible: Vec<&Location> = copies
-                        .into_iter()
-                        .filter(|l| !(untried && tried[i].contains(*l)))
-                        .collect();
                     // Half the reads at most from one source: more would not make it serve
                     // faster, and the others are left for peers that may soon offer the shard.
-                    // A busy source is waited for rather than passed over for a worse one.
-                    let tier = |l: &&Location| sources.tier(&l.segment_name);
-                    let best_tier = eligible.iter().map(tier).min().unwrap_or(u8::MAX);
-                    let free: Vec<&Location> = eligible
-                        .iter()
-                        .copied()
-                        .filter(|l| tier(l) == best_tier)
-                        .filter(|l| !sources.busy(&l.segment_name, per_source))
-                        .collect();
-                    let Some((from, cost)) = sources.pick(i, &free, &tried[i]) else {
+                    let Some((from, cost)) = sources.choose(i, &copies, &tried[i], per_source)
+                    else {
                         continue;
                     };
                     let better = best
@@ -369,10 +350,9 @@ impl Pull {
                     *retries += 1;
                     // Given up only once every copy known now failed, and each as often as
                     // there are copies (three times at least).
-                    let all_tried = self.payload.shards[i]
-                        .locations()
-                        .chain(&peers[i])
-                        .filter(|l| l.segment_name != me)
+                    let all_tried = self
+                        .copies(i, &peers[i], &me)
+                        .into_iter()
                         .all(|l| tried[i].contains(l));
                     if all_tried && attempts[i] >= tried[i].len().max(3) {
                         failure.get_or_insert_with(|| {
@@ -450,6 +430,16 @@ impl Pull {
                 tracing::debug!("P2P '{}': other pullers unknown: {e}", self.payload.name);
                 vec![Vec::new(); addrs.len()]
             })
+    }
+
+    /// The copies of shard `i`: the catalogue's and those `peers` offer, less any under this
+    /// node's own name (a stale one of an earlier run).
+    fn copies<'a>(&'a self, i: usize, peers: &'a [Location], me: &str) -> Vec<&'a Location> {
+        self.payload.shards[i]
+            .locations()
+            .chain(peers)
+            .filter(|l| l.segment_name != me)
+            .collect()
     }
 
     fn report_progress(&self, addrs: &[(usize, usize)]) {

@@ -75,24 +75,24 @@ impl Sources {
         self.live = live;
     }
 
-    /// The copy of shard `index` to read next among `copies`, avoiding `exclude` (copies that
-    /// already failed for this shard) unless every copy did, and what reading it costs.
-    pub(crate) fn pick<'a>(
+    /// The copy of shard `index` to read now, and what reading it costs; `None` to wait.
+    ///
+    /// A copy in `failed` (it failed this shard) is taken again only once every copy did. Of
+    /// the rest, only the best tier counts (alive, unknown, failed), and a source with `limit`
+    /// reads in flight is waited for rather than passed over for a worse one.
+    pub(crate) fn choose<'a>(
         &self,
         index: usize,
         copies: &[&'a Location],
-        exclude: &HashSet<Location>,
+        failed: &HashSet<Location>,
+        limit: usize,
     ) -> Option<(&'a Location, Cost)> {
-        let fresh: Vec<&Location> = copies
+        let untried = copies.iter().any(|l| !failed.contains(*l));
+        let eligible = copies
             .iter()
             .copied()
-            .filter(|l| !exclude.contains(l))
-            .collect();
-        let candidates = if fresh.is_empty() {
-            copies.to_vec()
-        } else {
-            fresh
-        };
+            .filter(|l| !(untried && failed.contains(*l)));
+        let best_tier = eligible.clone().map(|l| self.tier(&l.segment_name)).min()?;
         let best_speed = self
             .by_segment
             .values()
@@ -100,8 +100,9 @@ impl Sources {
             .fold(None, |best: Option<f64>, s| {
                 Some(best.map_or(s, |b| b.max(s)))
             });
-        candidates
-            .into_iter()
+        eligible
+            .filter(|l| self.tier(&l.segment_name) == best_tier)
+            .filter(|l| !self.busy(&l.segment_name, limit))
             .map(|l| (l, self.cost(index, l, best_speed)))
             .min_by(|(_, a), (_, b)| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal))
     }
@@ -136,7 +137,7 @@ impl Sources {
     }
 
     /// Whether `limit` shards are already in flight from `segment`.
-    pub(crate) fn busy(&self, segment: &str, limit: usize) -> bool {
+    fn busy(&self, segment: &str, limit: usize) -> bool {
         self.by_segment
             .get(segment)
             .is_some_and(|s| s.inflight >= limit)
@@ -242,7 +243,7 @@ mod tests {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for i in 0..9 {
             let pick = sources
-                .pick(i, &copies(&shard), &none)
+                .choose(i, &copies(&shard), &none, usize::MAX)
                 .unwrap()
                 .0
                 .segment_name
@@ -257,7 +258,7 @@ mod tests {
         for i in 0..4 {
             assert_eq!(
                 sources
-                    .pick(i, &copies(&shard), &none)
+                    .choose(i, &copies(&shard), &none, usize::MAX)
                     .unwrap()
                     .0
                     .segment_name,
@@ -273,7 +274,7 @@ mod tests {
             .collect();
         assert_eq!(
             sources
-                .pick(0, &copies(&shard), &exclude)
+                .choose(0, &copies(&shard), &exclude, usize::MAX)
                 .unwrap()
                 .0
                 .segment_name,
@@ -293,7 +294,7 @@ mod tests {
         let mut fast = 0;
         for i in 0..11 {
             let pick = sources
-                .pick(i, &copies(&shard), &none)
+                .choose(i, &copies(&shard), &none, usize::MAX)
                 .unwrap()
                 .0
                 .segment_name
@@ -302,5 +303,21 @@ mod tests {
             sources.started(&pick);
         }
         assert_eq!(fast, 10, "ten times the speed, ten times the queue");
+    }
+
+    #[test]
+    fn a_busy_source_is_waited_for_rather_than_a_worse_one_taken() {
+        let shard = shard(&["seed", "dead"]);
+        let mut sources = Sources::new(live(&["seed"]), "p");
+        sources.failed("dead", false);
+        let none = HashSet::new();
+        for _ in 0..2 {
+            let (pick, _) = sources.choose(0, &copies(&shard), &none, 2).unwrap();
+            assert_eq!(pick.segment_name, "seed");
+            sources.started("seed");
+        }
+        assert!(sources.choose(0, &copies(&shard), &none, 2).is_none());
+        sources.finished("seed", 100, Duration::from_millis(1));
+        assert!(sources.choose(0, &copies(&shard), &none, 2).is_some());
     }
 }
