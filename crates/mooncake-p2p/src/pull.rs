@@ -227,6 +227,13 @@ impl Pull {
         let mut order: Vec<usize> = (0..count).filter(|&i| !self.done[i]).collect();
         order.sort_by_key(|i| xxhash_rust::xxh3::xxh3_64(format!("{me}\0{i}").as_bytes()));
         let mut pending: VecDeque<usize> = order.into();
+        // Bytes and shards held, kept up to date rather than summed on every arrival.
+        let mut held = (0u64, 0usize);
+        for (i, &(_, len)) in addrs.iter().enumerate() {
+            if self.done[i] {
+                held = (held.0 + len as u64, held.1 + 1);
+            }
+        }
         let mut reads = Reads {
             set: JoinSet::new(),
             settling: self.settling.clone(),
@@ -325,7 +332,8 @@ impl Pull {
                     self.done[i] = true;
                     self.from[i] = Some(from);
                     *bytes += len;
-                    self.report_progress(&addrs);
+                    held = (held.0 + len, held.1 + 1);
+                    self.report_progress(held);
                     // Offered at once, so that pullers deciding now see it.
                     if exchanged.elapsed() >= EXCHANGE_SOON {
                         peers = self
@@ -442,23 +450,15 @@ impl Pull {
             .collect()
     }
 
-    fn report_progress(&self, addrs: &[(usize, usize)]) {
-        let Some(progress) = &self.progress else {
-            return;
-        };
-        let (mut bytes_done, mut shards_done) = (0u64, 0usize);
-        for (i, (_, len)) in addrs.iter().enumerate() {
-            if self.done[i] {
-                bytes_done += *len as u64;
-                shards_done += 1;
-            }
+    fn report_progress(&self, (bytes_done, shards_done): (u64, usize)) {
+        if let Some(progress) = &self.progress {
+            progress(Progress {
+                bytes_done,
+                bytes_total: self.payload.size,
+                shards_done,
+                shards_total: self.done.len(),
+            });
         }
-        progress(Progress {
-            bytes_done,
-            bytes_total: self.payload.size,
-            shards_done,
-            shards_total: addrs.len(),
-        });
     }
 }
 
