@@ -290,7 +290,17 @@ pub async fn verify(
                     }
                     break;
                 }
-                Err(e) if !*acked && e.kind() == ErrorKind::ObjectNotFound => break,
+                // An unacknowledged put may be gone, or still held as being written when its
+                // writer gave up across the failover (until the master discards it).
+                Err(e)
+                    if !*acked
+                        && matches!(
+                            e.kind(),
+                            ErrorKind::ObjectNotFound | ErrorKind::ReplicaIsNotReady
+                        ) =>
+                {
+                    break
+                }
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
                     tokio::time::sleep(Duration::from_millis(100)).await;
