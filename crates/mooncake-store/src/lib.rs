@@ -7,6 +7,7 @@
 //!   Around it: the gRPC service, the admin HTTP server and the running server;
 //! - [`client`]: the store client, which mounts memory and moves object bytes peer to peer
 //!   through the Transfer Engine;
+//! - [`coro_rpc`]: Mooncake's own master protocol (coro_rpc + struct_pack), sans-IO;
 //! - [`wire`]: the master's wire, both sides: conversions, outcomes, the protocol version;
 //! - [`access`]: who may call the master: the cluster and admin tokens, checked at one door;
 //! - [`allocator`]: the offset allocator of a segment (the master's) or of staging (a client's).
@@ -14,6 +15,7 @@
 pub mod access;
 pub mod allocator;
 pub mod client;
+pub mod coro_rpc;
 pub mod master;
 pub mod wire;
 
