@@ -170,7 +170,7 @@ impl Writer {
     }
 
     /// Appends a container length in the message's width.
-    pub fn len(&mut self, n: usize) {
+    pub fn length(&mut self, n: usize) {
         self.bytes(&(n as u64).to_le_bytes()[..self.width]);
     }
 }
@@ -202,7 +202,7 @@ impl<'a> Reader<'a> {
     /// A container length. It is checked against the bytes left (every element takes at
     /// least one byte, except in containers of empty structs, which this wire has none of),
     /// so a hostile length never sizes an allocation.
-    pub fn len(&mut self) -> Result<usize, DecodeError> {
+    pub fn length(&mut self) -> Result<usize, DecodeError> {
         let mut raw = [0u8; 8];
         raw[..self.width].copy_from_slice(self.take(self.width)?);
         let n = u64::from_le_bytes(raw);
@@ -261,11 +261,11 @@ impl Pack for String {
         self.len()
     }
     fn write(&self, w: &mut Writer) {
-        w.len(self.len());
+        w.length(self.len());
         w.bytes(self.as_bytes());
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let n = r.len()?;
+        let n = r.length()?;
         let bytes = r.take(n)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::NotUtf8)
     }
@@ -280,13 +280,13 @@ impl<T: Pack> Pack for Vec<T> {
         self.iter().map(Pack::max_len).fold(self.len(), usize::max)
     }
     fn write(&self, w: &mut Writer) {
-        w.len(self.len());
+        w.length(self.len());
         for item in self {
             item.write(w);
         }
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let n = r.len()?;
+        let n = r.length()?;
         let mut items = Vec::with_capacity(n);
         for _ in 0..n {
             items.push(T::read(r)?);
