@@ -168,6 +168,28 @@ pub fn to_status(error: &Error) -> Status {
     }
 }
 
+/// A whole-call failure back to an error with its stable code; transport failures are
+/// `ERR_RPC_FAIL` / `ERR_RPC_TIMEOUT`.
+pub fn from_status(status: &tonic::Status) -> Error {
+    let message = status.message();
+    if let Some(rest) = message.strip_prefix('[') {
+        if let Some((code, text)) = rest.split_once("] ") {
+            if let Some(kind) = ErrorKind::ALL.iter().copied().find(|k| k.code() == code) {
+                return Error::new(kind, text.to_owned());
+            }
+        }
+    }
+    match status.code() {
+        tonic::Code::DeadlineExceeded => {
+            Error::new(ErrorKind::RpcTimeout, format!("master RPC: {message}"))
+        }
+        _ => Error::new(
+            ErrorKind::RpcFail,
+            format!("master RPC failed ({:?}): {message}", status.code()),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,17 @@ struct Args {
     /// MC_ADMIN_TOKEN).
     #[arg(long)]
     admin_token_file: Option<std::path::PathBuf>,
+    /// Also serve Mooncake's own master protocol (for Mooncake's Python and C++ clients) on
+    /// this port; without a value, Mooncake's 50051 (move --rpc-port off it).
+    #[arg(long, num_args = 0..=1, default_missing_value = "50051")]
+    mooncake_rpc_port: Option<u16>,
+    /// Interface for Mooncake's protocol. Its clients prove no token: widen with care.
+    #[arg(long, default_value = "127.0.0.1")]
+    mooncake_rpc_address: String,
+    /// Serve Mooncake's protocol next to a cluster token: anyone who reaches that port can
+    /// mount, read, write and remove without proving it.
+    #[arg(long)]
+    allow_mooncake_clients: bool,
     /// Serve gRPC and admin HTTP over TLS with this certificate chain (PEM)...
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
@@ -194,6 +205,9 @@ async fn main() -> std::process::ExitCode {
         },
         host: args.rpc_address,
         rpc_port: args.rpc_port,
+        mooncake_rpc_port: args.mooncake_rpc_port,
+        mooncake_rpc_host: args.mooncake_rpc_address,
+        allow_mooncake_clients: args.allow_mooncake_clients,
         metrics_port: Some(args.metrics_port),
         admin_host: args.admin_address,
         http_metadata_port: args
@@ -220,6 +234,9 @@ async fn main() -> std::process::ExitCode {
         }
     };
     println!("master: {}", server.rpc_addr());
+    if let Some(addr) = server.mooncake_rpc_addr() {
+        println!("Mooncake RPC: {addr}");
+    }
     if let Some(url) = server.metrics_url() {
         println!("metrics: {url}");
     }

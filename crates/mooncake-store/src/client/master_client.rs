@@ -22,7 +22,7 @@ use crate::access::{view_address, Prover, Tokens};
 use crate::master::ha::validate_cluster_id;
 use crate::master::log::etcd::ClusterKeys;
 use crate::proto::master_client::MasterClient as Grpc;
-use crate::wire::STORE_VERSION;
+use crate::wire::{from_status, STORE_VERSION};
 
 /// How long a call keeps looking for a new leader: a lease (5 s) running out, an election
 /// and a catch-up, with room to spare.
@@ -367,24 +367,4 @@ fn channel(address: &str, timeout: Duration, tls_ca: Option<&[u8]>) -> Result<Ch
             .map_err(|e| Error::invalid(format!("master TLS: {e}")))?,
     };
     Ok(endpoint.connect_lazy())
-}
-
-fn from_status(status: &tonic::Status) -> Error {
-    let message = status.message();
-    if let Some(rest) = message.strip_prefix('[') {
-        if let Some((code, text)) = rest.split_once("] ") {
-            if let Some(kind) = ErrorKind::ALL.iter().copied().find(|k| k.code() == code) {
-                return Error::new(kind, text.to_owned());
-            }
-        }
-    }
-    match status.code() {
-        tonic::Code::DeadlineExceeded => {
-            Error::new(ErrorKind::RpcTimeout, format!("master RPC: {message}"))
-        }
-        _ => Error::new(
-            ErrorKind::RpcFail,
-            format!("master RPC failed ({:?}): {message}", status.code()),
-        ),
-    }
 }

@@ -9,6 +9,7 @@
 //! - [`config`]: the master's knobs and Mooncake's defaults;
 //! - [`types`]: ids, replica descriptors, write configuration;
 //! - [`service`]: the gRPC service over the state machine;
+//! - `mooncake_rpc`: Mooncake's own master protocol over the same service;
 //! - [`log`]: the durable log of what the master acknowledged (local disk or etcd);
 //! - [`ha`]: leader election through etcd, and standbys that follow the leader's log;
 //! - [`server`]: a running master: RPC, periodic tick, admin HTTP, embedded metadata server;
@@ -20,6 +21,7 @@ pub mod config;
 mod fuzz;
 pub mod ha;
 pub mod log;
+mod mooncake_rpc;
 pub mod placement;
 pub mod server;
 pub mod service;

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use super::ha::{self, HaConfig};
 use super::log::disk::DiskLog;
 use super::log::{Log, LogStore, SnapshotPolicy};
+use super::mooncake_rpc::{self, MooncakeDoor};
 use super::service::{MasterService, OpCounters, Role};
 pub use super::tls::TlsFiles;
 use super::{Master, MasterConfig};
@@ -49,6 +50,14 @@ pub struct MasterServerConfig {
     pub tokens: Tokens,
     /// Serve gRPC and the admin HTTP over TLS with this certificate. Default: plain text.
     pub tls: Option<TlsFiles>,
+    /// Port of Mooncake's own master protocol (coro_rpc), for Mooncake's C++ and Python
+    /// clients; `None` disables it (default). Mooncake's clients use 50051.
+    pub mooncake_rpc_port: Option<u16>,
+    /// Interface Mooncake's protocol binds. Default `127.0.0.1`: its clients prove nothing.
+    pub mooncake_rpc_host: String,
+    /// Serve Mooncake's protocol next to a cluster token: its clients cannot prove the token,
+    /// so anyone who reaches that port can mount, read, write and remove. Default false.
+    pub allow_mooncake_clients: bool,
 }
 
 /// Whether `host` names a loopback interface only.
@@ -85,6 +94,9 @@ impl Default for MasterServerConfig {
             snapshot: SnapshotPolicy::default(),
             tokens: Tokens::default(),
             tls: None,
+            mooncake_rpc_port: None,
+            mooncake_rpc_host: "127.0.0.1".to_owned(),
+            allow_mooncake_clients: false,
         }
     }
 }
@@ -92,6 +104,7 @@ impl Default for MasterServerConfig {
 /// A running master.
 pub struct MasterServer {
     rpc_addr: SocketAddr,
+    mooncake_rpc_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     admin_tls: bool,
     metadata: Option<MetadataServer>,
@@ -102,6 +115,16 @@ pub struct MasterServer {
 impl MasterServer {
     /// Binds every port and starts serving.
     pub async fn start(config: MasterServerConfig) -> Result<Self> {
+        if config.mooncake_rpc_port.is_some()
+            && config.tokens.cluster.is_some()
+            && !config.allow_mooncake_clients
+        {
+            return Err(Error::invalid(
+                "Mooncake's clients cannot prove the cluster token: serving its protocol \
+                 (mooncakeRpcPort) next to one needs allowMooncakeClients \
+                 (--allow-mooncake-clients), which lets anyone who reaches that port in",
+            ));
+        }
         let state = Arc::new(Mutex::new(Master::new(config.master.clone())?));
         let counters = Arc::new(OpCounters::default());
         let shutdown = CancellationToken::new();
@@ -161,14 +184,38 @@ impl MasterServer {
                  it can mount, read and remove objects"
             );
         }
-        let service = Guarded::new(
-            GrpcMaster::new(MasterService::new(
-                state.clone(),
-                role.clone(),
-                counters.clone(),
-            )),
-            config.tokens.clone(),
-        );
+        let shared = MasterService::new(state.clone(), role.clone(), counters.clone());
+        let mooncake_rpc_addr = match config.mooncake_rpc_port {
+            None => None,
+            Some(port) => {
+                let host = config.mooncake_rpc_host.as_str();
+                let listener = tokio::net::TcpListener::bind((host, port))
+                    .await
+                    .map_err(|e| {
+                        Error::socket(format!("bind Mooncake's master RPC on {host}:{port}"), e)
+                    })?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| Error::socket("Mooncake RPC address", e))?;
+                if !is_loopback(host) {
+                    tracing::warn!(
+                        %addr,
+                        "Mooncake's master protocol is served beyond loopback: its clients prove \
+                         nothing, so anyone who reaches it can mount, read, write and remove"
+                    );
+                }
+                let open = config.tokens.cluster.is_none() && config.tokens.admin.is_none();
+                let door = Arc::new(MooncakeDoor::new(shared.clone(), open));
+                tracker.spawn(mooncake_rpc::serve(
+                    listener,
+                    door,
+                    shutdown.clone(),
+                    tracker.clone(),
+                ));
+                Some(addr)
+            }
+        };
+        let service = Guarded::new(GrpcMaster::new(shared), config.tokens.clone());
         // Dead and silent connections are found and dropped; no one connection may open
         // streams without end.
         let mut rpc = tonic::transport::Server::builder()
@@ -278,6 +325,7 @@ impl MasterServer {
         tracing::info!(%rpc_addr, ?metrics_addr, "master serving");
         Ok(Self {
             rpc_addr,
+            mooncake_rpc_addr,
             metrics_addr,
             admin_tls: config.tls.is_some(),
             metadata,
@@ -289,6 +337,11 @@ impl MasterServer {
     /// The gRPC address.
     pub fn rpc_addr(&self) -> SocketAddr {
         self.rpc_addr
+    }
+
+    /// The address of Mooncake's master protocol, when enabled.
+    pub fn mooncake_rpc_addr(&self) -> Option<SocketAddr> {
+        self.mooncake_rpc_addr
     }
 
     /// The admin HTTP address, when enabled.

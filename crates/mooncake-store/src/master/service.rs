@@ -9,7 +9,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::log::Log;
-use super::types::{ClientId, ClientStatus, ReplicaDesc, SegmentId, WriteGrant, WriteId};
+use super::types::{
+    ClientId, ClientStatus, ReplicaDesc, SegmentId, WriteConfig, WriteGrant, WriteId,
+};
 use super::Master;
 use crate::access::require_admin;
 use crate::proto;
@@ -26,7 +28,7 @@ pub struct OpCounters {
 }
 
 impl OpCounters {
-    fn count(&self, op: &'static str, items: usize, failures: usize) {
+    pub(super) fn count(&self, op: &'static str, items: usize, failures: usize) {
         let mut map = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         let entry = map.entry(op).or_default();
         entry[0] += items as u64;
@@ -63,6 +65,11 @@ pub struct MasterService {
 }
 
 impl MasterService {
+    /// Counts `items` requests of `op`, `failures` of them failed.
+    pub(super) fn count(&self, op: &'static str, items: usize, failures: usize) {
+        self.counters.count(op, items, failures);
+    }
+
     /// Serves `state` while `role` says it leads.
     pub fn new(
         state: Arc<Mutex<Master>>,
@@ -77,7 +84,7 @@ impl MasterService {
     }
 
     /// The state, when this master serves.
-    fn master(&self) -> std::result::Result<MutexGuard<'_, Master>, Status> {
+    pub(super) fn master(&self) -> std::result::Result<MutexGuard<'_, Master>, Status> {
         let master = Master::lock(&self.state);
         // Checked under the lock: a master that stepped down reloads its state under it.
         self.leading()?;
@@ -97,7 +104,7 @@ impl MasterService {
 
     /// Runs `change` under the lock, queues the log entry it produced before any other change
     /// can take the lock, and waits until that entry is durable.
-    async fn durably<T>(
+    pub(super) async fn durably<T>(
         &self,
         change: impl FnOnce(&mut Master) -> T,
     ) -> std::result::Result<T, Status> {
@@ -107,7 +114,7 @@ impl MasterService {
     /// Waits until every entry taken so far is durable: an answer drawn from state that the log
     /// may not have yet (a commit already done, a key that already exists) must not be
     /// acknowledged before it is.
-    async fn earlier_durable(&self) -> std::result::Result<(), Status> {
+    pub(super) async fn earlier_durable(&self) -> std::result::Result<(), Status> {
         let log = self.leading()?;
         let seq = self.master()?.last_seq();
         if let Some(log) = log {
@@ -181,7 +188,76 @@ fn replica_list(result: Result<(Vec<ReplicaDesc>, Duration)>) -> proto::GetRepli
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
 
+/// An object's replicas and the read lease granted with them.
+pub(super) type ReplicaList = (Vec<ReplicaDesc>, Duration);
+
 impl MasterService {
+    /// Starts a write of each `(key, size)`: the door every kind of client's put and upsert
+    /// goes through.
+    pub(super) async fn start_writes(
+        &self,
+        op: &'static str,
+        client: ClientId,
+        writes: &[(String, u64)],
+        config: &WriteConfig,
+        upsert: bool,
+    ) -> std::result::Result<Vec<Result<WriteGrant>>, Status> {
+        let now = Instant::now();
+        let start = |master: &mut Master, key: &str, size: u64| {
+            if upsert {
+                master.upsert_start(now, client, key, size, config)
+            } else {
+                master.put_start(now, client, key, size, config)
+            }
+        };
+        // An upsert in place stops the log vouching for the old bytes before they change.
+        let (mut results, logged): (Vec<_>, bool) = self
+            .durably_logged(|master| {
+                writes
+                    .iter()
+                    .map(|(key, size)| start(master, key, *size))
+                    .collect()
+            })
+            .await?;
+        // Space that an eviction freed for these writes goes back only once the eviction is
+        // durable, which it now is: one more try for the writes that found none.
+        let no_space = |r: &Result<WriteGrant>| {
+            r.as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::NoAvailableHandle)
+        };
+        if logged && results.iter().any(no_space) {
+            let retry: Vec<usize> = (0..results.len())
+                .filter(|i| no_space(&results[*i]))
+                .collect();
+            let again: Vec<_> = self
+                .durably(|master| {
+                    retry
+                        .iter()
+                        .map(|i| start(master, &writes[*i].0, writes[*i].1))
+                        .collect()
+                })
+                .await?;
+            for (i, r) in retry.into_iter().zip(again) {
+                results[i] = r;
+            }
+        }
+        // A put of a key that exists succeeds for the client (insert-if-absent): only once
+        // the existing value is durable.
+        let exists = |r: &Result<WriteGrant>| {
+            r.as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::ObjectAlreadyExists)
+        };
+        if results.iter().any(exists) {
+            self.earlier_durable().await?;
+        }
+        self.counters.count(
+            op,
+            results.len(),
+            results.iter().filter(|r| r.is_err()).count(),
+        );
+        Ok(results)
+    }
+
     async fn batch_start(
         &self,
         op: &'static str,
@@ -197,71 +273,54 @@ impl MasterService {
             )));
         }
         let config = from_write_config(request.config);
-        let now = Instant::now();
-        let start = |master: &mut Master, key: &String, size: u64| {
-            let r = if upsert {
-                master.upsert_start(now, client, key, size, &config)
-            } else {
-                master.put_start(now, client, key, size, &config)
-            };
-            put_response(r)
-        };
-        // An upsert in place stops the log vouching for the old bytes before they change.
-        let (mut results, logged): (Vec<_>, bool) = self
+        let writes: Vec<(String, u64)> = request.keys.into_iter().zip(request.sizes).collect();
+        let results = self
+            .start_writes(op, client, &writes, &config, upsert)
+            .await?;
+        Ok(Response::new(proto::BatchPutStartResponse {
+            results: results.into_iter().map(put_response).collect(),
+        }))
+    }
+
+    /// Ends or revokes writes, each key with the write id its start returned: the door every
+    /// kind of client's commit and revoke goes through.
+    pub(super) async fn finish_writes(
+        &self,
+        op: &'static str,
+        client: ClientId,
+        writes: &[(String, WriteId)],
+        apply: impl Fn(&mut Master, ClientId, &str, WriteId) -> Result<()>,
+    ) -> std::result::Result<Vec<Result<()>>, Status> {
+        let (results, logged): (Vec<_>, bool) = self
             .durably_logged(|master| {
-                request
-                    .keys
+                writes
                     .iter()
-                    .zip(&request.sizes)
-                    .map(|(key, size)| start(master, key, *size))
+                    .map(|(key, write)| {
+                        if write.0 == 0 {
+                            Err(Error::new(
+                                ErrorKind::InvalidArgument,
+                                format!("'{key}': the write id its start returned is required"),
+                            ))
+                        } else {
+                            apply(master, client, key, *write)
+                        }
+                    })
                     .collect()
             })
             .await?;
-        // Space that an eviction freed for these writes goes back only once the eviction is
-        // durable, which it now is: one more try for the writes that found none.
-        let no_space = |r: &proto::PutStartResponse| {
-            r.outcome
-                .as_ref()
-                .is_some_and(|o| o.kind == proto::ErrorKind::ErrNoAvailableHandle as i32)
-        };
-        if logged && results.iter().any(no_space) {
-            let retry: Vec<usize> = (0..results.len())
-                .filter(|i| no_space(&results[*i]))
-                .collect();
-            let again: Vec<_> = self
-                .durably(|master| {
-                    retry
-                        .iter()
-                        .map(|i| start(master, &request.keys[*i], request.sizes[*i]))
-                        .collect()
-                })
-                .await?;
-            for (i, r) in retry.into_iter().zip(again) {
-                results[i] = r;
-            }
-        }
-        // A put of a key that exists succeeds for the client (insert-if-absent): only once
-        // the existing value is durable.
-        let exists = |r: &proto::PutStartResponse| {
-            r.outcome
-                .as_ref()
-                .is_some_and(|o| o.kind == proto::ErrorKind::ErrObjectAlreadyExists as i32)
-        };
-        if results.iter().any(exists) {
+        if !logged {
+            // A repeated end of a write that ended already: its first end may still be on
+            // its way to the log.
             self.earlier_durable().await?;
         }
         self.counters.count(
             op,
             results.len(),
-            results
-                .iter()
-                .filter(|r| r.outcome.as_ref().is_some_and(|o| o.code != 0))
-                .count(),
+            results.iter().filter(|r| r.is_err()).count(),
         );
-        Ok(Response::new(proto::BatchPutStartResponse { results }))
+        Ok(results)
     }
 
-    /// Ends or revokes writes: every key with the write id its start returned.
     async fn batch_writes(
         &self,
         op: &'static str,
@@ -276,37 +335,35 @@ impl MasterService {
                 request.write_ids.len()
             )));
         }
-        let (results, logged): (Vec<_>, bool) = self
-            .durably_logged(|master| {
-                request
-                    .keys
-                    .iter()
-                    .zip(&request.write_ids)
-                    .map(|(key, write)| {
-                        let result = if *write == 0 {
-                            Err(Error::new(
-                                ErrorKind::InvalidArgument,
-                                format!("'{key}': the write id its start returned is required"),
-                            ))
-                        } else {
-                            apply(master, client, key, WriteId(*write))
-                        };
-                        to_outcome(&result)
-                    })
-                    .collect()
-            })
-            .await?;
-        if !logged {
-            // A repeated end of a write that ended already: its first end may still be on
-            // its way to the log.
-            self.earlier_durable().await?;
-        }
+        let writes: Vec<(String, WriteId)> = request
+            .keys
+            .into_iter()
+            .zip(request.write_ids.into_iter().map(WriteId))
+            .collect();
+        let results = self.finish_writes(op, client, &writes, apply).await?;
+        Ok(Response::new(proto::BatchOutcome {
+            results: results.iter().map(to_outcome).collect(),
+        }))
+    }
+
+    /// Each key's replicas and the read lease it was granted.
+    pub(super) fn replica_lists(
+        &self,
+        keys: &[String],
+    ) -> std::result::Result<Vec<Result<ReplicaList>>, Status> {
+        let now = Instant::now();
+        let results: Vec<_> = {
+            let mut master = self.master()?;
+            keys.iter()
+                .map(|k| master.get_replica_list(now, k))
+                .collect()
+        };
         self.counters.count(
-            op,
+            "get_replica_list",
             results.len(),
-            results.iter().filter(|o| o.code != 0).count(),
+            results.iter().filter(|r| r.is_err()).count(),
         );
-        Ok(Response::new(proto::BatchOutcome { results }))
+        Ok(results)
     }
 
     /// A single-key start: the batch path with one key.
@@ -528,23 +585,9 @@ impl proto::master_server::Master for MasterService {
         request: Request<proto::BatchGetReplicaListRequest>,
     ) -> Reply<proto::BatchGetReplicaListResponse> {
         let keys = request.into_inner().keys;
-        let now = Instant::now();
-        let results: Vec<_> = {
-            let mut master = self.master()?;
-            keys.iter()
-                .map(|k| replica_list(master.get_replica_list(now, k)))
-                .collect()
-        };
-        self.counters.count(
-            "get_replica_list",
-            results.len(),
-            results
-                .iter()
-                .filter(|r| r.outcome.as_ref().is_some_and(|o| o.code != 0))
-                .count(),
-        );
+        let results = self.replica_lists(&keys)?;
         Ok(Response::new(proto::BatchGetReplicaListResponse {
-            results,
+            results: results.into_iter().map(replica_list).collect(),
         }))
     }
 

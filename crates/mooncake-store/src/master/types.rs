@@ -77,6 +77,8 @@ pub struct ReplicaDesc {
     pub segment_id: SegmentId,
     /// Transfer Engine segment to open.
     pub te_endpoint: String,
+    /// Transport the owner speaks.
+    pub protocol: String,
     /// Address of the first byte in the owner's memory.
     pub address: u64,
     /// Object size in bytes.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 
 use super::{check_key, Master, Object};
-use crate::master::types::{ReplicaDesc, ReplicaStatus, SegmentId};
+use crate::master::types::{ClientId, ReplicaDesc, ReplicaStatus, SegmentId, WriteId};
 
 impl Master {
     // ----- reads ----------------------------------------------------------------------------
@@ -111,6 +111,7 @@ impl Master {
                     segment_name: s.spec.name.clone(),
                     segment_id: s.spec.id,
                     te_endpoint: s.spec.te_endpoint.clone(),
+                    protocol: s.spec.protocol.clone(),
                     // Cannot wrap: the block lies inside the segment, whose end was checked.
                     address: s.spec.base.checked_add(r.block.offset)?,
                     size: object.size,
@@ -118,5 +119,13 @@ impl Master {
                 })
             })
             .collect()
+    }
+
+    /// The writer and id of `key`'s write in progress, if one is.
+    pub fn write_in_progress(&self, key: &str) -> Option<(ClientId, WriteId)> {
+        self.objects
+            .get(key)
+            .filter(|o| o.writing())
+            .map(|o| (o.writer, o.write))
     }
 }
