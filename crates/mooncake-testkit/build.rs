@@ -1,20 +1,13 @@
-//! Tells the tests whether this host runs `etcd` (Debian's `etcd-server`): `etcd_server`, so
-//! that a test needing it is reported as ignored rather than passing without running. Probed
-//! again when PATH changes.
+//! Tells the tests what this host runs (`etcd_server`, `mooncake_wheel`, ...: see
+//! `src/probe.rs`, shared with the other crates' build scripts), so that a test needing a
+//! missing part is reported as ignored rather than passing without running.
 
-use std::process::{Command, Stdio};
+#[allow(dead_code, unreachable_pub)]
+#[path = "src/probe.rs"]
+mod probe;
 
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(etcd_server)");
-    println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-changed=build.rs");
-    let runs = Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if runs {
-        println!("cargo::rustc-cfg=etcd_server");
-    }
+    println!("cargo::rerun-if-changed=src/probe.rs");
+    probe::declare_servers();
 }

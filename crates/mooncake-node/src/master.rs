@@ -68,6 +68,14 @@ pub struct MasterOptions {
     pub tls_cert: Option<String>,
     /// ...and its PEM private key.
     pub tls_key: Option<String>,
+    /// Also serve Mooncake's own master protocol on this port, for Mooncake's Python and C++
+    /// clients (they use 50051); 0 picks one. Default: off.
+    pub mooncake_rpc_port: Option<u32>,
+    /// Interface Mooncake's protocol binds (default 127.0.0.1): its clients prove no token.
+    pub mooncake_rpc_host: Option<String>,
+    /// Serve Mooncake's protocol next to a cluster token, which its clients cannot prove
+    /// (default false).
+    pub allow_mooncake_clients: Option<bool>,
 }
 
 impl MasterOptions {
@@ -83,6 +91,14 @@ impl MasterOptions {
         if let Some(p) = self.rpc_port {
             config.rpc_port = port(p, "rpcPort")?;
         }
+        config.mooncake_rpc_port = self
+            .mooncake_rpc_port
+            .map(|p| port(p, "mooncakeRpcPort"))
+            .transpose()?;
+        if let Some(host) = self.mooncake_rpc_host {
+            config.mooncake_rpc_host = host;
+        }
+        config.allow_mooncake_clients = self.allow_mooncake_clients.unwrap_or(false);
         config.metrics_port = match self.metrics_port {
             None => Some(9003),
             Some(p) if p < 0 => None,
@@ -172,6 +188,7 @@ impl MasterOptions {
 #[napi]
 pub struct NativeMaster {
     address: String,
+    mooncake_rpc_address: Option<String>,
     metrics_url: Option<String>,
     metadata_url: Option<String>,
     inner: Mutex<Option<(MasterServer, KeepAlive)>>,
@@ -183,6 +200,12 @@ impl NativeMaster {
     #[napi(getter)]
     pub fn address(&self) -> String {
         self.address.clone()
+    }
+
+    /// `host:port` of Mooncake's own protocol, when it is served.
+    #[napi(getter)]
+    pub fn mooncake_rpc_address(&self) -> Option<String> {
+        self.mooncake_rpc_address.clone()
     }
 
     /// `http://host:port/metrics`, when the admin server runs.
@@ -216,6 +239,7 @@ pub async fn start_master(options: MasterOptions, keep_alive: KeepAlive) -> Resu
     let server = MasterServer::start(config).await.napi()?;
     Ok(NativeMaster {
         address: server.rpc_addr().to_string(),
+        mooncake_rpc_address: server.mooncake_rpc_addr().map(|a| a.to_string()),
         metrics_url: server.metrics_url(),
         metadata_url: server.metadata_url(),
         inner: Mutex::new(Some((server, keep_alive))),

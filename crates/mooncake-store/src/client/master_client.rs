@@ -15,13 +15,18 @@ use mooncake_common::auth::ClusterToken;
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_metadata::etcd::EtcdStore;
 use mooncake_metadata::MetadataStore;
+use tonic::codegen::http;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
 
+use super::mooncake_master::MooncakeBridge;
 use crate::access::{view_address, Prover, Tokens};
 use crate::master::ha::validate_cluster_id;
 use crate::master::log::etcd::ClusterKeys;
 use crate::proto::master_client::MasterClient as Grpc;
+use crate::proto::master_server::MasterServer as GrpcMaster;
 use crate::wire::{from_status, STORE_VERSION};
 
 /// How long a call keeps looking for a new leader: a lease (5 s) running out, an election
@@ -32,8 +37,24 @@ const VIEW_POLL: Duration = Duration::from_millis(100);
 /// Between two reads of the view in the background.
 const VIEW_WATCH: Duration = Duration::from_millis(250);
 
+/// How calls reach a master: a gRPC channel, or, for `mooncake://` addresses, the adapter
+/// that answers them by calling Mooncake's own master.
+type Transport = BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    TransportError,
+>;
+
+/// A gRPC channel's failure (the adapter never fails below the RPC).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct TransportError(tonic::transport::Error);
+
 /// A master client's channel, each call signed with the client's tokens.
-type Rpc = Grpc<InterceptedService<Channel, Prover>>;
+type Rpc = Grpc<InterceptedService<Transport, Prover>>;
+
+/// Addresses of Mooncake's own masters start with this.
+const MOONCAKE_SCHEME: &str = "mooncake://";
 
 /// What a client shows a master.
 #[derive(Debug, Clone, Default)]
@@ -332,10 +353,26 @@ impl View {
 }
 
 fn rpc(address: &str, timeout: Duration, prover: &Prover, tls_ca: Option<&[u8]>) -> Result<Rpc> {
-    Ok(Grpc::with_interceptor(
-        channel(address, timeout, tls_ca)?,
-        prover.clone(),
-    ))
+    let transport = match address.trim().strip_prefix(MOONCAKE_SCHEME) {
+        Some(host_port) => {
+            if tls_ca.is_some() {
+                return Err(Error::invalid(
+                    "Mooncake's master protocol has no TLS: a TLS CA cannot be used with a \
+                     mooncake:// address",
+                ));
+            }
+            let bridge = MooncakeBridge::new(host_port, timeout);
+            let service = GrpcMaster::new(bridge);
+            BoxCloneSyncService::new(ServiceExt::<http::Request<tonic::body::Body>>::map_err(
+                service,
+                |never: std::convert::Infallible| -> TransportError { match never {} },
+            ))
+        }
+        None => {
+            BoxCloneSyncService::new(channel(address, timeout, tls_ca)?.map_err(TransportError))
+        }
+    };
+    Ok(Grpc::with_interceptor(transport, prover.clone()))
 }
 
 fn channel(address: &str, timeout: Duration, tls_ca: Option<&[u8]>) -> Result<Channel> {

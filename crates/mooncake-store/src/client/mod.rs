@@ -20,6 +20,7 @@
 pub mod buffer;
 mod lookups;
 pub mod master_client;
+mod mooncake_master;
 mod reads;
 mod transfer;
 mod writes;

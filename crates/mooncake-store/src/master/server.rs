@@ -115,6 +115,16 @@ pub struct MasterServer {
 impl MasterServer {
     /// Binds every port and starts serving.
     pub async fn start(config: MasterServerConfig) -> Result<Self> {
+        if config
+            .mooncake_rpc_port
+            .is_some_and(|p| p != 0 && p == config.rpc_port)
+        {
+            return Err(Error::invalid(format!(
+                "gRPC and Mooncake's protocol cannot share port {}: move gRPC (rpcPort, \
+                 --rpc-port) off Mooncake's 50051",
+                config.rpc_port
+            )));
+        }
         if config.mooncake_rpc_port.is_some()
             && config.tokens.cluster.is_some()
             && !config.allow_mooncake_clients

@@ -1,0 +1,779 @@
+//! This client on Mooncake's own `mooncake_master` (`mooncake://host:port`): a pool of
+//! coro_rpc connections, and an adapter that serves the client's master API in process by
+//! calling Mooncake's functions, so every other part of the client is the same on either
+//! master.
+//!
+//! Mooncake's master names writes by key, not by a write id: the adapter grants every write
+//! the same id and commits by key.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mooncake_common::{Error, ErrorKind, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use crate::coro_rpc::frame::{errc, RequestHeader, ResponseHeader, RESPONSE_HEADER_LEN};
+use crate::coro_rpc::messages::*;
+use crate::coro_rpc::struct_pack::{decode, DecodeError};
+use crate::proto;
+use crate::wire::{from_uuid, to_outcome, to_status, STORE_VERSION};
+
+/// Connections to the master; calls spread over them (Mooncake's client keeps 3 or 4).
+const POOL: usize = 4;
+/// The write id every write gets: Mooncake's master names writes by key.
+const WRITE: u64 = 1;
+/// `ReplicaType::ALL`, which Mooncake's client sends with `PutEnd`.
+const REPLICA_TYPE_ALL: i32 = 4;
+/// The only tenant this client uses.
+const TENANT: &str = "default";
+
+type Pending = Mutex<HashMap<u32, oneshot::Sender<(u8, Vec<u8>)>>>;
+
+/// One connection: requests go out under a lock, a reader task hands replies back by `seq`.
+struct Connection {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Arc<Pending>,
+    seq: AtomicU32,
+    closed: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Connection {
+    async fn open(address: &str, timeout: Duration) -> Result<Self> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::RpcTimeout,
+                    format!("Mooncake master {address}: no connection within {timeout:?}"),
+                )
+            })?
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::RpcFail,
+                    format!("Mooncake master {address}: {e}"),
+                )
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (mut reader, writer) = stream.into_split();
+        let pending: Arc<Pending> = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (replies, done) = (pending.clone(), closed.clone());
+        let reader = tokio::spawn(async move {
+            let read = async {
+                loop {
+                    let mut header = [0u8; RESPONSE_HEADER_LEN];
+                    reader.read_exact(&mut header).await?;
+                    let header = ResponseHeader::parse(&header).map_err(invalid)?;
+                    let mut body = vec![0u8; header.length as usize];
+                    reader.read_exact(&mut body).await?;
+                    let mut attachment = (&mut reader).take(u64::from(header.attach_length));
+                    tokio::io::copy(&mut attachment, &mut tokio::io::sink()).await?;
+                    let waiter = lock(&replies).remove(&header.seq);
+                    match waiter {
+                        Some(waiter) => {
+                            let _ = waiter.send((header.err_code, body));
+                        }
+                        // As Mooncake's client: a reply to nothing ends the connection.
+                        None => return Err(invalid("a reply to no request")),
+                    }
+                }
+            };
+            let result: std::io::Result<()> = read.await;
+            if let Err(e) = result {
+                tracing::debug!("Mooncake master connection closed: {e}");
+            }
+            done.store(true, Ordering::Release);
+            // Waiters see their sender dropped.
+            lock(&replies).clear();
+        });
+        Ok(Self {
+            writer: tokio::sync::Mutex::new(writer),
+            pending,
+            seq: AtomicU32::new(0),
+            closed,
+            reader,
+        })
+    }
+
+    async fn call(&self, function_id: u32, body: &[u8]) -> std::io::Result<(u8, Vec<u8>)> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(seq, tx);
+        let sent = async {
+            let mut writer = self.writer.lock().await;
+            writer
+                .write_all(&RequestHeader::frame(seq, function_id, body))
+                .await
+        };
+        if let Err(e) = sent.await {
+            lock(&self.pending).remove(&seq);
+            self.closed.store(true, Ordering::Release);
+            return Err(e);
+        }
+        rx.await
+            .map_err(|_| invalid("the connection closed before the reply"))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn invalid(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// A pool of connections to one Mooncake master.
+pub(crate) struct CoroClient {
+    address: String,
+    timeout: Duration,
+    connections: Vec<tokio::sync::Mutex<Option<Arc<Connection>>>>,
+    next: AtomicUsize,
+}
+
+impl CoroClient {
+    pub(crate) fn new(address: &str, timeout: Duration) -> Self {
+        Self {
+            address: address.to_owned(),
+            timeout,
+            connections: (0..POOL).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let slot = &self.connections[self.next.fetch_add(1, Ordering::Relaxed) % POOL];
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            if !connection.closed.load(Ordering::Acquire) {
+                return Ok(connection.clone());
+            }
+        }
+        let connection = Arc::new(Connection::open(&self.address, self.timeout).await?);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Calls `M` with `args`.
+    pub(crate) async fn call<M: Method>(&self, args: &M::Args) -> Result<M::Reply> {
+        let body = args.encode_args(false);
+        let connection = self.connection().await?;
+        let reply = tokio::time::timeout(self.timeout, connection.call(M::ID, &body))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::RpcTimeout,
+                    format!(
+                        "Mooncake master {}: no answer to {} within {:?}",
+                        self.address,
+                        M::NAME,
+                        self.timeout
+                    ),
+                )
+            })?;
+        let (err_code, body) = reply.map_err(|e| {
+            Error::new(
+                ErrorKind::RpcFail,
+                format!("Mooncake master {}: {}: {e}", self.address, M::NAME),
+            )
+        })?;
+        if err_code != 0 {
+            let message: String = decode(&body).unwrap_or_default();
+            let kind = if err_code == errc::INVALID_RPC_ARGUMENTS {
+                // It reads another release's types.
+                ErrorKind::InvalidVersion
+            } else {
+                ErrorKind::RpcFail
+            };
+            return Err(Error::new(
+                kind,
+                format!(
+                    "Mooncake master {} refused {} (coro_rpc error {err_code}: {message}); this \
+                     client speaks {WIRE_RELEASE}",
+                    self.address,
+                    M::NAME
+                ),
+            ));
+        }
+        decode::<M::Reply>(&body).map_err(|e| {
+            let kind = match e {
+                DecodeError::TypeMismatch { .. } | DecodeError::LiteralMismatch => {
+                    ErrorKind::InvalidVersion
+                }
+                _ => ErrorKind::Protocol,
+            };
+            Error::new(
+                kind,
+                format!(
+                    "Mooncake master {}: the answer to {} does not read as {WIRE_RELEASE}'s: {e}",
+                    self.address,
+                    M::NAME
+                ),
+            )
+        })
+    }
+}
+
+/// A Mooncake error code as this side's error.
+fn mooncake_error(function: &str, code: Code) -> Error {
+    let kind = ErrorKind::ALL
+        .iter()
+        .copied()
+        .find(|k| k.errno() == Some(code))
+        .unwrap_or(ErrorKind::InternalError);
+    Error::new(
+        kind,
+        format!("Mooncake master: {function} failed with {code}"),
+    )
+}
+
+fn outcome(function: &str, result: Expected<()>) -> proto::Outcome {
+    to_outcome(&result.map_err(|code| mooncake_error(function, code)))
+}
+
+fn uuid(id: Option<proto::Uuid>, what: &str) -> std::result::Result<Uuid, Status> {
+    let id = id.ok_or_else(|| {
+        to_status(&Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{what} is required"),
+        ))
+    })?;
+    Ok(Uuid::from_u128(from_uuid(id)))
+}
+
+fn segment(s: proto::Segment) -> std::result::Result<Segment, Status> {
+    Ok(Segment {
+        id: uuid(s.id, "segment id")?,
+        name: s.name,
+        base: s.base,
+        size: s.size,
+        te_endpoint: s.te_endpoint,
+        protocol: s.protocol,
+        host_id: s.host_id,
+    })
+}
+
+fn config(c: Option<proto::ReplicateConfig>) -> ReplicateConfig {
+    let c = c.unwrap_or_default();
+    let action = match proto::SoftPinAction::try_from(c.soft_pin_action).unwrap_or_default() {
+        proto::SoftPinAction::SoftPinPreserve => soft_pin_action::PRESERVE,
+        proto::SoftPinAction::SoftPinEnable => soft_pin_action::ENABLE,
+        proto::SoftPinAction::SoftPinDisable => soft_pin_action::DISABLE,
+    };
+    ReplicateConfig {
+        replica_num: u64::from(c.replica_num),
+        soft_pin_action: action,
+        soft_pin_ttl_ms: c.soft_pin_ttl_ms,
+        with_hard_pin: c.with_hard_pin,
+        preferred_segments: c.preferred_segments,
+        host_id: c.host_id,
+        ..ReplicateConfig::default()
+    }
+}
+
+/// The memory replicas (the only ones this client can read or write).
+fn replicas(list: &[ReplicaDescriptor]) -> Vec<proto::Replica> {
+    list.iter()
+        .filter_map(|r| match &r.placement {
+            Placement::Memory(m) => {
+                let d = &m.buffer_descriptor;
+                Some(proto::Replica {
+                    id: r.id,
+                    segment_name: d.transport_endpoint.clone(),
+                    segment_id: None,
+                    transport_endpoint: d.transport_endpoint.clone(),
+                    buffer_address: d.buffer_address,
+                    size: d.size,
+                    status: match r.status {
+                        replica_status::COMPLETE => proto::ReplicaStatus::Complete as i32,
+                        replica_status::PROCESSING => proto::ReplicaStatus::Processing as i32,
+                        _ => proto::ReplicaStatus::Undefined as i32,
+                    },
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn start_response(function: &str, reply: StartReply) -> proto::PutStartResponse {
+    match reply {
+        Ok(list) => proto::PutStartResponse {
+            outcome: Some(proto::Outcome::default()),
+            replicas: replicas(&list),
+            write_id: WRITE,
+        },
+        Err(code) => proto::PutStartResponse {
+            outcome: Some(outcome(function, Err(code))),
+            ..Default::default()
+        },
+    }
+}
+
+fn replica_list(reply: Expected<ReplicaList>) -> proto::GetReplicaListResponse {
+    match reply {
+        Ok(list) => proto::GetReplicaListResponse {
+            outcome: Some(proto::Outcome::default()),
+            replicas: replicas(&list.replicas),
+            lease_ttl_ms: list.lease_ttl_ms,
+        },
+        Err(code) => proto::GetReplicaListResponse {
+            outcome: Some(outcome("GetReplicaList", Err(code))),
+            ..Default::default()
+        },
+    }
+}
+
+fn status(error: Error) -> Status {
+    to_status(&error)
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+/// The client's master API, answered by calling Mooncake's master.
+pub(crate) struct MooncakeBridge {
+    rpc: CoroClient,
+    /// Keys whose write in progress is an upsert: Mooncake ends those with `UpsertEnd`.
+    upserts: Mutex<HashSet<String>>,
+}
+
+impl MooncakeBridge {
+    pub(crate) fn new(address: &str, timeout: Duration) -> Self {
+        Self {
+            rpc: CoroClient::new(address, timeout),
+            upserts: Mutex::default(),
+        }
+    }
+
+    async fn call<M: Method>(&self, args: &M::Args) -> std::result::Result<M::Reply, Status> {
+        self.rpc.call::<M>(args).await.map_err(status)
+    }
+
+    /// Ends (or revokes) each key's write, as a put or an upsert, whichever started it.
+    async fn finish(
+        &self,
+        client: Uuid,
+        keys: Vec<String>,
+        commit: bool,
+    ) -> std::result::Result<Vec<proto::Outcome>, Status> {
+        let (upserts, puts): (Vec<String>, Vec<String>) = {
+            let mut upserting = lock(&self.upserts);
+            keys.iter().cloned().partition(|k| upserting.remove(k))
+        };
+        let mut results: HashMap<String, proto::Outcome> = HashMap::new();
+        let tenant = || TENANT.to_owned();
+        if !puts.is_empty() {
+            let answers = if commit {
+                let metas = puts.iter().map(|key| ObjectMeta {
+                    key: key.clone(),
+                    object_checksum: None,
+                });
+                self.call::<BatchPutEnd>(&(client, metas.collect(), REPLICA_TYPE_ALL, tenant()))
+                    .await?
+            } else {
+                self.call::<BatchPutRevoke>(&(client, puts.clone(), REPLICA_TYPE_ALL, tenant()))
+                    .await?
+            };
+            collect(&mut results, &puts, answers, "BatchPutEnd")?;
+        }
+        if !upserts.is_empty() {
+            let answers = if commit {
+                let metas = upserts.iter().map(|key| ObjectMeta {
+                    key: key.clone(),
+                    object_checksum: None,
+                });
+                self.call::<BatchUpsertEnd>(&(client, metas.collect(), tenant()))
+                    .await?
+            } else {
+                self.call::<BatchUpsertRevoke>(&(client, upserts.clone(), tenant()))
+                    .await?
+            };
+            collect(&mut results, &upserts, answers, "BatchUpsertEnd")?;
+        }
+        Ok(keys
+            .iter()
+            .map(|k| results.remove(k).unwrap_or_default())
+            .collect())
+    }
+
+    async fn start(
+        &self,
+        request: proto::BatchPutStartRequest,
+        upsert: bool,
+    ) -> Reply<proto::BatchPutStartResponse> {
+        let client = uuid(request.client_id, "client_id")?;
+        let n = request.keys.len();
+        let args = (
+            client,
+            request.keys.clone(),
+            request.sizes,
+            config(request.config),
+            TENANT.to_owned(),
+        );
+        let (answers, function) = if upsert {
+            (
+                self.call::<BatchUpsertStart>(&args).await?,
+                "BatchUpsertStart",
+            )
+        } else {
+            (self.call::<BatchPutStart>(&args).await?, "BatchPutStart")
+        };
+        if answers.len() != n {
+            return Err(status(Error::new(
+                ErrorKind::Protocol,
+                format!("Mooncake master: {n} keys but {} answers", answers.len()),
+            )));
+        }
+        if upsert {
+            let mut upserting = lock(&self.upserts);
+            for (key, answer) in request.keys.iter().zip(&answers) {
+                if answer.is_ok() {
+                    upserting.insert(key.clone());
+                }
+            }
+        }
+        Ok(Response::new(proto::BatchPutStartResponse {
+            results: answers
+                .into_iter()
+                .map(|a| start_response(function, a))
+                .collect(),
+        }))
+    }
+}
+
+/// Files each key's answer; a batch answer must have one per key.
+fn collect(
+    into: &mut HashMap<String, proto::Outcome>,
+    keys: &[String],
+    answers: Vec<Expected<()>>,
+    function: &str,
+) -> std::result::Result<(), Status> {
+    if answers.len() != keys.len() {
+        return Err(status(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "Mooncake master: {} keys but {} answers to {function}",
+                keys.len(),
+                answers.len()
+            ),
+        )));
+    }
+    for (key, answer) in keys.iter().zip(answers) {
+        into.insert(key.clone(), outcome(function, answer));
+    }
+    Ok(())
+}
+
+fn first<T: Default>(items: Vec<T>) -> T {
+    items.into_iter().next().unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl proto::master_server::Master for MooncakeBridge {
+    async fn service_ready(
+        &self,
+        _: Request<proto::ServiceReadyRequest>,
+    ) -> Reply<proto::ServiceReadyResponse> {
+        let version = self.call::<ServiceReady>(&NoArgs).await?;
+        match version {
+            Ok(v) if v == SERVICE_VERSION => Ok(Response::new(proto::ServiceReadyResponse {
+                version: STORE_VERSION.to_owned(),
+            })),
+            other => Err(status(Error::new(
+                ErrorKind::InvalidVersion,
+                format!(
+                    "the Mooncake master answers {other:?}; this client speaks \
+                     {SERVICE_VERSION} ({WIRE_RELEASE})"
+                ),
+            ))),
+        }
+    }
+
+    async fn ping(&self, request: Request<proto::PingRequest>) -> Reply<proto::PingResponse> {
+        let client = uuid(request.into_inner().client_id, "client_id")?;
+        let reply = self
+            .call::<Ping>(&client)
+            .await?
+            .map_err(|code| status(mooncake_error("Ping", code)))?;
+        Ok(Response::new(proto::PingResponse {
+            view_version: reply.view_version_id,
+            client_status: if reply.client_status == client_status::OK {
+                proto::ClientStatus::Ok as i32
+            } else {
+                proto::ClientStatus::NeedRemount as i32
+            },
+        }))
+    }
+
+    async fn mount_segment(
+        &self,
+        request: Request<proto::MountSegmentRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = uuid(r.client_id, "client_id")?;
+        let segment = segment(r.segment.unwrap_or_default())?;
+        let answer = self.call::<MountSegment>(&(segment, client)).await?;
+        Ok(Response::new(outcome("MountSegment", answer)))
+    }
+
+    async fn re_mount_segment(
+        &self,
+        request: Request<proto::ReMountSegmentRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = uuid(r.client_id, "client_id")?;
+        let segments = r
+            .segments
+            .into_iter()
+            .map(segment)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let answer = self.call::<ReMountSegment>(&(segments, client)).await?;
+        Ok(Response::new(outcome("ReMountSegment", answer)))
+    }
+
+    async fn unmount_segment(
+        &self,
+        request: Request<proto::UnmountSegmentRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = uuid(r.client_id, "client_id")?;
+        let segment = uuid(r.segment_id, "segment_id")?;
+        let answer = self.call::<UnmountSegment>(&(segment, client)).await?;
+        Ok(Response::new(outcome("UnmountSegment", answer)))
+    }
+
+    async fn graceful_unmount_segment(
+        &self,
+        request: Request<proto::GracefulUnmountSegmentRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = uuid(r.client_id, "client_id")?;
+        let segment = uuid(r.segment_id, "segment_id")?;
+        let answer = self
+            .call::<GracefulUnmountSegment>(&(segment, client, r.grace_period_ms))
+            .await?;
+        Ok(Response::new(outcome("GracefulUnmountSegment", answer)))
+    }
+
+    async fn put_start(
+        &self,
+        request: Request<proto::PutStartRequest>,
+    ) -> Reply<proto::PutStartResponse> {
+        let r = request.into_inner();
+        let batch = proto::BatchPutStartRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+            sizes: vec![r.size],
+            config: r.config,
+        };
+        Ok(Response::new(first(
+            self.start(batch, false).await?.into_inner().results,
+        )))
+    }
+
+    async fn put_end(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = uuid(r.client_id, "client_id")?;
+        Ok(Response::new(first(
+            self.finish(client, vec![r.key], true).await?,
+        )))
+    }
+
+    async fn put_revoke(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = uuid(r.client_id, "client_id")?;
+        Ok(Response::new(first(
+            self.finish(client, vec![r.key], false).await?,
+        )))
+    }
+
+    async fn upsert_start(
+        &self,
+        request: Request<proto::PutStartRequest>,
+    ) -> Reply<proto::PutStartResponse> {
+        let r = request.into_inner();
+        let batch = proto::BatchPutStartRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+            sizes: vec![r.size],
+            config: r.config,
+        };
+        Ok(Response::new(first(
+            self.start(batch, true).await?.into_inner().results,
+        )))
+    }
+
+    async fn batch_put_start(
+        &self,
+        request: Request<proto::BatchPutStartRequest>,
+    ) -> Reply<proto::BatchPutStartResponse> {
+        self.start(request.into_inner(), false).await
+    }
+
+    async fn batch_put_end(
+        &self,
+        request: Request<proto::BatchKeysRequest>,
+    ) -> Reply<proto::BatchOutcome> {
+        let r = request.into_inner();
+        let client = uuid(r.client_id, "client_id")?;
+        Ok(Response::new(proto::BatchOutcome {
+            results: self.finish(client, r.keys, true).await?,
+        }))
+    }
+
+    async fn batch_put_revoke(
+        &self,
+        request: Request<proto::BatchKeysRequest>,
+    ) -> Reply<proto::BatchOutcome> {
+        let r = request.into_inner();
+        let client = uuid(r.client_id, "client_id")?;
+        Ok(Response::new(proto::BatchOutcome {
+            results: self.finish(client, r.keys, false).await?,
+        }))
+    }
+
+    async fn batch_upsert_start(
+        &self,
+        request: Request<proto::BatchPutStartRequest>,
+    ) -> Reply<proto::BatchPutStartResponse> {
+        self.start(request.into_inner(), true).await
+    }
+
+    async fn get_replica_list(
+        &self,
+        request: Request<proto::GetReplicaListRequest>,
+    ) -> Reply<proto::GetReplicaListResponse> {
+        let key = request.into_inner().key;
+        let answer = self
+            .call::<GetReplicaList>(&(key, TENANT.to_owned()))
+            .await?;
+        Ok(Response::new(replica_list(answer)))
+    }
+
+    async fn batch_get_replica_list(
+        &self,
+        request: Request<proto::BatchGetReplicaListRequest>,
+    ) -> Reply<proto::BatchGetReplicaListResponse> {
+        let keys = request.into_inner().keys;
+        let n = keys.len();
+        let answers = self
+            .call::<BatchGetReplicaList>(&(keys, TENANT.to_owned()))
+            .await?;
+        if answers.len() != n {
+            return Err(status(Error::new(
+                ErrorKind::Protocol,
+                format!("Mooncake master: {n} keys but {} answers", answers.len()),
+            )));
+        }
+        Ok(Response::new(proto::BatchGetReplicaListResponse {
+            results: answers.into_iter().map(replica_list).collect(),
+        }))
+    }
+
+    async fn exist_key(
+        &self,
+        request: Request<proto::ExistKeyRequest>,
+    ) -> Reply<proto::ExistKeyResponse> {
+        let key = request.into_inner().key;
+        let exists = self
+            .call::<ExistKey>(&(key, TENANT.to_owned()))
+            .await?
+            .map_err(|code| status(mooncake_error("ExistKey", code)))?;
+        Ok(Response::new(proto::ExistKeyResponse { exists }))
+    }
+
+    async fn batch_exist_key(
+        &self,
+        request: Request<proto::BatchExistKeyRequest>,
+    ) -> Reply<proto::BatchExistKeyResponse> {
+        let keys = request.into_inner().keys;
+        let n = keys.len();
+        let answers = self
+            .call::<BatchExistKey>(&(keys, TENANT.to_owned()))
+            .await?;
+        if answers.len() != n {
+            return Err(status(Error::new(
+                ErrorKind::Protocol,
+                format!("Mooncake master: {n} keys but {} answers", answers.len()),
+            )));
+        }
+        let exists = answers
+            .into_iter()
+            .collect::<std::result::Result<Vec<bool>, Code>>()
+            .map_err(|code| status(mooncake_error("BatchExistKey", code)))?;
+        Ok(Response::new(proto::BatchExistKeyResponse { exists }))
+    }
+
+    async fn remove(&self, request: Request<proto::RemoveRequest>) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let answer = self
+            .call::<Remove>(&(r.key, r.force, TENANT.to_owned()))
+            .await?;
+        Ok(Response::new(outcome("Remove", answer)))
+    }
+
+    async fn batch_remove(
+        &self,
+        request: Request<proto::BatchRemoveRequest>,
+    ) -> Reply<proto::BatchOutcome> {
+        let r = request.into_inner();
+        let n = r.keys.len();
+        let answers = self
+            .call::<BatchRemove>(&(r.keys, r.force, TENANT.to_owned()))
+            .await?;
+        if answers.len() != n {
+            return Err(status(Error::new(
+                ErrorKind::Protocol,
+                format!("Mooncake master: {n} keys but {} answers", answers.len()),
+            )));
+        }
+        Ok(Response::new(proto::BatchOutcome {
+            results: answers
+                .into_iter()
+                .map(|a| outcome("BatchRemove", a))
+                .collect(),
+        }))
+    }
+
+    async fn remove_by_regex(
+        &self,
+        request: Request<proto::RemoveByRegexRequest>,
+    ) -> Reply<proto::CountResponse> {
+        let r = request.into_inner();
+        let count = self
+            .call::<RemoveByRegex>(&(r.pattern, r.force, TENANT.to_owned()))
+            .await?
+            .map_err(|code| status(mooncake_error("RemoveByRegex", code)))?;
+        Ok(Response::new(proto::CountResponse {
+            count: u64::try_from(count).unwrap_or(0),
+        }))
+    }
+
+    async fn remove_all(
+        &self,
+        request: Request<proto::RemoveAllRequest>,
+    ) -> Reply<proto::CountResponse> {
+        let force = request.into_inner().force;
+        let count = self.call::<RemoveAll>(&(force, TENANT.to_owned())).await?;
+        let count = u64::try_from(count).map_err(|_| {
+            status(mooncake_error(
+                "RemoveAll",
+                i32::try_from(count).unwrap_or(-1),
+            ))
+        })?;
+        Ok(Response::new(proto::CountResponse { count }))
+    }
+}
