@@ -5,12 +5,13 @@
 //!   one (Debian's `etcd-server`);
 //! - [`RedisServer`]: a real `redis-server` on loopback, stopped on drop;
 //! - [`mooncake_py`]: Mooncake's own Python client and `mooncake_master` from the pinned wheel,
-//!   for differential tests;
+//!   for differential tests, and [`mooncake_scenarios`], what its client does against a master;
 //! - [`probe::declare_servers`]: for build scripts, which of those this host can run;
 //! - [`rss_kib`]: this process's resident memory, for tests that print what a load costs.
 
 mod etcd;
 pub mod mooncake_py;
+pub mod mooncake_scenarios;
 pub mod probe;
 mod redis;
 
