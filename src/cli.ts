@@ -45,6 +45,8 @@ commands:
                       --put-start-discard-timeout-sec 30   --put-start-release-timeout-sec 600
                       --data-dir DIR   (a restarted master recovers every acknowledged object)
                       --enable-ha --etcd-endpoints 'h1:2379;h2:2379' --cluster-id mooncake_cluster
+                      --mooncake-rpc-port 50051   (also serve Mooncake's own protocol, for its Python clients)
+                      --mooncake-rpc-address 127.0.0.1   --allow-mooncake-clients (with a cluster token)
                       (Mooncake's underscore spellings, --rpc_port and so on, work too)
   demo              two engines in two processes move 1 GiB over loopback and report throughput
   metadata-server   run an HTTP metadata server   [--host 127.0.0.1] [--port 8080] [--cluster-token-file FILE]
@@ -281,6 +283,9 @@ const MASTER_OPTIONS = {
   'admin-token-file': { type: 'string' },
   'tls-cert': { type: 'string' },
   'tls-key': { type: 'string' },
+  'mooncake-rpc-port': { type: 'string' },
+  'mooncake-rpc-address': { type: 'string', default: '127.0.0.1' },
+  'allow-mooncake-clients': { type: 'boolean', default: false },
 } as const
 
 /** A fresh cluster token. */
@@ -342,12 +347,16 @@ function masterOptions(argv: string[]): MasterServerOptions {
     adminToken: readToken(o['admin-token-file']),
     tlsCert: o['tls-cert'],
     tlsKey: o['tls-key'],
+    mooncakeRpcPort: number(o['mooncake-rpc-port']),
+    mooncakeRpcHost: o['mooncake-rpc-address'],
+    allowMooncakeClients: o['allow-mooncake-clients'],
   }
 }
 
 async function master(argv: string[]): Promise<void> {
   const server = await MasterServer.start(masterOptions(argv))
   console.log(`master: ${server.address}`)
+  if (server.mooncakeRpcAddress) console.log(`Mooncake RPC: ${server.mooncakeRpcAddress}`)
   if (server.metricsUrl) console.log(`metrics: ${server.metricsUrl}`)
   if (server.metadataUrl) console.log(`metadata server: ${server.metadataUrl}`)
   await untilSignal()

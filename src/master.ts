@@ -65,6 +65,21 @@ export interface MasterServerOptions {
   tlsCert?: string
   /** The PEM private key of `tlsCert`. */
   tlsKey?: string
+  /**
+   * Also serve Mooncake's own master protocol (coro_rpc) on this port, so that Mooncake's Python
+   * `MooncakeDistributedStore` (the vLLM, SGLang and LMCache connectors) and C++ clients use this
+   * master, sharing one pool, one log and one eviction with this package's clients. Mooncake's
+   * clients use 50051; 0 picks a free port. Default: off.
+   */
+  mooncakeRpcPort?: number
+  /** Interface Mooncake's protocol binds. Default `'127.0.0.1'`: its clients prove no token. */
+  mooncakeRpcHost?: string
+  /**
+   * Serve Mooncake's protocol next to a `clusterToken`. Mooncake's clients cannot prove the
+   * token, so anyone who reaches that port can mount, read, write and remove. Default false:
+   * `mooncakeRpcPort` with a cluster token is refused.
+   */
+  allowMooncakeClients?: boolean
 }
 
 /**
@@ -84,6 +99,11 @@ export class MasterServer {
   /** `host:port` that clients pass as `masterAddress`. */
   get address(): string {
     return this.inner.address
+  }
+
+  /** `host:port` that Mooncake's own clients pass as their master address, when `mooncakeRpcPort` is set. */
+  get mooncakeRpcAddress(): string | undefined {
+    return this.inner.mooncakeRpcAddress ?? undefined
   }
 
   /** `http://host:port/metrics` (Prometheus; `https` with `tlsCert`), when the admin server runs. */

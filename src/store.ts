@@ -13,6 +13,9 @@ export interface MooncakeStoreOptions extends Omit<TransferEngineOptions, 'local
    * The master's `host:port` ({@link MasterServer.address}), or `'etcd://h1:2379;h2:2379'` for
    * masters in high availability: the client finds the leader there (cluster id from
    * `MC_STORE_CLUSTER_ID`, default `mooncake_cluster`) and follows it through failovers.
+   * `'mooncake://host:port'` joins a pool run by Mooncake's own `mooncake_master` (its 0.3.13
+   * wire): bytes move peer to peer with Mooncake's nodes, which must be reachable through
+   * `metadata` (`'P2PHANDSHAKE'` as Mooncake's clients use it by default).
    */
   masterAddress: string
   /** This node's name. Default `'127.0.0.1'`. */

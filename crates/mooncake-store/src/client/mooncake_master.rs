@@ -77,8 +77,15 @@ impl Connection {
                     let mut header = [0u8; RESPONSE_HEADER_LEN];
                     reader.read_exact(&mut header).await?;
                     let header = ResponseHeader::parse(&header).map_err(invalid)?;
-                    let mut body = vec![0u8; header.length as usize];
-                    reader.read_exact(&mut body).await?;
+                    // Grown as bytes arrive: a header alone never reserves memory.
+                    let mut body = Vec::new();
+                    (&mut reader)
+                        .take(u64::from(header.length))
+                        .read_to_end(&mut body)
+                        .await?;
+                    if body.len() != header.length as usize {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
                     let mut attachment = (&mut reader).take(u64::from(header.attach_length));
                     tokio::io::copy(&mut attachment, &mut tokio::io::sink()).await?;
                     let waiter = lock(&replies).remove(&header.seq);

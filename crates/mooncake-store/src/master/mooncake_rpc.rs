@@ -34,6 +34,8 @@ use crate::wire::from_status;
 const MAX_CONNECTIONS: usize = 4096;
 /// Calls one connection may have in flight (the client pipelines).
 const MAX_IN_FLIGHT: usize = 64;
+/// The largest request body: a batch of 10,000 keys of 500 bytes is 5 MB.
+const MAX_REQUEST_LEN: u32 = 16 << 20;
 /// A peer that started a frame must finish it within this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -111,8 +113,21 @@ async fn connection(
             let rest = tokio::time::timeout(FRAME_TIMEOUT, async {
                 reader.read_exact(&mut header[1..]).await?;
                 let parsed = RequestHeader::parse(&header).map_err(invalid)?;
-                let mut body = vec![0u8; parsed.length as usize];
-                reader.read_exact(&mut body).await?;
+                if parsed.length > MAX_REQUEST_LEN {
+                    return Err(invalid(format!(
+                        "a request of {} bytes is more than the {MAX_REQUEST_LEN} allowed",
+                        parsed.length
+                    )));
+                }
+                // Grown as bytes arrive: a header alone never reserves memory.
+                let mut body = Vec::new();
+                (&mut reader)
+                    .take(u64::from(parsed.length))
+                    .read_to_end(&mut body)
+                    .await?;
+                if body.len() != parsed.length as usize {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
                 // Master calls carry no attachment; one is read and dropped.
                 let mut attachment = (&mut reader).take(u64::from(parsed.attach_length));
                 tokio::io::copy(&mut attachment, &mut tokio::io::sink()).await?;
