@@ -532,7 +532,19 @@ impl proto::master_server::Master for MooncakeBridge {
         let r = request.into_inner();
         let client = uuid(r.client_id, "client_id")?;
         let segment = segment(r.segment.unwrap_or_default())?;
-        let answer = self.call::<MountSegment>(&(segment, client)).await?;
+        let answer = self
+            .call::<MountSegment>(&(segment.clone(), client))
+            .await?;
+        if answer.is_ok() {
+            // Mooncake's master counts a client alive only once it remounted; without this its
+            // first ping would ask for a remount that loses nothing.
+            let remounted = self
+                .call::<ReMountSegment>(&(vec![segment], client))
+                .await?;
+            if let Err(code) = remounted {
+                tracing::debug!("Mooncake master: ReMountSegment after MountSegment: {code}");
+            }
+        }
         Ok(Response::new(outcome("MountSegment", answer)))
     }
 
