@@ -210,6 +210,10 @@ fn write_config(c: ReplicateConfig) -> std::result::Result<WriteConfig, Code> {
         tracing::warn!("Mooncake RPC: NVMe-oF and DFS replicas are not served");
         return Err(INVALID_PARAMS);
     }
+    // As Mooncake's master: a TTL means something only to a pin being enabled.
+    if c.soft_pin_ttl_ms.is_some() && c.soft_pin_action != soft_pin_action::ENABLE {
+        return Err(INVALID_PARAMS);
+    }
     let soft_pin = match c.soft_pin_action {
         soft_pin_action::PRESERVE => SoftPin::Preserve,
         soft_pin_action::ENABLE => SoftPin::Enable(c.soft_pin_ttl_ms.map(Duration::from_millis)),
@@ -291,8 +295,12 @@ impl MooncakeDoor {
                     .await
             }
             GetStorageConfig::ID => {
+                // Mooncake's master answers so without a file tier configured.
                 self.serve::<GetStorageConfig, _, _>(body, |_| async {
-                    Ok(StorageConfig::default())
+                    Ok(StorageConfig {
+                        enable_disk_eviction: true,
+                        ..StorageConfig::default()
+                    })
                 })
                 .await
             }
