@@ -386,3 +386,34 @@ fn a_cluster_token_keeps_mooncakes_clients_out_unless_allowed() {
     assert_eq!(raw.reply().0.err_code, 0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_peer_that_never_reads_its_replies_holds_up_nothing() {
+    let (mut master, mooncake) = our_master(&[]);
+    let mut deaf = Raw::connect(&mooncake);
+    deaf.0
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // Pipelined calls until the master's replies fill every buffer between them.
+    let body = encode(&("k".to_owned(), "default".to_owned()), true);
+    let frame = RequestHeader::frame(0, GetReplicaList::ID, &body);
+    let burst: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 4096)
+        .collect();
+    while deaf.0.write_all(&burst).is_ok() {}
+    // Others are served meanwhile.
+    let mut other = Raw::connect(&mooncake);
+    other.send(0, ServiceReady::ID, &[]);
+    assert_eq!(other.reply().0.err_code, 0);
+    // And the master stops at once when asked.
+    let asked = std::time::Instant::now();
+    master.terminate();
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+}

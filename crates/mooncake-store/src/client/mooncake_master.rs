@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::coro_rpc::frame::{errc, RequestHeader, ResponseHeader, RESPONSE_HEADER_LEN};
 use crate::coro_rpc::messages::*;
+use crate::coro_rpc::read_body;
 use crate::coro_rpc::struct_pack::{decode, DecodeError};
 use crate::proto;
 use crate::wire::{from_uuid, to_outcome, to_status, STORE_VERSION};
@@ -77,17 +78,7 @@ impl Connection {
                     let mut header = [0u8; RESPONSE_HEADER_LEN];
                     reader.read_exact(&mut header).await?;
                     let header = ResponseHeader::parse(&header).map_err(invalid)?;
-                    // Grown as bytes arrive: a header alone never reserves memory.
-                    let mut body = Vec::new();
-                    (&mut reader)
-                        .take(u64::from(header.length))
-                        .read_to_end(&mut body)
-                        .await?;
-                    if body.len() != header.length as usize {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                    let mut attachment = (&mut reader).take(u64::from(header.attach_length));
-                    tokio::io::copy(&mut attachment, &mut tokio::io::sink()).await?;
+                    let body = read_body(&mut reader, header.length, header.attach_length).await?;
                     let waiter = lock(&replies).remove(&header.seq);
                     match waiter {
                         Some(waiter) => {
@@ -416,6 +407,22 @@ impl MooncakeBridge {
             .collect())
     }
 
+    async fn start_one(
+        &self,
+        r: proto::PutStartRequest,
+        upsert: bool,
+    ) -> Reply<proto::PutStartResponse> {
+        let batch = proto::BatchPutStartRequest {
+            client_id: r.client_id,
+            keys: vec![r.key],
+            sizes: vec![r.size],
+            config: r.config,
+        };
+        Ok(Response::new(first(
+            self.start(batch, upsert).await?.into_inner().results,
+        )))
+    }
+
     async fn start(
         &self,
         request: proto::BatchPutStartRequest,
@@ -438,12 +445,7 @@ impl MooncakeBridge {
         } else {
             (self.call::<BatchPutStart>(&args).await?, "BatchPutStart")
         };
-        if answers.len() != n {
-            return Err(status(Error::new(
-                ErrorKind::Protocol,
-                format!("Mooncake master: {n} keys but {} answers", answers.len()),
-            )));
-        }
+        let answers = one_per_key(n, answers, function)?;
         if upsert {
             let mut upserting = lock(&self.upserts);
             for (key, answer) in request.keys.iter().zip(&answers) {
@@ -461,23 +463,32 @@ impl MooncakeBridge {
     }
 }
 
-/// Files each key's answer; a batch answer must have one per key.
+/// A batch answer, which must have one entry per key.
+fn one_per_key<T>(
+    keys: usize,
+    answers: Vec<T>,
+    function: &str,
+) -> std::result::Result<Vec<T>, Status> {
+    if answers.len() != keys {
+        return Err(status(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "Mooncake master: {keys} keys but {} answers to {function}",
+                answers.len()
+            ),
+        )));
+    }
+    Ok(answers)
+}
+
+/// Files each key's answer.
 fn collect(
     into: &mut HashMap<String, proto::Outcome>,
     keys: &[String],
     answers: Vec<Expected<()>>,
     function: &str,
 ) -> std::result::Result<(), Status> {
-    if answers.len() != keys.len() {
-        return Err(status(Error::new(
-            ErrorKind::Protocol,
-            format!(
-                "Mooncake master: {} keys but {} answers to {function}",
-                keys.len(),
-                answers.len()
-            ),
-        )));
-    }
+    let answers = one_per_key(keys.len(), answers, function)?;
     for (key, answer) in keys.iter().zip(answers) {
         into.insert(key.clone(), outcome(function, answer));
     }
@@ -591,16 +602,7 @@ impl proto::master_server::Master for MooncakeBridge {
         &self,
         request: Request<proto::PutStartRequest>,
     ) -> Reply<proto::PutStartResponse> {
-        let r = request.into_inner();
-        let batch = proto::BatchPutStartRequest {
-            client_id: r.client_id,
-            keys: vec![r.key],
-            sizes: vec![r.size],
-            config: r.config,
-        };
-        Ok(Response::new(first(
-            self.start(batch, false).await?.into_inner().results,
-        )))
+        self.start_one(request.into_inner(), false).await
     }
 
     async fn put_end(&self, request: Request<proto::KeyRequest>) -> Reply<proto::Outcome> {
@@ -623,16 +625,7 @@ impl proto::master_server::Master for MooncakeBridge {
         &self,
         request: Request<proto::PutStartRequest>,
     ) -> Reply<proto::PutStartResponse> {
-        let r = request.into_inner();
-        let batch = proto::BatchPutStartRequest {
-            client_id: r.client_id,
-            keys: vec![r.key],
-            sizes: vec![r.size],
-            config: r.config,
-        };
-        Ok(Response::new(first(
-            self.start(batch, true).await?.into_inner().results,
-        )))
+        self.start_one(request.into_inner(), true).await
     }
 
     async fn batch_put_start(
@@ -691,12 +684,7 @@ impl proto::master_server::Master for MooncakeBridge {
         let answers = self
             .call::<BatchGetReplicaList>(&(keys, TENANT.to_owned()))
             .await?;
-        if answers.len() != n {
-            return Err(status(Error::new(
-                ErrorKind::Protocol,
-                format!("Mooncake master: {n} keys but {} answers", answers.len()),
-            )));
-        }
+        let answers = one_per_key(n, answers, "BatchGetReplicaList")?;
         Ok(Response::new(proto::BatchGetReplicaListResponse {
             results: answers.into_iter().map(replica_list).collect(),
         }))
@@ -723,12 +711,7 @@ impl proto::master_server::Master for MooncakeBridge {
         let answers = self
             .call::<BatchExistKey>(&(keys, TENANT.to_owned()))
             .await?;
-        if answers.len() != n {
-            return Err(status(Error::new(
-                ErrorKind::Protocol,
-                format!("Mooncake master: {n} keys but {} answers", answers.len()),
-            )));
-        }
+        let answers = one_per_key(n, answers, "BatchExistKey")?;
         let exists = answers
             .into_iter()
             .collect::<std::result::Result<Vec<bool>, Code>>()
@@ -753,12 +736,7 @@ impl proto::master_server::Master for MooncakeBridge {
         let answers = self
             .call::<BatchRemove>(&(r.keys, r.force, TENANT.to_owned()))
             .await?;
-        if answers.len() != n {
-            return Err(status(Error::new(
-                ErrorKind::Protocol,
-                format!("Mooncake master: {n} keys but {} answers", answers.len()),
-            )));
-        }
+        let answers = one_per_key(n, answers, "BatchRemove")?;
         Ok(Response::new(proto::BatchOutcome {
             results: answers
                 .into_iter()

@@ -27,6 +27,7 @@ use super::types::{
 use super::Master;
 use crate::coro_rpc::frame::{errc, RequestHeader, ResponseHeader, REQUEST_HEADER_LEN};
 use crate::coro_rpc::messages::*;
+use crate::coro_rpc::read_body;
 use crate::coro_rpc::struct_pack::encode;
 use crate::wire::from_status;
 
@@ -98,9 +99,23 @@ async fn connection(
     stream.set_nodelay(true)?;
     let (mut reader, mut writer) = stream.into_split();
     let (replies, mut outgoing) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+    // Ends with the server, or when the peer stops reading its replies: such a peer loses the
+    // connection, and never holds up a close.
+    let ended = stop.child_token();
+    let end = ended.clone();
     let write = tracker.spawn(async move {
-        while let Some(frame) = outgoing.recv().await {
-            if writer.write_all(&frame).await.is_err() {
+        loop {
+            let frame = tokio::select! {
+                _ = end.cancelled() => break,
+                frame = outgoing.recv() => frame,
+            };
+            let Some(frame) = frame else { break };
+            let written = tokio::select! {
+                _ = end.cancelled() => break,
+                written = tokio::time::timeout(FRAME_TIMEOUT, writer.write_all(&frame)) => written,
+            };
+            if !matches!(written, Ok(Ok(()))) {
+                end.cancel();
                 break;
             }
         }
@@ -119,18 +134,7 @@ async fn connection(
                         parsed.length
                     )));
                 }
-                // Grown as bytes arrive: a header alone never reserves memory.
-                let mut body = Vec::new();
-                (&mut reader)
-                    .take(u64::from(parsed.length))
-                    .read_to_end(&mut body)
-                    .await?;
-                if body.len() != parsed.length as usize {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                // Master calls carry no attachment; one is read and dropped.
-                let mut attachment = (&mut reader).take(u64::from(parsed.attach_length));
-                tokio::io::copy(&mut attachment, &mut tokio::io::sink()).await?;
+                let body = read_body(&mut reader, parsed.length, parsed.attach_length).await?;
                 Ok::<_, std::io::Error>((parsed, body))
             });
             let (request, body) = rest.await.map_err(|_| {
@@ -152,9 +156,10 @@ async fn connection(
         }
     };
     let result: std::io::Result<()> = tokio::select! {
-        _ = stop.cancelled() => Ok(()),
+        _ = ended.cancelled() => Ok(()),
         result = read => result,
     };
+    ended.cancel();
     drop(replies);
     let _ = write.await;
     result
