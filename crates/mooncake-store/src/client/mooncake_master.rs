@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use mooncake_common::{Error, ErrorKind, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
 use crate::coro_rpc::frame::{errc, RequestHeader, ResponseHeader, RESPONSE_HEADER_LEN};
@@ -34,20 +33,38 @@ const REPLICA_TYPE_ALL: i32 = 4;
 /// The only tenant this client uses.
 const TENANT: &str = "default";
 
-type Pending = Mutex<HashMap<u32, oneshot::Sender<(u8, Vec<u8>)>>>;
+/// Calls awaiting their reply, by `seq`; `None` for a call given up (its late reply is dropped).
+type Pending = Mutex<HashMap<u32, Option<oneshot::Sender<(u8, Vec<u8>)>>>>;
 
-/// One connection: requests go out under a lock, a reader task hands replies back by `seq`.
+/// One connection: a writer task sends whole frames (a call given up mid-write never leaves half
+/// a frame behind), a reader task hands replies back by `seq`.
 struct Connection {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    outgoing: mpsc::Sender<Vec<u8>>,
     pending: Arc<Pending>,
     seq: AtomicU32,
     closed: Arc<AtomicBool>,
-    reader: tokio::task::JoinHandle<()>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.reader.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Marks a call given up when it ends unanswered.
+struct Waiting<'a> {
+    pending: &'a Pending,
+    seq: u32,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = lock(self.pending).get_mut(&self.seq) {
+            *slot = None;
+        }
     }
 }
 
@@ -68,9 +85,20 @@ impl Connection {
                 )
             })?;
         let _ = stream.set_nodelay(true);
-        let (mut reader, writer) = stream.into_split();
+        let (mut reader, mut writer) = stream.into_split();
         let pending: Arc<Pending> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
+        let (outgoing, mut frames) = mpsc::channel::<Vec<u8>>(256);
+        let (waiting, done) = (pending.clone(), closed.clone());
+        let write = tokio::spawn(async move {
+            while let Some(frame) = frames.recv().await {
+                if writer.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+            done.store(true, Ordering::Release);
+            lock(&waiting).clear();
+        });
         let (replies, done) = (pending.clone(), closed.clone());
         let reader = tokio::spawn(async move {
             let read = async {
@@ -81,9 +109,10 @@ impl Connection {
                     let body = read_body(&mut reader, header.length, header.attach_length).await?;
                     let waiter = lock(&replies).remove(&header.seq);
                     match waiter {
-                        Some(waiter) => {
+                        Some(Some(waiter)) => {
                             let _ = waiter.send((header.err_code, body));
                         }
+                        Some(None) => {}
                         // As Mooncake's client: a reply to nothing ends the connection.
                         None => return Err(invalid("a reply to no request")),
                     }
@@ -98,28 +127,26 @@ impl Connection {
             lock(&replies).clear();
         });
         Ok(Self {
-            writer: tokio::sync::Mutex::new(writer),
+            outgoing,
             pending,
             seq: AtomicU32::new(0),
             closed,
-            reader,
+            tasks: [reader, write],
         })
     }
 
     async fn call(&self, function_id: u32, body: &[u8]) -> std::io::Result<(u8, Vec<u8>)> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(seq, tx);
-        let sent = async {
-            let mut writer = self.writer.lock().await;
-            writer
-                .write_all(&RequestHeader::frame(seq, function_id, body))
-                .await
+        lock(&self.pending).insert(seq, Some(tx));
+        let _waiting = Waiting {
+            pending: &self.pending,
+            seq,
         };
-        if let Err(e) = sent.await {
-            lock(&self.pending).remove(&seq);
+        let frame = RequestHeader::frame(seq, function_id, body);
+        if self.outgoing.send(frame).await.is_err() {
             self.closed.store(true, Ordering::Release);
-            return Err(e);
+            return Err(invalid("the connection is closed"));
         }
         rx.await
             .map_err(|_| invalid("the connection closed before the reply"))
