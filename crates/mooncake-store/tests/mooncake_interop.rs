@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use mooncake_store::coro_rpc::frame::{RequestHeader, ResponseHeader};
 use mooncake_store::coro_rpc::messages::{
-    ExistKey, GetReplicaList, Method, PutStart, ReplicateConfig, ServiceReady, Uuid,
+    BatchExistKey, BatchGetReplicaList, ExistKey, GetReplicaList, GracefulUnmountSegment, Method,
+    MountSegment, ObjectMeta, PutEnd, PutRevoke, PutStart, ReplicateConfig, Segment, ServiceReady,
+    UpsertEnd, UpsertStart, Uuid,
 };
 use mooncake_store::coro_rpc::struct_pack::{decode, encode};
 use mooncake_store::master::WriteConfig;
@@ -416,4 +418,127 @@ fn a_peer_that_never_reads_its_replies_holds_up_nothing() {
         "{:?}",
         asked.elapsed()
     );
+}
+
+fn call<M: Method>(raw: &mut Raw, seq: u32, args: &M::Args) -> M::Reply {
+    use mooncake_store::coro_rpc::messages::Args;
+    raw.send(seq, M::ID, &args.encode_args(true));
+    let (header, body) = raw.reply();
+    assert_eq!((header.seq, header.err_code), (seq, 0));
+    decode(&body).unwrap()
+}
+
+fn segment(id: u64, base: u64) -> Segment {
+    Segment {
+        id: Uuid {
+            first: 9,
+            second: id,
+        },
+        name: format!("node-{id}"),
+        base,
+        size: 1 << 20,
+        te_endpoint: format!("127.0.0.1:{}", 20_000 + id),
+        protocol: "tcp".into(),
+        host_id: String::new(),
+    }
+}
+
+const A: Uuid = Uuid {
+    first: 1,
+    second: 1,
+};
+const B: Uuid = Uuid {
+    first: 2,
+    second: 2,
+};
+
+#[test]
+fn writes_named_by_key_stay_each_clients_own() {
+    let (_master, mooncake) = our_master(&[]);
+    let mut raw = Raw::connect(&mooncake);
+    assert_eq!(
+        call::<MountSegment>(&mut raw, 0, &(segment(1, 1 << 30), A)),
+        Ok(())
+    );
+    let start = |key: &str| {
+        (
+            A,
+            key.to_owned(),
+            100,
+            ReplicateConfig {
+                replica_num: 1,
+                ..Default::default()
+            },
+            "default".to_owned(),
+        )
+    };
+
+    // A second upsert of a key its own client is writing would let the first one's end commit
+    // the second's unwritten replica: refused as busy.
+    let first = call::<UpsertStart>(&mut raw, 1, &start("u")).unwrap();
+    let (client_b, key) = (B, "u".to_owned());
+    assert_eq!(call::<UpsertStart>(&mut raw, 2, &start("u")), Err(-714));
+    // Another client's end or revoke of A's write: not its write.
+    let meta = ObjectMeta {
+        key: key.clone(),
+        object_checksum: None,
+    };
+    assert_eq!(
+        call::<PutEnd>(&mut raw, 3, &(client_b, meta.clone(), 4, "default".into())),
+        Err(-601)
+    );
+    assert_eq!(
+        call::<PutRevoke>(&mut raw, 4, &(client_b, key.clone(), 4, "default".into())),
+        Err(-601)
+    );
+    assert_eq!(
+        call::<UpsertEnd>(&mut raw, 5, &(A, meta.clone(), 4, "default".into())),
+        Ok(())
+    );
+    let list = call::<GetReplicaList>(&mut raw, 6, &(key.clone(), "default".into())).unwrap();
+    assert_eq!(list.replicas[0].placement, first[0].placement);
+    // An end with no write in progress commits nothing.
+    assert_eq!(
+        call::<PutEnd>(&mut raw, 7, &(A, meta, 4, "default".into())),
+        Err(-700)
+    );
+    // A put of a key its own client is writing finds it existing, as Mooncake's client expects.
+    assert!(call::<PutStart>(&mut raw, 8, &start("p")).is_ok());
+    assert_eq!(call::<PutStart>(&mut raw, 9, &start("p")), Err(-705));
+}
+
+#[test]
+fn oversized_requests_are_refused_and_replies_stay_bounded() {
+    let (_master, mooncake) = our_master(&[]);
+    let mut raw = Raw::connect(&mooncake);
+    // A protocol or host id fit for every replica list, or no mount.
+    let mut bloated = segment(1, 1 << 30);
+    bloated.protocol = "t".repeat(100_000);
+    assert_eq!(call::<MountSegment>(&mut raw, 0, &(bloated, A)), Err(-600));
+    let mut bloated = segment(2, 1 << 31);
+    bloated.host_id = "h".repeat(1000);
+    assert_eq!(call::<MountSegment>(&mut raw, 1, &(bloated, A)), Err(-600));
+    // Batches beyond 10,000 keys.
+    let keys: Vec<String> = (0..10_001).map(|i| i.to_string()).collect();
+    let answers = call::<BatchGetReplicaList>(&mut raw, 2, &(keys.clone(), "default".into()));
+    assert_eq!(answers.len(), keys.len());
+    assert!(answers.iter().all(|a| *a == Err(-600)));
+    let answers = call::<BatchExistKey>(&mut raw, 3, &(keys, "default".into()));
+    assert!(answers.iter().all(|a| *a == Err(-600)));
+    // A grace period of centuries.
+    assert_eq!(
+        call::<MountSegment>(&mut raw, 4, &(segment(3, 1 << 32), A)),
+        Ok(())
+    );
+    let id = segment(3, 0).id;
+    assert_eq!(
+        call::<GracefulUnmountSegment>(&mut raw, 5, &(id, A, u64::MAX)),
+        Err(-600)
+    );
+    // A body beyond the cap closes the connection.
+    let mut raw = Raw::connect(&mooncake);
+    let huge = encode(&("k".repeat(5 << 20), "default".to_owned()), false);
+    // (The master may close before the whole body is written.)
+    let _ = raw.0.write_all(&RequestHeader::frame(0, ExistKey::ID, &huge));
+    assert!(raw.closed());
 }

@@ -6,10 +6,10 @@
 //! Mooncake's master names writes by key, not by a write id: the adapter grants every write
 //! the same id and commits by key.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -371,15 +371,22 @@ type Reply<T> = std::result::Result<Response<T>, Status>;
 /// The client's master API, answered by calling Mooncake's master.
 pub(crate) struct MooncakeBridge {
     rpc: CoroClient,
-    /// Keys whose write in progress is an upsert: Mooncake ends those with `UpsertEnd`.
-    upserts: Mutex<HashSet<String>>,
+    /// This client's writes in progress, by key, and whether each is an upsert (Mooncake ends
+    /// those with `UpsertEnd`). Mooncake names writes by key, so a key has one write here at a
+    /// time: a second would let the first one's end commit the second's unwritten replicas.
+    /// An entry older than [`ABANDONED`] is a write this client gave up on.
+    writing: Mutex<HashMap<String, (bool, Instant)>>,
 }
+
+/// Mooncake's master frees the space of a write not ended within this (its
+/// `put_start_release_timeout`); the key is free to write again by then.
+const ABANDONED: Duration = Duration::from_secs(600);
 
 impl MooncakeBridge {
     pub(crate) fn new(address: &str, timeout: Duration) -> Self {
         Self {
             rpc: CoroClient::new(address, timeout),
-            upserts: Mutex::default(),
+            writing: Mutex::default(),
         }
     }
 
@@ -387,51 +394,84 @@ impl MooncakeBridge {
         self.rpc.call::<M>(args).await.map_err(status)
     }
 
-    /// Ends (or revokes) each key's write, as a put or an upsert, whichever started it.
+    /// Ends (or revokes) each key's write, as a put or an upsert, whichever started it. A key
+    /// with no write of this client in progress (or named twice) gets `ERR_INVALID_WRITE`.
     async fn finish(
         &self,
         client: Uuid,
         keys: Vec<String>,
         commit: bool,
     ) -> std::result::Result<Vec<proto::Outcome>, Status> {
-        let (upserts, puts): (Vec<String>, Vec<String>) = {
-            let mut upserting = lock(&self.upserts);
-            keys.iter().cloned().partition(|k| upserting.remove(k))
+        let kinds: Vec<Option<bool>> = {
+            let mut writing = lock(&self.writing);
+            keys.iter()
+                .map(|k| writing.remove(k).map(|(upsert, _)| upsert))
+                .collect()
         };
-        let mut results: HashMap<String, proto::Outcome> = HashMap::new();
-        let tenant = || TENANT.to_owned();
-        if !puts.is_empty() {
-            let answers = if commit {
-                let metas = puts.iter().map(|key| ObjectMeta {
-                    key: key.clone(),
-                    object_checksum: None,
-                });
-                self.call::<BatchPutEnd>(&(client, metas.collect(), REPLICA_TYPE_ALL, tenant()))
-                    .await?
-            } else {
-                self.call::<BatchPutRevoke>(&(client, puts.clone(), REPLICA_TYPE_ALL, tenant()))
-                    .await?
-            };
-            collect(&mut results, &puts, answers, "BatchPutEnd")?;
-        }
-        if !upserts.is_empty() {
-            let answers = if commit {
-                let metas = upserts.iter().map(|key| ObjectMeta {
-                    key: key.clone(),
-                    object_checksum: None,
-                });
-                self.call::<BatchUpsertEnd>(&(client, metas.collect(), tenant()))
-                    .await?
-            } else {
-                self.call::<BatchUpsertRevoke>(&(client, upserts.clone(), tenant()))
-                    .await?
-            };
-            collect(&mut results, &upserts, answers, "BatchUpsertEnd")?;
-        }
-        Ok(keys
+        let mut results: Vec<proto::Outcome> = kinds
             .iter()
-            .map(|k| results.remove(k).unwrap_or_default())
-            .collect())
+            .zip(&keys)
+            .map(|(kind, key)| match kind {
+                Some(_) => proto::Outcome::default(),
+                None => to_outcome(&Err(Error::new(
+                    ErrorKind::InvalidWrite,
+                    format!("no write of '{key}' by this client is in progress"),
+                ))),
+            })
+            .collect();
+        let tenant = || TENANT.to_owned();
+        for upsert in [false, true] {
+            let (at, named): (Vec<usize>, Vec<String>) = kinds
+                .iter()
+                .enumerate()
+                .filter(|(_, kind)| **kind == Some(upsert))
+                .map(|(i, _)| (i, keys[i].clone()))
+                .unzip();
+            if named.is_empty() {
+                continue;
+            }
+            let metas = || {
+                named
+                    .iter()
+                    .map(|key| ObjectMeta {
+                        key: key.clone(),
+                        object_checksum: None,
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let (answers, function) = match (upsert, commit) {
+                (false, true) => (
+                    self.call::<BatchPutEnd>(&(client, metas(), REPLICA_TYPE_ALL, tenant()))
+                        .await?,
+                    "BatchPutEnd",
+                ),
+                (false, false) => (
+                    self.call::<BatchPutRevoke>(&(
+                        client,
+                        named.clone(),
+                        REPLICA_TYPE_ALL,
+                        tenant(),
+                    ))
+                    .await?,
+                    "BatchPutRevoke",
+                ),
+                (true, true) => (
+                    self.call::<BatchUpsertEnd>(&(client, metas(), tenant()))
+                        .await?,
+                    "BatchUpsertEnd",
+                ),
+                (true, false) => (
+                    self.call::<BatchUpsertRevoke>(&(client, named.clone(), tenant()))
+                        .await?,
+                    "BatchUpsertRevoke",
+                ),
+            };
+            let answers = one_per_key(named.len(), answers, function)?;
+            for (i, answer) in at.into_iter().zip(answers) {
+                results[i] = outcome(function, answer);
+            }
+        }
+        Ok(results)
     }
 
     async fn start_one(
@@ -450,6 +490,7 @@ impl MooncakeBridge {
         )))
     }
 
+    /// Starts a write of each key that this client is not writing already.
     async fn start(
         &self,
         request: proto::BatchPutStartRequest,
@@ -457,35 +498,93 @@ impl MooncakeBridge {
     ) -> Reply<proto::BatchPutStartResponse> {
         let client = uuid(request.client_id, "client_id")?;
         let n = request.keys.len();
-        let args = (
-            client,
-            request.keys.clone(),
-            request.sizes,
-            config(request.config),
-            TENANT.to_owned(),
-        );
-        let (answers, function) = if upsert {
-            (
-                self.call::<BatchUpsertStart>(&args).await?,
-                "BatchUpsertStart",
-            )
+        if request.sizes.len() != n {
+            return Err(status(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{n} keys but {} sizes", request.sizes.len()),
+            )));
+        }
+        let function = if upsert {
+            "BatchUpsertStart"
         } else {
-            (self.call::<BatchPutStart>(&args).await?, "BatchPutStart")
+            "BatchPutStart"
         };
-        let answers = one_per_key(n, answers, function)?;
-        if upsert {
-            let mut upserting = lock(&self.upserts);
-            for (key, answer) in request.keys.iter().zip(&answers) {
-                if answer.is_ok() {
-                    upserting.insert(key.clone());
+        // A key being written already: a put finds it existing, an upsert finds it busy.
+        let busy = |key: &str| {
+            let (kind, what) = if upsert {
+                (
+                    ErrorKind::ObjectReplicaBusy,
+                    "is being written by this client",
+                )
+            } else {
+                (ErrorKind::ObjectAlreadyExists, "is being written")
+            };
+            proto::PutStartResponse {
+                outcome: Some(to_outcome(&Err(Error::new(
+                    kind,
+                    format!("'{key}' {what}"),
+                )))),
+                ..Default::default()
+            }
+        };
+        let mut results: Vec<Option<proto::PutStartResponse>> = vec![None; n];
+        let (at, keys, sizes) = {
+            let mut writing = lock(&self.writing);
+            let mut chosen = (Vec::new(), Vec::new(), Vec::new());
+            let now = Instant::now();
+            for (i, (key, size)) in request.keys.iter().zip(&request.sizes).enumerate() {
+                let started = writing.get(key).map(|(_, at)| *at);
+                if started.is_some_and(|at| now.duration_since(at) < ABANDONED) {
+                    results[i] = Some(busy(key));
+                } else {
+                    writing.insert(key.clone(), (upsert, now));
+                    chosen.0.push(i);
+                    chosen.1.push(key.clone());
+                    chosen.2.push(*size);
+                }
+            }
+            chosen
+        };
+        let answers = if keys.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let args = (
+                client,
+                keys.clone(),
+                sizes,
+                config(request.config),
+                TENANT.to_owned(),
+            );
+            let answers = if upsert {
+                self.call::<BatchUpsertStart>(&args).await
+            } else {
+                self.call::<BatchPutStart>(&args).await
+            };
+            answers.and_then(|a| one_per_key(keys.len(), a, function))
+        };
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(e) => {
+                let mut writing = lock(&self.writing);
+                for key in &keys {
+                    writing.remove(key);
+                }
+                return Err(e);
+            }
+        };
+        {
+            let mut writing = lock(&self.writing);
+            for (key, answer) in keys.iter().zip(&answers) {
+                if answer.is_err() {
+                    writing.remove(key);
                 }
             }
         }
+        for (i, answer) in at.into_iter().zip(answers) {
+            results[i] = Some(start_response(function, answer));
+        }
         Ok(Response::new(proto::BatchPutStartResponse {
-            results: answers
-                .into_iter()
-                .map(|a| start_response(function, a))
-                .collect(),
+            results: results.into_iter().map(Option::unwrap_or_default).collect(),
         }))
     }
 }
@@ -506,20 +605,6 @@ fn one_per_key<T>(
         )));
     }
     Ok(answers)
-}
-
-/// Files each key's answer.
-fn collect(
-    into: &mut HashMap<String, proto::Outcome>,
-    keys: &[String],
-    answers: Vec<Expected<()>>,
-    function: &str,
-) -> std::result::Result<(), Status> {
-    let answers = one_per_key(keys.len(), answers, function)?;
-    for (key, answer) in keys.iter().zip(answers) {
-        into.insert(key.clone(), outcome(function, answer));
-    }
-    Ok(())
 }
 
 fn first<T: Default>(items: Vec<T>) -> T {

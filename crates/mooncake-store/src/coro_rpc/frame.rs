@@ -21,6 +21,8 @@ pub mod errc {
     pub const INVALID_RPC_ARGUMENTS: u8 = 4;
     /// No function has this id.
     pub const FUNCTION_NOT_REGISTERED: u8 = 11;
+    /// The reply would be too large to send.
+    pub const MESSAGE_TOO_LARGE: u8 = 14;
 }
 
 /// Why a header was refused; the connection cannot go on after any of these.
@@ -81,13 +83,14 @@ impl RequestHeader {
         Ok(header)
     }
 
-    /// The header followed by `body`.
+    /// The header followed by `body`, which callers keep within [`MAX_BODY_LEN`].
     pub fn frame(seq: u32, function_id: u32, body: &[u8]) -> Vec<u8> {
+        debug_assert!(body.len() <= MAX_BODY_LEN as usize);
         let mut out = Vec::with_capacity(REQUEST_HEADER_LEN + body.len());
         out.extend_from_slice(&[MAGIC, 0, 0, 0]);
         out.extend_from_slice(&seq.to_le_bytes());
         out.extend_from_slice(&function_id.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(body);
         out
@@ -135,12 +138,13 @@ impl ResponseHeader {
         Ok(header)
     }
 
-    /// The header followed by `body`.
+    /// The header followed by `body`, which callers keep within [`MAX_BODY_LEN`].
     pub fn frame(err_code: u8, seq: u32, body: &[u8]) -> Vec<u8> {
+        debug_assert!(body.len() <= MAX_BODY_LEN as usize);
         let mut out = Vec::with_capacity(RESPONSE_HEADER_LEN + body.len());
         out.extend_from_slice(&[MAGIC, 0, err_code, 0]);
         out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(body);
         out

@@ -287,7 +287,8 @@ impl<T: Pack> Pack for Vec<T> {
     }
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let n = r.length()?;
-        let mut items = Vec::with_capacity(n);
+        // Each element takes at least a byte, but may be far larger in memory than on the wire.
+        let mut items = Vec::with_capacity(n.min(1024));
         for _ in 0..n {
             items.push(T::read(r)?);
         }

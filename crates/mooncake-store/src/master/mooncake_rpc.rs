@@ -7,14 +7,16 @@
 //! Mooncake's `PutEnd` names a key, not a write: it commits the key's write in progress when the
 //! caller is that write's writer.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
@@ -25,7 +27,9 @@ use super::types::{
     WriteConfig, WriteId,
 };
 use super::Master;
-use crate::coro_rpc::frame::{errc, RequestHeader, ResponseHeader, REQUEST_HEADER_LEN};
+use crate::coro_rpc::frame::{
+    errc, RequestHeader, ResponseHeader, MAX_BODY_LEN, REQUEST_HEADER_LEN,
+};
 use crate::coro_rpc::messages::*;
 use crate::coro_rpc::read_body;
 use crate::coro_rpc::struct_pack::encode;
@@ -33,10 +37,17 @@ use crate::wire::from_status;
 
 /// Connections served at once: Mooncake's clients keep a pool of 3 or 4 each.
 const MAX_CONNECTIONS: usize = 4096;
+/// Connections from one address: one host cannot take every slot.
+const MAX_CONNECTIONS_PER_PEER: usize = 1024;
 /// Calls one connection may have in flight (the client pipelines).
-const MAX_IN_FLIGHT: usize = 64;
-/// The largest request body: a batch of 10,000 keys of 500 bytes is 5 MB.
-const MAX_REQUEST_LEN: u32 = 16 << 20;
+const MAX_IN_FLIGHT: usize = 16;
+/// Reply bytes one connection may have waiting to be written: a peer that does not read its
+/// replies stops being read.
+const REPLY_BUDGET: usize = 32 << 20;
+/// The largest request body: a batch of 10,000 keys of 300 bytes is 3 MB.
+const MAX_REQUEST_LEN: u32 = 4 << 20;
+/// Keys in one batch call (Mooncake's connectors send hundreds).
+const MAX_BATCH: usize = 10_000;
 /// A peer that started a frame must finish it within this.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -62,6 +73,7 @@ pub(super) async fn serve(
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -79,13 +91,54 @@ pub(super) async fn serve(
             tracing::warn!(%peer, "Mooncake RPC: {MAX_CONNECTIONS} connections open; refused");
             continue;
         };
+        let Some(peer_slot) = PeerSlot::take(&peers, peer.ip()) else {
+            tracing::warn!(
+                %peer,
+                "Mooncake RPC: {MAX_CONNECTIONS_PER_PEER} connections open from this address; \
+                 refused"
+            );
+            continue;
+        };
         let (door, stop, calls) = (door.clone(), stop.clone(), tracker.clone());
         tracker.spawn(async move {
             if let Err(e) = connection(stream, door, stop, calls).await {
                 tracing::debug!(%peer, "Mooncake RPC connection closed: {e}");
             }
-            drop(slot);
+            drop((slot, peer_slot));
         });
+    }
+}
+
+/// One connection counted against its peer's address.
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(peers: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut open = peers.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -98,7 +151,8 @@ async fn connection(
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (mut reader, mut writer) = stream.into_split();
-    let (replies, mut outgoing) = mpsc::channel::<Vec<u8>>(MAX_IN_FLIGHT);
+    let (replies, mut outgoing) = mpsc::channel::<(Vec<u8>, OwnedSemaphorePermit)>(MAX_IN_FLIGHT);
+    let budget = Arc::new(Semaphore::new(REPLY_BUDGET));
     // Ends with the server, or when the peer stops reading its replies: such a peer loses the
     // connection, and never holds up a close.
     let ended = stop.child_token();
@@ -109,7 +163,8 @@ async fn connection(
                 _ = end.cancelled() => break,
                 frame = outgoing.recv() => frame,
             };
-            let Some(frame) = frame else { break };
+            // The reply's share of the budget goes back once it is written.
+            let Some((frame, _share)) = frame else { break };
             let written = tokio::select! {
                 _ = end.cancelled() => break,
                 written = tokio::time::timeout(FRAME_TIMEOUT, writer.write_all(&frame)) => written,
@@ -145,12 +200,23 @@ async fn connection(
                 .acquire_owned()
                 .await
                 .map_err(|_| invalid("closed"))?;
-            let (door, replies) = (door.clone(), replies.clone());
+            let (door, replies, budget) = (door.clone(), replies.clone(), budget.clone());
             tracker.spawn(async move {
-                let (err_code, reply) = door.call(request.function_id, &body).await;
-                let _ = replies
-                    .send(ResponseHeader::frame(err_code, request.seq, &reply))
-                    .await;
+                let (mut err_code, mut reply) = door.call(request.function_id, &body).await;
+                if reply.len() > MAX_BODY_LEN as usize {
+                    tracing::warn!(
+                        function = format_args!("{:#010x}", request.function_id),
+                        bytes = reply.len(),
+                        "Mooncake RPC: a reply too large to send"
+                    );
+                    (err_code, reply) =
+                        framework_error(errc::MESSAGE_TOO_LARGE, "message too large");
+                }
+                let frame = ResponseHeader::frame(err_code, request.seq, &reply);
+                let share = u32::try_from(frame.len().min(REPLY_BUDGET)).unwrap_or(u32::MAX);
+                if let Ok(share) = budget.acquire_many_owned(share).await {
+                    let _ = replies.send((frame, share)).await;
+                }
                 drop(permit);
             });
         }
@@ -176,7 +242,11 @@ fn framework_error(code: u8, message: &str) -> (u8, Vec<u8>) {
 
 /// Mooncake's code for a failure.
 fn code(error: &Error) -> Code {
-    error.kind().errno().unwrap_or(-1)
+    match error.kind() {
+        // Mooncake has no codes of its own for these: it answers ILLEGAL_CLIENT.
+        ErrorKind::PermissionDenied | ErrorKind::Unauthenticated => -601,
+        kind => kind.errno().unwrap_or(-1),
+    }
 }
 
 fn status_code(status: &Status) -> Code {
@@ -184,6 +254,14 @@ fn status_code(status: &Status) -> Code {
 }
 
 const INVALID_PARAMS: Code = -600;
+
+/// Whether a batch has more keys than one call may carry.
+fn too_many(keys: usize) -> bool {
+    if keys > MAX_BATCH {
+        tracing::warn!("Mooncake RPC: refused a batch of {keys} keys (at most {MAX_BATCH})");
+    }
+    keys > MAX_BATCH
+}
 
 /// Keys live in one namespace here: Mooncake's default tenant.
 fn check_tenant(tenant: &str) -> std::result::Result<(), Code> {
@@ -566,6 +644,9 @@ impl MooncakeDoor {
     }
 
     fn exist(&self, keys: Vec<String>) -> Vec<Expected<bool>> {
+        if too_many(keys.len()) {
+            return vec![Err(INVALID_PARAMS); keys.len()];
+        }
         let now = Instant::now();
         let results: std::result::Result<Vec<_>, Status> = self
             .service
@@ -581,6 +662,9 @@ impl MooncakeDoor {
     }
 
     fn replica_lists(&self, keys: Vec<String>) -> Vec<Expected<ReplicaList>> {
+        if too_many(keys.len()) {
+            return vec![Err(INVALID_PARAMS); keys.len()];
+        }
         match self.service.replica_lists(&keys) {
             Ok(results) => results
                 .into_iter()
@@ -608,7 +692,7 @@ impl MooncakeDoor {
     ) -> Vec<StartReply> {
         let n = keys.len();
         // Mooncake's client checks that a batch answer has one entry per key.
-        if sizes.len() != n {
+        if sizes.len() != n || too_many(n) {
             return vec![Err(INVALID_PARAMS); n];
         }
         let config = match check_tenant(&tenant).and_then(|()| write_config(config)) {
@@ -619,7 +703,7 @@ impl MooncakeDoor {
         let op = if upsert { "upsert_start" } else { "put_start" };
         let results = self
             .service
-            .start_writes(op, client(c), &writes, &config, upsert)
+            .start_writes(op, client(c), &writes, &config, upsert, true)
             .await;
         match results {
             Ok(results) => results
@@ -633,22 +717,20 @@ impl MooncakeDoor {
         }
     }
 
-    /// The write in progress of each key, when `c` wrote it: Mooncake's ends and revokes name
-    /// keys, this state machine names writes.
+    /// The write in progress of each key, which `c` must have started: Mooncake's ends and
+    /// revokes name keys, this state machine names writes.
     fn writes_of(
         &self,
         c: Uuid,
-        keys: Vec<String>,
-    ) -> std::result::Result<Vec<(String, WriteId)>, Status> {
+        keys: &[String],
+    ) -> std::result::Result<Vec<std::result::Result<WriteId, Code>>, Status> {
         let master = self.service.master()?;
         Ok(keys
-            .into_iter()
-            .map(|key| {
-                let write = master
-                    .write_in_progress(&key)
-                    .filter(|(writer, _)| *writer == client(c))
-                    .map_or(WriteId(0), |(_, write)| write);
-                (key, write)
+            .iter()
+            .map(|key| match master.write_in_progress(key) {
+                Some((writer, write)) if writer == client(c) => Ok(write),
+                Some(_) => Err(code(&Error::new(ErrorKind::IllegalClient, ""))),
+                None => Err(code(&Error::new(ErrorKind::InvalidWrite, ""))),
             })
             .collect())
     }
@@ -665,25 +747,31 @@ impl MooncakeDoor {
         if let Err(code) = check_tenant(&tenant) {
             return vec![Err(code); n];
         }
-        let writes = match self.writes_of(c, keys) {
-            Ok(writes) => writes,
+        if too_many(n) {
+            return vec![Err(INVALID_PARAMS); n];
+        }
+        let found = match self.writes_of(c, &keys) {
+            Ok(found) => found,
             Err(status) => return vec![Err(status_code(&status)); n],
         };
-        let no_write: Vec<bool> = writes.iter().map(|(_, w)| w.0 == 0).collect();
-        let results = self
-            .service
-            .finish_writes(op, client(c), &writes, apply)
-            .await;
-        per_key(n, results, Ok)
+        let writes: Vec<(String, WriteId)> = keys
             .into_iter()
-            .zip(no_write)
-            .map(|(result, none)| {
-                // No write of this client in progress: nothing to end or revoke.
-                if none {
-                    Err(code(&Error::new(ErrorKind::InvalidWrite, "")))
-                } else {
-                    result
-                }
+            .zip(&found)
+            .filter_map(|(key, write)| write.ok().map(|w| (key, w)))
+            .collect();
+        let mut results = per_key(
+            writes.len(),
+            self.service
+                .finish_writes(op, client(c), &writes, apply)
+                .await,
+            Ok,
+        )
+        .into_iter();
+        found
+            .into_iter()
+            .map(|write| match write {
+                Ok(_) => results.next().unwrap_or(Err(-1)),
+                Err(code) => Err(code),
             })
             .collect()
     }
@@ -705,6 +793,9 @@ impl MooncakeDoor {
     }
 
     async fn remove(&self, keys: Vec<String>, force: bool) -> Vec<Expected<()>> {
+        if too_many(keys.len()) {
+            return vec![Err(INVALID_PARAMS); keys.len()];
+        }
         let now = Instant::now();
         let results = self
             .service

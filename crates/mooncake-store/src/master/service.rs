@@ -193,7 +193,9 @@ pub(super) type ReplicaList = (Vec<ReplicaDesc>, Duration);
 
 impl MasterService {
     /// Starts a write of each `(key, size)`: the door every kind of client's put and upsert
-    /// goes through.
+    /// goes through. With `named_by_key` (clients that end writes by key, not by write id), a
+    /// client's write never preempts its own write in progress: the older write's end would
+    /// commit the newer one's replicas before their bytes are there.
     pub(super) async fn start_writes(
         &self,
         op: &'static str,
@@ -201,9 +203,24 @@ impl MasterService {
         writes: &[(String, u64)],
         config: &WriteConfig,
         upsert: bool,
+        named_by_key: bool,
     ) -> std::result::Result<Vec<Result<WriteGrant>>, Status> {
         let now = Instant::now();
         let start = |master: &mut Master, key: &str, size: u64| {
+            let own = master
+                .write_in_progress(key)
+                .is_some_and(|(writer, _)| writer == client);
+            if named_by_key && own {
+                let (kind, what) = if upsert {
+                    (
+                        ErrorKind::ObjectReplicaBusy,
+                        "is being written by this client",
+                    )
+                } else {
+                    (ErrorKind::ObjectAlreadyExists, "is being written")
+                };
+                return Err(Error::new(kind, format!("'{key}' {what}")));
+            }
             if upsert {
                 master.upsert_start(now, client, key, size, config)
             } else {
@@ -275,7 +292,7 @@ impl MasterService {
         let config = from_write_config(request.config);
         let writes: Vec<(String, u64)> = request.keys.into_iter().zip(request.sizes).collect();
         let results = self
-            .start_writes(op, client, &writes, &config, upsert)
+            .start_writes(op, client, &writes, &config, upsert, false)
             .await?;
         Ok(Response::new(proto::BatchPutStartResponse {
             results: results.into_iter().map(put_response).collect(),

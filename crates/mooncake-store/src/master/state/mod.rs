@@ -33,6 +33,9 @@ const MAX_SEGMENT_SIZE: u64 = 1 << 40;
 /// fit one etcd request.
 pub(crate) const MAX_KEY_LEN: usize = 4096;
 
+/// Longest grace period of a graceful unmount.
+const MAX_UNMOUNT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 /// Longest segment name or endpoint: a host name (253) with a port, and room to spare.
 pub(crate) const MAX_SEGMENT_NAME_LEN: usize = 256;
 
@@ -276,6 +279,12 @@ impl Master {
     ) -> Result<()> {
         check_segment_text("name", &spec.name)?;
         check_segment_text("endpoint", &spec.te_endpoint)?;
+        // Copied into every replica list: as bounded as the name, though they may be empty.
+        for (what, text) in [("protocol", &spec.protocol), ("host id", &spec.host_id)] {
+            if !text.is_empty() {
+                check_segment_text(what, text)?;
+            }
+        }
         let end = spec.base.checked_add(spec.size);
         if spec.base == 0
             || end.is_none()
@@ -404,6 +413,14 @@ impl Master {
         id: SegmentId,
         grace: Duration,
     ) -> Result<()> {
+        if grace > MAX_UNMOUNT_GRACE {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "a grace period of {grace:?} is longer than the {MAX_UNMOUNT_GRACE:?} allowed"
+                ),
+            ));
+        }
         match self.segments.get_mut(&id) {
             None => Err(Error::new(ErrorKind::SegmentNotFound, "no such segment")),
             Some(s) if s.client != client => Err(Error::new(
