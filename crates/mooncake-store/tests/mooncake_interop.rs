@@ -539,6 +539,8 @@ fn oversized_requests_are_refused_and_replies_stay_bounded() {
     let mut raw = Raw::connect(&mooncake);
     let huge = encode(&("k".repeat(5 << 20), "default".to_owned()), false);
     // (The master may close before the whole body is written.)
-    let _ = raw.0.write_all(&RequestHeader::frame(0, ExistKey::ID, &huge));
+    let _ = raw
+        .0
+        .write_all(&RequestHeader::frame(0, ExistKey::ID, &huge));
     assert!(raw.closed());
 }
