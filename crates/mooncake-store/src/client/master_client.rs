@@ -161,6 +161,12 @@ impl MasterClient {
         Ok(client)
     }
 
+    /// Whether the master keeps a leased object's bytes until the lease ends (this project's
+    /// masters do; Mooncake's own rewrites leased objects in place).
+    pub fn leases_keep_bytes(&self) -> bool {
+        !self.address().trim().starts_with(MOONCAKE_SCHEME)
+    }
+
     /// The master in use.
     pub fn address(&self) -> String {
         self.current().0

@@ -351,11 +351,13 @@ impl StoreClient {
             key: key.to_owned(),
             force,
         };
+        self.lookups.forget(&[key.to_owned()]);
         let outcome = self
             .master
             .call_once(request, |mut g, r| async move { g.remove(r).await })
-            .await?;
-        from_outcome(Some(&outcome))
+            .await;
+        self.lookups.forget(&[key.to_owned()]);
+        from_outcome(Some(&outcome?))
     }
 
     /// Per-key removal.
@@ -365,10 +367,13 @@ impl StoreClient {
             keys: keys.to_vec(),
             force,
         };
+        self.lookups.forget(keys);
         let reply = self
             .master
             .call_once(request, |mut g, r| async move { g.batch_remove(r).await })
-            .await?;
+            .await;
+        self.lookups.forget(keys);
+        let reply = reply?;
         Ok(reply
             .results
             .iter()
@@ -383,25 +388,27 @@ impl StoreClient {
             pattern: pattern.to_owned(),
             force,
         };
-        Ok(self
+        let removed = self
             .master
             .call_once(
                 request,
                 |mut g, r| async move { g.remove_by_regex(r).await },
             )
-            .await?
-            .count)
+            .await;
+        self.lookups.forget_all();
+        Ok(removed?.count)
     }
 
     /// Removes every key; returns how many.
     pub async fn remove_all(&self, force: bool) -> Result<u64> {
         self.ensure_open()?;
         let request = proto::RemoveAllRequest { force };
-        Ok(self
+        let removed = self
             .master
             .call_once(request, |mut g, r| async move { g.remove_all(r).await })
-            .await?
-            .count)
+            .await;
+        self.lookups.forget_all();
+        Ok(removed?.count)
     }
 
     /// Unmounts the segment (best effort), stops the heartbeat and closes the engine.

@@ -117,7 +117,8 @@ impl StoreClient {
             };
             let used = self
                 .read_any(key, addr, size as usize, &list, avoid)
-                .await?;
+                .await
+                .inspect_err(|_| self.lookups.unreadable(key))?;
             if Instant::now() < asked + ttl && self.master.generation() == generation {
                 return Ok(size);
             }
@@ -125,7 +126,7 @@ impl StoreClient {
             // (the new one knows no leases): the bytes are good only if the replica we read is
             // still the object's (ids change on removal, eviction and rewrite, and survive a
             // failover).
-            match self.lookups.lookup(key).await {
+            match self.lookups.lookup_fresh(key).await {
                 Ok((now, _)) if now.iter().any(|r| r.id == used) => return Ok(size),
                 Ok(_) => {
                     last = Some(Error::new(

@@ -304,6 +304,8 @@ impl StoreClient {
         request: proto::BatchPutStartRequest,
         upsert: bool,
     ) -> Result<proto::BatchPutStartResponse> {
+        // A list of these keys leased before the write must not outlive it.
+        self.lookups.forget(&request.keys);
         let deadline = std::time::Instant::now() + RECOVERY_WAIT;
         let mut answers = self.start_once(request.clone(), upsert).await?;
         loop {
@@ -374,9 +376,15 @@ impl StoreClient {
             write_ids: writes.iter().map(|(_, w)| *w).collect(),
         };
         let reply = if commit {
-            self.master
-                .call(request, |mut g, r| async move { g.batch_put_end(r).await })
-                .await
+            let reply = self
+                .master
+                .call(request.clone(), |mut g, r| async move {
+                    g.batch_put_end(r).await
+                })
+                .await;
+            // Lists looked up while the write ran name the replaced version.
+            self.lookups.forget(&request.keys);
+            reply
         } else {
             self.master
                 .call(

@@ -149,11 +149,25 @@ impl MasterProcess {
 
     /// `/health` as JSON text, or `None` when it does not answer within a second.
     pub async fn health(&self) -> Option<String> {
+        self.admin_page("/health").await
+    }
+
+    /// The value of counter `name` on `/metrics` (0 when absent).
+    pub async fn counter(&self, name: &str) -> u64 {
+        let page = self.admin_page("/metrics").await.unwrap_or_default();
+        page.lines()
+            .filter_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .next()
+            .unwrap_or(0.0) as u64
+    }
+
+    /// An admin page, with its HTTP head.
+    pub async fn admin_page(&self, path: &str) -> Option<String> {
         let address = format!("127.0.0.1:{}", self.metrics_port);
         let request = async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut stream = tokio::net::TcpStream::connect(&address).await.ok()?;
-            let head = format!("GET /health HTTP/1.0\r\nHost: {address}\r\n\r\n");
+            let head = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
             stream.write_all(head.as_bytes()).await.ok()?;
             let mut body = String::new();
             stream.read_to_string(&mut body).await.ok()?;
