@@ -362,6 +362,13 @@ fn replica_list(reply: Expected<ReplicaList>) -> proto::GetReplicaListResponse {
     }
 }
 
+fn not_served(function: &str) -> Status {
+    status(Error::new(
+        ErrorKind::NotImplemented,
+        format!("Mooncake's master has no {function}"),
+    ))
+}
+
 fn status(error: Error) -> Status {
     to_status(&error)
 }
@@ -829,6 +836,32 @@ impl proto::master_server::Master for MooncakeBridge {
             .collect::<std::result::Result<Vec<bool>, Code>>()
             .map_err(|code| status(mooncake_error("BatchExistKey", code)))?;
         Ok(Response::new(proto::BatchExistKeyResponse { exists }))
+    }
+
+    // Mooncake's master has no reservations: this client's puts take two round trips there.
+    async fn reserve(&self, _: Request<proto::ReserveRequest>) -> Reply<proto::ReserveResponse> {
+        Err(not_served("Reserve"))
+    }
+
+    async fn renew_reservations(
+        &self,
+        _: Request<proto::RenewReservationsRequest>,
+    ) -> Reply<proto::RenewReservationsResponse> {
+        Err(not_served("RenewReservations"))
+    }
+
+    async fn release_reservation(
+        &self,
+        _: Request<proto::ReleaseReservationRequest>,
+    ) -> Reply<proto::Outcome> {
+        Err(not_served("ReleaseReservation"))
+    }
+
+    async fn commit_reserved(
+        &self,
+        _: Request<proto::CommitReservedRequest>,
+    ) -> Reply<proto::BatchOutcome> {
+        Err(not_served("CommitReserved"))
     }
 
     async fn remove(&self, request: Request<proto::RemoveRequest>) -> Reply<proto::Outcome> {

@@ -33,7 +33,9 @@ mod state;
 pub use config::{AllocationStrategy, MasterConfig};
 pub use ha::HaConfig;
 pub use server::{Durability, MasterServer, MasterServerConfig};
-pub use state::{Master, MasterStats, SegmentReport};
+pub use state::{
+    Master, MasterStats, ReservationGrant, SegmentReport, MAX_RESERVATION, RESERVATION_TTL,
+};
 pub use types::{
     ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,
     WriteConfig, WriteGrant, WriteId,

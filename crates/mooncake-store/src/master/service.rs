@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::log::Log;
+use super::state::{ReservationGrant, RESERVATION_TTL};
 use super::types::{
     ClientId, ClientStatus, ReplicaDesc, SegmentId, WriteConfig, WriteGrant, WriteId,
 };
@@ -635,6 +636,109 @@ impl proto::master_server::Master for MasterService {
             .count("exist_key", keys.len(), usize::from(exists.is_err()));
         let exists = exists.map_err(|e| to_status(&e))?;
         Ok(Response::new(proto::BatchExistKeyResponse { exists }))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<proto::ReserveRequest>,
+    ) -> Reply<proto::ReserveResponse> {
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        // A reservation dies with the master that granted it: nothing of it is logged, but
+        // space an eviction freed for it goes back only once the eviction is durable.
+        let reserve = |m: &mut Master| m.reserve(Instant::now(), client, r.size, &r.host_id);
+        let (mut grant, logged) = self.durably_logged(reserve).await?;
+        let no_space = |g: &Result<ReservationGrant>| {
+            g.as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::NoAvailableHandle)
+        };
+        if logged && no_space(&grant) {
+            grant = self.durably(reserve).await?;
+        }
+        self.counters
+            .count("reserve", 1, usize::from(grant.is_err()));
+        Ok(Response::new(match grant {
+            Ok(g) => proto::ReserveResponse {
+                outcome: Some(proto::Outcome::default()),
+                reservation_id: g.id,
+                transport_endpoint: g.te_endpoint,
+                address: g.address,
+                size: g.size,
+                ttl_ms: g.ttl.as_millis() as u64,
+            },
+            Err(e) => proto::ReserveResponse {
+                outcome: Some(to_outcome(&Err(e))),
+                ..Default::default()
+            },
+        }))
+    }
+
+    async fn renew_reservations(
+        &self,
+        request: Request<proto::RenewReservationsRequest>,
+    ) -> Reply<proto::RenewReservationsResponse> {
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        let renewed = self
+            .master()?
+            .renew_reservations(Instant::now(), client, &r.reservation_ids);
+        Ok(Response::new(proto::RenewReservationsResponse {
+            renewed,
+            ttl_ms: RESERVATION_TTL.as_millis() as u64,
+        }))
+    }
+
+    async fn release_reservation(
+        &self,
+        request: Request<proto::ReleaseReservationRequest>,
+    ) -> Reply<proto::Outcome> {
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        let result =
+            self.master()?
+                .release_reservation(Instant::now(), client, r.reservation_id, r.landed);
+        Ok(Response::new(to_outcome(&result)))
+    }
+
+    async fn commit_reserved(
+        &self,
+        request: Request<proto::CommitReservedRequest>,
+    ) -> Reply<proto::BatchOutcome> {
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        let now = Instant::now();
+        let results: Vec<Result<()>> = self
+            .durably(|master| {
+                r.writes
+                    .iter()
+                    .map(|w| {
+                        master.commit_reserved(
+                            now,
+                            client,
+                            &w.key,
+                            w.reservation_id,
+                            w.offset,
+                            w.size,
+                        )
+                    })
+                    .collect()
+            })
+            .await?;
+        // An existing key is an answer drawn from state the log may not have yet.
+        if results.iter().any(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::ObjectAlreadyExists)
+        }) {
+            self.earlier_durable().await?;
+        }
+        self.counters.count(
+            "commit_reserved",
+            results.len(),
+            results.iter().filter(|r| r.is_err()).count(),
+        );
+        Ok(Response::new(proto::BatchOutcome {
+            results: results.iter().map(to_outcome).collect(),
+        }))
     }
 
     async fn remove(&self, request: Request<proto::RemoveRequest>) -> Reply<proto::Outcome> {

@@ -4,11 +4,13 @@
 //! - [`reads`]: replica lists, leases, existence and the admin views;
 //! - [`writes`]: the two phases of a write, each step named by its [`WriteId`];
 //! - [`space`]: allocation, and space parked until nobody can still touch it;
+//! - [`reservations`]: space reserved ahead of need, for puts in one round trip;
 //! - [`upkeep`]: the periodic tick: liveness, abandoned writes, eviction;
 //! - [`journal`]: the log entries of what clients saw acknowledged, and recovery from them.
 
 mod journal;
 mod reads;
+mod reservations;
 mod space;
 mod upkeep;
 mod writes;
@@ -19,6 +21,8 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 
 use self::journal::Journal;
+use self::reservations::Reservation;
+pub use self::reservations::{ReservationGrant, MAX_RESERVATION, RESERVATION_TTL};
 use self::space::Parked;
 use super::config::MasterConfig;
 use super::types::{
@@ -220,6 +224,7 @@ pub struct Master {
     clients: HashMap<ClientId, ClientEntry>,
     objects: HashMap<String, Object>,
     parked: Vec<Parked>,
+    reservations: HashMap<u64, Reservation>,
     next_replica: u64,
     next_write: u64,
     need_eviction: bool,
@@ -242,6 +247,7 @@ impl Master {
             clients: HashMap::new(),
             objects: HashMap::new(),
             parked: Vec::new(),
+            reservations: HashMap::new(),
             next_replica: 1,
             next_write: 1,
             need_eviction: false,
@@ -476,6 +482,7 @@ impl Master {
             self.touch_segment(*id);
         }
         self.parked.retain(|p| !ids.contains(&p.segment));
+        self.drop_reservations_on(ids);
         // Its blocks went with it: none may be freed into a segment mounted later under the
         // same id.
         self.forget_frees(ids);
@@ -666,6 +673,9 @@ impl Master {
                 .entry(p.segment)
                 .or_default()
                 .push((p.block.offset, p.block.reserved));
+        }
+        for (segment, offset, reserved) in self.reserved_parts() {
+            blocks.entry(segment).or_default().push((offset, reserved));
         }
         for (segment, block) in self.awaiting_log() {
             if self.segments.contains_key(&segment) {

@@ -10,6 +10,7 @@ impl Master {
     /// Periodic work: expires silent clients, releases parked space and abandoned writes, and
     /// evicts when usage is above the high watermark (or an allocation failed).
     pub fn tick(&mut self, now: Instant) {
+        self.expire_reservations(now);
         self.release_due(now);
         // Liveness and abandoned writes scan every client and object: once a second is
         // plenty (Mooncake's monitor period); eviction is checked on every tick.

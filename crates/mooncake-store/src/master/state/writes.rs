@@ -207,7 +207,7 @@ impl Master {
         }
     }
 
-    fn new_write(&mut self) -> WriteId {
+    pub(super) fn new_write(&mut self) -> WriteId {
         let write = WriteId(self.next_write);
         self.next_write = self.next_write.saturating_add(1);
         write
