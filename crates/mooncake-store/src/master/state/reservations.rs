@@ -280,6 +280,7 @@ impl Master {
     }
 
     /// Every free part of every reservation: `(segment, offset, length)`.
+    #[cfg(test)]
     pub(super) fn reserved_parts(&self) -> Vec<(SegmentId, u64, u64)> {
         self.reservations
             .values()
