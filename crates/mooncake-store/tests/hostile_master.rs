@@ -85,6 +85,10 @@ liar! {
         batch_remove(BatchRemoveRequest) -> BatchOutcome;
         remove_by_regex(RemoveByRegexRequest) -> CountResponse;
         remove_all(RemoveAllRequest) -> CountResponse;
+        reserve(ReserveRequest) -> ReserveResponse;
+        renew_reservations(RenewReservationsRequest) -> RenewReservationsResponse;
+        release_reservation(ReleaseReservationRequest) -> Outcome;
+        commit_reserved(CommitReservedRequest) -> BatchOutcome;
     }
 
     async fn batch_put_start(
