@@ -19,8 +19,11 @@ enum Lie {
     MixedSizes,
     /// Every replica claims twice its size.
     Inflated,
-    /// Write grants name replicas twice the size asked for.
+    /// Write grants name replicas twice the size asked for (and no space is reserved, so
+    /// that every put takes the two-round-trip path).
     LargerGrant,
+    /// Reservations claim twice the size granted.
+    LargerReservation,
 }
 
 struct Liar {
@@ -44,7 +47,7 @@ impl Liar {
                 reply.replicas.insert(0, fake);
             }
             Lie::Inflated => reply.replicas.iter_mut().for_each(|r| r.size *= 2),
-            Lie::LargerGrant => {}
+            Lie::LargerGrant | Lie::LargerReservation => {}
         }
     }
 }
@@ -85,7 +88,6 @@ liar! {
         batch_remove(BatchRemoveRequest) -> BatchOutcome;
         remove_by_regex(RemoveByRegexRequest) -> CountResponse;
         remove_all(RemoveAllRequest) -> CountResponse;
-        reserve(ReserveRequest) -> ReserveResponse;
         renew_reservations(RenewReservationsRequest) -> RenewReservationsResponse;
         release_reservation(ReleaseReservationRequest) -> Outcome;
         commit_reserved(CommitReservedRequest) -> BatchOutcome;
@@ -100,6 +102,25 @@ liar! {
             for result in &mut reply.get_mut().results {
                 result.replicas.iter_mut().for_each(|r| r.size *= 2);
             }
+        }
+        Ok(reply)
+    }
+
+    async fn reserve(&self, request: Request<ReserveRequest>) -> Reply<ReserveResponse> {
+        if self.lie == Lie::LargerGrant {
+            return Ok(Response::new(ReserveResponse {
+                outcome: Some(Outcome {
+                    code: -200,
+                    error: "ERR_NO_AVAILABLE_HANDLE".into(),
+                    message: "no space".into(),
+                    kind: mooncake_store::proto::ErrorKind::ErrNoAvailableHandle as i32,
+                }),
+                ..Default::default()
+            }));
+        }
+        let mut reply = self.honest.reserve(request).await?;
+        if self.lie == Lie::LargerReservation {
+            reply.get_mut().size *= 2;
         }
         Ok(reply)
     }
@@ -223,5 +244,16 @@ async fn a_grant_larger_than_the_value_writes_nothing() {
         ErrorKind::ObjectNotFound,
         "the write was revoked"
     );
+    node.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_larger_than_granted_is_not_used() {
+    let master = liar(Lie::LargerReservation).await;
+    let node = client(&master).await;
+    node.put("k", &value(), &WriteConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(node.get("k").await.unwrap().to_vec(), value());
     node.close().await;
 }

@@ -11,6 +11,7 @@
 //! returning bytes that may have been replaced.
 //!
 //! - [`writes`]: puts and upserts, each step naming its write;
+//! - [`reservations`]: space reserved ahead of need, for puts in one round trip;
 //! - [`reads`]: gets, replica fallback and lease re-validation;
 //! - [`transfer`]: replica lists checked, bytes moved, read deadlines;
 //! - [`lookups`]: concurrent replica lookups coalesced;
@@ -22,6 +23,7 @@ mod lookups;
 pub mod master_client;
 mod mooncake_master;
 mod reads;
+mod reservations;
 mod transfer;
 mod writes;
 
@@ -40,6 +42,7 @@ use tokio_util::task::TaskTracker;
 
 use self::buffer::LocalBuffer;
 use self::lookups::Lookups;
+use self::reservations::Reservations;
 use self::master_client::{Credentials, MasterClient};
 use self::transfer::ReadPace;
 use crate::access::Tokens;
@@ -95,6 +98,7 @@ pub struct StoreClient {
     engine: Arc<TransferEngine>,
     master: MasterClient,
     lookups: Arc<Lookups>,
+    reservations: Reservations,
     id: ClientId,
     segments: Vec<(SegmentSpec, Arc<Arena>)>,
     local: Arc<LocalBuffer>,
@@ -207,6 +211,7 @@ impl StoreClient {
         let client = Arc::new(Self {
             engine,
             lookups: Lookups::new(master.clone()),
+            reservations: Reservations::new(master.clone(), id, host_id.clone()),
             master,
             id,
             segments,
@@ -217,6 +222,7 @@ impl StoreClient {
             tracker: TaskTracker::new(),
             closed: AtomicBool::new(false),
         });
+        client.spawn_renewals();
         client.spawn_heartbeat();
         tracing::info!(client = %name, "store client connected");
         Ok(client)
@@ -225,6 +231,24 @@ impl StoreClient {
     /// The Transfer Engine this client runs (for registering buffers, allocating memory).
     pub fn engine(&self) -> &Arc<TransferEngine> {
         &self.engine
+    }
+
+    /// Renews the reservations held, a few times per lifetime.
+    fn spawn_renewals(self: &Arc<Self>) {
+        let (weak, stop) = (Arc::downgrade(self), self.shutdown.clone());
+        self.tracker.spawn(async move {
+            loop {
+                let Some(client) = weak.upgrade() else { break };
+                let every = client.reservations.renew_every();
+                drop(client);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let Some(client) = weak.upgrade() else { break };
+                client.reservations.renew().await;
+            }
+        });
     }
 
     fn spawn_heartbeat(self: &Arc<Self>) {
@@ -418,6 +442,7 @@ impl StoreClient {
         }
         self.shutdown.cancel();
         self.tracker.wait().await;
+        self.reservations.release_all().await;
         for (spec, _) in &self.segments {
             let request = proto::UnmountSegmentRequest {
                 client_id: Some(to_uuid(self.id.0)),

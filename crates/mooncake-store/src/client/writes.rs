@@ -9,6 +9,7 @@ use mooncake_te::Opcode;
 use mooncake_transport::copy::copy_bytes;
 
 use super::lookups::{RECOVERY_POLL, RECOVERY_WAIT};
+use super::reservations::{self, Part, Used};
 use super::transfer::{checked_replicas, Move, Replica};
 use super::{Staged, StoreClient};
 use crate::master::types::WriteConfig;
@@ -176,7 +177,27 @@ impl StoreClient {
                 ));
             }
         }
-        let todo: Vec<usize> = (0..keys.len()).filter(|i| results[*i].is_ok()).collect();
+        let mut todo: Vec<usize> = (0..keys.len()).filter(|i| results[*i].is_ok()).collect();
+        if !upsert {
+            // Small puts take parts of reservations: one round trip. What that path gives
+            // back (a reservation the master no longer holds) goes the usual way.
+            let mut parts = Vec::new();
+            let mut rest = Vec::new();
+            for i in todo {
+                let len = ranges[i].1 as u64;
+                let part = match reservations::eligible(config, len) {
+                    true => self.reservations.take(len).await,
+                    false => None,
+                };
+                match part {
+                    Some(part) => parts.push((i, part)),
+                    None => rest.push(i),
+                }
+            }
+            rest.extend(self.write_reserved(keys, ranges, parts, &mut results).await);
+            rest.sort_unstable();
+            todo = rest;
+        }
         if todo.is_empty() {
             return results;
         }
@@ -294,6 +315,119 @@ impl StoreClient {
         self.finish_writes(keys, &commit, true, &mut results).await;
         self.finish_writes(keys, &revoke, false, &mut results).await;
         results
+    }
+
+    /// Writes values into reserved parts (`(item, part)`) and commits them as objects in one
+    /// request; returns the items to write the usual way (their reservation is gone).
+    async fn write_reserved(
+        &self,
+        keys: &[String],
+        ranges: &[(usize, usize)],
+        parts: Vec<(usize, Part)>,
+        results: &mut [Result<()>],
+    ) -> Vec<usize> {
+        if parts.is_empty() {
+            return Vec::new();
+        }
+        let named: Vec<String> = parts.iter().map(|(i, _)| keys[*i].clone()).collect();
+        self.lookups.forget(&named);
+        let work: Vec<Move> = parts
+            .iter()
+            .map(|(i, part)| Move {
+                item: *i,
+                op: Opcode::Write,
+                local: ranges[*i].0,
+                len: ranges[*i].1,
+                replica: Replica {
+                    id: 0,
+                    endpoint: part.endpoint.clone(),
+                    address: part.address,
+                    size: part.size,
+                },
+            })
+            .collect();
+        let mut failed: HashMap<usize, Error> = HashMap::new();
+        for (i, outcome) in self.move_bytes(work, None).await {
+            if let Err(e) = outcome {
+                failed.entry(i).or_insert(e);
+            }
+        }
+        let mut landed = Vec::new();
+        for (i, part) in parts {
+            match failed.remove(&i) {
+                None => landed.push((i, part)),
+                Some(e) => {
+                    results[i] = Err(Error::new(
+                        ErrorKind::TransferFailed,
+                        format!("'{}': {}", keys[i], e.message()),
+                    ));
+                    self.reservations.done(part, Used::Spoiled);
+                }
+            }
+        }
+        if landed.is_empty() {
+            return Vec::new();
+        }
+        let request = proto::CommitReservedRequest {
+            client_id: Some(to_uuid(self.id.0)),
+            writes: landed
+                .iter()
+                .map(|(i, part)| proto::ReservedWrite {
+                    key: keys[*i].clone(),
+                    reservation_id: part.reservation,
+                    offset: part.offset,
+                    size: part.size,
+                })
+                .collect(),
+        };
+        // Never repeated: a repeat of a commit that ran would find its part taken.
+        let reply = self
+            .master
+            .call_once(request, |mut g, r| async move {
+                g.commit_reserved(r).await
+            })
+            .await;
+        self.lookups.forget(&named);
+        let mut again = Vec::new();
+        match reply {
+            Ok(reply) => {
+                let mut outcomes = reply.results.into_iter();
+                for (i, part) in landed {
+                    let outcome = outcomes.next().map_or_else(
+                        || {
+                            Err(Error::new(
+                                ErrorKind::Protocol,
+                                "the master answered fewer commits than asked",
+                            ))
+                        },
+                        |o| from_outcome(Some(&o)),
+                    );
+                    match outcome {
+                        Ok(()) => self.reservations.done(part, Used::Committed),
+                        // Put is insert-if-absent: the key already holds a value.
+                        Err(e) if e.kind() == ErrorKind::ObjectAlreadyExists => {
+                            self.reservations.done(part, Used::Unused)
+                        }
+                        Err(e) if e.kind() == ErrorKind::InvalidWrite => {
+                            self.reservations.done(part, Used::Stale);
+                            again.push(i);
+                        }
+                        Err(e) => {
+                            results[i] = Err(e);
+                            self.reservations.done(part, Used::Spoiled);
+                        }
+                    }
+                }
+            }
+            // Whether it ran is unknown: the parts are never used again.
+            Err(e) => {
+                for (i, part) in landed {
+                    results[i] = Err(e.clone());
+                    self.reservations.done(part, Used::Spoiled);
+                }
+            }
+        }
+        again
     }
 
     /// `PutStart` (or `UpsertStart`) of every key in `request`. Keys the master cannot place

@@ -25,6 +25,12 @@ pub const RESERVATION_TTL: Duration = Duration::from_secs(1);
 /// The largest reservation.
 pub const MAX_RESERVATION: u64 = 64 << 20;
 
+/// The smallest reservation worth lending.
+const MIN_RESERVATION: u64 = 256 << 10;
+
+/// A reservation is at most this fraction of the pool.
+const POOL_SHARE: u64 = 16;
+
 /// Reservations one client may hold at once.
 const MAX_PER_CLIENT: usize = 4;
 
@@ -79,6 +85,20 @@ impl Master {
             return Err(Error::new(
                 ErrorKind::TooManyRequests,
                 format!("a client may hold {MAX_PER_CLIENT} reservations"),
+            ));
+        }
+        // Reserved space is space no object has: a small pool lends small reservations.
+        let pool: u64 = self
+            .segments
+            .values()
+            .filter(|s| s.alive())
+            .map(|s| s.allocator.capacity())
+            .sum();
+        let size = size.min(pool / POOL_SHARE);
+        if size < MIN_RESERVATION {
+            return Err(Error::new(
+                ErrorKind::NoAvailableHandle,
+                format!("the pool ({pool} bytes) is too small to lend a reservation"),
             ));
         }
         let config = WriteConfig {
@@ -324,7 +344,7 @@ mod tests {
             id: SegmentId(1),
             name: "node".into(),
             base: 0x1000_0000,
-            size: 64 * MIB,
+            size: 256 * MIB,
             te_endpoint: "127.0.0.1:15000".into(),
             protocol: "tcp".into(),
             host_id: String::new(),
