@@ -42,8 +42,8 @@ use tokio_util::task::TaskTracker;
 
 use self::buffer::LocalBuffer;
 use self::lookups::Lookups;
-use self::reservations::Reservations;
 use self::master_client::{Credentials, MasterClient};
+use self::reservations::Reservations;
 use self::transfer::ReadPace;
 use crate::access::Tokens;
 use crate::master::types::{ClientId, SegmentId, SegmentSpec};

@@ -186,9 +186,8 @@ impl Reservations {
         let (now, generation) = (Instant::now(), self.master.generation());
         let done: Vec<(u64, bool)> = {
             let mut held = lock(&self.held);
-            let (spent, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut *held)
-                .into_iter()
-                .partition(|h| {
+            let (spent, kept): (Vec<Held>, Vec<Held>) =
+                std::mem::take(&mut *held).into_iter().partition(|h| {
                     h.in_flight == 0
                         && (!h.usable(now, generation) || h.free.largest_free() < FAST_MAX)
                 });
@@ -259,9 +258,10 @@ impl Reservations {
         };
         let released = self
             .master
-            .call_once(request, |mut g, r| async move {
-                g.release_reservation(r).await
-            })
+            .call_once(
+                request,
+                |mut g, r| async move { g.release_reservation(r).await },
+            )
             .await;
         if let Err(e) = released {
             // It ends by itself once no longer renewed.
@@ -295,16 +295,20 @@ impl Reservations {
         };
         let reply = self
             .master
-            .call_once(request, |mut g, r| async move {
-                g.renew_reservations(r).await
-            })
+            .call_once(
+                request,
+                |mut g, r| async move { g.renew_reservations(r).await },
+            )
             .await;
         let Ok(reply) = reply else {
             return;
         };
         let ttl = Duration::from_millis(reply.ttl_ms);
         let mut held = lock(&self.held);
-        for (id, renewed) in ids.iter().zip(reply.renewed.iter().chain(std::iter::repeat(&false))) {
+        for (id, renewed) in ids
+            .iter()
+            .zip(reply.renewed.iter().chain(std::iter::repeat(&false)))
+        {
             if let Some(at) = held.iter().position(|h| h.id == *id) {
                 if *renewed {
                     held[at].until = asked + ttl;

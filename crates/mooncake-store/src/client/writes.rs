@@ -383,9 +383,10 @@ impl StoreClient {
         // Never repeated: a repeat of a commit that ran would find its part taken.
         let reply = self
             .master
-            .call_once(request, |mut g, r| async move {
-                g.commit_reserved(r).await
-            })
+            .call_once(
+                request,
+                |mut g, r| async move { g.commit_reserved(r).await },
+            )
             .await;
         self.lookups.forget(&named);
         let mut again = Vec::new();
