@@ -140,15 +140,22 @@ impl Master {
         Ok(grant)
     }
 
-    /// Renews `client`'s reservations among `ids`; one answer per id.
+    /// Renews `client`'s reservations among `ids`; one answer per id. One on a segment out of
+    /// service is not renewed: nothing written there can be read.
     pub fn renew_reservations(&mut self, now: Instant, client: ClientId, ids: &[u64]) -> Vec<bool> {
         ids.iter()
-            .map(|id| match self.reservations.get_mut(id) {
-                Some(r) if r.client == client && r.expires_at > now => {
-                    r.expires_at = now + RESERVATION_TTL;
-                    true
+            .map(|id| {
+                let Some(r) = self.reservations.get(id) else {
+                    return false;
+                };
+                let alive = self.segments.get(&r.segment).is_some_and(|s| s.alive());
+                match self.reservations.get_mut(id) {
+                    Some(r) if r.client == client && r.expires_at > now && alive => {
+                        r.expires_at = now + RESERVATION_TTL;
+                        true
+                    }
+                    _ => false,
                 }
-                _ => false,
             })
             .collect()
     }
