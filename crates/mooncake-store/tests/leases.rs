@@ -1,6 +1,5 @@
-//! Reads reuse the replica list they hold a lease on: no master round trip for a repeated get,
-//! and the rule that gives: a reader sees the version it leased, whole, until the lease ends,
-//! and always what it wrote or removed itself.
+//! Reads under concurrent writes: a reader gets a whole version that some write wrote, never
+//! a torn one, never an older one than it saw, and always what it wrote or removed itself.
 
 mod support;
 
@@ -17,41 +16,18 @@ fn version(n: u64) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_sees_its_leased_version_until_the_lease_ends() {
+async fn a_reader_sees_the_latest_version_and_its_own_changes_at_once() {
     let master = MasterProcess::start(&["--default-kv-lease-ttl", &LEASE_MS.to_string()]);
     let node = store_client(&master.address(), 8 << 20).await;
     let reader = store_client(&master.address(), 0).await;
     let writer = store_client(&master.address(), 0).await;
     let config = WriteConfig::default();
-    let lookups = "master_get_replica_list_requests_total";
 
     writer.put("k", &version(1), &config).await.unwrap();
     assert_eq!(reader.get("k").await.unwrap().to_vec(), version(1));
-    let asked = master.counter(lookups).await;
-    for _ in 0..20 {
-        assert_eq!(reader.get("k").await.unwrap().to_vec(), version(1));
-    }
-    let batch = reader.batch_get(&["k".to_owned(), "k".to_owned()]).await;
-    assert!(batch
-        .iter()
-        .all(|v| v.as_ref().unwrap().to_vec() == version(1)));
-    assert_eq!(
-        master.counter(lookups).await,
-        asked,
-        "repeated gets asked the master"
-    );
-
-    // Another client replaces it meanwhile: the reader keeps the version it leased, whole
-    // (the new one went elsewhere: a leased object is not rewritten in place).
+    // Replaced under the reader's lease: written elsewhere, and read at once.
     writer.upsert("k", &version(2), &config).await.unwrap();
-    assert_eq!(writer.get("k").await.unwrap().to_vec(), version(2));
-    let seen = reader.get("k").await.unwrap().to_vec();
-    assert!(seen == version(1) || seen == version(2), "a torn value");
-    // Once the lease ran out, the new version.
-    tokio::time::sleep(Duration::from_millis(LEASE_MS + 100)).await;
     assert_eq!(reader.get("k").await.unwrap().to_vec(), version(2));
-
-    // Its own writes and removals it sees at once.
     reader.upsert("k", &version(3), &config).await.unwrap();
     assert_eq!(reader.get("k").await.unwrap().to_vec(), version(3));
     reader.remove("k", true).await.unwrap();

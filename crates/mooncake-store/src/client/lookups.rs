@@ -1,20 +1,10 @@
-//! Replica lookups: leased lists reused, concurrent ones coalesced.
-//!
-//! A replica list comes with a lease, and a leased object is never removed, evicted or
-//! rewritten in place before the lease ends (its space is parked until then): the replicas
-//! keep that version's bytes. So a read of a key whose list this client leased, with a good
-//! share of the lease left, reads them without asking the master. A reader may thus see the
-//! version it leased until that lease ends; its own writes and removals of a key forget the
-//! key's list, so a client always reads what it wrote. Mooncake's own master rewrites leased
-//! objects in place, so against it (`mooncake://`) lists are never reused.
+//! Replica lookups of concurrent single-key reads, coalesced.
 //!
 //! A lookup that arrives while another is on its way to the master waits for that one to
 //! return, then goes out in one batch with every lookup that arrived meanwhile. An idle
 //! client pays no delay; a busy one makes one master round trip per wave of reads instead of
 //! one per read, which spares both the master's CPU and its own.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,31 +30,9 @@ fn recovering(e: &Error) -> bool {
     e.kind() == ErrorKind::UnavailableInCurrentStatus
 }
 
-/// A list is reused while more than this share of its lease is left: a read that starts on
-/// it finishes well inside the lease.
-const REUSE_WHILE_LEFT: u32 = 4;
-
-/// Lists kept at most; past this, expired ones go first.
-const MAX_LEASED: usize = 1 << 16;
-
 pub(super) struct Lookups {
     master: MasterClient,
     queue: Mutex<Queue>,
-    /// Whether the master keeps a leased object's bytes until the lease ends.
-    reuse: bool,
-    leased: Mutex<HashMap<String, Leased>>,
-    /// Counts this client's writes and removals: a list looked up before one of them is not
-    /// kept, whatever key it touched.
-    changes: AtomicU64,
-}
-
-/// A list this client holds a lease on.
-struct Leased {
-    list: Vec<Replica>,
-    until: Instant,
-    ttl: Duration,
-    /// The master's generation it came from (a new leader knows no leases).
-    generation: u64,
 }
 
 #[derive(Default)]
@@ -77,100 +45,15 @@ struct Queue {
 impl Lookups {
     pub(super) fn new(master: MasterClient) -> Arc<Self> {
         Arc::new(Self {
-            reuse: master.leases_keep_bytes(),
             master,
             queue: Mutex::new(Queue::default()),
-            leased: Mutex::default(),
-            changes: AtomicU64::new(0),
         })
     }
 
-    /// The replicas of `key`: a leased list of it, or else one from the master.
+    /// The replicas of `key`, looked up with whatever other lookups are waiting. A key whose
+    /// holders have yet to mount again on a master that just recovered (or took over) is
+    /// looked up again for a moment.
     pub(super) async fn lookup(self: &Arc<Self>, key: &str) -> Lookup {
-        if let Some(hit) = self.reused(key) {
-            return Ok(hit);
-        }
-        let (asked, generation, changes) = self.before();
-        let answer = self.lookup_fresh(key).await;
-        if let Ok((list, ttl)) = &answer {
-            self.keep(key, list, *ttl, (asked, generation, changes));
-        }
-        answer
-    }
-
-    /// Forgets the lists of `keys`: this client is about to change them, or just did.
-    pub(super) fn forget(&self, keys: &[String]) {
-        self.changes.fetch_add(1, Ordering::AcqRel);
-        let mut leased = lock(&self.leased);
-        for key in keys {
-            leased.remove(key);
-        }
-    }
-
-    /// Drops `key`'s list: none of its replicas could be read.
-    pub(super) fn unreadable(&self, key: &str) {
-        lock(&self.leased).remove(key);
-    }
-
-    /// Forgets every list (after removals by pattern).
-    pub(super) fn forget_all(&self) {
-        self.changes.fetch_add(1, Ordering::AcqRel);
-        lock(&self.leased).clear();
-    }
-
-    /// A leased list of `key` and the lease left, while enough of it is.
-    fn reused(&self, key: &str) -> Option<(Vec<Replica>, Duration)> {
-        if !self.reuse {
-            return None;
-        }
-        let leased = lock(&self.leased);
-        let held = leased.get(key)?;
-        let left = held.until.checked_duration_since(Instant::now())?;
-        (left > held.ttl / REUSE_WHILE_LEFT && held.generation == self.master.generation())
-            .then(|| (held.list.clone(), left))
-    }
-
-    /// When a lookup was asked: the lease it grants runs from no earlier.
-    fn before(&self) -> (Instant, u64, u64) {
-        (
-            Instant::now(),
-            self.master.generation(),
-            self.changes.load(Ordering::Acquire),
-        )
-    }
-
-    /// Keeps a list looked up at `asked`, unless this client changed something since.
-    fn keep(&self, key: &str, list: &[Replica], ttl: Duration, asked: (Instant, u64, u64)) {
-        let (at, generation, changes) = asked;
-        if !self.reuse || ttl.is_zero() {
-            return;
-        }
-        let mut leased = lock(&self.leased);
-        if self.changes.load(Ordering::Acquire) != changes {
-            return;
-        }
-        if leased.len() >= MAX_LEASED {
-            let now = Instant::now();
-            leased.retain(|_, held| held.until > now);
-            if leased.len() >= MAX_LEASED {
-                return;
-            }
-        }
-        leased.insert(
-            key.to_owned(),
-            Leased {
-                list: list.to_vec(),
-                until: at + ttl,
-                ttl,
-                generation,
-            },
-        );
-    }
-
-    /// The replicas of `key` from the master (never a reused list), looked up with whatever
-    /// other lookups are waiting. A key whose holders have yet to mount again on a master that
-    /// just recovered (or took over) is looked up again for a moment.
-    pub(super) async fn lookup_fresh(self: &Arc<Self>, key: &str) -> Lookup {
         let deadline = Instant::now() + RECOVERY_WAIT;
         loop {
             match self.lookup_once(key).await {
@@ -197,32 +80,9 @@ impl Lookups {
             .unwrap_or_else(|_| Err(Error::new(ErrorKind::RpcFail, "the lookup was dropped")))
     }
 
-    /// The replicas of every key: leased lists, and one request for the rest.
-    pub(super) async fn lookup_batch(&self, keys: &[String]) -> Vec<Lookup> {
-        let mut answers: Vec<Option<Lookup>> =
-            keys.iter().map(|key| self.reused(key).map(Ok)).collect();
-        let missing: Vec<usize> = (0..keys.len()).filter(|i| answers[*i].is_none()).collect();
-        if !missing.is_empty() {
-            let asked = self.before();
-            let subset: Vec<String> = missing.iter().map(|i| keys[*i].clone()).collect();
-            let fresh = self.lookup_batch_fresh(&subset).await;
-            for (i, answer) in missing.into_iter().zip(fresh) {
-                if let Ok((list, ttl)) = &answer {
-                    self.keep(&keys[i], list, *ttl, asked);
-                }
-                answers[i] = Some(answer);
-            }
-        }
-        answers
-            .into_iter()
-            .map(|a| a.unwrap_or_else(|| Err(Error::new(ErrorKind::InternalError, "no answer"))))
-            .collect()
-    }
-
     /// The replicas of every key in one request, one answer per key (keys whose holders have
-    /// yet to mount again are looked up again for a moment, as in
-    /// [`lookup_fresh`](Self::lookup_fresh)).
-    async fn lookup_batch_fresh(&self, keys: &[String]) -> Vec<Lookup> {
+    /// yet to mount again are looked up again for a moment, as in [`lookup`](Self::lookup)).
+    pub(super) async fn lookup_batch(&self, keys: &[String]) -> Vec<Lookup> {
         let deadline = Instant::now() + RECOVERY_WAIT;
         let mut answers = self.lookup_batch_once(keys).await;
         loop {
@@ -329,10 +189,6 @@ fn answers<'a>(
         )),
     })
     .collect()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One key's answer: its replicas, checked, or why there are none to read.

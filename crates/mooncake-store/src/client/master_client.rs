@@ -161,10 +161,10 @@ impl MasterClient {
         Ok(client)
     }
 
-    /// Whether the master keeps a leased object's bytes until the lease ends (this project's
-    /// masters do; Mooncake's own rewrites leased objects in place).
-    pub fn leases_keep_bytes(&self) -> bool {
-        !self.address().trim().starts_with(MOONCAKE_SCHEME)
+    /// Whether the master is Mooncake's own (`mooncake://`), which lacks this project's
+    /// extensions (reservations).
+    pub fn is_mooncakes(&self) -> bool {
+        self.address().trim().starts_with(MOONCAKE_SCHEME)
     }
 
     /// The master in use.

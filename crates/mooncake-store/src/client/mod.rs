@@ -375,13 +375,11 @@ impl StoreClient {
             key: key.to_owned(),
             force,
         };
-        self.lookups.forget(&[key.to_owned()]);
         let outcome = self
             .master
             .call_once(request, |mut g, r| async move { g.remove(r).await })
-            .await;
-        self.lookups.forget(&[key.to_owned()]);
-        from_outcome(Some(&outcome?))
+            .await?;
+        from_outcome(Some(&outcome))
     }
 
     /// Per-key removal.
@@ -391,13 +389,10 @@ impl StoreClient {
             keys: keys.to_vec(),
             force,
         };
-        self.lookups.forget(keys);
         let reply = self
             .master
             .call_once(request, |mut g, r| async move { g.batch_remove(r).await })
-            .await;
-        self.lookups.forget(keys);
-        let reply = reply?;
+            .await?;
         Ok(reply
             .results
             .iter()
@@ -412,27 +407,25 @@ impl StoreClient {
             pattern: pattern.to_owned(),
             force,
         };
-        let removed = self
+        Ok(self
             .master
             .call_once(
                 request,
                 |mut g, r| async move { g.remove_by_regex(r).await },
             )
-            .await;
-        self.lookups.forget_all();
-        Ok(removed?.count)
+            .await?
+            .count)
     }
 
     /// Removes every key; returns how many.
     pub async fn remove_all(&self, force: bool) -> Result<u64> {
         self.ensure_open()?;
         let request = proto::RemoveAllRequest { force };
-        let removed = self
+        Ok(self
             .master
             .call_once(request, |mut g, r| async move { g.remove_all(r).await })
-            .await;
-        self.lookups.forget_all();
-        Ok(removed?.count)
+            .await?
+            .count)
     }
 
     /// Unmounts the segment (best effort), stops the heartbeat and closes the engine.

@@ -117,8 +117,7 @@ impl StoreClient {
             };
             let used = self
                 .read_any(key, addr, size as usize, &list, avoid)
-                .await
-                .inspect_err(|_| self.lookups.unreadable(key))?;
+                .await?;
             if Instant::now() < asked + ttl && self.master.generation() == generation {
                 return Ok(size);
             }
@@ -126,7 +125,7 @@ impl StoreClient {
             // (the new one knows no leases): the bytes are good only if the replica we read is
             // still the object's (ids change on removal, eviction and rewrite, and survive a
             // failover).
-            match self.lookups.lookup_fresh(key).await {
+            match self.lookups.lookup(key).await {
                 Ok((now, _)) if now.iter().any(|r| r.id == used) => return Ok(size),
                 Ok(_) => {
                     last = Some(Error::new(

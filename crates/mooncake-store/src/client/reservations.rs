@@ -103,7 +103,7 @@ pub(super) fn eligible(config: &WriteConfig, size: u64) -> bool {
 impl Reservations {
     pub(super) fn new(master: MasterClient, client: ClientId, host_id: String) -> Self {
         Self {
-            enabled: AtomicBool::new(master.leases_keep_bytes()),
+            enabled: AtomicBool::new(!master.is_mooncakes()),
             master,
             client,
             host_id,

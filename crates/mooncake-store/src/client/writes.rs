@@ -329,8 +329,6 @@ impl StoreClient {
         if parts.is_empty() {
             return Vec::new();
         }
-        let named: Vec<String> = parts.iter().map(|(i, _)| keys[*i].clone()).collect();
-        self.lookups.forget(&named);
         let work: Vec<Move> = parts
             .iter()
             .map(|(i, part)| Move {
@@ -388,7 +386,6 @@ impl StoreClient {
                 |mut g, r| async move { g.commit_reserved(r).await },
             )
             .await;
-        self.lookups.forget(&named);
         let mut again = Vec::new();
         match reply {
             Ok(reply) => {
@@ -439,8 +436,6 @@ impl StoreClient {
         request: proto::BatchPutStartRequest,
         upsert: bool,
     ) -> Result<proto::BatchPutStartResponse> {
-        // A list of these keys leased before the write must not outlive it.
-        self.lookups.forget(&request.keys);
         let deadline = std::time::Instant::now() + RECOVERY_WAIT;
         let mut answers = self.start_once(request.clone(), upsert).await?;
         loop {
@@ -511,15 +506,9 @@ impl StoreClient {
             write_ids: writes.iter().map(|(_, w)| *w).collect(),
         };
         let reply = if commit {
-            let reply = self
-                .master
-                .call(request.clone(), |mut g, r| async move {
-                    g.batch_put_end(r).await
-                })
-                .await;
-            // Lists looked up while the write ran name the replaced version.
-            self.lookups.forget(&request.keys);
-            reply
+            self.master
+                .call(request, |mut g, r| async move { g.batch_put_end(r).await })
+                .await
         } else {
             self.master
                 .call(
