@@ -161,6 +161,19 @@ impl Reservations {
         }
     }
 
+    /// Whether `part`'s reservation may still be written into: checked again just before its
+    /// bytes go, since a process can be paused between taking a part and writing it.
+    pub(super) fn still_usable(&self, part: &Part) -> bool {
+        let (now, generation) = (Instant::now(), self.master.generation());
+        lock(&self.held).iter().any(|h| {
+            h.id == part.reservation
+                && h.generation == generation
+                && h.until
+                    .checked_duration_since(now)
+                    .is_some_and(|left| left > h.ttl / 2)
+        })
+    }
+
     fn take_held(&self, size: u64) -> Option<Part> {
         let (now, generation) = (Instant::now(), self.master.generation());
         let mut held = lock(&self.held);

@@ -326,8 +326,17 @@ impl StoreClient {
         parts: Vec<(usize, Part)>,
         results: &mut [Result<()>],
     ) -> Vec<usize> {
+        let mut again = Vec::new();
+        let (parts, lapsed): (Vec<_>, Vec<_>) = parts
+            .into_iter()
+            .partition(|(_, part)| self.reservations.still_usable(part));
+        for (i, part) in lapsed {
+            // Nothing was written to it.
+            self.reservations.done(part, Used::Unused);
+            again.push(i);
+        }
         if parts.is_empty() {
-            return Vec::new();
+            return again;
         }
         let work: Vec<Move> = parts
             .iter()
@@ -364,7 +373,7 @@ impl StoreClient {
             }
         }
         if landed.is_empty() {
-            return Vec::new();
+            return again;
         }
         let request = proto::CommitReservedRequest {
             client_id: Some(to_uuid(self.id.0)),
@@ -375,6 +384,7 @@ impl StoreClient {
                     reservation_id: part.reservation,
                     offset: part.offset,
                     size: part.size,
+                    address: part.address,
                 })
                 .collect(),
         };
@@ -386,7 +396,6 @@ impl StoreClient {
                 |mut g, r| async move { g.commit_reserved(r).await },
             )
             .await;
-        let mut again = Vec::new();
         match reply {
             Ok(reply) => {
                 let mut outcomes = reply.results.into_iter();

@@ -34,7 +34,8 @@ pub use config::{AllocationStrategy, MasterConfig};
 pub use ha::HaConfig;
 pub use server::{Durability, MasterServer, MasterServerConfig};
 pub use state::{
-    Master, MasterStats, ReservationGrant, SegmentReport, MAX_RESERVATION, RESERVATION_TTL,
+    Master, MasterStats, ReservationGrant, ReservedPart, SegmentReport, MAX_RESERVATION,
+    RESERVATION_TTL,
 };
 pub use types::{
     ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,

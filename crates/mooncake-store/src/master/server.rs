@@ -153,6 +153,7 @@ impl MasterServer {
             .map_err(|e| Error::socket("master RPC address", e))?;
         let ha = match &config.durability {
             Durability::Memory => {
+                Master::lock(&state).ids_from_random_epoch();
                 role_tx.send_replace(Role::Leader(None));
                 None
             }

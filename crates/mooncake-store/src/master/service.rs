@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::log::Log;
-use super::state::{ReservationGrant, RESERVATION_TTL};
+use super::state::{ReservationGrant, ReservedPart, RESERVATION_TTL};
 use super::types::{
     ClientId, ClientStatus, ReplicaDesc, SegmentId, WriteConfig, WriteGrant, WriteId,
 };
@@ -712,14 +712,13 @@ impl proto::master_server::Master for MasterService {
                 r.writes
                     .iter()
                     .map(|w| {
-                        master.commit_reserved(
-                            now,
-                            client,
-                            &w.key,
-                            w.reservation_id,
-                            w.offset,
-                            w.size,
-                        )
+                        let part = ReservedPart {
+                            reservation: w.reservation_id,
+                            offset: w.offset,
+                            size: w.size,
+                            address: w.address,
+                        };
+                        master.commit_reserved(now, client, &w.key, part)
                     })
                     .collect()
             })

@@ -281,6 +281,15 @@ impl Master {
         }
     }
 
+    /// Ids from a random epoch: a master that keeps no log cannot know which ids an earlier
+    /// life of it granted, and a late step naming one must not meet a new grant.
+    pub fn ids_from_random_epoch(&mut self) {
+        let epoch = fastrand::u64(1..(1 << (64 - EPOCH_SHIFT)));
+        let first = epoch << EPOCH_SHIFT | 1;
+        self.next_write = first;
+        self.next_replica = first;
+    }
+
     fn set_epoch(&mut self, epoch: u64) {
         if let Some(journal) = &mut self.journal {
             journal.epoch = epoch;

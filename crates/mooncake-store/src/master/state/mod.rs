@@ -22,7 +22,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 
 use self::journal::Journal;
 use self::reservations::Reservation;
-pub use self::reservations::{ReservationGrant, MAX_RESERVATION, RESERVATION_TTL};
+pub use self::reservations::{ReservationGrant, ReservedPart, MAX_RESERVATION, RESERVATION_TTL};
 use self::space::Parked;
 use super::config::MasterConfig;
 use super::types::{

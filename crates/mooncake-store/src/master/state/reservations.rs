@@ -31,6 +31,9 @@ const MIN_RESERVATION: u64 = 256 << 10;
 /// A reservation is at most this fraction of the pool.
 const POOL_SHARE: u64 = 16;
 
+/// All reservations together are at most this fraction of the pool.
+const MAX_LENT_SHARE: u64 = 4;
+
 /// Reservations one client may hold at once.
 const MAX_PER_CLIENT: usize = 4;
 
@@ -44,6 +47,19 @@ pub(super) struct Reservation {
     /// Free parts, as segment offsets: offset -> length.
     free: BTreeMap<u64, u64>,
     expires_at: Instant,
+}
+
+/// A part of a reservation that a client wrote a value into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservedPart {
+    /// The reservation.
+    pub reservation: u64,
+    /// From its first byte.
+    pub offset: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Where the bytes went, in the owner's memory.
+    pub address: u64,
 }
 
 /// What `reserve` grants.
@@ -94,23 +110,30 @@ impl Master {
             .filter(|s| s.alive())
             .map(|s| s.allocator.capacity())
             .sum();
-        let size = size.min(pool / POOL_SHARE);
+        let lent: u64 = self.reservations.values().map(|r| r.size).sum();
+        let size = size
+            .min(pool / POOL_SHARE)
+            .min((pool / MAX_LENT_SHARE).saturating_sub(lent));
         if size < MIN_RESERVATION {
             return Err(Error::new(
                 ErrorKind::NoAvailableHandle,
-                format!("the pool ({pool} bytes) is too small to lend a reservation"),
+                format!("the pool ({pool} bytes, {lent} lent) has no reservation to lend"),
             ));
         }
         let config = WriteConfig {
             host_id: host_id.to_owned(),
             ..WriteConfig::default()
         };
+        // Never at the cost of cached objects: a put without a reservation takes two steps.
         let Some(replica) = self
-            .allocate(now, "(reservation)", size, &config)?
+            .allocate_free(now, "(reservation)", size, &config)
             .into_iter()
             .next()
         else {
-            return Err(Error::new(ErrorKind::NoAvailableHandle, "no space"));
+            return Err(Error::new(
+                ErrorKind::NoAvailableHandle,
+                "no free space to reserve",
+            ));
         };
         let (te_endpoint, base) = self
             .segments
@@ -148,7 +171,7 @@ impl Master {
                 let Some(r) = self.reservations.get(id) else {
                     return false;
                 };
-                let alive = self.segments.get(&r.segment).is_some_and(|s| s.alive());
+                let alive = self.takes_objects(r.segment);
                 match self.reservations.get_mut(id) {
                     Some(r) if r.client == client && r.expires_at > now && alive => {
                         r.expires_at = now + RESERVATION_TTL;
@@ -188,17 +211,21 @@ impl Master {
         Ok(())
     }
 
-    /// Creates `key` from `size` bytes at `offset` of reservation `id`, which its client wrote.
+    /// Creates `key` from a part of a reservation, which its client wrote.
     /// Put semantics: an existing key (readable or being written) is left as it is.
     pub fn commit_reserved(
         &mut self,
         now: Instant,
         client: ClientId,
         key: &str,
-        id: u64,
-        offset: u64,
-        size: u64,
+        part: ReservedPart,
     ) -> Result<()> {
+        let ReservedPart {
+            reservation: id,
+            offset,
+            size,
+            address,
+        } = part;
         check_key(key)?;
         let stale = |why: &str| {
             Err(Error::new(
@@ -219,8 +246,7 @@ impl Master {
             return stale("expired");
         }
         let segment = reservation.segment;
-        let alive = self.segments.get(&segment).is_some_and(|s| s.alive());
-        if !alive {
+        if !self.takes_objects(segment) {
             return stale("is on a segment that is out of service");
         }
         if size == 0 {
@@ -238,6 +264,10 @@ impl Master {
         }
         let at = reservation.start + offset;
         let end = at + size;
+        let base = self.segments.get(&segment).map_or(0, |s| s.spec.base);
+        if base.checked_add(at) != Some(address) {
+            return stale("does not hold the address the bytes went to");
+        }
         let holding = reservation
             .free
             .range(..=at)
@@ -292,7 +322,15 @@ impl Master {
         Ok(())
     }
 
-    /// Ends reservations past their time, parking what they hold for the landing grace.
+    /// Whether new objects may go to `segment`: mounted, alive, not being unmounted.
+    fn takes_objects(&self, segment: SegmentId) -> bool {
+        self.segments
+            .get(&segment)
+            .is_some_and(|s| s.alive() && s.unmount_at.is_none())
+    }
+
+    /// Ends reservations past their time. Their client stopped renewing them, maybe frozen
+    /// in the middle of a transfer: what they hold is parked as an abandoned write's space is.
     pub(super) fn expire_reservations(&mut self, now: Instant) {
         let due: Vec<u64> = self
             .reservations
@@ -300,7 +338,7 @@ impl Master {
             .filter(|(_, r)| r.expires_at <= now)
             .map(|(id, _)| *id)
             .collect();
-        let until = now + self.landing_grace();
+        let until = now + self.config.put_start_release_timeout;
         for id in due {
             self.end_reservation(id, until, now);
         }
@@ -343,6 +381,15 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    fn part(reservation: u64, offset: u64, size: u64, address: u64) -> ReservedPart {
+        ReservedPart {
+            reservation,
+            offset,
+            size,
+            address,
+        }
+    }
+
     fn master() -> (Master, Instant, ClientId) {
         let now = Instant::now();
         let mut master = Master::new(MasterConfig::default()).unwrap();
@@ -365,10 +412,15 @@ mod tests {
         let (mut m, now, client) = master();
         let grant = m.reserve(now, client, 4 * MIB, "").unwrap();
         assert_eq!(grant.size, 4 * MIB);
-        m.commit_reserved(now, client, "a", grant.id, 0, 1000)
+        m.commit_reserved(now, client, "a", part(grant.id, 0, 1000, grant.address))
             .unwrap();
-        m.commit_reserved(now, client, "b", grant.id, 1000, MIB)
-            .unwrap();
+        m.commit_reserved(
+            now,
+            client,
+            "b",
+            part(grant.id, 1000, MIB, grant.address + 1000),
+        )
+        .unwrap();
         m.check_invariants();
         let (list, _) = m.get_replica_list(now, "b").unwrap();
         assert_eq!(list[0].address, grant.address + 1000);
@@ -376,33 +428,63 @@ mod tests {
         // The same part twice, a part overlapping one taken, one past the end: refused.
         let kind = |r: Result<()>| r.unwrap_err().kind();
         assert_eq!(
-            kind(m.commit_reserved(now, client, "c", grant.id, 0, 10)),
+            kind(m.commit_reserved(now, client, "c", part(grant.id, 0, 10, grant.address))),
             ErrorKind::InvalidWrite
         );
         assert_eq!(
-            kind(m.commit_reserved(now, client, "c", grant.id, 500, 1000)),
+            kind(m.commit_reserved(
+                now,
+                client,
+                "c",
+                part(grant.id, 500, 1000, grant.address + 500)
+            )),
             ErrorKind::InvalidWrite
         );
         assert_eq!(
-            kind(m.commit_reserved(now, client, "c", grant.id, 4 * MIB - 10, 11)),
+            kind(m.commit_reserved(
+                now,
+                client,
+                "c",
+                part(grant.id, 4 * MIB - 10, 11, grant.address + 4 * MIB - 10)
+            )),
             ErrorKind::InvalidWrite
         );
         // Another client's reservation, an existing key, an unknown reservation.
         assert_eq!(
-            kind(m.commit_reserved(now, ClientId(8), "c", grant.id, 2 * MIB, 10)),
+            kind(m.commit_reserved(
+                now,
+                ClientId(8),
+                "c",
+                part(grant.id, 2 * MIB, 10, grant.address + 2 * MIB)
+            )),
             ErrorKind::IllegalClient
         );
         assert_eq!(
-            kind(m.commit_reserved(now, client, "a", grant.id, 2 * MIB, 10)),
+            kind(m.commit_reserved(
+                now,
+                client,
+                "a",
+                part(grant.id, 2 * MIB, 10, grant.address + 2 * MIB)
+            )),
             ErrorKind::ObjectAlreadyExists
         );
         assert_eq!(
-            kind(m.commit_reserved(now, client, "c", 999, 0, 10)),
+            kind(m.commit_reserved(now, client, "c", part(999, 0, 10, 0))),
+            ErrorKind::InvalidWrite
+        );
+        // The right part named with another address (a part of another reservation).
+        assert_eq!(
+            kind(m.commit_reserved(now, client, "c", part(grant.id, 2 * MIB, 10, grant.address))),
             ErrorKind::InvalidWrite
         );
         // The part an existing key was refused for is still held.
-        m.commit_reserved(now, client, "c", grant.id, 2 * MIB, 10)
-            .unwrap();
+        m.commit_reserved(
+            now,
+            client,
+            "c",
+            part(grant.id, 2 * MIB, 10, grant.address + 2 * MIB),
+        )
+        .unwrap();
         m.check_invariants();
     }
 
@@ -410,7 +492,7 @@ mod tests {
     fn an_unrenewed_reservation_ends_and_its_space_comes_back_after_landing() {
         let (mut m, mut now, client) = master();
         let grant = m.reserve(now, client, 8 * MIB, "").unwrap();
-        m.commit_reserved(now, client, "kept", grant.id, 0, MIB)
+        m.commit_reserved(now, client, "kept", part(grant.id, 0, MIB, grant.address))
             .unwrap();
         now += RESERVATION_TTL / 2;
         assert_eq!(
@@ -418,19 +500,27 @@ mod tests {
             vec![true, false]
         );
         now += RESERVATION_TTL + Duration::from_millis(1);
+        let grant_ended = now;
         m.tick(now);
         assert!(m
-            .commit_reserved(now, client, "late", grant.id, MIB, 10)
+            .commit_reserved(
+                now,
+                client,
+                "late",
+                part(grant.id, MIB, 10, grant.address + MIB)
+            )
             .is_err());
         // Parked while late bytes may land, then free; the committed object stays.
         let parked = m.stats(now).parked_bytes;
         assert_eq!(parked, 7 * MIB);
         m.check_invariants();
-        // (The segment's owner keeps pinging.)
-        now += m.landing_grace() / 2;
-        m.ping(now, client);
-        now += m.landing_grace() / 2 + Duration::from_millis(1);
-        m.ping(now, client);
+        // Parked as an abandoned write's space (its client may be frozen mid-transfer); the
+        // segment's owner keeps pinging meanwhile.
+        let release = m.config().put_start_release_timeout;
+        while now < grant_ended + release {
+            now += m.config().client_ttl / 2;
+            m.ping(now, client);
+        }
         m.tick(now);
         assert_eq!(m.stats(now).parked_bytes, 0);
         assert!(m.get_replica_list(now, "kept").is_ok());

@@ -193,6 +193,17 @@ impl Master {
             })
     }
 
+    /// [`allocate`](Self::allocate) without evicting anything to make room.
+    pub(super) fn allocate_free(
+        &mut self,
+        now: Instant,
+        key: &str,
+        size: u64,
+        config: &WriteConfig,
+    ) -> Vec<Replica> {
+        self.try_allocate(now, key, size, config)
+    }
+
     fn try_allocate(
         &mut self,
         now: Instant,
