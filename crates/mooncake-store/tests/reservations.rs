@@ -130,3 +130,115 @@ async fn reservations_of_a_master_that_restarted_are_never_written() {
     drop(master);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The writer process of [`a_frozen_writer_never_lands_on_another_keys_bytes`]: 1 MiB puts
+/// without end, to the master `RESERVATION_WRITER_MASTER` names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run as a child process by a_frozen_writer_never_lands_on_another_keys_bytes"]
+async fn reserved_writer_child() {
+    let address = std::env::var("RESERVATION_WRITER_MASTER").unwrap();
+    let writer = store_client(&address, 0).await;
+    for i in 0.. {
+        let _ = writer
+            .put(
+                &format!("w{i}"),
+                &value(1000 + i, 1 << 20),
+                &WriteConfig::default(),
+            )
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_writer_never_lands_on_another_keys_bytes() {
+    let master = MasterProcess::start(&[]);
+    let node = store_client(&master.address(), 64 << 20).await;
+    let other = store_client(&master.address(), 0).await;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["reserved_writer_child", "--exact", "--ignored", "--quiet"])
+        .env("RESERVATION_WRITER_MASTER", master.address())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Frozen past its reservations' life and the client TTL, mid-put more likely than not.
+    // SAFETY: signalling a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let mut written = Vec::new();
+    for n in 0..40usize {
+        let key = format!("o{n}");
+        if other
+            .put(&key, &value(5000 + n, 1 << 20), &WriteConfig::default())
+            .await
+            .is_ok()
+        {
+            written.push((key, 5000 + n));
+        }
+    }
+    assert!(written.len() >= 20, "{} puts", written.len());
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    // (The pool is full: eviction takes the oldest ones. What is there must be whole.)
+    let mut present = 0;
+    for (key, seed) in &written {
+        if let Ok(got) = node.get(key).await {
+            assert!(
+                got.to_vec() == value(*seed, 1 << 20),
+                "{key} was overwritten"
+            );
+            present += 1;
+        }
+    }
+    assert!(present >= 10, "{present} of {} left", written.len());
+    other.close().await;
+    node.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_gets_another_keys_bytes_after_a_master_restart() {
+    for durable in [false, true] {
+        let dir = std::env::temp_dir().join(format!("mooncake-restart-{}", support::free_port()));
+        let dir_arg = dir.display().to_string();
+        let args: Vec<&str> = if durable {
+            vec!["--data-dir", &dir_arg]
+        } else {
+            vec![]
+        };
+        let mut master = MasterProcess::start(&args);
+        let node = store_client(&master.address(), 64 << 20).await;
+        let writer = store_client(&master.address(), 0).await;
+        let reader = store_client(&master.address(), 0).await;
+        let config = WriteConfig::default();
+        writer.put("k", &value(1, 4096), &config).await.unwrap();
+        assert!(reader.get("k").await.unwrap().to_vec() == value(1, 4096));
+        master.kill();
+        master.restart();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        if durable {
+            while writer.remove("k", false).await.is_err() {
+                assert!(std::time::Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        while writer.put("j", &value(2, 4096), &config).await.is_err() {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Ok(got) = reader.get("k").await {
+            assert!(
+                got.to_vec() != value(2, 4096),
+                "k read j's bytes (durable: {durable})"
+            );
+            assert!(got.to_vec() == value(1, 4096));
+        }
+        for client in [writer, reader, node] {
+            client.close().await;
+        }
+        drop(master);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
