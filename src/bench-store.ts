@@ -2,7 +2,8 @@
  * `mooncake bench-store` (and `npm run bench:store`): put and get of several value sizes from
  * several client processes against a store of several node processes on loopback, and in the
  * same run the same workload against Redis (a `redis-server` the bench starts) through a Node
- * Redis client. Also measures master operations per second with batched existence checks.
+ * Redis client (ioredis) and through Redis's own C client, `redis-benchmark`. Also measures master
+ * operations per second with batched existence checks.
  *
  * The store runs twice per size: through the copying API (`put(Buffer)`, `get()` returning a new
  * Buffer, what Redis clients offer) and through the zero-copy API (`putFrom`/`getInto` on
@@ -10,7 +11,12 @@
  * (an eighth of the pool in all). Puts: one untimed pass to warm both systems' memory, then
  * timed passes, each followed by an untimed removal, for the period. Gets: the last pass's keys,
  * over and over, for the period. `--inflight` operations run at once per client. The whole
- * sequence runs `--repeat` times; the report gives medians.
+ * sequence runs `--repeat` times, each round in a rotated order of the systems; the report gives
+ * medians. `--clients` and `--sizes` take lists; `--protocol` forces the store's transport.
+ *
+ * `redis-benchmark` runs SET then GET of one key with `--clients` x `--inflight` connections, each
+ * with one command in flight (no pipelining), for about `--duration` seconds per command; it
+ * cannot check what GET returns, so the bench checks the stored value's length after each run.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
@@ -29,10 +35,11 @@ interface Phase {
   latenciesUs: number[]
 }
 
-type System = 'mooncake' | 'zero-copy' | 'redis'
+type System = 'mooncake' | 'zero-copy' | 'redis' | 'redis-benchmark'
 
 interface Row {
   system: System
+  clients: number
   op: string
   size: number
   gbps: number
@@ -48,6 +55,7 @@ const OPTIONS = {
   'node-size': { type: 'string', default: '1024' },
   staging: { type: 'string', default: '1024' },
   sizes: { type: 'string', default: '65536,1048576,4194304' },
+  protocol: { type: 'string', default: '' },
   duration: { type: 'string', default: '2' },
   inflight: { type: 'string', default: '4' },
   repeat: { type: 'string', default: '3' },
@@ -100,10 +108,12 @@ interface Store {
   close(): Promise<void>
 }
 
+/** `--protocol`, for the store's processes; unset leaves the engine's default (`auto`). */
+const transport = (o: Record<string, string | boolean>) => (o.protocol ? { protocol: o.protocol as 'auto' | 'tcp' | 'shm' } : {})
+
 async function openStore(o: Record<string, string | boolean>): Promise<Store> {
   if (o.redis) {
-    const { Redis } = (await import('ioredis')) as { Redis: new (url: string) => RedisClient }
-    const redis = new Redis(o.redis as string)
+    const redis = await openRedis(o.redis as string)
     return {
       worker: (size) => {
         const value = Buffer.alloc(size, 0x5a)
@@ -125,6 +135,7 @@ async function openStore(o: Record<string, string | boolean>): Promise<Store> {
     metadata: o.metadata as string,
     localServerName: `bench-client-${process.pid}`,
     ipOrHostName: '127.0.0.1',
+    ...transport(o),
     globalSegmentSize: 0,
     // Room for the Buffers that gets return until the garbage collector frees them; Mooncake's
     // serving connectors stage through 1 GiB.
@@ -148,9 +159,12 @@ async function openStore(o: Record<string, string | boolean>): Promise<Store> {
 interface RedisClient {
   set(key: string, value: Buffer): Promise<unknown>
   getBuffer(key: string): Promise<Buffer | null>
+  strlen(key: string): Promise<number>
   del(...keys: string[]): Promise<number>
   disconnect(): void
 }
+
+const openRedis = async (url: string) => new ((await import('ioredis')) as { Redis: new (url: string) => RedisClient }).Redis(url)
 
 /** Adds `next` to `total` (the time of both, all their latencies). */
 function merge(total: Phase, next: Phase): Phase {
@@ -211,6 +225,7 @@ async function node(o: Record<string, string | boolean>): Promise<void> {
     metadata: o.metadata as string,
     localServerName: `bench-node-${process.pid}`,
     ipOrHostName: '127.0.0.1',
+    ...transport(o),
     globalSegmentSize: Number(o['node-size']) << 20,
     localBufferSize: 0,
   })
@@ -243,14 +258,14 @@ async function freePort(): Promise<number> {
 }
 
 /** Runs the clients for one size against one system and returns its put and get rows. */
-async function workload(system: System, target: string[], size: number, o: Record<string, string | boolean>, poolBytes: number): Promise<Row[]> {
-  const clients = Number(o.clients)
+async function workload(system: System, target: string[], size: number, clients: number, o: Record<string, string | boolean>, poolBytes: number): Promise<Row[]> {
   // An eighth of the pool per run: removed keys stay parked while their readers' leases run,
   // and the runs that follow must not push the pool into eviction.
   const keys = Math.max(1, Math.min(2000, Math.floor(poolBytes / 8 / size / clients)))
   const api = system === 'zero-copy' ? ['--api', 'zero-copy'] : []
+  const transportArgs = system === 'redis' || !o.protocol ? [] : ['--protocol', String(o.protocol)]
   const procs = Array.from({ length: clients }, (_, c) =>
-    child(['--role', 'client', ...target, ...api, '--staging', String(o.staging), '--size', String(size), '--keys', String(keys), '--prefix', `c${c}-${Date.now()}`,
+    child(['--role', 'client', ...target, ...api, ...transportArgs, '--staging', String(o.staging), '--size', String(size), '--keys', String(keys), '--prefix', `c${c}-${Date.now()}`,
       '--duration', String(o.duration), '--inflight', String(o.inflight)]),
   )
   const results = (await Promise.all(procs.map(lastLine))).map((l) => JSON.parse(l) as Record<'put' | 'get', Omit<Phase, 'latenciesUs'> & { p50Us: number; p99Us: number }>)
@@ -260,11 +275,71 @@ async function workload(system: System, target: string[], size: number, o: Recor
     const seconds = Math.max(...results.map((r) => r[op].seconds))
     const p50 = results.map((r) => r[op].p50Us).sort((a, b) => a - b)
     const p99 = Math.max(...results.map((r) => r[op].p99Us))
-    return { system, op, size, gbps: bytes / seconds / 1e9, opsPerSec: ops / seconds, p50Us: p50[Math.floor(p50.length / 2)], p99Us: p99 }
+    return { system, clients, op, size, gbps: bytes / seconds / 1e9, opsPerSec: ops / seconds, p50Us: p50[Math.floor(p50.length / 2)], p99Us: p99 }
   })
 }
 
-async function startRedis(): Promise<{ proc: ChildProcess; url: string } | undefined> {
+interface RedisServer {
+  proc: ChildProcess
+  port: number
+  url: string
+}
+
+/**
+ * `redis-benchmark`'s CSV, by test: Redis 7 prints a header and test, rps, avg/min/p50/p95/p99/max
+ * latency in ms; Redis 6 only test and rps, without a header (its latencies come out NaN).
+ */
+function parseRedisBenchmark(csv: string): Map<string, Record<string, number>> {
+  const lines = csv.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('"'))
+  const fields = (line: string) => line.split(',').map((f) => f.replace(/^"|"$/g, ''))
+  const headed = fields(lines[0] ?? '')[0] === 'test'
+  const header = headed ? fields(lines[0]) : ['test', 'rps']
+  const byTest = new Map<string, Record<string, number>>()
+  for (const line of lines.slice(headed ? 1 : 0)) {
+    const values = fields(line)
+    byTest.set(values[0], Object.fromEntries(header.slice(1).map((name, i) => [name, Number(values[i + 1])])))
+  }
+  return byTest
+}
+
+/**
+ * One `redis-benchmark` run of SET then GET: `requests` of each over `connections` connections
+ * without pipelining. Returns the put and get rows, after checking that the key holds `size` bytes.
+ */
+async function redisBenchmark(redis: RedisServer, size: number, clients: number, connections: number, requests: number): Promise<Row[]> {
+  const proc = spawn('redis-benchmark', ['-h', '127.0.0.1', '-p', String(redis.port), '-t', 'set,get', '-d', String(size), '-c', String(connections), '-n', String(requests), '--csv'], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  })
+  let out = ''
+  proc.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()))
+  const [code] = await once(proc, 'exit')
+  if (code !== 0) throw new MooncakeError('ERR_TRANSFER_FAILED', `redis-benchmark exited with ${code}`)
+  const tests = parseRedisBenchmark(out)
+  const client = await openRedis(redis.url)
+  try {
+    // redis-benchmark's one key, unless given -r; SET wrote it, GET read it back `requests` times.
+    const stored = await client.strlen('key:__rand_int__')
+    if (stored !== size) throw new MooncakeError('ERR_TRANSFER_FAILED', `redis-benchmark stored ${stored} bytes, not ${size}`)
+    await client.del('key:__rand_int__')
+  } finally {
+    client.disconnect()
+  }
+  return (['put', 'get'] as const).map((op) => {
+    const t = tests.get(op === 'put' ? 'SET' : 'GET')
+    if (!t || !(t.rps > 0)) throw new MooncakeError('ERR_TRANSFER_FAILED', `redis-benchmark printed no ${op === 'put' ? 'SET' : 'GET'} figures:\n${out}`)
+    return { system: 'redis-benchmark', clients, op, size, gbps: (t.rps * size) / 1e9, opsPerSec: t.rps, p50Us: Number(t.p50_latency_ms) * 1e3, p99Us: Number(t.p99_latency_ms) * 1e3 }
+  })
+}
+
+async function hasRedisBenchmark(): Promise<boolean> {
+  const proc = spawn('redis-benchmark', ['--version'], { stdio: 'ignore' })
+  return new Promise<boolean>((resolve) => {
+    proc.once('exit', (code) => resolve(code === 0))
+    proc.once('error', () => resolve(false))
+  })
+}
+
+async function startRedis(): Promise<RedisServer | undefined> {
   const port = await freePort()
   const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--protected-mode', 'no'], {
     stdio: 'ignore',
@@ -279,30 +354,62 @@ async function startRedis(): Promise<{ proc: ChildProcess; url: string } | undef
     return undefined
   }
   await new Promise((r) => setTimeout(r, 300))
-  return { proc, url: `redis://127.0.0.1:${port}` }
+  return { proc, port, url: `redis://127.0.0.1:${port}` }
 }
 
+const list = (value: string | boolean) => String(value).split(',').map(Number)
+
 async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
+  if (o.protocol && !['auto', 'tcp', 'shm'].includes(o.protocol as string)) throw new MooncakeError('ERR_INVALID_ARGUMENT', `--protocol is auto, tcp or shm, not '${o.protocol}'`)
   const master = await MasterServer.start({ rpcPort: 0, metricsPort: -1, httpMetadataServer: true, httpMetadataPort: 0 })
   const nodes: ChildProcess[] = []
-  let redis: { proc: ChildProcess; url: string } | undefined
+  let redis: RedisServer | undefined
   try {
     const target = ['--master', master.address, '--metadata', master.metadataUrl!]
     for (let i = 0; i < Number(o.nodes); i++) {
-      const proc = child(['--role', 'node', ...target, '--node-size', String(o['node-size'])])
+      const proc = child(['--role', 'node', ...target, '--node-size', String(o['node-size']), ...(o.protocol ? ['--protocol', String(o.protocol)] : [])])
       nodes.push(proc)
       await once(createInterface({ input: proc.stdout! }), 'line')
     }
     redis = await startRedis()
+    const benchmark = redis && (await hasRedisBenchmark())
+    if (redis && !benchmark) console.error('redis-benchmark not found (it comes with redis-server): comparing with ioredis only')
     const pool = Number(o.nodes) * (Number(o['node-size']) << 20)
-    const systems: [System, string[]][] = [['mooncake', target], ['zero-copy', target]]
-    if (redis) systems.push(['redis', ['--redis', redis.url]])
-    // Rounds alternate the systems, so that a slow spell of a shared machine hits them alike.
+    const sizes = list(o.sizes)
+    const clientCounts = list(o.clients)
+    const inflight = Number(o.inflight)
+    const seconds = Number(o.duration)
+    const systems: System[] = ['mooncake', 'zero-copy']
+    if (redis) systems.push('redis')
+    if (benchmark) systems.push('redis-benchmark')
+    // redis-benchmark counts requests, not time: an untimed pass per cell, as the other systems'
+    // warm-up, sizes its runs to about `--duration` seconds for the slower command, and each run
+    // resizes the next.
+    const rates = new Map<string, number>()
+    const runBenchmark = async (size: number, clients: number, requests: number) => {
+      const rows = await redisBenchmark(redis!, size, clients, clients * inflight, requests)
+      rates.set(`${size}/${clients}`, Math.min(...rows.map((r) => r.opsPerSec)))
+      return rows
+    }
+    if (benchmark) {
+      for (const clients of clientCounts) {
+        for (const size of sizes) await runBenchmark(size, clients, Math.max(clients * inflight * 20, Math.min(5000, Math.round((64 << 20) / size))))
+      }
+    }
+    const run = (system: System, size: number, clients: number): Promise<Row[]> =>
+      system === 'redis-benchmark'
+        ? runBenchmark(size, clients, Math.max(clients * inflight * 20, Math.round(rates.get(`${size}/${clients}`)! * seconds)))
+        : workload(system, system === 'redis' ? ['--redis', redis!.url] : target, size, clients, o, pool)
+    // Rounds alternate the systems, each round in a rotated order, so that a slow spell of a
+    // shared machine or the cost of going first hits them alike.
     const rounds: Row[][] = []
     for (let r = 0; r < Number(o.repeat); r++) {
       const rows: Row[] = []
-      for (const size of String(o.sizes).split(',').map(Number)) {
-        for (const [system, args] of systems) rows.push(...(await workload(system, args, size, o, pool)))
+      const order = systems.map((_, i) => systems[(i + r) % systems.length])
+      for (const clients of clientCounts) {
+        for (const size of sizes) {
+          for (const system of order) rows.push(...(await run(system, size, clients)))
+        }
       }
       rounds.push(rows)
     }
@@ -322,12 +429,16 @@ const median = (values: number[]) => {
   return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
 }
 
-/** Per op and size: each system's median figures over the rounds, and the median ratios to Redis. */
+/**
+ * Per client count, op and size: each system's median figures over the rounds, and the median
+ * over the rounds of each round's ratio of ops/s (so GB/s too) to ioredis and to redis-benchmark.
+ */
 function summarize(rounds: Row[][]) {
   const first = rounds[0].filter((r) => r.system === 'mooncake')
-  return first.map(({ op, size }) => {
+  return first.map(({ clients, op, size }) => {
+    const find = (round: Row[], system: System) => round.find((r) => r.system === system && r.clients === clients && r.op === op && r.size === size)
     const pick = (system: System) => {
-      const rows = rounds.map((round) => round.find((r) => r.system === system && r.op === op && r.size === size)).filter((r) => r !== undefined)
+      const rows = rounds.map((round) => find(round, system)).filter((r) => r !== undefined)
       if (!rows.length) return undefined
       return {
         gbps: median(rows.map((r) => r.gbps)),
@@ -336,37 +447,54 @@ function summarize(rounds: Row[][]) {
         p99Us: median(rows.map((r) => r.p99Us)),
       }
     }
-    const ratio = (system: System) => {
+    const ratio = (system: System, baseline: System) => {
       const ratios = rounds.flatMap((round) => {
-        const ours = round.find((r) => r.system === system && r.op === op && r.size === size)
-        const redis = round.find((r) => r.system === 'redis' && r.op === op && r.size === size)
-        return ours && redis ? [ours.gbps / redis.gbps] : []
+        const ours = find(round, system)
+        const theirs = find(round, baseline)
+        return ours && theirs ? [ours.opsPerSec / theirs.opsPerSec] : []
       })
       return ratios.length ? median(ratios) : undefined
     }
-    return { op, size, mooncake: pick('mooncake'), zeroCopy: pick('zero-copy'), redis: pick('redis'), ratio: ratio('mooncake'), zeroCopyRatio: ratio('zero-copy') }
+    return {
+      clients,
+      op,
+      size,
+      mooncake: pick('mooncake'),
+      zeroCopy: pick('zero-copy'),
+      redis: pick('redis'),
+      redisBenchmark: pick('redis-benchmark'),
+      ratio: ratio('mooncake', 'redis'),
+      zeroCopyRatio: ratio('zero-copy', 'redis'),
+      benchmarkRatio: ratio('mooncake', 'redis-benchmark'),
+      zeroCopyBenchmarkRatio: ratio('zero-copy', 'redis-benchmark'),
+    }
   })
 }
 
 function report(rounds: Row[][], masterOpsPerSec: number, o: Record<string, string | boolean>): void {
   const summary = summarize(rounds)
+  const protocol = (o.protocol as string) || 'auto'
   if (o.json) {
-    console.log(JSON.stringify({ summary, rounds, masterOpsPerSec }))
+    const config = { protocol, nodes: Number(o.nodes), nodeSizeMiB: Number(o['node-size']), clients: list(o.clients), inflight: Number(o.inflight), duration: Number(o.duration), repeat: Number(o.repeat) }
+    console.log(JSON.stringify({ config, summary, rounds, masterOpsPerSec }))
     return
   }
   const size = (b: number) => (b >= 1 << 20 ? `${b / (1 << 20)} MiB` : `${b / 1024} KiB`)
   type Figures = ReturnType<typeof summarize>[number]['redis']
   const cells = (x: Figures) =>
-    x ? `${x.gbps.toFixed(2).padStart(6)} ${x.p50Us.toFixed(0).padStart(6)} ${x.p99Us.toFixed(0).padStart(6)}` : '     -      -      -'
+    x ? `${x.opsPerSec.toFixed(0).padStart(7)} ${x.gbps.toFixed(2).padStart(6)} ${(Number.isFinite(x.p50Us) ? x.p50Us.toFixed(0) : '-').padStart(6)}` : '      -      -      -'
   const times = (x: number | undefined) => (x === undefined ? '     -' : `${x.toFixed(2).padStart(5)}x`)
   console.log(
-    `store on loopback: ${o.nodes} node processes x ${o['node-size']} MiB, ${o.clients} client processes x ${o.inflight} in flight ` +
-      `(${o.staging} MiB staging each); medians of ${o.repeat} rounds`,
+    `store on loopback over ${protocol}: ${o.nodes} node processes x ${o['node-size']} MiB, client processes x ${o.inflight} in flight ` +
+      `(${o.staging} MiB staging each); redis-benchmark with as many connections as operations in flight; medians of ${o.repeat} rounds`,
   )
-  console.log('           put/get (Buffer)       putFrom/getInto        redis (ioredis)        vs redis')
-  console.log('op  size     GB/s  p50µs  p99µs    GB/s  p50µs  p99µs    GB/s  p50µs  p99µs    Buffer zero-copy')
+  console.log('               put/get (Buffer)      putFrom/getInto       redis (ioredis)       redis-benchmark        Buffer vs        zero-copy vs')
+  console.log('cl op  size      ops/s   GB/s  p50µs    ops/s   GB/s  p50µs    ops/s   GB/s  p50µs    ops/s   GB/s  p50µs   ioredis r-bench  ioredis r-bench')
   for (const r of summary) {
-    console.log(`${r.op.padEnd(3)} ${size(r.size).padEnd(7)} ${cells(r.mooncake)}  ${cells(r.zeroCopy)}  ${cells(r.redis)}   ${times(r.ratio)}    ${times(r.zeroCopyRatio)}`)
+    console.log(
+      `${String(r.clients).padStart(2)} ${r.op.padEnd(3)} ${size(r.size).padEnd(7)} ${cells(r.mooncake)}  ${cells(r.zeroCopy)}  ${cells(r.redis)}  ${cells(r.redisBenchmark)}` +
+        `   ${times(r.ratio)}  ${times(r.benchmarkRatio)}   ${times(r.zeroCopyRatio)}  ${times(r.zeroCopyBenchmarkRatio)}`,
+    )
   }
   console.log(`master: ${Math.round(masterOpsPerSec)} key checks/s (batchExists of 1,000 keys)`)
   console.log('targets: mooncake/redis >= 3 at 1 MiB for put and get; master >= 100,000 operations/s with batches')
