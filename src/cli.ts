@@ -59,8 +59,9 @@ commands:
                       --mode target|initiator   --host 127.0.0.1   --port N   --op read|write
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
   bench-store       store put/get from client processes against node processes, and Redis
-                      --nodes 2   --clients 2   --node-size 1024 (MiB)   --staging 1024 (MiB, per client)
-                      --sizes 65536,1048576,4194304
+                      (through ioredis and through redis-benchmark)
+                      --nodes 2   --clients 2 (or a list: 1,2)   --node-size 1024 (MiB)   --staging 1024 (MiB, per client)
+                      --sizes 65536,1048576,4194304   --protocol auto|tcp|shm
                       --duration 2   --inflight 4   --repeat 3   --json
   bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
