@@ -398,17 +398,8 @@ impl StoreClient {
             .await;
         match reply {
             Ok(reply) => {
-                let mut outcomes = reply.results.into_iter();
-                for (i, part) in landed {
-                    let outcome = outcomes.next().map_or_else(
-                        || {
-                            Err(Error::new(
-                                ErrorKind::Protocol,
-                                "the master answered fewer commits than asked",
-                            ))
-                        },
-                        |o| from_outcome(Some(&o)),
-                    );
+                let outcomes = commit_outcomes(reply.results);
+                for ((i, part), outcome) in landed.into_iter().zip(outcomes) {
                     match outcome {
                         Ok(()) => self.reservations.done(part, Used::Committed),
                         // Put is insert-if-absent: the key already holds a value.
@@ -528,17 +519,8 @@ impl StoreClient {
         };
         match reply {
             Ok(reply) if commit => {
-                let mut outcomes = reply.results.into_iter();
-                for (i, _) in writes {
-                    let outcome = outcomes.next().map_or_else(
-                        || {
-                            Err(Error::new(
-                                ErrorKind::Protocol,
-                                "the master answered fewer commits than asked",
-                            ))
-                        },
-                        |o| from_outcome(Some(&o)),
-                    );
+                let outcomes = commit_outcomes(reply.results);
+                for ((i, _), outcome) in writes.iter().zip(outcomes) {
                     if let Err(e) = outcome {
                         results[*i] = Err(e);
                     }
@@ -553,6 +535,19 @@ impl StoreClient {
             Err(e) => tracing::warn!("revoking failed writes: {e}"),
         }
     }
+}
+
+/// One result per commit asked for, in order; commits the master did not answer failed.
+fn commit_outcomes(results: Vec<proto::Outcome>) -> impl Iterator<Item = Result<()>> {
+    results
+        .into_iter()
+        .map(|o| from_outcome(Some(&o)))
+        .chain(std::iter::repeat_with(|| {
+            Err(Error::new(
+                ErrorKind::Protocol,
+                "the master answered fewer commits than asked",
+            ))
+        }))
 }
 
 fn first(results: Vec<Result<()>>) -> Result<()> {
