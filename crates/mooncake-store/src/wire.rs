@@ -15,6 +15,18 @@ use crate::proto;
 /// are named by the write id their start returned.
 pub const STORE_VERSION: &str = "mooncake-kv-store/2";
 
+/// A single-key write start as the batch of one key it is.
+impl From<proto::PutStartRequest> for proto::BatchPutStartRequest {
+    fn from(r: proto::PutStartRequest) -> Self {
+        Self {
+            client_id: r.client_id,
+            keys: vec![r.key],
+            sizes: vec![r.size],
+            config: r.config,
+        }
+    }
+}
+
 /// A result as a per-key outcome.
 pub fn to_outcome(result: &Result<()>) -> proto::Outcome {
     match result {

@@ -486,14 +486,8 @@ impl MooncakeBridge {
         r: proto::PutStartRequest,
         upsert: bool,
     ) -> Reply<proto::PutStartResponse> {
-        let batch = proto::BatchPutStartRequest {
-            client_id: r.client_id,
-            keys: vec![r.key],
-            sizes: vec![r.size],
-            config: r.config,
-        };
         Ok(Response::new(first(
-            self.start(batch, upsert).await?.into_inner().results,
+            self.start(r.into(), upsert).await?.into_inner().results,
         )))
     }
 

@@ -391,14 +391,8 @@ impl MasterService {
         r: proto::PutStartRequest,
         upsert: bool,
     ) -> Reply<proto::PutStartResponse> {
-        let batch = proto::BatchPutStartRequest {
-            client_id: r.client_id,
-            keys: vec![r.key],
-            sizes: vec![r.size],
-            config: r.config,
-        };
         Ok(Response::new(first(
-            self.batch_start(op, batch, upsert)
+            self.batch_start(op, r.into(), upsert)
                 .await?
                 .into_inner()
                 .results,
