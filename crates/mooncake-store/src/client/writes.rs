@@ -185,9 +185,10 @@ impl StoreClient {
             let mut rest = Vec::new();
             for i in todo {
                 let len = ranges[i].1 as u64;
-                let part = match reservations::eligible(config, len) {
-                    true => self.reservations.take(len).await,
-                    false => None,
+                let part = if reservations::eligible(config, len) {
+                    self.reservations.take(len).await
+                } else {
+                    None
                 };
                 match part {
                     Some(part) => parts.push((i, part)),
