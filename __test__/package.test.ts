@@ -1,5 +1,5 @@
 import { execFileSync, spawnSync } from 'node:child_process'
-import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -29,6 +29,34 @@ test('the CLI prints its usage', (t) => {
   const out = execFileSync(process.execPath, [join(root, 'dist', 'cli.js'), 'help'], { encoding: 'utf8' })
   t.regex(out, /usage: mooncake <command>/)
   t.regex(out, /bench-raw/)
+})
+
+test('every command has --help, the CLI has --version, and usage mistakes exit with 2', (t) => {
+  const cli = (...args: string[]) => spawnSync(process.execPath, [join(root, 'dist', 'cli.js'), ...args], { encoding: 'utf8', timeout: 20_000 })
+  const { version } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { version: string }
+  t.is(cli('--version').stdout.trim(), version)
+  for (const command of ['serve', 'master', 'demo', 'metadata-server', 'bench', 'bench-raw', 'bench-store', 'bench-memcpy', 'token', 'topology']) {
+    // Help, never the command itself (demo would move 3 GB, serve and master would serve).
+    const help = cli(command, '--help')
+    t.is(help.status, 0, command)
+    t.regex(help.stdout, new RegExp(`usage: mooncake ${command}`), command)
+    t.is(cli('help', command).stdout, help.stdout, command)
+  }
+  t.regex(cli('p2p', '--help').stdout, /usage: mooncake p2p/)
+  const mistakes: [string[], RegExp][] = [
+    [['master', '--rpc-port', 'abc'], /--rpc-port needs a whole number from 0 to 65535, not 'abc'/],
+    [['serve', '--metadata-port', '70000'], /--metadata-port needs a whole number/],
+    [['master', '--eviction-ratio', 'lots'], /--eviction-ratio needs a number/],
+    [['master', '--no-such-option'], /Unknown option '--no-such-option'/],
+    [['no-such-command'], /unknown command 'no-such-command'/],
+    [['token', 'extra'], /token takes no options/],
+  ]
+  for (const [args, message] of mistakes) {
+    const run = cli(...args)
+    t.is(run.status, 2, args.join(' '))
+    t.regex(run.stderr, message, args.join(' '))
+    t.regex(run.stderr, /see: mooncake/, args.join(' '))
+  }
 })
 
 test('an RDMA binary that cannot load (no libibverbs) falls back to the plain one silently', async (t) => {

@@ -27,6 +27,7 @@ import { p2p } from './p2p-cli'
 import { MooncakeStore } from './store'
 
 const USAGE = `usage: mooncake <command> [options]
+       mooncake <command> --help   mooncake --version
 
 commands:
   serve             all-in-one: master, metadata server and one store node on this host
@@ -71,6 +72,41 @@ commands:
   topology          this host's NUMA nodes, RDMA NICs, interfaces, GPUs and NIC priority matrix
                       --json   --root <sysfs tree root> (default /)   (MC_TE_FILTERS limits the NICs)
 `
+
+/** A usage mistake: reported with a pointer to the command's help, exit status 2. */
+class UsageError extends MooncakeError {
+  constructor(message: string) {
+    super('ERR_INVALID_ARGUMENT', message)
+  }
+}
+
+/** `text` as a whole number within `[min, max]`, or a usage error naming `flag`. */
+function integer(text: string, flag: string, min = 0, max = Number.MAX_SAFE_INTEGER): number {
+  const value = Number(text)
+  if (!/^\s*-?\d+\s*$/.test(text) || !Number.isSafeInteger(value) || value < min || value > max) {
+    throw new UsageError(`--${flag} needs a whole number from ${min} to ${max}, not '${text}'`)
+  }
+  return value
+}
+
+/** `text` as a TCP port (0 picks a free one). */
+function port(text: string, flag: string): number {
+  return integer(text, flag, 0, 65535)
+}
+
+/** `text` as a port, or -1 (off) where the option allows it. */
+function portOrOff(text: string, flag: string): number {
+  return text.trim() === '-1' ? -1 : port(text, flag)
+}
+
+/** `text` as a number (ratios, fractions), or a usage error naming `flag`. */
+function decimal(text: string, flag: string): number {
+  const value = Number(text)
+  if (text.trim() === '' || !Number.isFinite(value)) {
+    throw new UsageError(`--${flag} needs a number, not '${text}'`)
+  }
+  return value
+}
 
 function parseSize(text: string): number {
   const match = /^(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?$/i.exec(text.trim())
@@ -139,7 +175,7 @@ async function bench(argv: string[]): Promise<void> {
     localServerName: o['local-server-name'],
     metadata: o.metadata,
     protocol: o.protocol as 'auto' | 'tcp' | 'shm',
-    ...(o['tcp-lanes'] ? { tcpLanesPerPeer: Number(o['tcp-lanes']) } : {}),
+    ...(o['tcp-lanes'] ? { tcpLanesPerPeer: integer(o['tcp-lanes'], 'tcp-lanes', 1, 64) } : {}),
   })
   try {
     const bufferSize = parseSize(o['buffer-size'])
@@ -156,9 +192,9 @@ async function bench(argv: string[]): Promise<void> {
     const op = o.op === 'write' ? 'write' : o.op === 'read' ? 'read' : undefined
     if (!op) throw new MooncakeError('ERR_INVALID_ARGUMENT', '--op must be read or write')
     const blockSize = parseSize(o['block-size'])
-    const batchSize = Number(o['batch-size'])
-    const threads = Number(o.threads)
-    const duration = Number(o.duration)
+    const batchSize = integer(o['batch-size'], 'batch-size', 1)
+    const threads = integer(o.threads, 'threads', 1, 1024)
+    const duration = decimal(o.duration, 'duration')
     const progress = !o.json && process.stderr.isTTY === true
     const report = o['via-js']
       ? await benchViaJs(engine, { segment, remote, buffer, op, blockSize, batchSize, threads, duration })
@@ -239,22 +275,22 @@ async function benchRaw(argv: string[]): Promise<void> {
   const { values: o } = parseArgs({ args: argv, options: BENCH_OPTIONS, strict: true })
   const bufferSize = parseSize(o['buffer-size'])
   if (o.mode === 'target') {
-    const port = native(() => rawPumpServe(o.host, Number(o.port), bufferSize))
-    const address = `${o.host}:${port}`
+    const listening = native(() => rawPumpServe(o.host, port(o.port, 'port'), bufferSize))
+    const address = `${o.host}:${listening}`
     console.log(o.json ? JSON.stringify({ segment: address }) : `segment: ${address}`)
     await untilSignal()
     process.exit(0)
   }
   if (!o.segment) throw new MooncakeError('ERR_INVALID_ARGUMENT', '--segment host:port is required in initiator mode')
   const blockSize = parseSize(o['block-size'])
-  const report = await nativeAsync(() => rawPumpRun(o.segment!, o.op, blockSize, bufferSize, Number(o.duration)))
+  const report = await nativeAsync(() => rawPumpRun(o.segment!, o.op, blockSize, bufferSize, decimal(o.duration, 'duration')))
   printReport('raw tcp', report, o.json, { op: o.op, blockSize })
 }
 
 async function benchMemcpy(argv: string[]): Promise<void> {
   const { values: o } = parseArgs({ args: argv, options: BENCH_OPTIONS, strict: true })
   const blockSize = parseSize(o['block-size'])
-  const report = await nativeAsync(() => memcpyBench(blockSize, parseSize(o['buffer-size']), Number(o.duration)))
+  const report = await nativeAsync(() => memcpyBench(blockSize, parseSize(o['buffer-size']), decimal(o.duration, 'duration')))
   printReport('memcpy', report, o.json, { blockSize })
 }
 
@@ -319,21 +355,21 @@ function dashed(argv: string[]): string[] {
 
 function masterOptions(argv: string[]): MasterServerOptions {
   const { values: o } = parseArgs({ args: dashed(argv), options: MASTER_OPTIONS, strict: true })
-  const number = (text: string | undefined) => (text === undefined ? undefined : Number(text))
+  const number = (text: string | undefined, flag: string) => (text === undefined ? undefined : decimal(text, flag))
   const ms = (text: string | undefined, bareUnit = 1) => (text === undefined ? undefined : parseDuration(text, bareUnit))
   return {
     host: o['rpc-address'],
-    rpcPort: Number(o['rpc-port']),
-    metricsPort: Number(o['metrics-port']),
+    rpcPort: port(o['rpc-port'], 'rpc-port'),
+    metricsPort: portOrOff(o['metrics-port'], 'metrics-port'),
     adminHost: o['admin-address'],
     httpMetadataServer: o['enable-http-metadata-server'],
-    httpMetadataPort: Number(o['http-metadata-server-port']),
+    httpMetadataPort: port(o['http-metadata-server-port'], 'http-metadata-server-port'),
     defaultKvLeaseTtlMs: ms(o['default-kv-lease-ttl']),
     defaultKvSoftPinTtlMs: ms(o['default-kv-soft-pin-ttl']),
     maxKvSoftPinTtlMs: ms(o['max-kv-soft-pin-ttl']),
     allowEvictSoftPinnedObjects: o['allow-evict-soft-pinned-objects'] === undefined ? undefined : o['allow-evict-soft-pinned-objects'] !== 'false',
-    evictionHighWatermarkRatio: number(o['eviction-high-watermark-ratio']),
-    evictionRatio: number(o['eviction-ratio']),
+    evictionHighWatermarkRatio: number(o['eviction-high-watermark-ratio'], 'eviction-high-watermark-ratio'),
+    evictionRatio: number(o['eviction-ratio'], 'eviction-ratio'),
     clientTtlMs: ms(o['client-ttl'], 1000),
     allocationStrategy: o['allocation-strategy'] as MasterServerOptions['allocationStrategy'],
     putStartDiscardTimeoutMs: ms(o['put-start-discard-timeout-sec'], 1000),
@@ -348,7 +384,7 @@ function masterOptions(argv: string[]): MasterServerOptions {
     adminToken: readToken(o['admin-token-file']),
     tlsCert: o['tls-cert'],
     tlsKey: o['tls-key'],
-    mooncakeRpcPort: number(o['mooncake-rpc-port']),
+    mooncakeRpcPort: o['mooncake-rpc-port'] === undefined ? undefined : port(o['mooncake-rpc-port'], 'mooncake-rpc-port'),
     mooncakeRpcHost: o['mooncake-rpc-address'],
     allowMooncakeClients: o['allow-mooncake-clients'],
   }
@@ -388,10 +424,10 @@ async function serve(argv: string[]): Promise<void> {
   const server = await MasterServer.start({
     clusterToken,
     host: o.host,
-    rpcPort: Number(o['rpc-port']),
-    metricsPort: Number(o['metrics-port']),
+    rpcPort: port(o['rpc-port'], 'rpc-port'),
+    metricsPort: portOrOff(o['metrics-port'], 'metrics-port'),
     httpMetadataServer: true,
-    httpMetadataPort: Number(o['metadata-port']),
+    httpMetadataPort: port(o['metadata-port'], 'metadata-port'),
     dataDir,
   })
   const node = await MooncakeStore.connect({
@@ -434,7 +470,7 @@ async function metadataServer(argv: string[]): Promise<void> {
       'cluster-token-file': { type: 'string' },
     },
   })
-  const server = await startMetadataServer({ host: o.host, port: Number(o.port), clusterToken: readToken(o['cluster-token-file']) })
+  const server = await startMetadataServer({ host: o.host, port: port(o.port, 'port'), clusterToken: readToken(o['cluster-token-file']) })
   console.log(`metadata server: ${server.url}`)
   await untilSignal()
   await server.close()
@@ -488,14 +524,36 @@ function topology(args: string[]): void {
   process.stdout.write(values.json ? `${JSON.stringify(JSON.parse(report), null, 2)}\n` : report)
 }
 
+/** The help of `command`: its lines of the usage. */
+function commandHelp(command: string): string | undefined {
+  const lines = USAGE.split('\n')
+  const start = lines.findIndex((l) => new RegExp(`^  ${command}\\s`).test(l) || l === `  ${command}`)
+  if (start < 0) return undefined
+  const end = lines.findIndex((l, i) => i > start && /^  \S/.test(l))
+  return `usage: mooncake ${command} [options]\n\n${lines.slice(start, end < 0 ? undefined : end).join('\n')}\n`
+}
+
+function version(): string {
+  const manifest = JSON.parse(readFileSync(resolve(__dirname, '..', 'package.json'), 'utf8')) as { version: string }
+  return manifest.version
+}
+
 async function main(): Promise<void> {
   const [command, ...rest] = process.argv.slice(2)
+  const helpWanted = rest.includes('--help') || rest.includes('-h')
+  if (command !== undefined && command !== 'p2p' && helpWanted) {
+    const help = commandHelp(command)
+    if (help === undefined) throw new UsageError(`unknown command '${command}'`)
+    process.stdout.write(help)
+    return
+  }
   switch (command) {
     case 'serve':
       return serve(rest)
     case 'master':
       return master(rest)
     case 'demo':
+      if (rest.length > 0) throw new UsageError(`demo takes no options (got ${rest.join(' ')})`)
       return demo()
     case 'metadata-server':
       return metadataServer(rest)
@@ -510,25 +568,48 @@ async function main(): Promise<void> {
     case 'topology':
       return topology(rest)
     case 'p2p':
-      return p2p(rest, { parseSize, readToken, untilSignal })
+      return p2p(helpWanted ? ['help'] : rest, { parseSize, readToken, untilSignal })
     case 'token':
+      if (rest.length > 0) throw new UsageError(`token takes no options (got ${rest.join(' ')})`)
       console.log(newToken())
       return
+    case '--version':
+    case '-v':
+    case 'version':
+      console.log(version())
+      return
     case undefined:
-    case 'help':
     case '--help':
     case '-h':
       process.stdout.write(USAGE)
       return
+    case 'help': {
+      const topic = rest[0]
+      if (topic === undefined) {
+        process.stdout.write(USAGE)
+        return
+      }
+      if (topic === 'p2p') return p2p(['help'], { parseSize, readToken, untilSignal })
+      const help = commandHelp(topic)
+      if (help === undefined) throw new UsageError(`unknown command '${topic}'`)
+      process.stdout.write(help)
+      return
+    }
     default:
-      process.stderr.write(`unknown command '${command}'\n\n${USAGE}`)
-      process.exitCode = 2
+      throw new UsageError(`unknown command '${command}'`)
   }
 }
 
 main().catch((error: unknown) => {
   const e = error instanceof MooncakeError ? error : error instanceof Error ? error : new Error(String(error))
   process.stderr.write(`mooncake: ${'code' in e ? `${e.code}: ` : ''}${e.message}\n`)
-  // Servers started before the failure would keep the process alive.
+  // Exit status: 2 for a usage mistake (an unknown command or option, a malformed value), 1 for
+  // a failure. Servers started before the failure would keep the process alive.
+  const parse = 'code' in e && typeof e.code === 'string' && e.code.startsWith('ERR_PARSE_ARGS')
+  if (error instanceof UsageError || parse) {
+    const command = process.argv[2]
+    process.stderr.write(command && commandHelp(command) ? `see: mooncake ${command} --help\n` : `see: mooncake help\n`)
+    process.exit(2)
+  }
   process.exit(1)
 })
