@@ -242,3 +242,19 @@ async fn a_reader_never_gets_another_keys_bytes_after_a_master_restart() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_too_small_to_lend_costs_no_extra_round_trip_per_put() {
+    let master = MasterProcess::start(&[]);
+    // 2 MiB: a sixteenth of it is below the smallest reservation worth lending.
+    let node = store_client(&master.address(), 2 << 20).await;
+    for i in 0..20 {
+        node.put(&format!("s{i}"), &value(i, 1000), &WriteConfig::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(master.counter("master_put_start_requests_total").await, 20);
+    let asked = master.counter("master_reserve_requests_total").await;
+    assert!(asked <= 2, "{asked} reservations asked for");
+    node.close().await;
+}

@@ -24,6 +24,8 @@ use crate::wire::{from_outcome, to_uuid};
 pub(super) const FAST_MAX: u64 = 1 << 20;
 /// Bytes asked for per reservation.
 const RESERVATION_SIZE: u64 = 16 << 20;
+/// How long no `Reserve` is asked after one was refused.
+const QUIET_AFTER_REFUSAL: Duration = Duration::from_secs(1);
 /// A reservation unused this long goes back.
 const IDLE: Duration = Duration::from_secs(2);
 /// Reservations held at once.
@@ -87,6 +89,9 @@ pub(super) struct Reservations {
     held: Mutex<Vec<Held>>,
     /// One `Reserve` at a time.
     asking: tokio::sync::Mutex<()>,
+    /// After a refused `Reserve`, none until this: puts meanwhile take two steps rather than
+    /// three.
+    quiet_until: Mutex<Option<Instant>>,
 }
 
 /// Whether a put with `config` may take the one-round-trip path: one replica, placed where
@@ -109,6 +114,7 @@ impl Reservations {
             host_id,
             held: Mutex::default(),
             asking: tokio::sync::Mutex::new(()),
+            quiet_until: Mutex::default(),
         }
     }
 
@@ -125,6 +131,9 @@ impl Reservations {
         if let Some(part) = self.take_held(size) {
             return Some(part);
         }
+        if lock(&self.quiet_until).is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
         if !self.make_room().await {
             return None;
         }
@@ -137,6 +146,7 @@ impl Reservations {
                 if e.kind() == ErrorKind::NotImplemented {
                     self.enabled.store(false, Ordering::Release);
                 }
+                *lock(&self.quiet_until) = Some(Instant::now() + QUIET_AFTER_REFUSAL);
                 tracing::debug!("no reservation: {e}");
                 None
             }
