@@ -59,6 +59,12 @@ test('every command has --help, the CLI has --version, and usage mistakes exit w
   }
 })
 
+test('the API reference builds from the JSDoc without a warning', (t) => {
+  const typedoc = join(root, 'node_modules', 'typedoc', 'bin', 'typedoc')
+  const run = spawnSync(process.execPath, [typedoc, '--emit', 'none'], { cwd: root, encoding: 'utf8', timeout: 120_000 })
+  t.is(run.status, 0, `${run.stdout}${run.stderr}`)
+})
+
 test('an RDMA binary that cannot load (no libibverbs) falls back to the plain one silently', async (t) => {
   const copy = mkdtempSync(join(tmpdir(), 'mooncake-loader-'))
   try {
