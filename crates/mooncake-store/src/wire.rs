@@ -27,6 +27,11 @@ impl From<proto::PutStartRequest> for proto::BatchPutStartRequest {
     }
 }
 
+/// The one answer of a one-key batch (the default when it has none).
+pub fn first<T: Default>(items: Vec<T>) -> T {
+    items.into_iter().next().unwrap_or_default()
+}
+
 /// A result as a per-key outcome.
 pub fn to_outcome(result: &Result<()>) -> proto::Outcome {
     match result {

@@ -90,6 +90,11 @@ impl StoreConfig {
     }
 }
 
+/// Takes a lock whose holder may have panicked: every holder leaves the data consistent.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// How often the client pings the master.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 

@@ -17,12 +17,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
+use super::lock;
 use crate::coro_rpc::frame::{errc, RequestHeader, ResponseHeader, RESPONSE_HEADER_LEN};
 use crate::coro_rpc::messages::*;
 use crate::coro_rpc::read_body;
 use crate::coro_rpc::struct_pack::{decode, DecodeError};
 use crate::proto;
-use crate::wire::{from_uuid, to_outcome, to_status, STORE_VERSION};
+use crate::wire::{first, from_uuid, to_outcome, to_status, STORE_VERSION};
 
 /// Connections to the master; calls spread over them (Mooncake's client keeps 3 or 4).
 const POOL: usize = 4;
@@ -151,10 +152,6 @@ impl Connection {
         rx.await
             .map_err(|_| invalid("the connection closed before the reply"))
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn invalid(e: impl std::fmt::Display) -> std::io::Error {
@@ -606,10 +603,6 @@ fn one_per_key<T>(
         )));
     }
     Ok(answers)
-}
-
-fn first<T: Default>(items: Vec<T>) -> T {
-    items.into_iter().next().unwrap_or_default()
 }
 
 #[tonic::async_trait]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use mooncake_common::{Error, ErrorKind, Result};
 
+use super::lock;
 use super::master_client::MasterClient;
 use crate::allocator::{Block, SegmentAllocator};
 use crate::master::types::{ClientId, SoftPin, WriteConfig};
@@ -362,8 +363,4 @@ impl Reservations {
             self.release(h.id, !h.spoiled && h.in_flight == 0).await;
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

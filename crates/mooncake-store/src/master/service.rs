@@ -17,7 +17,8 @@ use super::Master;
 use crate::access::require_admin;
 use crate::proto;
 use crate::wire::{
-    from_segment, from_uuid, from_write_config, to_outcome, to_replica, to_status, STORE_VERSION,
+    first, from_segment, from_uuid, from_write_config, to_outcome, to_replica, to_status,
+    STORE_VERSION,
 };
 
 /// Requests and failures per operation, for `master_<op>_requests_total` and
@@ -423,10 +424,6 @@ impl MasterService {
         self.counters.count(op, 1, usize::from(result.is_err()));
         Ok(Response::new(to_outcome(&result)))
     }
-}
-
-fn first<T: Default>(items: Vec<T>) -> T {
-    items.into_iter().next().unwrap_or_default()
 }
 
 #[tonic::async_trait]
