@@ -1,11 +1,14 @@
 //! Batches: one task per request, awaited as a whole.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use mooncake_common::{Error, Handle, Result};
 use mooncake_transport::{BatchProgress, Task, TaskStatus};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
+
+use crate::stats::Routes;
 
 /// Handle of a submitted batch.
 pub type BatchId = Handle;
@@ -34,6 +37,10 @@ pub(crate) struct Batch {
     pub(crate) progress: Arc<BatchProgress>,
     pub(crate) submitted_at: Instant,
     pub(crate) notify: Option<PendingNotify>,
+    /// Each request's direction and transport, for the statistics.
+    pub(crate) routes: Arc<Routes>,
+    /// Set once the settled batch has been counted in the statistics.
+    pub(crate) accounted: AtomicBool,
 }
 
 impl Batch {

@@ -8,7 +8,8 @@
 //!   close;
 //! - [`segments`]: opening remote segments and caching their descriptors;
 //! - [`batch`]: batches of tasks, their status and how they are awaited;
-//! - [`stats`]: requests and bytes per transport;
+//! - [`stats`]: requests, bytes and latency per transport;
+//! - [`metrics`]: Prometheus encoding shared with the store;
 //! - [`address`]: `host[:port]` parsing and listener binding;
 //! - [`bench`]: the load generator behind `mooncake bench`.
 
@@ -16,6 +17,7 @@ pub mod address;
 pub mod batch;
 pub mod bench;
 pub mod engine;
+pub mod metrics;
 pub mod segments;
 pub mod stats;
 

@@ -56,6 +56,7 @@ impl TransferEngine {
         let submitted_at = Instant::now();
         let deadline = options.timeout.map(|t| submitted_at + t);
         let progress = BatchProgress::new(requests.len());
+        let routes = Arc::new(Routes::new(requests.iter().map(|r| r.op)));
         let mut tasks = Vec::with_capacity(requests.len());
         let last = requests.len().saturating_sub(1);
         for (i, (request, (segment, region))) in requests.iter().zip(resolved.iter()).enumerate() {
@@ -76,6 +77,8 @@ impl TransferEngine {
                 task,
                 deadline,
                 copy_here: options.copy_on_caller && i == last,
+                routes: routes.clone(),
+                index: i,
             };
             if segment
                 .desc()
@@ -98,6 +101,8 @@ impl TransferEngine {
             progress,
             submitted_at,
             notify,
+            routes,
+            accounted: AtomicBool::new(false),
         });
         let id = self.batches().insert(batch.clone());
         if has_notify {
@@ -145,7 +150,9 @@ impl TransferEngine {
                 "the batch still has unfinished tasks",
             ));
         }
-        batches.remove(id);
+        if let Some(batch) = batches.remove(id) {
+            self.account(&batch);
+        }
         Ok(())
     }
 
@@ -154,12 +161,14 @@ impl TransferEngine {
         let Ok(batch) = self.batch(id) else { return };
         if batch.progress.is_settled() {
             self.batches().remove(id);
+            self.account(&batch);
             return;
         }
         let engine = self.clone();
         self.spawn(async move {
             batch.progress.settled().await;
             engine.batches().remove(id);
+            engine.account(&batch);
         });
     }
 
@@ -187,12 +196,30 @@ impl TransferEngine {
             .ok_or_else(|| Error::invalid("unknown or freed batch id"))
     }
 
+    /// Counts a settled batch's requests in the statistics, once: when it is first awaited or
+    /// freed. Latency is measured to when each task settled, not to now.
+    fn account(&self, batch: &Batch) {
+        if batch.accounted.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for (index, task) in batch.tasks.iter().enumerate() {
+            let (route, op) = batch.routes.get(index);
+            let latency = (task.status() == TaskStatus::Completed)
+                .then(|| task.finished_at())
+                .flatten()
+                .map(|at| at.saturating_duration_since(batch.submitted_at));
+            self.stats
+                .record_settled(route, op, task.transferred_bytes(), latency);
+        }
+    }
+
     pub(super) fn batches(&self) -> std::sync::MutexGuard<'_, HandleSlab<Arc<Batch>>> {
         self.batches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) async fn settle(&self, batch: &Batch) -> Result<()> {
         batch.progress.settled().await;
+        self.account(batch);
         if let Some(error) = batch.first_error() {
             return Err(error);
         }

@@ -7,11 +7,13 @@
 //! - [`batches`]: submission and completion;
 //! - [`transports`]: the transports behind one trait, and the router that picks one;
 //! - [`routing`]: requests cut into slices and dispatched;
+//! - [`metrics`]: the engine's Prometheus metrics;
 //! - [`notify`]: notifications between segments.
 
 mod batches;
 mod local;
 mod memory;
+mod metrics;
 mod notify;
 mod routing;
 mod startup;
@@ -38,7 +40,9 @@ use mooncake_transport::shm::{
 };
 use mooncake_transport::slicing;
 use mooncake_transport::tcp::{TcpClient, TcpClientConfig, TcpServer};
-use mooncake_transport::{Arena, BatchProgress, MemoryRegistry, Opcode, Region, Slice, Task};
+use mooncake_transport::{
+    Arena, BatchProgress, MemoryRegistry, Opcode, Region, Slice, Task, TaskStatus,
+};
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +55,7 @@ use crate::batch::{Batch, BatchId, PendingNotify, TaskReport};
 use crate::segments::{
     shm_buffer, RailAddr, RemoteSegment, Resolver, SegmentId, SegmentInfo, SegmentTable,
 };
-use crate::stats::{TransportKind, TransportStats};
+use crate::stats::{Routes, TransportKind, TransportStats};
 
 use self::local::*;
 use self::routing::*;

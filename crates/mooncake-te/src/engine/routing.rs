@@ -35,6 +35,8 @@ impl TransferEngine {
             task,
             deadline,
             copy_here,
+            routes,
+            index,
         } = job;
         let pieces = slicing::slices(
             request.len,
@@ -53,6 +55,7 @@ impl TransferEngine {
         match transport {
             Ok(transport) => {
                 self.stats.record(transport.kind(), request.len);
+                routes.routed(index, transport.kind());
                 tracing::debug!(segment = %segment.name, len = request.len, via = transport.kind().name(), "request routed");
                 transport.submit(
                     &segment,
@@ -145,4 +148,7 @@ pub(super) struct Dispatch {
     pub(super) deadline: Option<Instant>,
     /// Whether the submitting thread copies the last same-host slice itself.
     pub(super) copy_here: bool,
+    /// Where the batch keeps this request's route, and the request's place in the batch.
+    pub(super) routes: Arc<Routes>,
+    pub(super) index: usize,
 }
