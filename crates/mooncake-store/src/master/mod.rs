@@ -13,7 +13,7 @@
 //! - [`log`]: the durable log of what the master acknowledged (local disk or etcd);
 //! - [`ha`]: leader election through etcd, and standbys that follow the leader's log;
 //! - [`server`]: a running master: RPC, periodic tick, admin HTTP, embedded metadata server;
-//! - [`admin`]: the admin HTTP pages (`/metrics`, `/health`, `/get_all_keys`, ...).
+//! - [`admin`]: the admin HTTP server: `/metrics`, `/health`, a live dashboard, `/get_all_keys`, ...
 
 pub mod admin;
 pub mod config;

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::admin::sampler::{self, Sampler};
 use super::ha::{self, HaConfig};
 use super::log::disk::DiskLog;
 use super::log::{Log, LogStore, SnapshotPolicy};
@@ -292,11 +293,18 @@ impl MasterServer {
                 let addr = listener
                     .local_addr()
                     .map_err(|e| Error::socket("admin HTTP address", e))?;
+                let sampler = Arc::new(Sampler::default());
+                tracker.spawn(sampler::run(
+                    sampler.clone(),
+                    counters.clone(),
+                    shutdown.clone(),
+                ));
                 let app = super::admin::routes(super::admin::Admin {
                     state,
                     counters,
                     role,
                     ha,
+                    sampler,
                     proofs: config
                         .tokens
                         .cluster

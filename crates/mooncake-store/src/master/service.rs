@@ -1,6 +1,7 @@
 //! The gRPC face of the master: converts messages, takes the lock, calls the state machine.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,11 +23,13 @@ use crate::wire::{
 };
 
 /// Requests and failures per operation, for `master_<op>_requests_total` and
-/// `master_<op>_failures_total`.
+/// `master_<op>_failures_total`, and the bytes of the objects written and read.
 #[derive(Default)]
 pub struct OpCounters {
     /// op -> [requests, failures]
     counters: Mutex<BTreeMap<&'static str, [u64; 2]>>,
+    put_bytes: AtomicU64,
+    get_bytes: AtomicU64,
 }
 
 impl OpCounters {
@@ -35,6 +38,26 @@ impl OpCounters {
         let entry = map.entry(op).or_default();
         entry[0] += items as u64;
         entry[1] += failures as u64;
+    }
+
+    /// Counts `bytes` of objects granted space for writing.
+    pub(super) fn count_put_bytes(&self, bytes: u64) {
+        self.put_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Counts `bytes` of objects whose replicas went to a reader.
+    pub(super) fn count_get_bytes(&self, bytes: u64) {
+        self.get_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of the objects granted space for writing so far.
+    pub fn put_bytes(&self) -> u64 {
+        self.put_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the objects whose replicas went to readers so far.
+    pub fn get_bytes(&self) -> u64 {
+        self.get_bytes.load(Ordering::Relaxed)
     }
 
     /// `(op, requests, failures)` for every operation seen.
@@ -274,6 +297,9 @@ impl MasterService {
             results.len(),
             results.iter().filter(|r| r.is_err()).count(),
         );
+        let granted = writes.iter().zip(&results).filter(|(_, r)| r.is_ok());
+        self.counters
+            .count_put_bytes(granted.map(|((_, size), _)| *size).sum());
         Ok(results)
     }
 
@@ -381,6 +407,12 @@ impl MasterService {
             "get_replica_list",
             results.len(),
             results.iter().filter(|r| r.is_err()).count(),
+        );
+        let found = results.iter().flatten();
+        self.counters.count_get_bytes(
+            found
+                .filter_map(|(replicas, _)| replicas.first().map(|r| r.size))
+                .sum(),
         );
         Ok(results)
     }
@@ -726,6 +758,9 @@ impl proto::master_server::Master for MasterService {
             results.len(),
             results.iter().filter(|r| r.is_err()).count(),
         );
+        let committed = r.writes.iter().zip(&results).filter(|(_, r)| r.is_ok());
+        self.counters
+            .count_put_bytes(committed.map(|(w, _)| w.size).sum());
         Ok(Response::new(proto::BatchOutcome {
             results: results.iter().map(to_outcome).collect(),
         }))

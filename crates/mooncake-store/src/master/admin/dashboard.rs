@@ -1,0 +1,255 @@
+//! The live dashboard: a static page, script and stylesheet built into the binary (nothing
+//! from elsewhere: no CDN, no fonts), and `/dashboard/data`, the JSON the page polls. It shows
+//! what `/metrics` shows openly (segment names, counts, rates) and never keys or client ids.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use super::super::service::Role;
+use super::sampler::{Rates, Totals};
+use super::{segments_by_name, Admin, Master};
+
+const PAGE: &str = include_str!("dashboard.html");
+const SCRIPT: &str = include_str!("dashboard.js");
+const STYLE: &str = include_str!("dashboard.css");
+
+/// The page loads its script, stylesheet and data from this origin and nothing else; no
+/// inline script or style runs, and no other site may frame it.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
+pub(super) fn routes() -> Router<Admin> {
+    Router::new()
+        .route("/", get(page))
+        .route("/dashboard", get(page))
+        .route("/dashboard/app.js", get(script))
+        .route("/dashboard/app.css", get(style))
+        .route("/dashboard/data", get(data))
+}
+
+/// `body` as `content_type`, with the headers every dashboard response carries.
+fn guarded(content_type: &'static str, body: impl IntoResponse) -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        ),
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+    ];
+    (headers, body).into_response()
+}
+
+async fn page() -> Response {
+    guarded("text/html; charset=utf-8", PAGE)
+}
+
+async fn script() -> Response {
+    guarded("text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn style() -> Response {
+    guarded("text/css; charset=utf-8", STYLE)
+}
+
+/// What the dashboard shows, as of now.
+#[derive(Debug, serde::Serialize)]
+struct Snapshot {
+    role: &'static str,
+    service_ready: bool,
+    keys: u64,
+    soft_pinned_keys: u64,
+    active_clients: u64,
+    allocated_bytes: u64,
+    capacity_bytes: u64,
+    evicted_keys: u64,
+    evicted_bytes: u64,
+    eviction_rounds: u64,
+    /// Since the master started: reads, and reads that found their object.
+    gets: u64,
+    hits: u64,
+    put_bytes: u64,
+    get_bytes: u64,
+    /// One per segment name, by name.
+    segments: Vec<SegmentUse>,
+    rates: Rates,
+    ha: Option<HaSnapshot>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct SegmentUse {
+    name: String,
+    used: u64,
+    capacity: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct HaSnapshot {
+    leader: Option<String>,
+    view_version: i64,
+    leader_seq: u64,
+    lag: u64,
+    failovers: u64,
+}
+
+async fn data(State(admin): State<Admin>) -> Response {
+    let (stats, segments, applied) = {
+        let master = Master::lock(&admin.state);
+        (
+            master.stats(Instant::now()),
+            master.segments(),
+            master.last_seq(),
+        )
+    };
+    let role = admin.role.borrow().clone();
+    let totals = Totals::of(&admin.counters);
+    let snapshot = Snapshot {
+        role: match role {
+            Role::Leader(_) => "leader",
+            Role::Standby => "standby",
+        },
+        service_ready: matches!(role, Role::Leader(_)),
+        keys: stats.keys,
+        soft_pinned_keys: stats.soft_pinned_keys,
+        active_clients: stats.active_clients,
+        allocated_bytes: stats.allocated_bytes,
+        capacity_bytes: stats.capacity_bytes,
+        evicted_keys: stats.evicted_keys,
+        evicted_bytes: stats.evicted_bytes,
+        eviction_rounds: stats.eviction_rounds,
+        gets: totals.gets,
+        hits: totals.hits,
+        put_bytes: totals.put_bytes,
+        get_bytes: totals.get_bytes,
+        segments: segments_by_name(&segments)
+            .into_iter()
+            .map(|(name, (used, capacity))| SegmentUse {
+                name: name.to_owned(),
+                used,
+                capacity,
+            })
+            .collect(),
+        rates: admin.sampler.rates(),
+        ha: admin.ha.as_ref().map(|ha| {
+            let view = ha.snapshot();
+            HaSnapshot {
+                leader: view.leader,
+                view_version: view.view_version,
+                leader_seq: view.leader_seq,
+                lag: view.leader_seq.saturating_sub(applied),
+                failovers: view.promotions,
+            }
+        }),
+    };
+    guarded("application/json", Json(snapshot))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::super::test_support::{admin, get, serve};
+    use super::*;
+    use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
+    use crate::master::MasterConfig;
+
+    #[tokio::test]
+    async fn every_part_comes_with_a_policy_that_allows_only_this_origin() {
+        let (addr, server) = serve(admin(Master::new(MasterConfig::default()).unwrap())).await;
+        for (path, kind) in [
+            ("/", "text/html"),
+            ("/dashboard", "text/html"),
+            ("/dashboard/app.js", "text/javascript"),
+            ("/dashboard/app.css", "text/css"),
+            ("/dashboard/data", "application/json"),
+        ] {
+            let (head, _) = get(addr, path).await;
+            let head = head.to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+            assert!(
+                head.contains(&format!("content-type: {kind}")),
+                "{path}: {head}"
+            );
+            assert_eq!(head.matches("content-type:").count(), 1, "{path}: {head}");
+            assert!(
+                head.contains("x-content-type-options: nosniff"),
+                "{path}: {head}"
+            );
+            assert!(
+                head.contains("content-security-policy: default-src 'none'"),
+                "{path}: {head}"
+            );
+        }
+        server.abort();
+    }
+
+    #[test]
+    fn the_page_loads_nothing_from_elsewhere() {
+        for (name, text) in [("page", PAGE), ("script", SCRIPT), ("style", STYLE)] {
+            for outside in ["http://", "https://", "//", "@import", "url("] {
+                let found = text
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("//"))
+                    .any(|l| l.contains(outside) && !l.contains("http://www.w3.org/2000/svg"));
+                assert!(!found, "the {name} names {outside}");
+            }
+        }
+        assert!(!PAGE.contains("<style"), "inline style would be refused");
+        assert!(!PAGE.contains("<script>"), "inline script would be refused");
+    }
+
+    #[tokio::test]
+    async fn the_data_names_segments_and_counts_but_no_keys() {
+        let mut master = Master::new(MasterConfig::default()).unwrap();
+        let (now, client) = (Instant::now(), ClientId(7));
+        for (id, name) in [(1, "node-a"), (2, "node-a"), (3, "node \"b\"")] {
+            let spec = SegmentSpec {
+                id: SegmentId(id),
+                name: name.into(),
+                base: 0x1000_0000 * id as u64,
+                size: 16 << 20,
+                te_endpoint: "127.0.0.1:1".into(),
+                protocol: "tcp".into(),
+                host_id: "host".into(),
+            };
+            master.mount_segment(now, client, spec).unwrap();
+        }
+        let config = WriteConfig::default();
+        for i in 0..3 {
+            let key = format!("secret-key-{i}");
+            let grant = master.put_start(now, client, &key, 4096, &config).unwrap();
+            master.put_end(now, client, &key, grant.write).unwrap();
+        }
+        let admin = admin(master);
+        admin.counters.count("get_replica_list", 4, 1);
+        let (addr, server) = serve(admin).await;
+        let (_, body) = get(addr, "/dashboard/data").await;
+        assert!(!body.contains("secret-key"), "{body}");
+        let data: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(data["keys"], 3);
+        assert_eq!(data["gets"], 4);
+        assert_eq!(data["hits"], 3);
+        assert_eq!(data["role"], "leader");
+        let segments = data["segments"].as_array().unwrap();
+        assert_eq!(segments.len(), 2, "{body}");
+        assert_eq!(segments[0]["name"], "node \"b\"");
+        assert_eq!(segments[1]["name"], "node-a");
+        assert_eq!(segments[1]["capacity"], 32 << 20);
+        assert!(data["ha"].is_null());
+        server.abort();
+    }
+}

@@ -1,0 +1,382 @@
+//! `/metrics`: a registry built per scrape from one look at the state, encoded by
+//! `prometheus-client`. A scraper that asks for OpenMetrics (Prometheus does) gets it; anyone
+//! else (curl, promtool, older scrapers) gets the classic text format, version 0.0.4.
+//!
+//! Names are Mooncake's. Its cumulative counts without a `_total` suffix
+//! (`master_evicted_key_count`, `master_evicted_size_bytes`, `master_put_start_discard_cnt`,
+//! `master_put_start_release_cnt`) are typed as gauges, so that their names stay as they are:
+//! a Prometheus counter's samples end in `_total`.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+
+use super::super::log::Log;
+use super::super::service::Role;
+use super::{segments_by_name, Admin, Master};
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub(super) async fn metrics(State(admin): State<Admin>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let registry = registry(&admin);
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        tracing::error!("encoding /metrics failed: {e}");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    let (content_type, body) = if openmetrics {
+        (OPENMETRICS, text)
+    } else {
+        (CLASSIC, classic(&text))
+    };
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
+}
+
+/// Everything `/metrics` shows, as of now.
+fn registry(admin: &Admin) -> Registry {
+    let (stats, segments, applied) = {
+        let master = Master::lock(&admin.state);
+        (
+            master.stats(Instant::now()),
+            master.segments(),
+            master.last_seq(),
+        )
+    };
+    let role = admin.role.borrow().clone();
+    let mut r = Registry::default();
+    let gauge = |r: &mut Registry, name: &str, help: &str, value: u64| {
+        r.register(name, help, ConstGauge::new(value));
+    };
+    // Registered without the `_total` that the encoder appends.
+    let counter = |r: &mut Registry, name: &str, help: &str, value: u64| {
+        r.register(name, help, ConstCounter::new(value));
+    };
+    gauge(
+        &mut r,
+        "master_allocated_bytes",
+        "Bytes reserved in all segments",
+        stats.allocated_bytes,
+    );
+    gauge(
+        &mut r,
+        "master_total_capacity_bytes",
+        "Bytes mounted",
+        stats.capacity_bytes,
+    );
+    gauge(&mut r, "master_key_count", "Objects", stats.keys);
+    gauge(
+        &mut r,
+        "master_soft_pin_key_count",
+        "Soft-pinned objects",
+        stats.soft_pinned_keys,
+    );
+    gauge(
+        &mut r,
+        "master_active_clients",
+        "Clients alive",
+        stats.active_clients,
+    );
+    gauge(
+        &mut r,
+        "master_segment_count",
+        "Mounted segments",
+        stats.segments,
+    );
+    gauge(
+        &mut r,
+        "master_evicted_key_count",
+        "Objects evicted since the master started",
+        stats.evicted_keys,
+    );
+    gauge(
+        &mut r,
+        "master_evicted_size_bytes",
+        "Bytes evicted since the master started",
+        stats.evicted_bytes,
+    );
+    counter(
+        &mut r,
+        "master_successful_evictions",
+        "Eviction rounds",
+        stats.eviction_rounds,
+    );
+    counter(
+        &mut r,
+        "master_put_start_alloc_failures",
+        "Writes that found no space",
+        stats.put_start_alloc_failures,
+    );
+    counter(
+        &mut r,
+        "master_put_start_partial_allocations",
+        "Writes that got fewer replicas than asked",
+        stats.put_start_partial_allocations,
+    );
+    gauge(
+        &mut r,
+        "master_put_start_discard_cnt",
+        "Unfinished writes preempted since the master started",
+        stats.put_start_discards,
+    );
+    gauge(
+        &mut r,
+        "master_put_start_release_cnt",
+        "Abandoned writes released since the master started",
+        stats.put_start_releases,
+    );
+    counter(
+        &mut r,
+        "master_put_bytes",
+        "Bytes of objects granted space for writing",
+        admin.counters.put_bytes(),
+    );
+    counter(
+        &mut r,
+        "master_get_bytes",
+        "Bytes of objects whose replicas went to readers",
+        admin.counters.get_bytes(),
+    );
+    gauge(
+        &mut r,
+        "master_log_applied_seq",
+        "The last log entry this master applied or wrote",
+        applied,
+    );
+    if let Role::Leader(Some(log)) = &role {
+        register_log(&mut r, log);
+    }
+    if let Some(ha) = &admin.ha {
+        let status = ha.snapshot();
+        counter(
+            &mut r,
+            "master_ha_failovers",
+            "Times this master became the leader",
+            status.promotions,
+        );
+        gauge(
+            &mut r,
+            "master_ha_is_leader",
+            "1 while this master leads",
+            u64::from(matches!(role, Role::Leader(_))),
+        );
+        gauge(
+            &mut r,
+            "master_ha_log_lag_entries",
+            "Entries the leader has written that this master has not applied",
+            status.leader_seq.saturating_sub(applied),
+        );
+    }
+    for (op, requests, failures) in admin.counters.snapshot() {
+        counter(
+            &mut r,
+            &format!("master_{op}_requests"),
+            &format!("Requests of {op} (a batch counts each key)"),
+            requests,
+        );
+        counter(
+            &mut r,
+            &format!("master_{op}_failures"),
+            &format!("Requests of {op} that failed"),
+            failures,
+        );
+    }
+    type PerSegment = Family<[(&'static str, SegmentName); 1], Gauge<u64, AtomicU64>>;
+    let (allocated, capacity) = (PerSegment::default(), PerSegment::default());
+    for (name, (used, managed)) in segments_by_name(&segments) {
+        let labels = [("segment", SegmentName(name.to_owned()))];
+        allocated.get_or_create(&labels).set(used);
+        capacity.get_or_create(&labels).set(managed);
+    }
+    r.register(
+        "segment_allocated_bytes",
+        "Bytes reserved in the segments of this name",
+        allocated,
+    );
+    r.register(
+        "segment_total_capacity_bytes",
+        "Bytes managed in the segments of this name",
+        capacity,
+    );
+    r
+}
+
+fn register_log(r: &mut Registry, log: &Log) {
+    let progress = log.progress();
+    r.register(
+        "master_log_durable_seq",
+        "The last durable log entry",
+        ConstGauge::new(progress.durable),
+    );
+    r.register(
+        "master_log_appends",
+        "Writes to the log (each carries one or more entries)",
+        ConstCounter::new(progress.appends),
+    );
+    r.register(
+        "master_log_entries",
+        "Log entries written",
+        ConstCounter::new(progress.entries),
+    );
+    r.register(
+        "master_log_snapshots",
+        "Snapshots that replaced the log",
+        ConstCounter::new(progress.snapshots),
+    );
+    if let Some(at) = progress.snapshot_at {
+        r.register(
+            "master_log_snapshot_age_seconds",
+            "Seconds since the last snapshot",
+            ConstGauge::new(at.elapsed().as_secs()),
+        );
+    }
+}
+
+/// A segment name as a label value, escaped as both text formats require (backslash, double
+/// quote, line feed). prometheus-client 0.24 writes label values as they are; from 0.25.2 on
+/// it escapes them itself, and this would escape twice (`segment_names_are_escaped_once`
+/// says so on upgrade).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct SegmentName(String);
+
+impl EncodeLabelValue for SegmentName {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// OpenMetrics text as prometheus-client writes it, in the classic format: a counter's
+/// `# HELP` and `# TYPE` name its `_total` samples, and there is no `# UNIT` or `# EOF`. Our
+/// help texts hold no backslash or line feed, the only characters the formats escape
+/// differently.
+fn classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = rest.split_once(' ');
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let Some((name, kind)) = rest.split_once(' ') else {
+                continue;
+            };
+            let name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some((_, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+        } else if !line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::super::test_support::{admin, get, get_with, serve};
+    use super::*;
+    use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
+    use crate::master::MasterConfig;
+
+    fn master_with(names: &[&str]) -> Master {
+        let mut master = Master::new(MasterConfig::default()).unwrap();
+        let (now, client) = (Instant::now(), ClientId(1));
+        for (i, name) in names.iter().enumerate() {
+            let spec = SegmentSpec {
+                id: SegmentId(i as u128 + 1),
+                name: (*name).into(),
+                base: 0x1000_0000 * (i as u64 + 1),
+                size: 64 << 20,
+                te_endpoint: "127.0.0.1:1".into(),
+                protocol: "tcp".into(),
+                host_id: "host".into(),
+            };
+            master.mount_segment(now, client, spec).unwrap();
+        }
+        let config = WriteConfig::default();
+        for i in 0..25 {
+            let key = format!("key/{i:02}");
+            let grant = master.put_start(now, client, &key, 1024, &config).unwrap();
+            master.put_end(now, client, &key, grant.write).unwrap();
+        }
+        master
+    }
+
+    #[tokio::test]
+    async fn segment_names_are_escaped_once_and_each_sample_is_one_line() {
+        let (addr, server) = serve(admin(master_with(&["node \"1\" \\ é"]))).await;
+        let (head, body) = get(addr, "/metrics").await;
+        assert!(head.contains(CLASSIC), "{head}");
+        assert!(
+            body.contains("segment_allocated_bytes{segment=\"node \\\"1\\\" \\\\ é\"} 25600\n"),
+            "{body}"
+        );
+        assert!(body.contains("\nmaster_key_count 25\n"), "{body}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn prometheus_gets_openmetrics_and_others_the_classic_format() {
+        let admin = admin(master_with(&["a"]));
+        admin.counters.count("put_start", 25, 1);
+        let (addr, server) = serve(admin).await;
+        let accept = "accept: application/openmetrics-text;version=1.0.0,\
+                      text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n";
+        let (head, open) = get_with(addr, "/metrics", accept).await;
+        assert!(head.contains(OPENMETRICS), "{head}");
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        assert!(open.contains("# TYPE master_put_start_requests counter\n"));
+        assert!(open.contains("\nmaster_put_start_requests_total 25\n"));
+
+        let (_, plain) = get(addr, "/metrics").await;
+        assert!(!plain.contains("# EOF"), "{plain}");
+        assert!(plain.contains("# TYPE master_put_start_requests_total counter\n"));
+        assert!(plain.contains("\nmaster_put_start_requests_total 25\n"));
+        assert!(plain.contains("# TYPE master_evicted_key_count gauge\n"));
+        server.abort();
+    }
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples() {
+        let open = "# HELP a_bytes Bytes.\n# TYPE a_bytes gauge\na_bytes 1\n\
+                    # HELP b Things.\n# TYPE b counter\n# UNIT b things\nb_total 2\n# EOF\n";
+        assert_eq!(
+            classic(open),
+            "# HELP a_bytes Bytes.\n# TYPE a_bytes gauge\na_bytes 1\n\
+             # HELP b_total Things.\n# TYPE b_total counter\nb_total 2\n"
+        );
+    }
+}
