@@ -359,6 +359,35 @@ export class TransferEngine extends EventEmitter<{ notify: [NotifyEvent] }> {
     return out
   }
 
+  /**
+   * This engine's metrics in Prometheus's text format (version 0.0.4): serve it from an HTTP
+   * handler with `Content-Type: text/plain; version=0.0.4`.
+   *
+   * - `mooncake_engine_transfers_total`, `mooncake_engine_transfer_bytes_total` and the
+   *   `mooncake_engine_transfer_duration_seconds` histogram (submission to completion), by
+   *   `transport` (`tcp`, `shm`, `rdma`) and `op` (`read`, `write`), for completed requests;
+   * - `mooncake_engine_transfer_failures_total` by the same labels (`transport="none"`: failed
+   *   before a transport was chosen);
+   * - `mooncake_engine_batches`: batches not yet freed;
+   * - `mooncake_engine_rail_*`: per rail (`peer`, `local`, `remote`), whether it is usable and
+   *   preferred, bytes in flight, and the bytes, slices, failures, pauses and rescued slices it
+   *   carried.
+   *
+   * A request is counted once its batch has settled and been awaited or freed; its latency is
+   * measured to the moment it settled.
+   *
+   * @example
+   * ```ts
+   * createServer((req, res) => {
+   *   res.writeHead(200, { 'Content-Type': 'text/plain; version=0.0.4' })
+   *   res.end(engine.metrics())
+   * }).listen(9100)
+   * ```
+   */
+  metrics(): string {
+    return native(() => this.inner.metrics())
+  }
+
   /** The NIC priority matrix the engine selects devices by (discovered from sysfs, or the one given). */
   topology(): PriorityMatrix {
     return JSON.parse(native(() => this.inner.topology())) as PriorityMatrix

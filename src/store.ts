@@ -223,6 +223,25 @@ export class MooncakeStore {
     native(() => this.inner.unregisterBuffer(buffer))
   }
 
+  /**
+   * This client's metrics and its engine's, in Prometheus's text format (version 0.0.4; serve
+   * it with `Content-Type: text/plain; version=0.0.4`).
+   *
+   * - `mooncake_client_requests_total`, `mooncake_client_failures_total` and the
+   *   `mooncake_client_request_duration_seconds` histogram by `op` (`put`, `get`, `remove`):
+   *   one request per key (the keys of a batch share its time); `removeAll` and
+   *   `removeByRegex` count once per call;
+   * - `mooncake_client_bytes_total` by `op` (`put`, `get`): value bytes of successful requests,
+   *   once per value whatever the replica count (the engine's `mooncake_engine_transfer_bytes_total`
+   *   counts what moved, every replica);
+   * - `mooncake_client_staging_used_bytes` and `mooncake_client_staging_capacity_bytes`: the
+   *   staging buffer (`localBufferSize` plus the reserve grown beyond it);
+   * - every `mooncake_engine_*` metric of `TransferEngine.metrics()`, for this client's engine.
+   */
+  metrics(): string {
+    return native(() => this.inner.metrics())
+  }
+
   /** Unmounts this node's segment (its objects are dropped from the pool), stops and closes. Idempotent. */
   close(): Promise<void> {
     return nativeAsync(() => this.inner.close())

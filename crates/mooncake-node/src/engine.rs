@@ -405,6 +405,12 @@ impl NativeEngine {
             .collect()
     }
 
+    /// This engine's metrics (`mooncake_engine_*`) in Prometheus's text format.
+    #[napi(catch_unwind)]
+    pub fn metrics(&self) -> Result<String> {
+        self.inner.metrics_text().napi()
+    }
+
     /// The NIC priority matrix, as Mooncake's JSON.
     #[napi(catch_unwind)]
     pub fn topology(&self) -> String {
@@ -455,13 +461,13 @@ impl NativeEngine {
         Ok(())
     }
 
-    /// Runs the bench load (see `mooncake bench`).
-    #[napi]
-    pub async fn bench(
+    /// Starts the bench load (see `mooncake bench`) in the background.
+    #[napi(catch_unwind)]
+    pub fn start_bench(
         &self,
         options: crate::bench::BenchOptions,
-    ) -> Result<crate::bench::BenchReport> {
-        crate::bench::run(&self.inner, options).await
+    ) -> Result<crate::bench::NativeBenchRun> {
+        crate::bench::start(&self.inner, options)
     }
 }
 

@@ -416,6 +416,13 @@ impl NativeStore {
             .napi()
     }
 
+    /// This client's metrics (`mooncake_client_*`) and its engine's (`mooncake_engine_*`) in
+    /// Prometheus's text format.
+    #[napi(catch_unwind)]
+    pub fn metrics(&self) -> Result<String> {
+        self.inner.metrics_text().napi()
+    }
+
     /// Unmounts, stops and closes; idempotent.
     #[napi]
     pub async fn close(&self) -> Result<()> {

@@ -84,6 +84,17 @@ impl LocalBuffer {
         })
     }
 
+    /// Bytes held by blocks, and bytes of the configured buffer plus the reserve.
+    pub fn usage(&self) -> (u64, u64) {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.iter().fold((0, 0), |(used, capacity), pool| {
+            (
+                used.saturating_add(pool.allocator.used()),
+                capacity.saturating_add(pool.allocator.capacity()),
+            )
+        })
+    }
+
     /// Bytes of reserve grown so far.
     pub fn reserve(&self) -> usize {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());

@@ -16,11 +16,13 @@
 //! - [`transfer`]: replica lists checked, bytes moved, read deadlines;
 //! - [`lookups`]: concurrent replica lookups coalesced;
 //! - [`master_client`]: RPC plumbing;
-//! - [`buffer`]: the staging buffer.
+//! - [`buffer`]: the staging buffer;
+//! - [`metrics`]: requests, failures, bytes and latency by operation, staging use.
 
 pub mod buffer;
 mod lookups;
 pub mod master_client;
+mod metrics;
 mod mooncake_master;
 mod reads;
 mod reservations;
@@ -43,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use self::buffer::LocalBuffer;
 use self::lookups::Lookups;
 use self::master_client::{Credentials, MasterClient};
+use self::metrics::{ClientMetrics, Operation};
 use self::reservations::Reservations;
 use self::transfer::ReadPace;
 use crate::access::Tokens;
@@ -112,6 +115,7 @@ pub struct StoreClient {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     closed: AtomicBool,
+    metrics: ClientMetrics,
 }
 
 /// Engine memory with every page already backed (see [`Arena::populate`]): the segment and
@@ -226,6 +230,7 @@ impl StoreClient {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             closed: AtomicBool::new(false),
+            metrics: ClientMetrics::default(),
         });
         client.spawn_renewals();
         client.spawn_heartbeat();
@@ -375,20 +380,40 @@ impl StoreClient {
 
     /// Removes `key` (a leased object only with `force`).
     pub async fn remove(&self, key: &str, force: bool) -> Result<()> {
-        self.ensure_open()?;
-        let request = proto::RemoveRequest {
-            key: key.to_owned(),
-            force,
+        let removal = async {
+            self.ensure_open()?;
+            let request = proto::RemoveRequest {
+                key: key.to_owned(),
+                force,
+            };
+            let outcome = self
+                .master
+                .call_once(request, |mut g, r| async move { g.remove(r).await })
+                .await?;
+            from_outcome(Some(&outcome))
         };
-        let outcome = self
-            .master
-            .call_once(request, |mut g, r| async move { g.remove(r).await })
-            .await?;
-        from_outcome(Some(&outcome))
+        self.metrics
+            .observe(Operation::Remove, removal, |()| 0)
+            .await
     }
 
     /// Per-key removal.
     pub async fn batch_remove(&self, keys: &[String], force: bool) -> Result<Vec<Result<()>>> {
+        let started = std::time::Instant::now();
+        let removed = self.batch_remove_unrecorded(keys, force).await;
+        let outcomes: Box<dyn Iterator<Item = Option<u64>>> = match &removed {
+            Ok(results) => Box::new(results.iter().map(|r| r.as_ref().ok().map(|()| 0))),
+            Err(_) => Box::new(keys.iter().map(|_| None)),
+        };
+        self.metrics.record(Operation::Remove, started, outcomes);
+        removed
+    }
+
+    async fn batch_remove_unrecorded(
+        &self,
+        keys: &[String],
+        force: bool,
+    ) -> Result<Vec<Result<()>>> {
         self.ensure_open()?;
         let request = proto::BatchRemoveRequest {
             keys: keys.to_vec(),
@@ -407,30 +432,40 @@ impl StoreClient {
 
     /// Removes every key matching `pattern`; returns how many.
     pub async fn remove_by_regex(&self, pattern: &str, force: bool) -> Result<u64> {
-        self.ensure_open()?;
-        let request = proto::RemoveByRegexRequest {
-            pattern: pattern.to_owned(),
-            force,
+        let removal = async {
+            self.ensure_open()?;
+            let request = proto::RemoveByRegexRequest {
+                pattern: pattern.to_owned(),
+                force,
+            };
+            Ok(self
+                .master
+                .call_once(
+                    request,
+                    |mut g, r| async move { g.remove_by_regex(r).await },
+                )
+                .await?
+                .count)
         };
-        Ok(self
-            .master
-            .call_once(
-                request,
-                |mut g, r| async move { g.remove_by_regex(r).await },
-            )
-            .await?
-            .count)
+        self.metrics
+            .observe(Operation::Remove, removal, |_| 0)
+            .await
     }
 
     /// Removes every key; returns how many.
     pub async fn remove_all(&self, force: bool) -> Result<u64> {
-        self.ensure_open()?;
-        let request = proto::RemoveAllRequest { force };
-        Ok(self
-            .master
-            .call_once(request, |mut g, r| async move { g.remove_all(r).await })
-            .await?
-            .count)
+        let removal = async {
+            self.ensure_open()?;
+            let request = proto::RemoveAllRequest { force };
+            Ok(self
+                .master
+                .call_once(request, |mut g, r| async move { g.remove_all(r).await })
+                .await?
+                .count)
+        };
+        self.metrics
+            .observe(Operation::Remove, removal, |_| 0)
+            .await
     }
 
     /// Unmounts the segment (best effort), stops the heartbeat and closes the engine.

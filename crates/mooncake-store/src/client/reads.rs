@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_te::Opcode;
 
+use super::metrics::Operation;
 use super::transfer::{Move, Replica};
 use super::{Staged, StoreClient, Value};
 
@@ -17,6 +18,14 @@ const READ_ATTEMPTS: usize = 3;
 impl StoreClient {
     /// The value of `key`.
     pub async fn get(&self, key: &str) -> Result<Value> {
+        self.metrics
+            .observe(Operation::Get, self.read_value(key), |value| {
+                value.len() as u64
+            })
+            .await
+    }
+
+    async fn read_value(&self, key: &str) -> Result<Value> {
         self.ensure_open()?;
         // Read straight into the memory the value is returned in: a block of the (registered)
         // staging buffer, or else a vector registered privately for this one read.
@@ -60,8 +69,13 @@ impl StoreClient {
 
     /// Reads `key` into registered memory at `addr` (capacity `cap`); returns its size.
     pub async fn get_into(&self, key: &str, addr: usize, cap: usize) -> Result<u64> {
-        self.ensure_open()?;
-        self.read_into(key, addr, cap, None).await
+        let read = async {
+            self.ensure_open()?;
+            self.read_into(key, addr, cap, None).await
+        };
+        self.metrics
+            .observe(Operation::Get, read, |size| *size)
+            .await
     }
 
     async fn read_into(
@@ -215,6 +229,17 @@ impl StoreClient {
     /// (`(address, capacity)`), and the careful single-key path for keys whose first choice
     /// failed or whose lease ran out.
     async fn batch_read(
+        &self,
+        keys: &[String],
+        destination: impl FnMut(usize, u64) -> Result<(usize, usize)>,
+    ) -> Vec<Result<u64>> {
+        let reads = self.batch_read_each(keys, destination);
+        self.metrics
+            .observe_each(Operation::Get, reads, |_, size| *size)
+            .await
+    }
+
+    async fn batch_read_each(
         &self,
         keys: &[String],
         mut destination: impl FnMut(usize, u64) -> Result<(usize, usize)>,

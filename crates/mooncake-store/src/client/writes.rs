@@ -9,6 +9,7 @@ use mooncake_te::Opcode;
 use mooncake_transport::copy::copy_bytes;
 
 use super::lookups::{RECOVERY_POLL, RECOVERY_WAIT};
+use super::metrics::Operation;
 use super::reservations::{self, Part, Used};
 use super::transfer::{checked_replicas, Move, Replica};
 use super::{Staged, StoreClient};
@@ -149,7 +150,23 @@ impl StoreClient {
         }
     }
 
+    /// Every put and upsert ends here, and is counted in the metrics here.
     async fn write_from(
+        &self,
+        keys: &[String],
+        ranges: &[(usize, usize)],
+        config: &WriteConfig,
+        upsert: bool,
+    ) -> Vec<Result<()>> {
+        let writes = self.write_each(keys, ranges, config, upsert);
+        self.metrics
+            .observe_each(Operation::Put, writes, |i, ()| {
+                ranges.get(i).map_or(0, |(_, len)| *len as u64)
+            })
+            .await
+    }
+
+    async fn write_each(
         &self,
         keys: &[String],
         ranges: &[(usize, usize)],
