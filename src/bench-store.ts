@@ -20,12 +20,15 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
+import { writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
+import { formatSize, renderChart } from './chart'
 import { MooncakeError } from './errors'
 import { MasterServer } from './master'
+import { startProgress } from './progress'
 import { MooncakeStore } from './store'
 
 interface Phase {
@@ -67,6 +70,8 @@ const OPTIONS = {
   redis: { type: 'string', default: '' },
   prefix: { type: 'string', default: 'k' },
   json: { type: 'boolean', default: false },
+  chart: { type: 'string', default: '' },
+  progress: { type: 'boolean', default: false },
 } as const
 
 const percentile = (sorted: number[], p: number) => (sorted.length ? sorted[Math.round((sorted.length - 1) * p)] : 0)
@@ -75,7 +80,14 @@ const percentile = (sorted: number[], p: number) => (sorted.length ? sorted[Math
  * Runs `count` operations on `inflight` lanes, then repeats them until `seconds` pass (if
  * `repeat`). `op(i, lane)` resolves to the bytes it moved.
  */
-async function drive(count: number, inflight: number, seconds: number, repeat: boolean, op: (i: number, lane: number) => Promise<number>): Promise<Phase> {
+async function drive(
+  count: number,
+  inflight: number,
+  seconds: number,
+  repeat: boolean,
+  op: (i: number, lane: number) => Promise<number>,
+  completed?: { bytes: number },
+): Promise<Phase> {
   const latenciesUs: number[] = []
   let bytes = 0
   let next = 0
@@ -88,6 +100,7 @@ async function drive(count: number, inflight: number, seconds: number, repeat: b
       const began = process.hrtime.bigint()
       const moved = await op(i % count, index)
       bytes += moved
+      if (completed) completed.bytes += moved
       latenciesUs.push(Number(process.hrtime.bigint() - began) / 1e3)
     }
   }
@@ -183,16 +196,20 @@ async function client(o: Record<string, string | boolean>): Promise<void> {
   const putOne = async (i: number, lane: number) => (await workers[lane].put(keys[i]), size)
   let put: Phase = { ops: 0, bytes: 0, seconds: 0, latenciesUs: [] }
   let get: Phase
+  // Bytes this client completed so far, for the orchestrator's progress line.
+  const completed = { bytes: 0 }
+  const reporter = o.progress ? setInterval(() => console.log(JSON.stringify({ progress: completed.bytes })), 250) : undefined
   try {
-    await drive(count, inflight, 0, false, putOne)
+    await drive(count, inflight, 0, false, putOne, completed)
     for (;;) {
       await store.drop(String(o.prefix), keys)
-      put = merge(put, await drive(count, inflight, 0, false, putOne))
+      put = merge(put, await drive(count, inflight, 0, false, putOne, completed))
       if (put.seconds >= seconds) break
     }
-    get = await drive(count, inflight, seconds, true, (i, lane) => workers[lane].get(keys[i]))
+    get = await drive(count, inflight, seconds, true, (i, lane) => workers[lane].get(keys[i]), completed)
     await store.drop(String(o.prefix), keys)
   } finally {
+    clearInterval(reporter)
     await store.close()
   }
   const summary = (p: Phase) => {
@@ -240,9 +257,13 @@ function child(args: string[]): ChildProcess {
   })
 }
 
-async function lastLine(proc: ChildProcess): Promise<string> {
+/** The last line a bench process prints, once it exited; its `{"progress":bytes}` lines go to `onProgress`. */
+async function lastLine(proc: ChildProcess, onProgress?: (bytes: number) => void): Promise<string> {
   let last = ''
-  createInterface({ input: proc.stdout! }).on('line', (line) => (last = line))
+  createInterface({ input: proc.stdout! }).on('line', (line) => {
+    if (line.startsWith('{"progress":')) onProgress?.((JSON.parse(line) as { progress: number }).progress)
+    else last = line
+  })
   const [code] = await once(proc, 'exit')
   if (code !== 0) throw new MooncakeError('ERR_TRANSFER_FAILED', `bench process exited with ${code}`)
   return last
@@ -258,7 +279,15 @@ async function freePort(): Promise<number> {
 }
 
 /** Runs the clients for one size against one system and returns its put and get rows. */
-async function workload(system: System, target: string[], size: number, clients: number, o: Record<string, string | boolean>, poolBytes: number): Promise<Row[]> {
+async function workload(
+  system: System,
+  target: string[],
+  size: number,
+  clients: number,
+  o: Record<string, string | boolean>,
+  poolBytes: number,
+  onProgress?: (client: number, bytes: number) => void,
+): Promise<Row[]> {
   // An eighth of the pool per run: removed keys stay parked while their readers' leases run,
   // and the runs that follow must not push the pool into eviction.
   const keys = Math.max(1, Math.min(2000, Math.floor(poolBytes / 8 / size / clients)))
@@ -266,9 +295,9 @@ async function workload(system: System, target: string[], size: number, clients:
   const transportArgs = system === 'redis' || !o.protocol ? [] : ['--protocol', String(o.protocol)]
   const procs = Array.from({ length: clients }, (_, c) =>
     child(['--role', 'client', ...target, ...api, ...transportArgs, '--staging', String(o.staging), '--size', String(size), '--keys', String(keys), '--prefix', `c${c}-${Date.now()}`,
-      '--duration', String(o.duration), '--inflight', String(o.inflight)]),
+      '--duration', String(o.duration), '--inflight', String(o.inflight), ...(onProgress ? ['--progress'] : [])]),
   )
-  const results = (await Promise.all(procs.map(lastLine))).map((l) => JSON.parse(l) as Record<'put' | 'get', Omit<Phase, 'latenciesUs'> & { p50Us: number; p99Us: number }>)
+  const results = (await Promise.all(procs.map((proc, c) => lastLine(proc, onProgress && ((bytes) => onProgress(c, bytes)))))).map((l) => JSON.parse(l) as Record<'put' | 'get', Omit<Phase, 'latenciesUs'> & { p50Us: number; p99Us: number }>)
   return (['put', 'get'] as const).map((op) => {
     const bytes = results.reduce((s, r) => s + r[op].bytes, 0)
     const ops = results.reduce((s, r) => s + r[op].ops, 0)
@@ -361,6 +390,30 @@ const list = (value: string | boolean) => String(value).split(',').map(Number)
 
 async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
   if (o.protocol && !['auto', 'tcp', 'shm'].includes(o.protocol as string)) throw new MooncakeError('ERR_INVALID_ARGUMENT', `--protocol is auto, tcp or shm, not '${o.protocol}'`)
+  // Progress: runs done of all the runs, and the bytes the current run's clients completed.
+  let done = 0
+  let total = 1
+  let phase = 'starting the store'
+  let phaseStart = process.hrtime.bigint()
+  let phaseBytes: number[] | undefined
+  const progress = startProgress({ total, unit: 'runs', enabled: !o.json }, () => ({
+    done,
+    total,
+    phase,
+    bytes: phaseBytes?.reduce((a, b) => a + (b ?? 0), 0),
+    seconds: Number(process.hrtime.bigint() - phaseStart) / 1e9,
+  }))
+  /** Runs one step of the bench under `label`; `work` gets where its clients' bytes go. */
+  const step = async <T>(label: string, work: (onProgress: (client: number, bytes: number) => void) => Promise<T>): Promise<T> => {
+    phase = label
+    phaseStart = process.hrtime.bigint()
+    phaseBytes = undefined
+    try {
+      return await work((client, bytes) => ((phaseBytes ??= [])[client] = bytes))
+    } finally {
+      done++
+    }
+  }
   const master = await MasterServer.start({ rpcPort: 0, metricsPort: -1, httpMetadataServer: true, httpMetadataPort: 0 })
   const nodes: ChildProcess[] = []
   let redis: RedisServer | undefined
@@ -391,15 +444,24 @@ async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
       rates.set(`${size}/${clients}`, Math.min(...rows.map((r) => r.opsPerSec)))
       return rows
     }
+    const cells = clientCounts.length * sizes.length
+    total = (benchmark ? cells : 0) + Number(o.repeat) * cells * systems.length + 1
+    const cell = (system: string, size: number, clients: number) => `${system}, ${formatSize(size)}, ${clients} client${clients === 1 ? '' : 's'}`
     if (benchmark) {
       for (const clients of clientCounts) {
-        for (const size of sizes) await runBenchmark(size, clients, Math.max(clients * inflight * 20, Math.min(5000, Math.round((64 << 20) / size))))
+        for (const size of sizes) {
+          await step(cell('redis-benchmark warm-up', size, clients), () =>
+            runBenchmark(size, clients, Math.max(clients * inflight * 20, Math.min(5000, Math.round((64 << 20) / size)))),
+          )
+        }
       }
     }
     const run = (system: System, size: number, clients: number): Promise<Row[]> =>
-      system === 'redis-benchmark'
-        ? runBenchmark(size, clients, Math.max(clients * inflight * 20, Math.round(rates.get(`${size}/${clients}`)! * seconds)))
-        : workload(system, system === 'redis' ? ['--redis', redis!.url] : target, size, clients, o, pool)
+      step(cell(system, size, clients), (onProgress) =>
+        system === 'redis-benchmark'
+          ? runBenchmark(size, clients, Math.max(clients * inflight * 20, Math.round(rates.get(`${size}/${clients}`)! * seconds)))
+          : workload(system, system === 'redis' ? ['--redis', redis!.url] : target, size, clients, o, pool, progress.active ? onProgress : undefined),
+      )
     // Rounds alternate the systems, each round in a rotated order, so that a slow spell of a
     // shared machine or the cost of going first hits them alike.
     const rounds: Row[][] = []
@@ -413,9 +475,15 @@ async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
       }
       rounds.push(rows)
     }
-    const opsLine = await lastLine(child(['--role', 'master-ops', ...target, '--duration', String(o.duration), '--inflight', String(o.inflight)]))
-    report(rounds, (JSON.parse(opsLine) as { opsPerSec: number }).opsPerSec, o)
+    const opsLine = await step('master operations', () =>
+      lastLine(child(['--role', 'master-ops', ...target, '--duration', String(o.duration), '--inflight', String(o.inflight)])),
+    )
+    progress.stop()
+    const summary = summarize(rounds)
+    if (o.chart) writeChart(String(o.chart), summary, o)
+    report(summary, rounds, (JSON.parse(opsLine) as { opsPerSec: number }).opsPerSec, o)
   } finally {
+    progress.stop()
     redis?.proc.kill('SIGTERM')
     for (const n of nodes) n.kill('SIGTERM')
     await Promise.all(nodes.map((n) => (n.exitCode === null ? once(n, 'exit') : undefined)))
@@ -471,8 +539,47 @@ function summarize(rounds: Row[][]) {
   })
 }
 
-function report(rounds: Row[][], masterOpsPerSec: number, o: Record<string, string | boolean>): void {
-  const summary = summarize(rounds)
+const SYSTEM_NAMES: Record<System, string> = {
+  mooncake: 'Mooncake put/get (Buffer)',
+  'zero-copy': 'Mooncake putFrom/getInto',
+  redis: 'Redis (ioredis)',
+  'redis-benchmark': 'redis-benchmark',
+}
+
+/** GB/s by value size, a panel per operation, a line per system (and client count). */
+function writeChart(path: string, summary: Summary, o: Record<string, string | boolean>): void {
+  const clientCounts = list(o.clients)
+  const keys: [System, 'mooncake' | 'zeroCopy' | 'redis' | 'redisBenchmark'][] = [
+    ['mooncake', 'mooncake'],
+    ['zero-copy', 'zeroCopy'],
+    ['redis', 'redis'],
+    ['redis-benchmark', 'redisBenchmark'],
+  ]
+  const panels = (['put', 'get'] as const).map((op) => ({
+    title: op,
+    series: keys.flatMap(([system, key]) =>
+      clientCounts.map((clients) => ({
+        name: clientCounts.length > 1 ? `${SYSTEM_NAMES[system]}, ${clients} clients` : SYSTEM_NAMES[system],
+        points: summary.filter((r) => r.op === op && r.clients === clients && r[key]).map((r) => ({ x: r.size, y: r[key]!.gbps })),
+      })).filter((s) => s.points.length > 0),
+    ),
+  }))
+  const protocol = (o.protocol as string) || 'auto'
+  writeFileSync(
+    path,
+    renderChart({
+      title: 'Mooncake Store vs Redis: throughput by value size',
+      subtitle: `loopback over ${protocol}, ${o.nodes} nodes x ${o['node-size']} MiB, ${o.inflight} in flight per client; medians of ${o.repeat} rounds`,
+      xLabel: 'value size',
+      yLabel: 'GB/s (10^9 B/s)',
+      panels,
+    }),
+  )
+}
+
+type Summary = ReturnType<typeof summarize>
+
+function report(summary: Summary, rounds: Row[][], masterOpsPerSec: number, o: Record<string, string | boolean>): void {
   const protocol = (o.protocol as string) || 'auto'
   if (o.json) {
     const config = { protocol, nodes: Number(o.nodes), nodeSizeMiB: Number(o['node-size']), clients: list(o.clients), inflight: Number(o.inflight), duration: Number(o.duration), repeat: Number(o.repeat) }

@@ -24,6 +24,7 @@ import { segmentHandle, TransferEngine, type TransferRequest } from './engine'
 import { MasterServer, type MasterServerOptions } from './master'
 import { startMetadataServer } from './metadata-server'
 import { p2p } from './p2p-cli'
+import { startProgress } from './progress'
 import { MooncakeStore } from './store'
 
 const USAGE = `usage: mooncake <command> [options]
@@ -195,23 +196,8 @@ async function bench(argv: string[]): Promise<void> {
     const batchSize = integer(o['batch-size'], 'batch-size', 1)
     const threads = integer(o.threads, 'threads', 1, 1024)
     const duration = decimal(o.duration, 'duration')
-    const progress = !o.json && process.stderr.isTTY === true
-    const report = o['via-js']
-      ? await benchViaJs(engine, { segment, remote, buffer, op, blockSize, batchSize, threads, duration })
-      : await nativeAsync(() =>
-          engine.native.bench({
-            segment: segmentHandle(segment)!,
-            remoteAddress: remote.address,
-            remoteLength: remote.length,
-            local: buffer,
-            op,
-            blockSize,
-            batchSize,
-            threads,
-            durationSec: duration,
-            progress,
-          }),
-        )
+    const load: JsLoad = { segment, remote, buffer, op, blockSize, batchSize, threads, duration }
+    const report = o['via-js'] ? await benchViaJs(engine, load, !o.json) : await benchNative(engine, load, !o.json)
     printReport(o['via-js'] ? 'engine (via js)' : 'engine', report, o.json, {
       op,
       blockSize,
@@ -235,8 +221,39 @@ interface JsLoad {
   duration: number
 }
 
+/** A timed run's progress line: seconds elapsed of the duration, and the rate so far. */
+function timedProgress(duration: number, enabled: boolean, read: () => { bytes: number; seconds: number }) {
+  return startProgress({ total: Math.ceil(duration), unit: 's', enabled }, () => {
+    const { bytes, seconds } = read()
+    return { done: Math.floor(seconds), bytes, seconds }
+  })
+}
+
+/** The load in Rust, with a progress line (on a terminal) from what it has completed. */
+async function benchNative(engine: TransferEngine, load: JsLoad, showProgress: boolean): Promise<BenchReport> {
+  const run = native(() =>
+    engine.native.startBench({
+      segment: segmentHandle(load.segment)!,
+      remoteAddress: load.remote.address,
+      remoteLength: load.remote.length,
+      local: load.buffer,
+      op: load.op,
+      blockSize: load.blockSize,
+      batchSize: load.batchSize,
+      threads: load.threads,
+      durationSec: load.duration,
+    }),
+  )
+  const progress = timedProgress(load.duration, showProgress, () => run.progress())
+  try {
+    return await nativeAsync(() => run.done())
+  } finally {
+    progress.stop()
+  }
+}
+
 /** The same load as the native bench, driven through the TypeScript facade. */
-async function benchViaJs(engine: TransferEngine, load: JsLoad): Promise<BenchReport> {
+async function benchViaJs(engine: TransferEngine, load: JsLoad, showProgress: boolean): Promise<BenchReport> {
   const slots = Math.min(Math.floor(load.remote.length / load.blockSize), Math.floor(load.buffer.length / load.blockSize))
   if (slots === 0) throw new MooncakeError('ERR_INVALID_ARGUMENT', 'buffers are smaller than one block')
   const latencies: number[] = []
@@ -263,8 +280,14 @@ async function benchViaJs(engine: TransferEngine, load: JsLoad): Promise<BenchRe
       bytes += load.blockSize * load.batchSize
     }
   }
-  await Promise.all(Array.from({ length: load.threads }, (_, tid) => worker(tid)))
-  const seconds = Number(process.hrtime.bigint() - start) / 1e9
+  const elapsed = () => Number(process.hrtime.bigint() - start) / 1e9
+  const progress = timedProgress(load.duration, showProgress, () => ({ bytes, seconds: elapsed() }))
+  try {
+    await Promise.all(Array.from({ length: load.threads }, (_, tid) => worker(tid)))
+  } finally {
+    progress.stop()
+  }
+  const seconds = elapsed()
   latencies.sort((a, b) => a - b)
   const pct = (p: number) => (latencies.length ? latencies[Math.round((latencies.length - 1) * p)] : 0)
   const requests = latencies.length * load.batchSize

@@ -1,15 +1,16 @@
 //! `mooncake bench`: the engine load and the raw socket baseline.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mooncake_common::Handle;
 use mooncake_te::{bench, Opcode, TransferEngine};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use tokio::sync::oneshot;
 
 use crate::convert::{bigint_u64, to_len};
-use crate::error::{invalid, IntoNapi};
+use crate::error::{invalid, to_napi, IntoNapi};
 
 /// What to run.
 #[napi(object)]
@@ -32,8 +33,56 @@ pub struct BenchOptions {
     pub threads: u32,
     /// Seconds to run.
     pub duration_sec: f64,
-    /// Print a progress line to stderr.
-    pub progress: bool,
+}
+
+/// What a running bench has completed so far.
+#[napi(object)]
+pub struct BenchProgress {
+    /// Bytes of completed batches.
+    pub bytes: f64,
+    /// Requests of completed batches.
+    pub requests: f64,
+    /// Wall time since the run started, seconds.
+    pub seconds: f64,
+}
+
+/// A bench run in progress: poll `progress()` for a display, await `done()` for the report.
+#[napi]
+pub struct NativeBenchRun {
+    meter: Arc<bench::BenchMeter>,
+    outcome: Mutex<Option<oneshot::Receiver<mooncake_common::Result<bench::BenchReport>>>>,
+}
+
+#[napi]
+impl NativeBenchRun {
+    /// What the run has completed so far.
+    #[napi(catch_unwind)]
+    pub fn progress(&self) -> BenchProgress {
+        let reading = self.meter.read();
+        BenchProgress {
+            bytes: reading.bytes as f64,
+            requests: reading.requests as f64,
+            seconds: reading.seconds,
+        }
+    }
+
+    /// Resolves with the report once the run ends; once only.
+    #[napi]
+    pub async fn done(&self) -> Result<BenchReport> {
+        let outcome = self
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| invalid("this bench run was awaited already"))?;
+        let report = outcome.await.map_err(|_| {
+            to_napi(mooncake_common::Error::new(
+                mooncake_common::ErrorKind::InternalError,
+                "the bench run ended without a report",
+            ))
+        })?;
+        report.napi().map(Into::into)
+    }
 }
 
 /// What it measured.
@@ -84,10 +133,8 @@ fn duration(seconds: f64) -> Result<Duration> {
         .map_err(|_| invalid("duration must be a positive number of seconds"))
 }
 
-pub(crate) async fn run(
-    engine: &Arc<TransferEngine>,
-    options: BenchOptions,
-) -> Result<BenchReport> {
+/// Checks `options` and starts the run in the background.
+pub(crate) fn start(engine: &Arc<TransferEngine>, options: BenchOptions) -> Result<NativeBenchRun> {
     let local = (options.local.as_ptr() as usize, options.local.len());
     let options = bench::BenchOptions {
         segment: Handle::from_u64(bigint_u64(&options.segment, "segment")?),
@@ -101,12 +148,21 @@ pub(crate) async fn run(
         batch_size: options.batch_size as usize,
         threads: options.threads as usize,
         duration: duration(options.duration_sec)?,
-        progress: options.progress,
+        meter: Arc::default(),
     };
     if !engine.is_registered(options.local.0, options.local.1) {
         return Err(invalid("the bench's local buffer must be registered"));
     }
-    bench::run(engine, &options).await.napi().map(Into::into)
+    let (report, outcome) = oneshot::channel();
+    let (engine, meter) = (engine.clone(), options.meter.clone());
+    napi::bindgen_prelude::spawn(async move {
+        // Nobody may be waiting any more; the report is then dropped.
+        let _ = report.send(bench::run(&engine, &options).await);
+    });
+    Ok(NativeBenchRun {
+        meter,
+        outcome: Mutex::new(Some(outcome)),
+    })
 }
 
 /// Starts the raw socket pump server on its own thread; returns its port.

@@ -8,7 +8,7 @@
 pub mod raw;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use mooncake_common::{Error, Result};
@@ -37,8 +37,47 @@ pub struct BenchOptions {
     pub threads: usize,
     /// How long to run.
     pub duration: Duration,
-    /// Print a progress line to stderr every second.
-    pub progress: bool,
+    /// Where the run counts what it completed, for a progress display to poll.
+    pub meter: Arc<BenchMeter>,
+}
+
+/// What a run has completed so far: bytes and requests of the batches that finished, and the
+/// wall time since it started. Polled by a progress display while the run goes on.
+#[derive(Debug, Default)]
+pub struct BenchMeter {
+    bytes: AtomicU64,
+    requests: AtomicU64,
+    started: OnceLock<std::time::Instant>,
+}
+
+/// One reading of a [`BenchMeter`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeterReading {
+    /// Bytes of completed batches.
+    pub bytes: u64,
+    /// Requests of completed batches.
+    pub requests: u64,
+    /// Seconds since the run started (0 before).
+    pub seconds: f64,
+}
+
+impl BenchMeter {
+    /// What the run has completed so far.
+    pub fn read(&self) -> MeterReading {
+        MeterReading {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            seconds: self
+                .started
+                .get()
+                .map_or(0.0, |at| at.elapsed().as_secs_f64()),
+        }
+    }
+
+    fn completed(&self, bytes: u64, requests: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.requests.fetch_add(requests, Ordering::Relaxed);
+    }
 }
 
 /// What it measured.
@@ -88,12 +127,13 @@ pub async fn run(engine: &Arc<TransferEngine>, options: &BenchOptions) -> Result
     if slots == 0 {
         return Err(Error::invalid("buffers are smaller than one block"));
     }
-    let moved = Arc::new(AtomicU64::new(0));
+    let meter = options.meter.clone();
     let start = Instant::now();
+    let _ = meter.started.set(start.into_std());
     let stop_at = start + options.duration;
     let mut workers = Vec::new();
     for tid in 0..options.threads {
-        let (engine, options, moved) = (engine.clone(), options.clone(), moved.clone());
+        let (engine, options, meter) = (engine.clone(), options.clone(), meter.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut round = 0u64;
@@ -124,31 +164,12 @@ pub async fn run(engine: &Arc<TransferEngine>, options: &BenchOptions) -> Result
                         .flatten()
                         .map(|at| at.duration_since(submitted).as_secs_f64() * 1e6),
                 );
-                moved.fetch_add(span * options.batch_size as u64, Ordering::Relaxed);
+                meter.completed(span * options.batch_size as u64, options.batch_size as u64);
                 round += 1;
             }
             Ok::<_, Error>(latencies)
         }));
     }
-    let ticker = options.progress.then(|| {
-        let moved = moved.clone();
-        tokio::spawn(async move {
-            let mut last = 0;
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let now = moved.load(Ordering::Relaxed);
-                eprint!(
-                    "\r  {:>5.1}s  {:>8.2} GB/s  {:>10.0} MB moved   ",
-                    start.elapsed().as_secs_f64(),
-                    (now - last) as f64 / 1e9,
-                    now as f64 / 1e6
-                );
-                last = now;
-            }
-        })
-    });
     let mut latencies = Vec::new();
     let mut failure = None;
     for worker in workers {
@@ -163,15 +184,11 @@ pub async fn run(engine: &Arc<TransferEngine>, options: &BenchOptions) -> Result
             }
         }
     }
-    if let Some(ticker) = ticker {
-        ticker.abort();
-        eprintln!();
-    }
     if let Some(e) = failure {
         return Err(e);
     }
     let seconds = start.elapsed().as_secs_f64();
-    let bytes = moved.load(Ordering::Relaxed);
+    let bytes = meter.read().bytes;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         if latencies.is_empty() {
