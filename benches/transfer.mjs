@@ -1,18 +1,25 @@
 // `npm run bench`: the transfer engine against baselines measured in the same run, on the same
 // machine: TCP against a raw TCP socket pump between two processes, shared memory against a
 // single-threaded memcpy of the same blocks over DRAM-resident buffers. Every figure is the
-// median of BENCH_REPEAT runs of BENCH_SECONDS each.
+// median of BENCH_REPEAT runs of BENCH_SECONDS each. `--chart out.svg` (or BENCH_CHART) also
+// draws GB/s by block size, engine and baselines, as an SVG.
 //
-//   BENCH_SECONDS=3 BENCH_REPEAT=3 npm run bench
+//   BENCH_SECONDS=3 BENCH_REPEAT=3 npm run bench -- --chart transfer.svg
 import { spawn, execFileSync } from 'node:child_process'
 import { once } from 'node:events'
+import { writeFileSync } from 'node:fs'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+
+import { renderChart } from '../dist/chart.js'
+import { startProgress } from '../dist/progress.js'
 
 const cli = fileURLToPath(new URL('../dist/cli.js', import.meta.url))
 const seconds = Number(process.env.BENCH_SECONDS ?? 3)
 const repeat = Number(process.env.BENCH_REPEAT ?? 3)
 const bufferSize = process.env.BENCH_BUFFER ?? '256MiB'
+const { values: args } = parseArgs({ options: { chart: { type: 'string', default: process.env.BENCH_CHART ?? '' } }, strict: true })
 
 const MiB = 1 << 20
 const KiB = 1 << 10
@@ -43,11 +50,16 @@ function run(command, args) {
 }
 
 const initiator = (command, args) => run(command, ['--mode', 'initiator', ...args])
+const size = (b) => (b >= MiB ? `${b / MiB} MiB` : `${b / KiB} KiB`)
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 
 const rows = []
+let done = 0
+let phase = ''
+const progress = startProgress({ total: 2 * loads.length * repeat, unit: 'rounds', enabled: true }, () => ({ done, phase }))
 for (const op of ['write', 'read']) {
   for (const { block, batch, threads } of loads) {
+    phase = `${op}, ${size(block)} blocks`
     const load = ['--op', op, '--block-size', String(block), '--batch-size', String(batch), '--threads', String(threads)]
     const row = { op, block, raw: [], tcp: [], p50: [], p99: [], viaJs: [], memcpy: [], shm: [], shmP50: [] }
     for (let i = 0; i < repeat; i++) {
@@ -64,16 +76,15 @@ for (const op of ['write', 'read']) {
       const shm = await withTarget('bench', (segment) => initiator('bench', ['--segment', segment, '--protocol', 'shm', ...load]))
       row.shm.push(shm.gbps)
       row.shmP50.push(shm.p50Us)
-      process.stderr.write('.')
+      done++
     }
     rows.push(row)
   }
 }
-process.stderr.write('\n')
+progress.stop()
 
 const gb = (x) => (x === undefined ? '    -' : x.toFixed(2).padStart(5))
 const ratio = (a, b) => (a === undefined || b === undefined ? '   -' : (a / b).toFixed(2).padStart(4))
-const size = (b) => (b >= MiB ? `${b / MiB} MiB` : `${b / KiB} KiB`)
 console.log(`loopback, two processes; median of ${repeat} x ${seconds}s; GB/s (10^9 B/s); buffers ${bufferSize}`)
 console.log('')
 console.log('TCP transport vs raw TCP socket pump')
@@ -95,3 +106,31 @@ for (const r of rows) {
 }
 console.log('')
 console.log('targets: tcp/raw >= 0.80 at 1 MiB, >= 0.60 at 64 KiB; js/rust >= 0.90 at 1 MiB; shm/memcpy >= 0.85 and shm/tcp >= 2 at 1 MiB')
+
+if (args.chart) {
+  const series = [
+    ['raw TCP socket pump', 'raw'],
+    ['engine over TCP', 'tcp'],
+    ['engine over TCP, driven from JS', 'viaJs'],
+    ['memcpy, one thread', 'memcpy'],
+    ['engine over shared memory', 'shm'],
+  ]
+  const panels = ['write', 'read'].map((op) => ({
+    title: op,
+    series: series.map(([name, key]) => ({
+      name,
+      points: rows.filter((r) => r.op === op && r[key].length).map((r) => ({ x: r.block, y: median(r[key]) })),
+    })),
+  }))
+  writeFileSync(
+    args.chart,
+    renderChart({
+      title: 'Transfer engine vs baselines: throughput by block size',
+      subtitle: `loopback, two processes; median of ${repeat} x ${seconds}s; buffers ${bufferSize}`,
+      xLabel: 'block size',
+      yLabel: 'GB/s (10^9 B/s)',
+      panels,
+    }),
+  )
+  console.log(`chart: ${args.chart}`)
+}

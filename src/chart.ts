@@ -40,7 +40,7 @@ export interface Chart {
 
 const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2', '#17becf', '#7f7f7f', '#bcbd22']
 
-const MARGIN = { left: 64, right: 16, top: 70, panelTop: 28, bottom: 52 }
+const MARGIN = { left: 64, right: 16, top: 70, panelTop: 28, bottom: 62 }
 const LEGEND_ROW = 20
 
 /** `bytes` as `512 B`, `64 KiB`, `1 MiB`, `1.5 GiB`. */
