@@ -15,8 +15,9 @@ fn runs(program: &str, args: &[&str]) -> bool {
 
 /// From a build script: declares the cfgs `etcd_server` (Debian's `etcd-server` runs),
 /// `redis_server` (`redis-server` runs), `net_namespaces` (a network namespace with a veth
-/// pair can be made) and `mooncake_wheel` (Mooncake's Python wheel can run: a Python and
-/// Debian's `libibverbs1`; see [`crate::mooncake_py`]), and sets those that hold. Probed again
+/// pair can be made), `mooncake_wheel` (Mooncake's Python wheel can run: a Python and
+/// Debian's `libibverbs1`; see [`crate::mooncake_py`]), `promtool` (Debian's `prometheus`)
+/// and `chromium` (Debian's `chromium`), and sets those that hold. Probed again
 /// when PATH or `MOONCAKE_PY_VENV` changes; after installing a part, `cargo clean -p <crate>`
 /// probes anew.
 pub fn declare_servers() {
@@ -24,6 +25,8 @@ pub fn declare_servers() {
     println!("cargo::rustc-check-cfg=cfg(redis_server)");
     println!("cargo::rustc-check-cfg=cfg(net_namespaces)");
     println!("cargo::rustc-check-cfg=cfg(mooncake_wheel)");
+    println!("cargo::rustc-check-cfg=cfg(promtool)");
+    println!("cargo::rustc-check-cfg=cfg(chromium)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=MOONCAKE_PY_VENV");
     if wheel_can_run() {
@@ -34,6 +37,11 @@ pub fn declare_servers() {
     }
     if runs("redis-server", &["--version"]) {
         println!("cargo::rustc-cfg=redis_server");
+    }
+    for tool in ["promtool", "chromium"] {
+        if runs(tool, &["--version"]) {
+            println!("cargo::rustc-cfg={tool}");
+        }
     }
     // A throwaway namespace: the veth pair vanishes with it.
     let veth = [

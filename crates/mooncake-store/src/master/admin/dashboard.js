@@ -47,6 +47,19 @@ function last(values) {
   return values.length ? values[values.length - 1] : null;
 }
 
+// Steadier than the last sample alone, and still recent.
+const MEAN_OF = 10;
+
+function recentMean(values) {
+  const recent = values.slice(-MEAN_OF);
+  return recent.reduce((sum, v) => sum + v, 0) / recent.length;
+}
+
+function meanNote(rates) {
+  const seconds = Math.round(Math.min(rates.ops.length, MEAN_OF) * rates.interval_s);
+  return 'last ' + seconds + ' s';
+}
+
 function svg(name, attrs) {
   const node = document.createElementNS(SVG_NS, name);
   for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
@@ -108,11 +121,13 @@ function renderTotals(d) {
   setText('evicted', groupThousands(d.evicted_keys));
   setText('evicted-note', bytes(d.evicted_bytes) + ' in ' + groupThousands(d.eviction_rounds) + ' rounds');
   const r = d.rates;
-  setText('ops', r.ops.length ? rate(last(r.ops)) : '–');
-  setText('put-rate', r.put_bytes.length ? bytes(last(r.put_bytes)) : '–');
-  setText('get-rate', r.get_bytes.length ? bytes(last(r.get_bytes)) : '–');
-  setText('put-note', bytes(d.put_bytes) + ' in all');
-  setText('get-note', bytes(d.get_bytes) + ' in all');
+  const sampled = r.ops.length > 0;
+  setText('ops', sampled ? rate(recentMean(r.ops)) : '–');
+  setText('ops-note', sampled ? meanNote(r) + ', no pings' : 'no pings');
+  setText('put-rate', sampled ? bytes(recentMean(r.put_bytes)) : '–');
+  setText('get-rate', sampled ? bytes(recentMean(r.get_bytes)) : '–');
+  setText('put-note', (sampled ? meanNote(r) + '; ' : '') + bytes(d.put_bytes) + ' in all');
+  setText('get-note', (sampled ? meanNote(r) + '; ' : '') + bytes(d.get_bytes) + ' in all');
 }
 
 function renderCharts(r) {

@@ -2,10 +2,13 @@
 //! `prometheus-client`. A scraper that asks for OpenMetrics (Prometheus does) gets it; anyone
 //! else (curl, promtool, older scrapers) gets the classic text format, version 0.0.4.
 //!
-//! Names are Mooncake's. Its cumulative counts without a `_total` suffix
-//! (`master_evicted_key_count`, `master_evicted_size_bytes`, `master_put_start_discard_cnt`,
-//! `master_put_start_release_cnt`) are typed as gauges, so that their names stay as they are:
-//! a Prometheus counter's samples end in `_total`.
+//! Names are Mooncake's but for those that end in `_count`, which Prometheus keeps for
+//! histograms and summaries (`promtool check metrics` refuses them): `master_key_count` is
+//! `master_keys`, `master_soft_pin_key_count` `master_soft_pinned_keys`, `master_segment_count`
+//! `master_segments`, `master_evicted_key_count` `master_evicted_keys_total`. Mooncake's
+//! cumulative counts without a `_total` suffix (`master_evicted_size_bytes`,
+//! `master_put_start_discard_cnt`, `master_put_start_release_cnt`) are typed as gauges, so that
+//! their names stay as they are: a Prometheus counter's samples end in `_total`.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
@@ -81,10 +84,10 @@ fn registry(admin: &Admin) -> Registry {
         "Bytes mounted",
         stats.capacity_bytes,
     );
-    gauge(&mut r, "master_key_count", "Objects", stats.keys);
+    gauge(&mut r, "master_keys", "Objects", stats.keys);
     gauge(
         &mut r,
-        "master_soft_pin_key_count",
+        "master_soft_pinned_keys",
         "Soft-pinned objects",
         stats.soft_pinned_keys,
     );
@@ -96,14 +99,14 @@ fn registry(admin: &Admin) -> Registry {
     );
     gauge(
         &mut r,
-        "master_segment_count",
+        "master_segments",
         "Mounted segments",
         stats.segments,
     );
-    gauge(
+    counter(
         &mut r,
-        "master_evicted_key_count",
-        "Objects evicted since the master started",
+        "master_evicted_keys",
+        "Objects evicted",
         stats.evicted_keys,
     );
     gauge(
@@ -344,7 +347,7 @@ mod tests {
             body.contains("segment_allocated_bytes{segment=\"node \\\"1\\\" \\\\ é\"} 25600\n"),
             "{body}"
         );
-        assert!(body.contains("\nmaster_key_count 25\n"), "{body}");
+        assert!(body.contains("\nmaster_keys 25\n"), "{body}");
         server.abort();
     }
 
@@ -365,7 +368,8 @@ mod tests {
         assert!(!plain.contains("# EOF"), "{plain}");
         assert!(plain.contains("# TYPE master_put_start_requests_total counter\n"));
         assert!(plain.contains("\nmaster_put_start_requests_total 25\n"));
-        assert!(plain.contains("# TYPE master_evicted_key_count gauge\n"));
+        assert!(plain.contains("# TYPE master_evicted_size_bytes gauge\n"));
+        assert!(plain.contains("# TYPE master_evicted_keys_total counter\n"));
         server.abort();
     }
 

@@ -1,0 +1,362 @@
+//! The master's admin port from outside: a master in this process, segments whose names need
+//! escaping (a quote, a backslash, markup, non-ASCII) and traffic over its gRPC port; then
+//! `promtool check metrics` over a real scrape, and the dashboard rendered by headless
+//! Chromium, its DOM checked and a screenshot taken.
+//!
+//! The clients here speak the master's protocol without moving bytes (the master never sees
+//! bytes), so the segments can have any name. `UPDATE_SCREENSHOTS=1` makes the Chromium test
+//! write its screenshot to `docs/dashboard.png`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use mooncake_store::master::{Durability, MasterConfig, MasterServer, MasterServerConfig};
+use mooncake_store::proto;
+use mooncake_store::proto::master_client::MasterClient as RawClient;
+
+/// Segment names, and their sizes in MiB.
+const SEGMENTS: [(&str, u64); 4] = [
+    ("node \"α\"", 96),
+    ("rack\\b-07", 128),
+    ("nœud-3 ✓", 64),
+    ("edge <b>4</b>", 160),
+];
+/// How long Chromium may take for one page before it is killed.
+const CHROMIUM_DEADLINE: Duration = Duration::from_secs(90);
+
+struct Cluster {
+    master: MasterServer,
+    rpc: RawClient<tonic::transport::Channel>,
+    admin: SocketAddr,
+}
+
+fn uuid(n: u64) -> Option<proto::Uuid> {
+    Some(proto::Uuid { high: 0, low: n })
+}
+
+impl Cluster {
+    /// A master with one client per segment of [`SEGMENTS`], each mounted.
+    async fn start(durability: Durability) -> Self {
+        let master = MasterServer::start(MasterServerConfig {
+            host: "127.0.0.1".into(),
+            rpc_port: 0,
+            metrics_port: Some(0),
+            durability,
+            master: MasterConfig {
+                // These clients never ping.
+                client_ttl: Duration::from_secs(3600),
+                ..MasterConfig::default()
+            },
+            ..MasterServerConfig::default()
+        })
+        .await
+        .expect("master");
+        let admin = master.metrics_addr().expect("admin port");
+        let mut rpc = RawClient::connect(format!("http://{}", master.rpc_addr()))
+            .await
+            .expect("connect to the master");
+        for (i, (name, mib)) in SEGMENTS.iter().enumerate() {
+            let n = i as u64 + 1;
+            let outcome = rpc
+                .mount_segment(proto::MountSegmentRequest {
+                    client_id: uuid(n),
+                    segment: Some(proto::Segment {
+                        id: uuid(100 + n),
+                        name: (*name).to_owned(),
+                        base: n << 40,
+                        size: mib << 20,
+                        te_endpoint: format!("127.0.0.1:{}", 20000 + n),
+                        protocol: "tcp".into(),
+                        host_id: format!("host-{n}"),
+                    }),
+                })
+                .await
+                .expect("mount")
+                .into_inner();
+            assert_eq!(outcome.code, 0, "mount {name}: {outcome:?}");
+        }
+        Self { master, rpc, admin }
+    }
+
+    /// One wave of traffic: `puts` objects written by the clients in turn, each read twice,
+    /// and a few reads of keys that do not exist.
+    async fn wave(&mut self, wave: usize, puts: usize) {
+        let mut written = Vec::new();
+        for i in 0..puts {
+            let key = format!("wave-{wave}/object-{i}");
+            let client = uuid((i % SEGMENTS.len()) as u64 + 1);
+            let size = (256 << 10) * (1 + (i as u64 * 7 + wave as u64) % 8);
+            let started = self
+                .rpc
+                .put_start(proto::PutStartRequest {
+                    client_id: client,
+                    key: key.clone(),
+                    size,
+                    config: Some(proto::ReplicateConfig {
+                        replica_num: 1,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("put start")
+                .into_inner();
+            if started.outcome.as_ref().is_some_and(|o| o.code != 0) {
+                continue;
+            }
+            self.rpc
+                .put_end(proto::KeyRequest {
+                    client_id: client,
+                    key: key.clone(),
+                    write_id: started.write_id,
+                })
+                .await
+                .expect("put end");
+            written.push(key);
+        }
+        let mut keys = written.clone();
+        keys.extend(written);
+        keys.extend((0..3).map(|i| format!("wave-{wave}/missing-{i}")));
+        self.rpc
+            .batch_get_replica_list(proto::BatchGetReplicaListRequest { keys })
+            .await
+            .expect("reads");
+    }
+
+    async fn page(&self, path: &str) -> (String, String) {
+        http_get(self.admin, path).await
+    }
+}
+
+/// `GET path`: the response's head and body.
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        std::io::Result::Ok(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("the admin port answers")
+        .expect("an HTTP answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP head");
+    (head.to_owned(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(promtool), ignore = "needs promtool (Debian's prometheus)")]
+async fn a_scrape_passes_promtool_check_metrics() {
+    // With a log on disk, so that the log's metrics are scraped too.
+    let data = TempDir::new("promtool-master");
+    let mut cluster = Cluster::start(Durability::Disk(data.0.clone())).await;
+    for wave in 0..3 {
+        cluster.wave(wave, 12).await;
+    }
+    let (head, metrics) = cluster.page("/metrics").await;
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    for escaped in [
+        r#"segment="node \"α\"""#,
+        r#"segment="rack\\b-07""#,
+        r#"segment="nœud-3 ✓""#,
+    ] {
+        assert!(metrics.contains(escaped), "{escaped} in\n{metrics}");
+    }
+    assert!(metrics.contains("\nmaster_get_replica_list_requests_total 81\n"));
+    assert!(metrics.contains("\nmaster_get_replica_list_failures_total 9\n"));
+    assert!(metrics.contains("\nmaster_log_entries_total "), "{metrics}");
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    let mut stdin = promtool.stdin.take().expect("promtool's stdin");
+    std::io::Write::write_all(&mut stdin, metrics.as_bytes()).expect("feed promtool");
+    drop(stdin);
+    let checked = promtool.wait_with_output().expect("promtool's verdict");
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        checked.status.success() && findings.trim().is_empty(),
+        "promtool: {}\n{findings}\n--- scrape:\n{metrics}",
+        checked.status
+    );
+    cluster.master.close().await;
+}
+
+/// A directory of its own under the system's temporary one, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "mooncake-{what}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs headless Chromium on `url` with `extra` flags, in a profile of its own, killed if it
+/// outlives [`CHROMIUM_DEADLINE`]; returns what it printed on stdout.
+fn chromium(url: &str, extra: &[String], scratch: &Path) -> String {
+    let profile = TempDir::new("chromium-profile");
+    let stdout_path = scratch.join(format!("stdout-{}", fastrand::u64(..)));
+    let stdout = std::fs::File::create(&stdout_path).expect("chromium's stdout file");
+    let mut child = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--mute-audio",
+            "--window-size=1280,800",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.0.display()))
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let deadline = Instant::now() + CHROMIUM_DEADLINE;
+    loop {
+        match child.try_wait().expect("chromium's status") {
+            Some(status) => {
+                assert!(status.success(), "chromium failed: {status}");
+                break;
+            }
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("chromium did not finish within {CHROMIUM_DEADLINE:?}");
+            }
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    std::fs::read_to_string(&stdout_path).expect("chromium's output")
+}
+
+/// The text of the element with id `id` in a dumped DOM.
+fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
+    let open = format!("id=\"{id}\"");
+    let at = dom
+        .find(&open)
+        .unwrap_or_else(|| panic!("no #{id} in\n{dom}"));
+    let rest = &dom[at..];
+    let start = rest.find('>').expect("a tag's end") + 1;
+    let end = rest[start..].find('<').expect("the next tag") + start;
+    &rest[start..end]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(chromium), ignore = "needs chromium (Debian's chromium)")]
+async fn chromium_renders_the_dashboard_with_the_clusters_numbers() {
+    let mut cluster = Cluster::start(Durability::Memory).await;
+    // Waves a second apart, so that the charts have samples to draw.
+    for wave in 0..8 {
+        cluster.wave(wave, 8 + 4 * (wave % 4)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (_, before) = cluster.page("/dashboard/data").await;
+    let before: serde_json::Value = serde_json::from_str(&before).expect("dashboard data");
+
+    let scratch = TempDir::new("dashboard");
+    let url = format!("http://{}/", cluster.admin);
+    let dom = {
+        let (url, scratch) = (url.clone(), scratch.0.clone());
+        tokio::task::spawn_blocking(move || chromium(&url, &["--dump-dom".into()], &scratch))
+            .await
+            .expect("chromium's thread")
+    };
+    let shot = scratch.0.join("dashboard.png");
+    {
+        let (url, scratch) = (url.clone(), scratch.0.clone());
+        let flag = format!("--screenshot={}", shot.display());
+        tokio::task::spawn_blocking(move || chromium(&url, &[flag], &scratch))
+            .await
+            .expect("chromium's thread");
+    }
+    let (_, after) = cluster.page("/dashboard/data").await;
+    let after: serde_json::Value = serde_json::from_str(&after).expect("dashboard data");
+    assert_eq!(before["keys"], after["keys"], "objects changed meanwhile");
+
+    let keys = before["keys"].as_u64().expect("keys");
+    assert!(keys > 0);
+    assert_eq!(text_of(&dom, "keys").replace(',', ""), keys.to_string());
+    let (gets, hits) = (
+        before["gets"].as_f64().expect("gets"),
+        before["hits"].as_f64().expect("hits"),
+    );
+    assert!(gets > hits && hits > 0.0, "{before}");
+    let shown: f64 = text_of(&dom, "hit-rate")
+        .trim_end_matches('%')
+        .parse()
+        .expect("a hit rate in percent");
+    assert!((shown - hits * 100.0 / gets).abs() < 0.06, "{shown}%");
+    assert_eq!(text_of(&dom, "role"), "leader");
+    assert_eq!(text_of(&dom, "clients"), SEGMENTS.len().to_string());
+    // Text nodes as the DOM serializes them: markup in a name stays text.
+    for escaped in [
+        "node \"α\"",
+        "rack\\b-07",
+        "nœud-3 ✓",
+        "edge &lt;b&gt;4&lt;/b&gt;",
+    ] {
+        assert!(
+            dom.contains(&format!("<td class=\"name\">{escaped}</td>")),
+            "{escaped} in\n{dom}"
+        );
+    }
+    assert!(!dom.contains("<b>4</b>"), "a segment name became markup");
+    assert!(
+        dom.contains("class=\"series ops\""),
+        "no request chart in\n{dom}"
+    );
+    assert!(
+        !text_of(&dom, "status").contains("no answer"),
+        "the page lost the master"
+    );
+
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    // The IHDR chunk: width and height, big-endian.
+    let size = |at: usize| u32::from_be_bytes([png[at], png[at + 1], png[at + 2], png[at + 3]]);
+    assert_eq!((size(16), size(20)), (1280, 800));
+    if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/dashboard.png");
+        std::fs::write(&docs, &png).expect("write docs/dashboard.png");
+    }
+    cluster.master.close().await;
+}
