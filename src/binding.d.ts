@@ -17,6 +17,14 @@ export declare class NativeBatch {
   status(): Array<TaskStatusInfo>
 }
 
+/** A bench run in progress: poll `progress()` for a display, await `done()` for the report. */
+export declare class NativeBenchRun {
+  /** What the run has completed so far. */
+  progress(): BenchProgress
+  /** Resolves with the report once the run ends; once only. */
+  done(): Promise<BenchReport>
+}
+
 /** A running engine. */
 export declare class NativeEngine {
   /** The name peers open. */
@@ -48,6 +56,8 @@ export declare class NativeEngine {
   sendNotify(segmentName: string, message: string): Promise<void>
   /** Requests and bytes submitted through each transport since start. */
   stats(): Array<TransportStat>
+  /** This engine's metrics (`mooncake_engine_*`) in Prometheus's text format. */
+  metrics(): string
   /** The NIC priority matrix, as Mooncake's JSON. */
   topology(): string
   /** The transports this engine can use. */
@@ -56,8 +66,8 @@ export declare class NativeEngine {
   railStats(): Array<PeerRails>
   /** Closes the engine; idempotent. */
   close(): Promise<void>
-  /** Runs the bench load (see `mooncake bench`). */
-  bench(options: BenchOptions): Promise<BenchReport>
+  /** Starts the bench load (see `mooncake bench`) in the background. */
+  startBench(options: BenchOptions): NativeBenchRun
 }
 
 /** A running master. */
@@ -154,6 +164,11 @@ export declare class NativeStore {
   registerBuffer(buffer: Uint8Array): void
   /** Unregisters a buffer. */
   unregisterBuffer(buffer: Uint8Array): void
+  /**
+   * This client's metrics (`mooncake_client_*`) and its engine's (`mooncake_engine_*`) in
+   * Prometheus's text format.
+   */
+  metrics(): string
   /** Unmounts, stops and closes; idempotent. */
   close(): Promise<void>
 }
@@ -188,8 +203,16 @@ export interface BenchOptions {
   threads: number
   /** Seconds to run. */
   durationSec: number
-  /** Print a progress line to stderr. */
-  progress: boolean
+}
+
+/** What a running bench has completed so far. */
+export interface BenchProgress {
+  /** Bytes of completed batches. */
+  bytes: number
+  /** Requests of completed batches. */
+  requests: number
+  /** Wall time since the run started, seconds. */
+  seconds: number
 }
 
 /** What it measured. */

@@ -836,6 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeBatch = nativeBinding.NativeBatch
+module.exports.NativeBenchRun = nativeBinding.NativeBenchRun
 module.exports.NativeEngine = nativeBinding.NativeEngine
 module.exports.NativeMaster = nativeBinding.NativeMaster
 module.exports.NativeMetadataServer = nativeBinding.NativeMetadataServer
