@@ -162,6 +162,7 @@ async fn data(State(admin): State<Admin>) -> Response {
 mod tests {
     use std::time::Instant;
 
+    use super::super::super::ha::HaStatus;
     use super::super::test_support::{admin, get, serve};
     use super::*;
     use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
@@ -250,6 +251,19 @@ mod tests {
         assert_eq!(segments[1]["name"], "node-a");
         assert_eq!(segments[1]["capacity"], 32 << 20);
         assert!(data["ha"].is_null());
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn with_ha_the_data_names_the_leader_and_the_lag() {
+        let mut admin = admin(Master::new(MasterConfig::default()).unwrap());
+        admin.ha = Some(HaStatus::default());
+        let (addr, server) = serve(admin).await;
+        let (_, body) = get(addr, "/dashboard/data").await;
+        let data: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for field in ["leader", "view_version", "leader_seq", "lag", "failovers"] {
+            assert!(data["ha"].get(field).is_some(), "{field} in {body}");
+        }
         server.abort();
     }
 }

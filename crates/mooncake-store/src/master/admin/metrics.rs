@@ -309,6 +309,15 @@ fn classic(openmetrics: &str) -> String {
 mod tests {
     use std::time::Instant;
 
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::super::super::ha::HaStatus;
+    use super::super::super::log::disk::DiskLog;
+    use super::super::super::log::SnapshotPolicy;
     use super::super::test_support::{admin, get, get_with, serve};
     use super::*;
     use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
@@ -371,6 +380,67 @@ mod tests {
         assert!(plain.contains("# TYPE master_evicted_size_bytes gauge\n"));
         assert!(plain.contains("# TYPE master_evicted_keys_total counter\n"));
         server.abort();
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(promtool), ignore = "needs promtool (Debian's prometheus)")]
+    async fn every_family_passes_promtool_with_a_log_and_ha() {
+        let dir = std::env::temp_dir().join(format!(
+            "mooncake-metrics-log-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let now = Instant::now();
+        let journaled = Master::recover(MasterConfig::default(), now, None, Vec::new()).unwrap();
+        let mut admin = admin(journaled);
+        let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let log = Log::start(
+            Arc::new(DiskLog::open(&dir).unwrap()),
+            admin.state.clone(),
+            SnapshotPolicy::default(),
+            stop.clone(),
+            &tracker,
+            None,
+        );
+        let seq = {
+            let mut master = Master::lock(&admin.state);
+            master.begin_epoch(now);
+            log.submit(&mut master)
+        };
+        log.durable(seq.unwrap()).await.unwrap();
+        let (_role_tx, role) = watch::channel(Role::Leader(Some(log)));
+        admin.role = role;
+        admin.ha = Some(HaStatus::default());
+        admin.counters.count("put_start", 3, 1);
+        admin.counters.count_put_bytes(1 << 20);
+
+        let (addr, server) = serve(admin).await;
+        let (_, metrics) = get(addr, "/metrics").await;
+        for family in ["master_log_entries_total", "master_ha_is_leader 1"] {
+            assert!(metrics.contains(family), "{family} in\n{metrics}");
+        }
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = promtool.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, metrics.as_bytes()).unwrap();
+        drop(stdin);
+        let checked = promtool.wait_with_output().unwrap();
+        let findings = String::from_utf8_lossy(&checked.stderr).into_owned()
+            + &String::from_utf8_lossy(&checked.stdout);
+        assert!(
+            checked.status.success() && findings.trim().is_empty(),
+            "{findings}\n{metrics}"
+        );
+        server.abort();
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
