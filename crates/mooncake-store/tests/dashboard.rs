@@ -8,6 +8,7 @@
 //! write its screenshot to `docs/dashboard.png`.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -248,6 +249,8 @@ fn chromium(url: &str, extra: &[String], scratch: &Path) -> String {
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::null())
+        // A group of its own, so that a timeout ends its helper processes too.
+        .process_group(0)
         .spawn()
         .expect("start chromium");
     let deadline = Instant::now() + CHROMIUM_DEADLINE;
@@ -258,7 +261,8 @@ fn chromium(url: &str, extra: &[String], scratch: &Path) -> String {
                 break;
             }
             None if Instant::now() >= deadline => {
-                let _ = child.kill();
+                // SAFETY: kill(2) on the process group of our own child; no memory is involved.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.wait();
                 panic!("chromium did not finish within {CHROMIUM_DEADLINE:?}");
             }
