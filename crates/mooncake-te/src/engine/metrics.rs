@@ -59,7 +59,7 @@ impl Collector for EngineMetrics {
         counter_family(
             &mut encoder,
             "mooncake_engine_transfer_bytes",
-            "Bytes that arrived, by transport and direction (every replica and retry counts).",
+            "Bytes that arrived, by transport and direction (each replica of a store put counts).",
             settled
                 .iter()
                 .filter(|(route, _, _)| route.is_some())
@@ -83,6 +83,9 @@ impl Collector for EngineMetrics {
         encode_rails(&mut encoder, &engine.rail_stats())
     }
 }
+
+/// A per-rail counter: name, help and how to read it.
+type RailCounter = (&'static str, &'static str, fn(&RailStats) -> u64);
 
 fn encode_rails(
     encoder: &mut DescriptorEncoder<'_>,
@@ -120,7 +123,7 @@ fn encode_rails(
         "Bytes handed to the rail and not yet settled.",
         rails.iter().map(|(l, r)| (*l, gauge_of(r.inflight_bytes))),
     )?;
-    let counters: [(&str, &str, fn(&RailStats) -> u64); 5] = [
+    let counters: [RailCounter; 5] = [
         (
             "mooncake_engine_rail_bytes",
             "Bytes the rail carried.",
