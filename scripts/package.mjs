@@ -67,9 +67,10 @@ function main() {
     'napi', 'build', '--platform', '--release', '--no-js',
     '--manifest-path', 'crates/mooncake-node/Cargo.toml',
     '--target', target, gnu ? '--use-napi-cross' : '--cross-compile',
-    '--output-dir', pkgDir,
+    '--output-dir', join(out, 'build'),
   ])
   const binary = join(pkgDir, `mooncake.${platform}.node`)
+  copyFileSync(join(out, 'build', `mooncake.${platform}.node`), binary)
   if (gnu) {
     const needed = glibcNeeded(binary)
     if (needed === undefined || newer(needed, GLIBC_FLOOR)) {
@@ -83,6 +84,7 @@ function main() {
   run('npm', ['run', 'build:ts'])
   const main = pack(root)
   const native = pack(pkgDir)
+  rmSync(join(out, 'build'), { recursive: true, force: true })
   const manifest = { target, platform, binary: { file: `mooncake.${platform}.node`, size: statSync(binary).size }, main, native }
   writeFileSync(join(out, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`)
   for (const p of [main, native]) {
