@@ -103,7 +103,7 @@ test('eviction frees space under pressure but keeps leased and hard-pinned objec
     t.true(present.filter(Boolean).length < 40, 'some objects were evicted')
     t.true(present[39], 'the newest object is present')
     const metrics = await (await fetch(c.master.metricsUrl!)).text()
-    t.regex(metrics, /master_evicted_key_count [1-9]/)
+    t.regex(metrics, /master_evicted_keys_total [1-9]/)
   } finally {
     await c.close()
   }

@@ -1,21 +1,49 @@
 //! Prometheus metrics: a lock-free latency histogram for hot paths, helpers that write metric
-//! families through `prometheus-client`'s encoder, and the rendering of a registry as the
-//! Prometheus text format.
-//!
-//! `prometheus-client` writes OpenMetrics, where a counter family `x` has samples `x_total`.
-//! Prometheus's classic text format (what `promtool check metrics` and most scrapers expect
-//! under `text/plain`) names the family `x_total` itself; [`render`] converts, so the same
-//! collectors serve both.
+//! families through `prometheus-client`'s encoder, and [`TextFormat`], the one way this
+//! workspace turns a registry into text. Collectors write through the library's generic
+//! encoder, so the same code serves both formats.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use mooncake_common::{Error, ErrorKind, Result};
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
+use prometheus_client::encoding::{
+    prometheus_text, text, DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+
+/// A text exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextFormat {
+    /// Prometheus's classic text format, version 0.0.4: what `promtool check metrics`, curl
+    /// users and older scrapers read. A counter family is named with its `_total` suffix.
+    Prometheus,
+    /// OpenMetrics 1.0.0, which Prometheus asks for in its `Accept` header.
+    OpenMetrics,
+}
+
+impl TextFormat {
+    /// The `Content-Type` to serve this format under.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => prometheus_text::CONTENT_TYPE,
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// The registry's metrics in this format.
+    pub fn render(self, registry: &Registry) -> Result<String> {
+        let mut out = String::new();
+        match self {
+            Self::Prometheus => prometheus_text::encode(&mut out, registry),
+            Self::OpenMetrics => text::encode(&mut out, registry),
+        }
+        .map_err(|_| Error::new(ErrorKind::InternalError, "metrics could not be encoded"))?;
+        Ok(out)
+    }
+}
 
 /// Upper bounds, in seconds, of the latency buckets: 10 µs to 10 s, three per decade.
 pub const LATENCY_BUCKETS: [f64; 19] = [
@@ -85,13 +113,13 @@ impl LatencyHistogram {
         self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
     }
 
-    /// `(upper bound, observations)` per bucket, not cumulative, the last bound `f64::MAX`
-    /// (written as `+Inf`), as `prometheus-client`'s encoder takes them.
+    /// `(upper bound, observations)` per bucket, not cumulative, the last bound infinite, as
+    /// `prometheus-client`'s encoder takes them.
     pub fn buckets(&self) -> Vec<(f64, u64)> {
         LATENCY_BUCKETS
             .iter()
             .copied()
-            .chain(std::iter::once(f64::MAX))
+            .chain(std::iter::once(f64::INFINITY))
             .zip(&self.buckets)
             .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
             .collect()
@@ -162,38 +190,6 @@ pub fn histogram_family<'h, L: EncodeLabelSet>(
     Ok(())
 }
 
-/// The registry's metrics in Prometheus's text format (version 0.0.4, served as
-/// `text/plain; version=0.0.4`).
-pub fn render(registry: &Registry) -> Result<String> {
-    let mut openmetrics = String::new();
-    prometheus_client::encoding::text::encode_registry(&mut openmetrics, registry)
-        .map_err(|_| Error::new(ErrorKind::InternalError, "metrics could not be encoded"))?;
-    Ok(to_prometheus_text(&openmetrics))
-}
-
-/// Converts OpenMetrics text to Prometheus's classic text format: counter families are named
-/// with their `_total` suffix, `# UNIT` and `# EOF` lines go.
-pub fn to_prometheus_text(openmetrics: &str) -> String {
-    let counters: HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
-    for line in openmetrics.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let described = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
-            let (name, rest) = line.strip_prefix(prefix)?.split_once(' ')?;
-            (counters.contains(name) && !name.ends_with("_total"))
-                .then(|| format!("{prefix}{name}_total {rest}"))
-        });
-        out.push_str(described.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,45 +207,104 @@ mod tests {
         assert_eq!(count_at(0.000_01), Some(1));
         assert_eq!(count_at(0.000_025), Some(1));
         assert_eq!(count_at(0.005), Some(2));
-        assert_eq!(count_at(f64::MAX), Some(1));
+        assert_eq!(count_at(f64::INFINITY), Some(1));
         assert_eq!(histogram.count(), 5);
         let expected = 10e-6 + 11e-6 + 2.0 * 3e-3 + 60.0;
         assert!((histogram.sum_seconds() - expected).abs() < 1e-9);
     }
 
-    #[test]
-    fn counters_are_named_with_their_total_suffix() {
-        #[derive(Debug)]
-        struct Sample(LatencyHistogram);
-        impl prometheus_client::collector::Collector for Sample {
-            fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-                counter_family(
-                    &mut encoder,
-                    "demo_requests",
-                    "Requests.",
-                    [([("op", "read")], 3u64)],
-                )?;
-                gauge(&mut encoder, "demo_in_use_bytes", "In use.", 7)?;
-                histogram_family(
-                    &mut encoder,
-                    "demo_seconds",
-                    "Latency.",
-                    [([("op", "read")], &self.0)],
-                )
-            }
+    #[derive(Debug)]
+    struct Demo(LatencyHistogram);
+
+    impl prometheus_client::collector::Collector for Demo {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+            counter_family(
+                &mut encoder,
+                "demo_requests",
+                "Requests.",
+                [([("op", "read")], 3u64)],
+            )?;
+            gauge(&mut encoder, "demo_in_use_bytes", "In use.", 7)?;
+            gauge_family(
+                &mut encoder,
+                "demo_peer_bytes",
+                "Per peer.",
+                [([("peer", "node \"1\" \\ é\nx")], 5)],
+            )?;
+            histogram_family(
+                &mut encoder,
+                "demo_seconds",
+                "Latency.",
+                [([("op", "read")], &self.0)],
+            )
         }
-        let sample = Sample(LatencyHistogram::default());
-        sample.0.observe(Duration::from_millis(1));
+    }
+
+    fn demo_registry() -> Registry {
+        let demo = Demo(LatencyHistogram::default());
+        demo.0.observe(Duration::from_millis(1));
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(sample));
-        let text = render(&registry).unwrap();
+        registry.register_collector(Box::new(demo));
+        registry
+    }
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples() {
+        let text = TextFormat::Prometheus.render(&demo_registry()).unwrap();
         assert!(text.contains("# HELP demo_requests_total Requests.\n"));
         assert!(text.contains("# TYPE demo_requests_total counter\n"));
         assert!(text.contains("demo_requests_total{op=\"read\"} 3\n"));
         assert!(text.contains("# TYPE demo_in_use_bytes gauge\ndemo_in_use_bytes 7\n"));
-        assert!(text.contains("demo_seconds_bucket{le=\"0.001\",op=\"read\"} 1\n"));
-        assert!(text.contains("demo_seconds_bucket{le=\"+Inf\",op=\"read\"} 1\n"));
+        assert!(text.contains("demo_seconds_bucket{op=\"read\",le=\"0.001\"} 1\n"));
+        assert!(text.contains("demo_seconds_bucket{op=\"read\",le=\"+Inf\"} 1\n"));
         assert!(text.contains("demo_seconds_count{op=\"read\"} 1\n"));
         assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn openmetrics_names_counter_families_without_their_suffix() {
+        let text = TextFormat::OpenMetrics.render(&demo_registry()).unwrap();
+        assert!(text.contains("# TYPE demo_requests counter\n"));
+        assert!(text.contains("demo_requests_total{op=\"read\"} 3\n"));
+        assert!(text.contains("demo_seconds_bucket{le=\"+Inf\",op=\"read\"} 1\n"));
+        assert_eq!(text.matches("le=\"+Inf\"").count(), 1);
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped_once_in_both_formats() {
+        for format in [TextFormat::Prometheus, TextFormat::OpenMetrics] {
+            let text = format.render(&demo_registry()).unwrap();
+            assert!(
+                text.contains("demo_peer_bytes{peer=\"node \\\"1\\\" \\\\ é\\nx\"} 5\n"),
+                "{format:?}:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    #[cfg_attr(not(promtool), ignore = "needs promtool (Debian's prometheus)")]
+    fn the_classic_format_passes_promtool() {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+
+        let text = TextFormat::Prometheus.render(&demo_registry()).unwrap();
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = promtool.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        drop(stdin);
+        let checked = promtool.wait_with_output().unwrap();
+        let findings = String::from_utf8_lossy(&checked.stdout).into_owned()
+            + &String::from_utf8_lossy(&checked.stderr);
+        assert!(
+            checked.status.success() && findings.trim().is_empty(),
+            "{findings}\n{text}"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mooncake_common::Result;
-use mooncake_te::metrics::{counter_family, gauge, histogram_family, LatencyHistogram};
+use mooncake_te::metrics::{counter_family, gauge, histogram_family, LatencyHistogram, TextFormat};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
@@ -131,7 +131,7 @@ impl StoreClient {
     pub fn metrics_text(self: &Arc<Self>) -> Result<String> {
         let mut registry = Registry::default();
         self.register_metrics(&mut registry);
-        mooncake_te::metrics::render(&registry)
+        TextFormat::Prometheus.render(&registry)
     }
 }
 

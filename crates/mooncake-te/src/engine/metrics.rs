@@ -6,12 +6,12 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 
 use super::*;
-use crate::metrics::{counter_family, gauge, gauge_family, histogram_family};
+use crate::metrics::{counter_family, gauge, gauge_family, histogram_family, TextFormat};
 use crate::stats::{op_name, route_name};
 
 impl TransferEngine {
     /// Adds this engine's metrics (`mooncake_engine_*`) to `registry`; they are read at each
-    /// encoding. Render with [`crate::metrics::render`].
+    /// encoding. Render with [`TextFormat::render`].
     pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
         registry.register_collector(Box::new(EngineMetrics(self.clone())));
     }
@@ -20,7 +20,7 @@ impl TransferEngine {
     pub fn metrics_text(self: &Arc<Self>) -> Result<String> {
         let mut registry = Registry::default();
         self.register_metrics(&mut registry);
-        crate::metrics::render(&registry)
+        TextFormat::Prometheus.render(&registry)
     }
 }
 

@@ -1,6 +1,6 @@
-//! `/metrics`: a registry built per scrape from one look at the state, encoded by
-//! `prometheus-client`. A scraper that asks for OpenMetrics (Prometheus does) gets it; anyone
-//! else (curl, promtool, older scrapers) gets the classic text format, version 0.0.4.
+//! `/metrics`: a registry built per scrape from one look at the state, rendered by
+//! [`TextFormat`]. A scraper that asks for OpenMetrics (Prometheus does) gets it; anyone else
+//! (curl, promtool, older scrapers) gets the classic text format, version 0.0.4.
 //!
 //! Names are Mooncake's but for those that end in `_count`, which Prometheus keeps for
 //! histograms and summaries (`promtool check metrics` refuses them): `master_key_count` is
@@ -16,7 +16,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
+use mooncake_te::metrics::TextFormat;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -26,31 +26,36 @@ use super::super::log::Log;
 use super::super::service::Role;
 use super::{segments_by_name, Admin, Master};
 
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
-
 pub(super) async fn metrics(State(admin): State<Admin>, headers: HeaderMap) -> Response {
+    let format = requested_format(&headers);
+    match format.render(&registry(&admin)) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(format.content_type()),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!("encoding /metrics failed: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// OpenMetrics for a client that names it in `Accept`, the classic format for anyone else.
+fn requested_format(headers: &HeaderMap) -> TextFormat {
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
-    let registry = registry(&admin);
-    let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
-        tracing::error!("encoding /metrics failed: {e}");
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
-    let (content_type, body) = if openmetrics {
-        (OPENMETRICS, text)
+    if openmetrics {
+        TextFormat::OpenMetrics
     } else {
-        (CLASSIC, classic(&text))
-    };
-    (
-        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-        body,
-    )
-        .into_response()
+        TextFormat::Prometheus
+    }
 }
 
 /// Everything `/metrics` shows, as of now.
@@ -201,10 +206,10 @@ fn registry(admin: &Admin) -> Registry {
             failures,
         );
     }
-    type PerSegment = Family<[(&'static str, SegmentName); 1], Gauge<u64, AtomicU64>>;
+    type PerSegment = Family<[(&'static str, String); 1], Gauge<u64, AtomicU64>>;
     let (allocated, capacity) = (PerSegment::default(), PerSegment::default());
     for (name, (used, managed)) in segments_by_name(&segments) {
-        let labels = [("segment", SegmentName(name.to_owned()))];
+        let labels = [("segment", name.to_owned())];
         allocated.get_or_create(&labels).set(used);
         capacity.get_or_create(&labels).set(managed);
     }
@@ -250,59 +255,6 @@ fn register_log(r: &mut Registry, log: &Log) {
             ConstGauge::new(at.elapsed().as_secs()),
         );
     }
-}
-
-/// A segment name as a label value, escaped as both text formats require (backslash, double
-/// quote, line feed). prometheus-client 0.24 writes label values as they are; from 0.25.2 on
-/// it escapes them itself, and this would escape twice (`segment_names_are_escaped_once`
-/// says so on upgrade).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct SegmentName(String);
-
-impl EncodeLabelValue for SegmentName {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
-        use std::fmt::Write as _;
-        for c in self.0.chars() {
-            match c {
-                '\\' => encoder.write_str("\\\\")?,
-                '"' => encoder.write_str("\\\"")?,
-                '\n' => encoder.write_str("\\n")?,
-                c => encoder.write_char(c)?,
-            }
-        }
-        Ok(())
-    }
-}
-
-/// OpenMetrics text as prometheus-client writes it, in the classic format: a counter's
-/// `# HELP` and `# TYPE` name its `_total` samples, and there is no `# UNIT` or `# EOF`. Our
-/// help texts hold no backslash or line feed, the only characters the formats escape
-/// differently.
-fn classic(openmetrics: &str) -> String {
-    let mut out = String::with_capacity(openmetrics.len());
-    let mut help: Option<(&str, &str)> = None;
-    for line in openmetrics.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            help = rest.split_once(' ');
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let Some((name, kind)) = rest.split_once(' ') else {
-                continue;
-            };
-            let name = if kind == "counter" {
-                format!("{name}_total")
-            } else {
-                name.to_owned()
-            };
-            if let Some((_, text)) = help.take() {
-                out.push_str(&format!("# HELP {name} {text}\n"));
-            }
-            out.push_str(&format!("# TYPE {name} {kind}\n"));
-        } else if !line.starts_with('#') {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -351,7 +303,10 @@ mod tests {
     async fn segment_names_are_escaped_once_and_each_sample_is_one_line() {
         let (addr, server) = serve(admin(master_with(&["node \"1\" \\ é"]))).await;
         let (head, body) = get(addr, "/metrics").await;
-        assert!(head.contains(CLASSIC), "{head}");
+        assert!(
+            head.contains(TextFormat::Prometheus.content_type()),
+            "{head}"
+        );
         assert!(
             body.contains("segment_allocated_bytes{segment=\"node \\\"1\\\" \\\\ é\"} 25600\n"),
             "{body}"
@@ -368,7 +323,10 @@ mod tests {
         let accept = "accept: application/openmetrics-text;version=1.0.0,\
                       text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n";
         let (head, open) = get_with(addr, "/metrics", accept).await;
-        assert!(head.contains(OPENMETRICS), "{head}");
+        assert!(
+            head.contains(TextFormat::OpenMetrics.content_type()),
+            "{head}"
+        );
         assert!(open.ends_with("# EOF\n"), "{open}");
         assert!(open.contains("# TYPE master_put_start_requests counter\n"));
         assert!(open.contains("\nmaster_put_start_requests_total 25\n"));
@@ -441,16 +399,5 @@ mod tests {
         tracker.close();
         tracker.wait().await;
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn the_classic_format_names_counters_by_their_samples() {
-        let open = "# HELP a_bytes Bytes.\n# TYPE a_bytes gauge\na_bytes 1\n\
-                    # HELP b Things.\n# TYPE b counter\n# UNIT b things\nb_total 2\n# EOF\n";
-        assert_eq!(
-            classic(open),
-            "# HELP a_bytes Bytes.\n# TYPE a_bytes gauge\na_bytes 1\n\
-             # HELP b_total Things.\n# TYPE b_total counter\nb_total 2\n"
-        );
     }
 }
