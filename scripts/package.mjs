@@ -59,8 +59,9 @@ function main() {
 
   rmSync(out, { recursive: true, force: true })
   mkdirSync(out, { recursive: true })
+  // Whatever an earlier build left: the RDMA binary joins in the release job, built elsewhere.
   for (const file of readdirSync(pkgDir)) {
-    if (file.endsWith('.node') && !file.startsWith('mooncake-rdma.')) rmSync(join(pkgDir, file))
+    if (file.endsWith('.node')) rmSync(join(pkgDir, file))
   }
 
   run('npx', [

@@ -4,7 +4,7 @@
 // snippet against `mooncake serve`; `attw` and `publint` check the main package's manifest.
 //   npm run test:package
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
-import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { delimiter, join } from 'node:path'
 import { after, before, test } from 'node:test'
@@ -99,6 +99,19 @@ console.log('esm ok')
   const version = node(join('node_modules', '.bin', 'mooncake'), '--version')
   ok(version)
   assert.equal(version.stdout.trim(), JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version)
+})
+
+test('the RDMA binary loads where the package carries it and libibverbs is here; MOONCAKE_RDMA=1 insists', () => {
+  const rdma = join(consumer, 'node_modules', `mooncake-kv-${manifest.platform}`, `mooncake-rdma.${manifest.platform}.node`)
+  const verbs = spawnSync('ldconfig', ['-p'], { encoding: 'utf8' }).stdout?.includes('libibverbs.so.1') ?? false
+  const expectRdma = existsSync(rdma) && verbs
+  const loaded = node('-e', "require('mooncake-kv'); console.log(Object.keys(require.cache).filter((k) => k.endsWith('.node')).join(' '))")
+  ok(loaded)
+  assert.match(loaded.stdout, expectRdma ? /mooncake-rdma\./ : /\/mooncake\.linux-/)
+  const insisting = sh(process.execPath, ['-e', "require('mooncake-kv')"], { env: { ...env, MOONCAKE_RDMA: '1' } })
+  if (expectRdma) ok(insisting)
+  else assert.match(insisting.stderr, /ERR_NOT_SUPPORTED_TRANSPORT|MOONCAKE_RDMA=1, but/)
+  if (!expectRdma) assert.notEqual(insisting.status, 0)
 })
 
 /** The README's first TypeScript block: what a new user copies. */
