@@ -81,7 +81,9 @@ pub struct LatencyHistogram {
     /// Observations per bucket (not cumulative); the last one is `+Inf`.
     buckets: [AtomicU64; 20],
     count: AtomicU64,
-    sum_nanos: AtomicU64,
+    /// In microseconds, rounded: nanoseconds would wrap a u64 within weeks at ten thousand
+    /// requests in flight (each observation adds its whole duration).
+    sum_micros: AtomicU64,
 }
 
 impl LatencyHistogram {
@@ -99,8 +101,9 @@ impl LatencyHistogram {
         let bucket = BUCKET_NANOS.partition_point(|bound| *bound < nanos);
         self.buckets[bucket].fetch_add(times, Ordering::Relaxed);
         self.count.fetch_add(times, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add(nanos.saturating_mul(times), Ordering::Relaxed);
+        let micros = nanos.saturating_add(500) / 1000;
+        self.sum_micros
+            .fetch_add(micros.saturating_mul(times), Ordering::Relaxed);
     }
 
     /// Observations so far.
@@ -110,7 +113,7 @@ impl LatencyHistogram {
 
     /// Sum of the observations, in seconds.
     pub fn sum_seconds(&self) -> f64 {
-        self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
     }
 
     /// `(upper bound, observations)` per bucket, not cumulative, the last bound infinite, as

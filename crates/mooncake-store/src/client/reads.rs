@@ -166,6 +166,8 @@ impl StoreClient {
                 ErrorKind::InvalidArgument,
                 "keys and buffers differ in number",
             );
+            self.metrics
+                .record(Operation::Get, Instant::now(), keys.iter().map(|_| None));
             return keys.iter().map(|_| Err(e.clone())).collect();
         }
         self.batch_read(keys, |i, _| {

@@ -3,6 +3,7 @@
 //! can never commit or free another's space.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use mooncake_common::{Error, ErrorKind, Result};
 use mooncake_te::Opcode;
@@ -25,8 +26,19 @@ pub struct StagedValues {
 }
 
 impl StoreClient {
-    /// Copies `values` into registered staging now.
+    /// Copies `values` into registered staging now. A failure here (a closed client, staging
+    /// full) is counted as failed puts: the write never starts.
     pub fn stage_values(&self, values: &[&[u8]]) -> Result<StagedValues> {
+        let started = Instant::now();
+        let staged = self.copy_into_staging(values);
+        if staged.is_err() {
+            self.metrics
+                .record(Operation::Put, started, values.iter().map(|_| None));
+        }
+        staged
+    }
+
+    fn copy_into_staging(&self, values: &[&[u8]]) -> Result<StagedValues> {
         self.ensure_open()?;
         let mut blocks = Vec::with_capacity(values.len());
         let mut lens = Vec::with_capacity(values.len());
@@ -49,9 +61,6 @@ impl StoreClient {
         config: &WriteConfig,
         upsert: bool,
     ) -> Vec<Result<()>> {
-        if let Err(e) = self.ensure_open() {
-            return keys.iter().map(|_| Err(e.clone())).collect();
-        }
         let ranges: Vec<(usize, usize)> = staged
             .blocks
             .iter()
@@ -117,7 +126,6 @@ impl StoreClient {
         config: &WriteConfig,
         upsert: bool,
     ) -> Result<()> {
-        self.ensure_open()?;
         first(
             self.write_from(&[key.to_owned()], &[range], config, upsert)
                 .await,
@@ -131,9 +139,6 @@ impl StoreClient {
         ranges: &[(usize, usize)],
         config: &WriteConfig,
     ) -> Vec<Result<()>> {
-        if let Err(e) = self.ensure_open() {
-            return keys.iter().map(|_| Err(e.clone())).collect();
-        }
         self.write_from(keys, ranges, config, false).await
     }
 
@@ -150,7 +155,7 @@ impl StoreClient {
         }
     }
 
-    /// Every put and upsert ends here, and is counted in the metrics here.
+    /// Every put and upsert that got past staging ends here, and is counted in the metrics here.
     async fn write_from(
         &self,
         keys: &[String],
@@ -158,7 +163,12 @@ impl StoreClient {
         config: &WriteConfig,
         upsert: bool,
     ) -> Vec<Result<()>> {
-        let writes = self.write_each(keys, ranges, config, upsert);
+        let writes = async {
+            if let Err(e) = self.ensure_open() {
+                return keys.iter().map(|_| Err(e.clone())).collect();
+            }
+            self.write_each(keys, ranges, config, upsert).await
+        };
         self.metrics
             .observe_each(Operation::Put, writes, |i, ()| {
                 ranges.get(i).map_or(0, |(_, len)| *len as u64)

@@ -150,7 +150,9 @@ impl TransferEngine {
                 "the batch still has unfinished tasks",
             ));
         }
-        if let Some(batch) = batches.remove(id) {
+        let removed = batches.remove(id);
+        drop(batches);
+        if let Some(batch) = removed {
             self.account(&batch);
         }
         Ok(())
