@@ -154,8 +154,8 @@ export function session({ prefix, niceness = '0', log = (text) => process.stderr
     if (!keepScratch) fs.rmSync(scratch, { recursive: true, force: true })
   }
   process.on('exit', (code) => {
-    // A failed run keeps the masters' and clients' logs.
-    if (code !== 0 && code !== 130 && !keepScratch) {
+    // A failed run keeps the masters' and clients' logs, if it got as far as writing any.
+    if (code !== 0 && code !== 130 && !keepScratch && fs.existsSync(scratch) && fs.readdirSync(scratch).length > 0) {
       keepScratch = true
       fs.writeSync(2, `\nlogs kept in ${scratch}\n`)
     }

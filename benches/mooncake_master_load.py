@@ -6,10 +6,11 @@
       ``{"ready": true, "pid": ...}``, once mounted.
 
   client --master HOST:PORT --segment-size BYTES [--local-buffer BYTES] [--threads T]
+         [--prefix NAME]
       Mounts no segment of its own (every object lands in a node's segment, so every byte
-      crosses processes over the Transfer Engine), fills the node's segment (of that size) and
-      empties it again, prints ``{"ready": true, ...}``, then answers one JSON line per command
-      line on stdin:
+      crosses processes over the Transfer Engine), fills the node's segment (of that size; 0
+      fills nothing) and empties it again, prints ``{"ready": true, ...}``, then answers one
+      JSON line per command line on stdin:
 
         {"op": "cell", "kind": "put"|"get", "size": N, "threads": T, "seconds": S,
          "capacity": BYTES, "verify_every": K}
@@ -21,6 +22,11 @@
       untimed), is compared byte for byte with what was put: a mismatch ends the process with status 3 and
       a message on stderr, so that no wrong answer is ever reported.
 
+      The store is emptied between passes with ``remove_all(force)``. With ``--prefix NAME``
+      (letters, digits, ``_``) every key starts ``NAME/`` and only those are removed
+      (``remove_by_regex("^NAME/", force)``), so that several client processes can share one
+      store; each cell's ``capacity`` is then its share of the segments.
+
 Threads of one process share one store: the binding releases the GIL in put and get, and the
 client underneath is meant to be called from many threads at once.
 """
@@ -30,6 +36,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -78,8 +85,10 @@ class Values:
 
 
 class Client:
-    def __init__(self, store):
+    def __init__(self, store, prefix=""):
         self.store = store
+        # Every key starts with this: "" or "NAME/".
+        self.ns = f"{prefix}/" if prefix else ""
         self.values = Values()
         # Keys never repeat within the process: a put of a key that exists does nothing.
         self.serial = itertools.count()
@@ -90,6 +99,11 @@ class Client:
             return next(self.serial)
 
     def clear(self):
+        if self.ns:
+            rc = self.store.remove_by_regex(f"^{self.ns}", True)
+            if rc < 0:
+                fail(f"remove_by_regex(^{self.ns}, force) returned {rc}")
+            return
         rc = self.store.remove_all(True)
         if rc < 0:
             fail(f"remove_all(force) returned {rc}")
@@ -134,7 +148,7 @@ class Client:
                     if i >= limit or time.perf_counter() >= deadline:
                         return local, errs, sample
                     value = values.get(size, i)
-                    key = f"p{tag}-{size}-{i}"
+                    key = f"{self.ns}p{tag}-{size}-{i}"
                     began = time.perf_counter_ns()
                     rc = store.put(key, value)
                     local.append(time.perf_counter_ns() - began)
@@ -160,7 +174,7 @@ class Client:
         self.clear()
         count = max(threads, min(256, int(capacity * 0.5) // size))
         tag = self.next_serial()
-        keys = [f"g{tag}-{size}-{i}" for i in range(count)]
+        keys = [f"{self.ns}g{tag}-{size}-{i}" for i in range(count)]
 
         def fill(t):
             for i in range(t, count, threads):
@@ -206,7 +220,7 @@ class Client:
     def warm_up(self, capacity, threads):
         # Connections to the node and first touches of buffers, before anything is timed.
         for size in (64 << 10, MIB):
-            key = f"w{self.next_serial()}"
+            key = f"{self.ns}w{self.next_serial()}"
             if self.store.put(key, self.values.get(size, 0)) != 0:
                 fail(f"warm-up put of {size} bytes failed")
             if self.store.get(key) != self.values.expected(size, 0):
@@ -221,7 +235,7 @@ class Client:
 
             def fill(t):
                 for i in range(t, count, threads):
-                    if self.store.put(f"f{tag}-{i}", self.values.get(MIB, i)) != 0:
+                    if self.store.put(f"{self.ns}f{tag}-{i}", self.values.get(MIB, i)) != 0:
                         fail(f"filling the segment: put {i} of {count} failed")
 
             self.run_threads(threads, fill)
@@ -265,7 +279,10 @@ def main():
     parser.add_argument("--segment-size", type=int, default=1 << 30)
     parser.add_argument("--local-buffer", type=int, default=64 * MIB)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--prefix", default="")
     args = parser.parse_args()
+    if args.prefix and not re.fullmatch(r"[A-Za-z0-9_]+", args.prefix):
+        parser.error("--prefix takes letters, digits and _")
 
     _out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
@@ -279,7 +296,7 @@ def main():
             pass
         os._exit(0)
 
-    client = Client(connect(args.master, 0, args.local_buffer))
+    client = Client(connect(args.master, 0, args.local_buffer), args.prefix)
     client.warm_up(args.segment_size, args.threads)
     reply({"ready": True, "pid": os.getpid()})
     for line in sys.stdin:

@@ -17,11 +17,19 @@
  * `redis-benchmark` runs SET then GET of one key with `--clients` x `--inflight` connections, each
  * with one command in flight (no pipelining), for about `--duration` seconds per command; it
  * cannot check what GET returns, so the bench checks the stored value's length after each run.
+ *
+ * `--baseline mooncake` adds Mooncake's own store to the rounds: the `mooncake_master` and Python
+ * client (`MooncakeDistributedStore`) of its PyPI wheel, through benches/mooncake-baseline.mjs
+ * (so a clone of the repository, not the npm package), with as many node processes of the same
+ * size and `--clients` client processes of `--inflight` threads each, over TCP. Its driver
+ * compares a sample of the values it gets and reads back byte for byte; a wrong byte ends the
+ * bench.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
-import { writeFileSync } from 'node:fs'
+import { existsSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
+import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
 
@@ -38,7 +46,7 @@ interface Phase {
   latenciesUs: number[]
 }
 
-type System = 'mooncake' | 'zero-copy' | 'redis' | 'redis-benchmark'
+type System = 'mooncake' | 'zero-copy' | 'redis' | 'redis-benchmark' | 'mooncake-wheel'
 
 interface Row {
   system: System
@@ -54,10 +62,10 @@ interface Row {
 const OPTIONS = {
   role: { type: 'string', default: 'bench' },
   nodes: { type: 'string', default: '2' },
-  clients: { type: 'string', default: '2' },
+  clients: { type: 'string', default: '1,2' },
   'node-size': { type: 'string', default: '1024' },
   staging: { type: 'string', default: '1024' },
-  sizes: { type: 'string', default: '65536,1048576,4194304' },
+  sizes: { type: 'string', default: '4096,65536,1048576,4194304' },
   protocol: { type: 'string', default: '' },
   duration: { type: 'string', default: '2' },
   inflight: { type: 'string', default: '4' },
@@ -68,6 +76,7 @@ const OPTIONS = {
   master: { type: 'string', default: '' },
   metadata: { type: 'string', default: '' },
   redis: { type: 'string', default: '' },
+  baseline: { type: 'string', default: '' },
   prefix: { type: 'string', default: 'k' },
   json: { type: 'boolean', default: false },
   chart: { type: 'string', default: '' },
@@ -388,8 +397,82 @@ async function startRedis(): Promise<RedisServer | undefined> {
 
 const list = (value: string | boolean) => String(value).split(',').map(Number)
 
+/** Mooncake's own store from its wheel (`--baseline mooncake`), run by benches/mooncake-baseline.mjs. */
+interface Baseline {
+  /** What it runs, for the report: the wheel, its nodes, its sampling. */
+  info: { wheel: string; nodes: number; nodeSize: number; verifyEvery: number }
+  /** Values compared byte for byte so far. */
+  verified: number
+  /** A put cell then a get cell of `clients` processes with `inflight` threads each: their rows. */
+  run(size: number, clients: number, inflight: number, seconds: number): Promise<Row[]>
+  close(): Promise<void>
+}
+
+/**
+ * Starts benches/mooncake-baseline.mjs with Mooncake's master and as many nodes as ours. Returns
+ * undefined, after saying why, when it cannot: no clone of the repository around this package, or
+ * no virtual environment with the wheel (it makes one when missing).
+ */
+async function startBaseline(o: Record<string, string | boolean>): Promise<Baseline | undefined> {
+  const benches = join(__dirname, '..', 'benches')
+  const script = join(benches, 'mooncake-baseline.mjs')
+  const missing = [script, join(benches, 'mooncake-wheel.mjs'), join(benches, 'mooncake_master_load.py')].filter((f) => !existsSync(f))
+  if (missing.length) {
+    console.error(`--baseline mooncake: ${missing.join(', ')} missing (the drivers come with a clone of the repository, not the npm package): running without Mooncake's store`)
+    return undefined
+  }
+  console.error("starting Mooncake's master and nodes from its wheel (its virtual environment is made first if missing: pip install)")
+  const proc = spawn(process.execPath, [script, '--nodes', String(o.nodes), '--node-size', String(o['node-size'])], { stdio: ['pipe', 'pipe', 'inherit'] })
+  // Its input is gone once it exits; writes to it then are dropped, not thrown.
+  proc.stdin!.on('error', () => undefined)
+  // Rejects if the process cannot start; raced with its answers.
+  const spawned = new Promise<never>((_, reject) => proc.once('error', reject))
+  spawned.catch(() => undefined)
+  const lines = createInterface({ input: proc.stdout! })[Symbol.asyncIterator]()
+  const next = async (): Promise<Record<string, unknown>> => {
+    const { value, done } = await Promise.race([lines.next(), spawned])
+    if (done) throw new MooncakeError('ERR_TRANSFER_FAILED', `${script} ended (exit ${proc.exitCode ?? proc.signalCode ?? 'pending'}) without an answer`)
+    return JSON.parse(value as string) as Record<string, unknown>
+  }
+  const close = async () => {
+    if (proc.exitCode !== null || proc.signalCode !== null) return
+    const exited = once(proc, 'exit')
+    proc.stdin!.end()
+    const timer = setTimeout(() => proc.kill('SIGTERM'), 10_000)
+    await exited
+    clearTimeout(timer)
+  }
+  let ready: Record<string, unknown>
+  try {
+    ready = await next()
+  } catch (error) {
+    ready = { error: (error as Error).message }
+  }
+  if (!ready.ready) {
+    console.error(`--baseline mooncake: Mooncake's store did not start: ${String(ready.error)}; running without it`)
+    await close()
+    return undefined
+  }
+  const baseline: Baseline = {
+    info: { wheel: String(ready.wheel), nodes: Number(ready.nodes), nodeSize: Number(ready.nodeSize), verifyEvery: Number(ready.verifyEvery) },
+    verified: 0,
+    async run(size, clients, inflight, seconds) {
+      proc.stdin!.write(`${JSON.stringify({ size, clients, inflight, seconds })}\n`)
+      const reply = await next()
+      if (reply.error) throw new MooncakeError('ERR_TRANSFER_FAILED', `Mooncake (wheel), ${formatSize(size)}, ${clients} clients: ${String(reply.error)}`)
+      baseline.verified += Number(reply.verified)
+      return reply.rows as Row[]
+    },
+    close,
+  }
+  return baseline
+}
+
 async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
   if (o.protocol && !['auto', 'tcp', 'shm'].includes(o.protocol as string)) throw new MooncakeError('ERR_INVALID_ARGUMENT', `--protocol is auto, tcp or shm, not '${o.protocol}'`)
+  if (o.baseline && o.baseline !== 'mooncake') throw new MooncakeError('ERR_INVALID_ARGUMENT', `--baseline is mooncake, not '${o.baseline}'`)
+  // Before the progress line: making the wheel's virtual environment prints pip's output.
+  const baseline = o.baseline ? await startBaseline(o) : undefined
   // Progress: runs done of all the runs, and the bytes the current run's clients completed.
   let done = 0
   let total = 1
@@ -435,6 +518,7 @@ async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
     const systems: System[] = ['mooncake', 'zero-copy']
     if (redis) systems.push('redis')
     if (benchmark) systems.push('redis-benchmark')
+    if (baseline) systems.push('mooncake-wheel')
     // redis-benchmark counts requests, not time: an untimed pass per cell, as the other systems'
     // warm-up, sizes its runs to about `--duration` seconds for the slower command, and each run
     // resizes the next.
@@ -460,7 +544,9 @@ async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
       step(cell(system, size, clients), (onProgress) =>
         system === 'redis-benchmark'
           ? runBenchmark(size, clients, Math.max(clients * inflight * 20, Math.round(rates.get(`${size}/${clients}`)! * seconds)))
-          : workload(system, system === 'redis' ? ['--redis', redis!.url] : target, size, clients, o, pool, progress.active ? onProgress : undefined),
+          : system === 'mooncake-wheel'
+            ? baseline!.run(size, clients, inflight, seconds)
+            : workload(system, system === 'redis' ? ['--redis', redis!.url] : target, size, clients, o, pool, progress.active ? onProgress : undefined),
       )
     // Rounds alternate the systems, each round in a rotated order, so that a slow spell of a
     // shared machine or the cost of going first hits them alike.
@@ -481,9 +567,10 @@ async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
     progress.stop()
     const summary = summarize(rounds)
     if (o.chart) writeChart(String(o.chart), summary, o)
-    report(summary, rounds, (JSON.parse(opsLine) as { opsPerSec: number }).opsPerSec, o)
+    report(summary, rounds, (JSON.parse(opsLine) as { opsPerSec: number }).opsPerSec, o, baseline)
   } finally {
     progress.stop()
+    await baseline?.close()
     redis?.proc.kill('SIGTERM')
     for (const n of nodes) n.kill('SIGTERM')
     await Promise.all(nodes.map((n) => (n.exitCode === null ? once(n, 'exit') : undefined)))
@@ -499,7 +586,8 @@ const median = (values: number[]) => {
 
 /**
  * Per client count, op and size: each system's median figures over the rounds, and the median
- * over the rounds of each round's ratio of ops/s (so GB/s too) to ioredis and to redis-benchmark.
+ * over the rounds of each round's ratio of ops/s (so GB/s too) to ioredis, to redis-benchmark and
+ * to Mooncake's own store (with `--baseline mooncake`).
  */
 function summarize(rounds: Row[][]) {
   const first = rounds[0].filter((r) => r.system === 'mooncake')
@@ -531,10 +619,13 @@ function summarize(rounds: Row[][]) {
       zeroCopy: pick('zero-copy'),
       redis: pick('redis'),
       redisBenchmark: pick('redis-benchmark'),
+      mooncakeWheel: pick('mooncake-wheel'),
       ratio: ratio('mooncake', 'redis'),
       zeroCopyRatio: ratio('zero-copy', 'redis'),
       benchmarkRatio: ratio('mooncake', 'redis-benchmark'),
       zeroCopyBenchmarkRatio: ratio('zero-copy', 'redis-benchmark'),
+      wheelRatio: ratio('mooncake', 'mooncake-wheel'),
+      zeroCopyWheelRatio: ratio('zero-copy', 'mooncake-wheel'),
     }
   })
 }
@@ -544,32 +635,37 @@ const SYSTEM_NAMES: Record<System, string> = {
   'zero-copy': 'Mooncake putFrom/getInto',
   redis: 'Redis (ioredis)',
   'redis-benchmark': 'redis-benchmark',
+  'mooncake-wheel': 'Mooncake (wheel)',
 }
 
 /** GB/s by value size, a panel per operation, a line per system (and client count). */
 function writeChart(path: string, summary: Summary, o: Record<string, string | boolean>): void {
   const clientCounts = list(o.clients)
-  const keys: [System, 'mooncake' | 'zeroCopy' | 'redis' | 'redisBenchmark'][] = [
+  const keys: [System, 'mooncake' | 'zeroCopy' | 'redis' | 'redisBenchmark' | 'mooncakeWheel'][] = [
     ['mooncake', 'mooncake'],
     ['zero-copy', 'zeroCopy'],
     ['redis', 'redis'],
     ['redis-benchmark', 'redisBenchmark'],
+    ['mooncake-wheel', 'mooncakeWheel'],
   ]
   const panels = (['put', 'get'] as const).map((op) => ({
     title: op,
     series: keys.flatMap(([system, key]) =>
       clientCounts.map((clients) => ({
-        name: clientCounts.length > 1 ? `${SYSTEM_NAMES[system]}, ${clients} clients` : SYSTEM_NAMES[system],
+        name: clientCounts.length > 1 ? `${SYSTEM_NAMES[system]}, ${clients} client${clients === 1 ? '' : 's'}` : SYSTEM_NAMES[system],
         points: summary.filter((r) => r.op === op && r.clients === clients && r[key]).map((r) => ({ x: r.size, y: r[key]!.gbps })),
       })).filter((s) => s.points.length > 0),
     ),
   }))
   const protocol = (o.protocol as string) || 'auto'
+  const wheel = summary.some((r) => r.mooncakeWheel)
   writeFileSync(
     path,
     renderChart({
-      title: 'Mooncake Store vs Redis: throughput by value size',
-      subtitle: `loopback over ${protocol}, ${o.nodes} nodes x ${o['node-size']} MiB, ${o.inflight} in flight per client; medians of ${o.repeat} rounds`,
+      title: `Mooncake Store vs Redis${wheel ? " and Mooncake's own store (wheel)" : ''}: throughput by value size`,
+      subtitle:
+        `loopback over ${protocol}${wheel ? ' (Mooncake (wheel) over TCP)' : ''}, ${o.nodes} nodes x ${o['node-size']} MiB, ` +
+        `${o.inflight} in flight per client; medians of ${o.repeat} rounds`,
       xLabel: 'value size',
       yLabel: 'GB/s (10^9 B/s)',
       panels,
@@ -579,10 +675,19 @@ function writeChart(path: string, summary: Summary, o: Record<string, string | b
 
 type Summary = ReturnType<typeof summarize>
 
-function report(summary: Summary, rounds: Row[][], masterOpsPerSec: number, o: Record<string, string | boolean>): void {
+function report(summary: Summary, rounds: Row[][], masterOpsPerSec: number, o: Record<string, string | boolean>, baseline?: Baseline): void {
   const protocol = (o.protocol as string) || 'auto'
   if (o.json) {
-    const config = { protocol, nodes: Number(o.nodes), nodeSizeMiB: Number(o['node-size']), clients: list(o.clients), inflight: Number(o.inflight), duration: Number(o.duration), repeat: Number(o.repeat) }
+    const config = {
+      protocol,
+      nodes: Number(o.nodes),
+      nodeSizeMiB: Number(o['node-size']),
+      clients: list(o.clients),
+      inflight: Number(o.inflight),
+      duration: Number(o.duration),
+      repeat: Number(o.repeat),
+      baseline: baseline ? { system: 'mooncake-wheel', ...baseline.info, protocol: 'tcp', verified: baseline.verified } : null,
+    }
     console.log(JSON.stringify({ config, summary, rounds, masterOpsPerSec }))
     return
   }
@@ -595,12 +700,21 @@ function report(summary: Summary, rounds: Row[][], masterOpsPerSec: number, o: R
     `store on loopback over ${protocol}: ${o.nodes} node processes x ${o['node-size']} MiB, client processes x ${o.inflight} in flight ` +
       `(${o.staging} MiB staging each); redis-benchmark with as many connections as operations in flight; medians of ${o.repeat} rounds`,
   )
-  console.log('               put/get (Buffer)      putFrom/getInto       redis (ioredis)       redis-benchmark        Buffer vs        zero-copy vs')
-  console.log('cl op  size      ops/s   GB/s  p50µs    ops/s   GB/s  p50µs    ops/s   GB/s  p50µs    ops/s   GB/s  p50µs   ioredis r-bench  ioredis r-bench')
+  if (baseline) {
+    const { wheel, nodes, nodeSize, verifyEvery } = baseline.info
+    console.log(
+      `Mooncake (wheel): mooncake_master and the Python client MooncakeDistributedStore of ${wheel}, ${nodes} node processes x ${nodeSize >> 20} MiB, ` +
+        `client processes x ${o.inflight} threads over TCP; one value in ${verifyEvery} compared byte for byte (${baseline.verified} in all, all equal)`,
+    )
+  }
+  const wheelHead = baseline ? ['     Mooncake (wheel)       vs Mooncake', '    ops/s   GB/s  p50µs   Buffer zero-c'] : ['', '']
+  console.log(`               put/get (Buffer)      putFrom/getInto       redis (ioredis)       redis-benchmark        Buffer vs        zero-copy vs${wheelHead[0]}`)
+  console.log(`cl op  size      ops/s   GB/s  p50µs    ops/s   GB/s  p50µs    ops/s   GB/s  p50µs    ops/s   GB/s  p50µs   ioredis r-bench  ioredis r-bench${wheelHead[1]}`)
   for (const r of summary) {
     console.log(
       `${String(r.clients).padStart(2)} ${r.op.padEnd(3)} ${size(r.size).padEnd(7)} ${cells(r.mooncake)}  ${cells(r.zeroCopy)}  ${cells(r.redis)}  ${cells(r.redisBenchmark)}` +
-        `   ${times(r.ratio)}  ${times(r.benchmarkRatio)}   ${times(r.zeroCopyRatio)}  ${times(r.zeroCopyBenchmarkRatio)}`,
+        `   ${times(r.ratio)}  ${times(r.benchmarkRatio)}   ${times(r.zeroCopyRatio)}  ${times(r.zeroCopyBenchmarkRatio)}` +
+        (baseline ? `  ${cells(r.mooncakeWheel)}   ${times(r.wheelRatio)}  ${times(r.zeroCopyWheelRatio)}` : ''),
     )
   }
   console.log(`master: ${Math.round(masterOpsPerSec)} key checks/s (batchExists of 1,000 keys)`)
