@@ -151,6 +151,15 @@ impl SegmentTable {
         self.by_id.get(id).cloned()
     }
 
+    /// Every opened segment.
+    pub(crate) fn all(&self) -> Vec<Arc<RemoteSegment>> {
+        self.by_name
+            .values()
+            .filter_map(|id| self.by_id.get(*id))
+            .cloned()
+            .collect()
+    }
+
     /// Inserts a freshly fetched segment, unless a concurrent open got there first.
     pub(crate) fn insert(
         &mut self,

@@ -96,6 +96,17 @@ async fn write_then_read_back(protocol: Protocol, expected: TransportKind) {
         2,
         "{expected:?} carried both requests"
     );
+    // Rails are named by the segment they lead to; shared memory has none.
+    let rails = initiator.rails_by_segment();
+    if expected == TransportKind::Tcp {
+        assert_eq!(rails.len(), 1, "{rails:?}");
+        assert_eq!(rails[0].0, target.segment_name());
+        let carried: u64 = rails[0].1.iter().map(|r| r.bytes).sum();
+        assert_eq!(carried, 2 * (len as u64 - 3), "{rails:?}");
+        assert!(rails[0].1.iter().all(|r| r.usable && !r.failing));
+    } else {
+        assert!(rails.is_empty(), "{rails:?}");
+    }
     if expected == TransportKind::Shm {
         // One slice above the inline limit: the caller copies it before `submit` returns.
         let one = TransferRequest {

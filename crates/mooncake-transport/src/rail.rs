@@ -62,6 +62,9 @@ pub struct RailStats {
     pub preferred: bool,
     /// Whether selection may pick it now.
     pub usable: bool,
+    /// Whether a slice failed on it (or it was held down) since it last carried one: a rail
+    /// with nowhere else to steer to keeps failing without ever being paused.
+    pub failing: bool,
     /// Bytes handed to the rail and not yet settled.
     pub inflight_bytes: u64,
     /// Bytes carried successfully.
@@ -337,6 +340,7 @@ impl RailSet {
                 remote: r.remote.clone(),
                 preferred: i < self.preferred,
                 usable: self.usable_at(i, now),
+                failing: r.troubled.load(Ordering::Acquire),
                 inflight_bytes: r.inflight.load(Ordering::Relaxed),
                 bytes: r.bytes.load(Ordering::Relaxed),
                 slices: r.slices.load(Ordering::Relaxed),
@@ -470,6 +474,20 @@ mod tests {
         assert!(!rails.is_usable(1));
         rails.resume(1);
         assert!(rails.is_usable(1));
+    }
+
+    #[test]
+    fn a_rail_is_failing_from_a_failure_until_it_carries_a_slice() {
+        let rails = set(&["0"], &[]);
+        assert!(!rails.stats()[0].failing);
+        rails.failed(0, 0, Failure::Fatal);
+        let stats = &rails.stats()[0];
+        assert!(stats.usable && stats.failing, "{stats:?}");
+        rails.done(0, 0);
+        assert!(!rails.stats()[0].failing);
+        rails.pause(0);
+        rails.resume(0);
+        assert!(!rails.stats()[0].failing);
     }
 
     #[test]

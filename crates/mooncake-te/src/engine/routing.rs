@@ -1,6 +1,8 @@
 //! Dispatch: a request cut into slices and handed to the transport the router picks, and what
 //! each transport carried.
 
+use std::collections::HashMap;
+
 use super::*;
 
 impl TransferEngine {
@@ -102,6 +104,30 @@ impl TransferEngine {
             all.extend(by_peer);
         }
         all
+    }
+
+    /// The rails to each segment opened so far, by the segment's name: TCP ones to its data
+    /// server, RDMA ones to its NICs. A segment reached only through shared memory or not
+    /// reached yet has none and is left out.
+    pub fn rails_by_segment(&self) -> Vec<(String, Vec<RailStats>)> {
+        let segments = self.segments().all();
+        // One pass over the RDMA rails, not one per segment.
+        let mut rdma: HashMap<String, Vec<RailStats>> = HashMap::new();
+        if let Some(transport) = &self.local.rdma {
+            for rail in transport.all_rails() {
+                rdma.entry(rail.peer).or_default().push(rail.stats);
+            }
+        }
+        segments
+            .iter()
+            .filter_map(|segment| {
+                let mut rails = self.tcp.rails_to(&segment.tcp).unwrap_or_default();
+                if let Some(peer) = segment.rdma() {
+                    rails.extend(rdma.remove(&peer.server_name).unwrap_or_default());
+                }
+                (!rails.is_empty()).then(|| (segment.name.clone(), rails))
+            })
+            .collect()
     }
 
     /// Requests and bytes submitted through each transport since start.

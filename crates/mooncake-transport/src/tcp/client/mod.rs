@@ -189,6 +189,15 @@ impl TcpClient {
             .collect()
     }
 
+    /// The rails to `peer`, when a transfer to it has used them.
+    pub fn rails_to(&self, peer: &TcpPeer) -> Option<Vec<RailStats>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .map(|rails| rails.rails.stats())
+    }
+
     /// Fails everything queued, drops every connection and waits for the lanes.
     pub async fn close(&self) {
         self.shutdown.cancel();
