@@ -62,9 +62,10 @@ commands:
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
   bench-store       store put/get from client processes against node processes, and Redis
                       (through ioredis and through redis-benchmark)
-                      --nodes 2   --clients 2 (or a list: 1,2)   --node-size 1024 (MiB)   --staging 1024 (MiB, per client)
-                      --sizes 65536,1048576,4194304   --protocol auto|tcp|shm
-                      --duration 2   --inflight 4   --repeat 3   --json
+                      --nodes 2   --clients 1,2 (a list)   --node-size 1024 (MiB)   --staging 1024 (MiB, per client)
+                      --sizes 4096,65536,1048576,4194304   --protocol auto|tcp|shm
+                      --duration 2   --inflight 4   --repeat 3   --json   --chart out.svg
+                      --baseline mooncake   (also Mooncake's own store, from its PyPI wheel; needs a clone)
   bench-memcpy      single-threaded memcpy of the same blocks, the same-host ceiling
                       --block-size 65536   --duration 10   --buffer-size 256MiB   --json
   p2p               checkpoints as files through the P2P store: register, get, list, unregister
