@@ -90,6 +90,19 @@ test('an empty chart still renders well formed', (t) => {
   t.deepEqual(checkWellFormed(renderChart({ title: 'nothing yet', xLabel: 'x', yLabel: 'y', panels: [] })), [])
 })
 
+test('control characters in labels and points off the axis never make the document malformed', (t) => {
+  const svg = renderChart({
+    title: 'bell\u0007 and nul\u0000',
+    xLabel: 'x',
+    yLabel: 'y',
+    panels: [{ title: 'p\u001b[1m', series: [{ name: 's\u0001', points: [{ x: Number.POSITIVE_INFINITY, y: 1 }, { x: 4096, y: 2 }] }] }],
+  })
+  t.deepEqual(checkWellFormed(svg), [])
+  t.false(/[\u0000-\u0008\u000b\u000c\u000e-\u001f]/.test(svg))
+  t.false(svg.includes('NaN'))
+  t.is(svg.match(/<circle /g)?.length, 1)
+})
+
 test('sizes read as binary units', (t) => {
   t.is(formatSize(512), '512 B')
   t.is(formatSize(65536), '64 KiB')

@@ -270,8 +270,14 @@ function child(args: string[]): ChildProcess {
 async function lastLine(proc: ChildProcess, onProgress?: (bytes: number) => void): Promise<string> {
   let last = ''
   createInterface({ input: proc.stdout! }).on('line', (line) => {
-    if (line.startsWith('{"progress":')) onProgress?.((JSON.parse(line) as { progress: number }).progress)
-    else last = line
+    if (!line.startsWith('{"progress":')) last = line
+    else {
+      try {
+        onProgress?.((JSON.parse(line) as { progress: number }).progress)
+      } catch {
+        // A torn progress line only costs one update of the progress bar.
+      }
+    }
   })
   const [code] = await once(proc, 'exit')
   if (code !== 0) throw new MooncakeError('ERR_TRANSFER_FAILED', `bench process exited with ${code}`)
@@ -497,7 +503,11 @@ async function orchestrate(o: Record<string, string | boolean>): Promise<void> {
       done++
     }
   }
-  const master = await MasterServer.start({ rpcPort: 0, metricsPort: -1, httpMetadataServer: true, httpMetadataPort: 0 })
+  const master = await MasterServer.start({ rpcPort: 0, metricsPort: -1, httpMetadataServer: true, httpMetadataPort: 0 }).catch(async (e: unknown) => {
+    progress.stop()
+    await baseline?.close()
+    throw e
+  })
   const nodes: ChildProcess[] = []
   let redis: RedisServer | undefined
   try {

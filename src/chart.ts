@@ -57,7 +57,8 @@ export function formatSize(bytes: number): string {
 
 /** Text made safe inside an XML element or attribute. */
 export function escapeXml(text: string): string {
-  return text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&apos;')
+  // Control characters other than tab and line breaks are not allowed anywhere in XML 1.0.
+  return text.replace(/[\u0000-\u0008\u000b\u000c\u000e-\u001f]/g, '').replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&apos;')
 }
 
 /** A round step for about `count` ticks up to `max`. */
@@ -73,7 +74,7 @@ const fixed = (n: number) => (Number.isInteger(n) ? String(n) : n.toFixed(1))
 /** The chart as an SVG document. Points whose `x` is not positive or whose `y` is not finite are left out. */
 export function renderChart(chart: Chart): string {
   const formatX = chart.formatX ?? formatSize
-  const plotted = (points: ChartPoint[]) => points.filter((p) => p.x > 0 && Number.isFinite(p.y)).sort((a, b) => a.x - b.x)
+  const plotted = (points: ChartPoint[]) => points.filter((p) => p.x > 0 && Number.isFinite(p.x) && Number.isFinite(p.y)).sort((a, b) => a.x - b.x)
   const panels = chart.panels.map((panel) => ({ ...panel, series: panel.series.map((s) => ({ name: s.name, points: plotted(s.points) })) }))
   const names = [...new Set(panels.flatMap((p) => p.series.map((s) => s.name)))]
   const color = (name: string) => COLORS[names.indexOf(name) % COLORS.length]
