@@ -22,6 +22,7 @@ use support::{env, median};
 async fn ping(client: &MasterClient) {
     let request = proto::PingRequest {
         client_id: Some(proto::Uuid { high: 1, low: 1 }),
+        rails: Vec::new(),
     };
     client
         .call(request, |mut g, r| async move { g.ping(r).await })

@@ -7,7 +7,7 @@ use mooncake_common::{Error, ErrorKind, Result};
 use tonic::Status;
 
 use crate::master::types::{
-    ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin, WriteConfig,
+    RailReport, RailState, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin, WriteConfig,
 };
 use crate::proto;
 
@@ -171,6 +171,42 @@ pub fn to_replica(d: &ReplicaDesc) -> proto::Replica {
             ReplicaStatus::Complete => proto::ReplicaStatus::Complete as i32,
         },
     }
+}
+
+/// A rail to the wire.
+pub fn to_rail_report(rail: &RailReport) -> proto::RailReport {
+    let state = match rail.state {
+        RailState::Usable => proto::RailState::Usable,
+        RailState::Failed => proto::RailState::Failed,
+        RailState::Paused => proto::RailState::Paused,
+    };
+    proto::RailReport {
+        peer: rail.peer.clone(),
+        local: rail.local.clone(),
+        remote: rail.remote.clone(),
+        state: state as i32,
+        bytes: rail.bytes,
+        failures: rail.failures,
+    }
+}
+
+/// A rail from the wire, its labels bounded; `None` for a state this side does not know.
+pub fn from_rail_report(rail: proto::RailReport) -> Option<RailReport> {
+    let state = match proto::RailState::try_from(rail.state).ok()? {
+        proto::RailState::Unspecified => return None,
+        proto::RailState::Usable => RailState::Usable,
+        proto::RailState::Failed => RailState::Failed,
+        proto::RailState::Paused => RailState::Paused,
+    };
+    let report = RailReport {
+        peer: rail.peer,
+        local: rail.local,
+        remote: rail.remote,
+        state,
+        bytes: rail.bytes,
+        failures: rail.failures,
+    };
+    Some(report.bounded())
 }
 
 /// A whole-call failure, as a gRPC status whose message carries the stable code.

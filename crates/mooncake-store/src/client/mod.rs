@@ -49,9 +49,11 @@ use self::metrics::{ClientMetrics, Operation};
 use self::reservations::Reservations;
 use self::transfer::ReadPace;
 use crate::access::Tokens;
-use crate::master::types::{ClientId, SegmentId, SegmentSpec};
+use crate::master::types::{
+    ClientId, RailReport, RailState, SegmentId, SegmentSpec, MAX_REPORTED_RAILS,
+};
 use crate::proto;
-use crate::wire::{from_outcome, to_segment, to_uuid};
+use crate::wire::{from_outcome, to_rail_report, to_segment, to_uuid};
 
 /// Everything a client needs to start.
 #[derive(Debug, Clone)]
@@ -100,6 +102,37 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// How often the client pings the master.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The engine's rails as a ping reports them: at most [`MAX_REPORTED_RAILS`], the troubled
+/// ones first so that a cut never hides them, labels bounded.
+fn rail_reports(engine: &TransferEngine) -> Vec<proto::RailReport> {
+    let mut rails: Vec<RailReport> = engine
+        .rails_by_segment()
+        .into_iter()
+        .flat_map(|(peer, rails)| {
+            rails.into_iter().map(move |rail| RailReport {
+                peer: peer.clone(),
+                state: if !rail.usable {
+                    RailState::Paused
+                } else if rail.failing {
+                    RailState::Failed
+                } else {
+                    RailState::Usable
+                },
+                local: rail.local,
+                remote: rail.remote,
+                bytes: rail.bytes,
+                failures: rail.failures,
+            })
+        })
+        .collect();
+    rails.sort_by(RailReport::report_order);
+    rails.truncate(MAX_REPORTED_RAILS);
+    rails
+        .into_iter()
+        .map(|rail| to_rail_report(&rail.bounded()))
+        .collect()
+}
 
 /// A store client.
 pub struct StoreClient {
@@ -294,6 +327,7 @@ impl StoreClient {
     async fn heartbeat(&self) -> Result<()> {
         let request = proto::PingRequest {
             client_id: Some(to_uuid(self.id.0)),
+            rails: rail_reports(&self.engine),
         };
         let reply = self
             .master

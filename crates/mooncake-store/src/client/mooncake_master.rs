@@ -627,6 +627,7 @@ impl proto::master_server::Master for MooncakeBridge {
     }
 
     async fn ping(&self, request: Request<proto::PingRequest>) -> Reply<proto::PingResponse> {
+        // The rail report is dropped: Mooncake's master has no place for it.
         let client = uuid(request.into_inner().client_id, "client_id")?;
         let reply = self
             .call::<Ping>(&client)

@@ -48,6 +48,40 @@ fn size() -> impl Strategy<Value = u64> {
     ]
 }
 
+/// A ping's rail report: mostly a few plain rails, sometimes far too many, labels far too
+/// long or full of control characters, states no version defines.
+fn rails() -> impl Strategy<Value = Vec<proto::RailReport>> {
+    let label = prop_oneof![
+        4 => (0..3u8).prop_map(|n| format!("node-{n}")),
+        1 => Just(String::new()),
+        1 => Just("r".repeat(10_000)),
+        1 => Just("nic\n\u{0}<b>".to_owned()),
+        1 => "\\PC{0,16}",
+    ];
+    let rail = (
+        label.clone(),
+        label.clone(),
+        label,
+        -1..5i32,
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(peer, local, remote, state, bytes, failures)| proto::RailReport {
+                peer,
+                local,
+                remote,
+                state,
+                bytes,
+                failures,
+            },
+        );
+    prop_oneof![
+        6 => proptest::collection::vec(rail.clone(), 0..4),
+        1 => proptest::collection::vec(rail, 60..200),
+    ]
+}
+
 fn segment() -> impl Strategy<Value = proto::Segment> {
     let name = prop_oneof![
         4 => (0..3u8).prop_map(|n| format!("node-{n}")),
@@ -191,7 +225,7 @@ fn call() -> impl Strategy<Value = Call> {
         "\\PC{0,12}",
     ];
     prop_oneof![
-        3 => uuid().prop_map(|client_id| Call::Ping(proto::PingRequest { client_id })),
+        3 => (uuid(), rails()).prop_map(|(client_id, rails)| Call::Ping(proto::PingRequest { client_id, rails })),
         3 => (uuid(), segment()).prop_map(|(client_id, s)| Call::Mount(proto::MountSegmentRequest { client_id, segment: Some(s) })),
         1 => (uuid(), proptest::collection::vec(segment(), 0..3)).prop_map(|(client_id, segments)| Call::Remount(proto::ReMountSegmentRequest { client_id, segments })),
         1 => (uuid(), uuid()).prop_map(|(client_id, segment_id)| Call::Unmount(proto::UnmountSegmentRequest { client_id, segment_id })),

@@ -34,10 +34,10 @@ pub use config::{AllocationStrategy, MasterConfig};
 pub use ha::HaConfig;
 pub use server::{Durability, MasterServer, MasterServerConfig};
 pub use state::{
-    Master, MasterStats, ReservationGrant, ReservedPart, SegmentReport, MAX_RESERVATION,
-    RESERVATION_TTL,
+    Master, MasterStats, NodeRails, ReservationGrant, ReservedPart, SegmentReport, MAX_RESERVATION,
+    MAX_STORED_RAILS, RESERVATION_TTL,
 };
 pub use types::{
-    ClientId, ClientStatus, ReplicaDesc, ReplicaStatus, SegmentId, SegmentSpec, SoftPin,
-    WriteConfig, WriteGrant, WriteId,
+    ClientId, ClientStatus, RailReport, RailState, ReplicaDesc, ReplicaStatus, SegmentId,
+    SegmentSpec, SoftPin, WriteConfig, WriteGrant, WriteId, MAX_RAIL_LABEL_LEN, MAX_REPORTED_RAILS,
 };

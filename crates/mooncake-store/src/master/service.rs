@@ -13,13 +13,14 @@ use super::log::Log;
 use super::state::{ReservationGrant, ReservedPart, RESERVATION_TTL};
 use super::types::{
     ClientId, ClientStatus, ReplicaDesc, SegmentId, WriteConfig, WriteGrant, WriteId,
+    MAX_REPORTED_RAILS,
 };
 use super::Master;
 use crate::access::require_admin;
 use crate::proto;
 use crate::wire::{
-    first, from_segment, from_uuid, from_write_config, to_outcome, to_replica, to_status,
-    STORE_VERSION,
+    first, from_rail_report, from_segment, from_uuid, from_write_config, to_outcome, to_replica,
+    to_status, STORE_VERSION,
 };
 
 /// Requests and failures per operation, for `master_<op>_requests_total` and
@@ -470,8 +471,22 @@ impl proto::master_server::Master for MasterService {
     }
 
     async fn ping(&self, request: Request<proto::PingRequest>) -> Reply<proto::PingResponse> {
-        let client = ClientId(uuid(request.into_inner().client_id, "client_id")?);
-        let status = self.master()?.ping(Instant::now(), client);
+        let r = request.into_inner();
+        let client = ClientId(uuid(r.client_id, "client_id")?);
+        // Converted before the lock, and no more than the master keeps: a report of thousands
+        // of rails costs the master a look at the first few.
+        let rails: Vec<_> = r
+            .rails
+            .into_iter()
+            .take(MAX_REPORTED_RAILS)
+            .filter_map(from_rail_report)
+            .collect();
+        let status = {
+            let mut master = self.master()?;
+            let status = master.ping(Instant::now(), client);
+            master.report_rails(client, rails);
+            status
+        };
         self.counters.count("ping", 1, 0);
         Ok(Response::new(proto::PingResponse {
             view_version: 0,

@@ -134,3 +134,103 @@ pub enum ClientStatus {
     /// Unknown to this master (restarted, or the client missed its TTL): remount.
     NeedRemount,
 }
+
+/// Rails a client reports with one ping, at most: the troubled ones first (see
+/// [`RailState::severity`]).
+pub const MAX_REPORTED_RAILS: usize = 64;
+
+/// Longest peer or NIC label of a reported rail, in bytes: a segment name's bound.
+pub const MAX_RAIL_LABEL_LEN: usize = 256;
+
+/// What a rail can do now, as its engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RailState {
+    /// Selection may pick it, and nothing failed on it since it last carried a slice.
+    Usable,
+    /// Selection may pick it, but a slice failed on it since it last carried one (a rail with
+    /// nowhere else to steer to is never paused).
+    Failed,
+    /// Not picked: cooling down after errors, or its link is down.
+    Paused,
+}
+
+impl RailState {
+    /// Its name on the dashboard.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Usable => "usable",
+            Self::Failed => "failed",
+            Self::Paused => "paused",
+        }
+    }
+
+    /// Orders rails for a bounded report, worst first: what must not be cut off comes first.
+    pub fn severity(self) -> u8 {
+        match self {
+            Self::Paused => 0,
+            Self::Failed => 1,
+            Self::Usable => 2,
+        }
+    }
+}
+
+/// One rail of a client's engine, as its ping reports it: a NIC pair toward a peer segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RailReport {
+    /// The peer's segment name.
+    pub peer: String,
+    /// Local NIC or interface (`*`: whatever the routing table picks).
+    pub local: String,
+    /// The peer's NIC or data address.
+    pub remote: String,
+    /// What it can do now.
+    pub state: RailState,
+    /// Bytes it carried.
+    pub bytes: u64,
+    /// Slices that failed on it.
+    pub failures: u64,
+}
+
+impl RailReport {
+    /// The report with every label cut to [`MAX_RAIL_LABEL_LEN`] bytes and its control
+    /// characters replaced: labels go into logs and admin pages.
+    pub fn bounded(self) -> Self {
+        Self {
+            peer: bounded_label(self.peer),
+            local: bounded_label(self.local),
+            remote: bounded_label(self.remote),
+            ..self
+        }
+    }
+
+    /// The order of a bounded report: worst state first, then by peer and NICs.
+    pub fn report_order(&self, other: &Self) -> std::cmp::Ordering {
+        (self.state.severity(), &self.peer, &self.local, &self.remote).cmp(&(
+            other.state.severity(),
+            &other.peer,
+            &other.local,
+            &other.remote,
+        ))
+    }
+}
+
+/// `text` cut at a character boundary to [`MAX_RAIL_LABEL_LEN`] bytes, control characters
+/// replaced. A label cut short is a fresh allocation, so a huge one is not kept alive.
+fn bounded_label(text: String) -> String {
+    if text.len() <= MAX_RAIL_LABEL_LEN && !text.chars().any(char::is_control) {
+        return text;
+    }
+    let mut bounded = String::with_capacity(text.len().min(MAX_RAIL_LABEL_LEN));
+    for c in text.chars() {
+        let c = if c.is_control() {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            c
+        };
+        if bounded.len().saturating_add(c.len_utf8()) > MAX_RAIL_LABEL_LEN {
+            break;
+        }
+        bounded.push(c);
+    }
+    bounded
+}

@@ -1,6 +1,7 @@
 //! The live dashboard: a static page, script and stylesheet built into the binary (nothing
 //! from elsewhere: no CDN, no fonts), and `/dashboard/data`, the JSON the page polls. It shows
-//! what `/metrics` shows openly (segment names, counts, rates) and never keys or client ids.
+//! what `/metrics` shows openly (segment names, counts, rates) and never keys or client ids;
+//! the rails the clients report with their pings are shown by node, named by its segments.
 
 use std::time::Instant;
 
@@ -11,6 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use super::super::service::Role;
+use super::super::NodeRails;
 use super::sampler::{Rates, Totals};
 use super::{segments_by_name, Admin, Master};
 
@@ -86,6 +88,8 @@ struct Snapshot {
     get_bytes: u64,
     /// One per segment name, by name.
     segments: Vec<SegmentUse>,
+    /// The rails of each node that reported any, by node name.
+    rails: Vec<NodeRailsView>,
     rates: Rates,
     ha: Option<HaSnapshot>,
 }
@@ -98,6 +102,43 @@ struct SegmentUse {
 }
 
 #[derive(Debug, serde::Serialize)]
+struct NodeRailsView {
+    /// Its segment names; `None` for clients that mount no segment.
+    node: Option<String>,
+    rails: Vec<RailView>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct RailView {
+    peer: String,
+    local: String,
+    remote: String,
+    state: &'static str,
+    bytes: u64,
+    failures: u64,
+}
+
+impl From<NodeRails> for NodeRailsView {
+    fn from(node: NodeRails) -> Self {
+        Self {
+            node: node.node,
+            rails: node
+                .rails
+                .into_iter()
+                .map(|r| RailView {
+                    peer: r.peer,
+                    local: r.local,
+                    remote: r.remote,
+                    state: r.state.name(),
+                    bytes: r.bytes,
+                    failures: r.failures,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
 struct HaSnapshot {
     leader: Option<String>,
     view_version: i64,
@@ -107,11 +148,12 @@ struct HaSnapshot {
 }
 
 async fn data(State(admin): State<Admin>) -> Response {
-    let (stats, segments, applied) = {
+    let (stats, segments, rails, applied) = {
         let master = Master::lock(&admin.state);
         (
             master.stats(Instant::now()),
             master.segments(),
+            master.rails_by_node(),
             master.last_seq(),
         )
     };
@@ -143,6 +185,7 @@ async fn data(State(admin): State<Admin>) -> Response {
                 capacity,
             })
             .collect(),
+        rails: rails.into_iter().map(NodeRailsView::from).collect(),
         rates: admin.sampler.rates(),
         ha: admin.ha.as_ref().map(|ha| {
             let view = ha.snapshot();
@@ -165,7 +208,9 @@ mod tests {
     use super::super::super::ha::HaStatus;
     use super::super::test_support::{admin, get, serve};
     use super::*;
-    use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
+    use crate::master::types::{
+        ClientId, RailReport, RailState, SegmentId, SegmentSpec, WriteConfig,
+    };
     use crate::master::MasterConfig;
 
     #[tokio::test]
@@ -251,6 +296,55 @@ mod tests {
         assert_eq!(segments[1]["name"], "node-a");
         assert_eq!(segments[1]["capacity"], 32 << 20);
         assert!(data["ha"].is_null());
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn the_data_shows_rails_by_node_and_no_client_ids() {
+        let mut master = Master::new(MasterConfig::default()).unwrap();
+        let (now, client) = (Instant::now(), ClientId(0xdead_beef_cafe));
+        let spec = SegmentSpec {
+            id: SegmentId(1),
+            name: "node-a".into(),
+            base: 0x1000_0000,
+            size: 16 << 20,
+            te_endpoint: "127.0.0.1:1".into(),
+            protocol: "tcp".into(),
+            host_id: "host".into(),
+        };
+        master.mount_segment(now, client, spec).unwrap();
+        let rail = |local: &str, state| RailReport {
+            peer: "node-b".into(),
+            local: local.into(),
+            remote: "10.0.0.2:9000".into(),
+            state,
+            bytes: 3 << 20,
+            failures: 2,
+        };
+        master.report_rails(
+            client,
+            [
+                rail("eth1", RailState::Paused),
+                rail("eth0", RailState::Usable),
+            ],
+        );
+        let (addr, server) = serve(admin(master)).await;
+        let (_, body) = get(addr, "/dashboard/data").await;
+        for id in [client.0.to_string(), format!("{:x}", client.0)] {
+            assert!(!body.to_ascii_lowercase().contains(&id), "{body}");
+        }
+        let data: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let nodes = data["rails"].as_array().unwrap();
+        assert_eq!(nodes.len(), 1, "{body}");
+        assert_eq!(nodes[0]["node"], "node-a");
+        let rails = nodes[0]["rails"].as_array().unwrap();
+        assert_eq!(rails[0]["local"], "eth0");
+        assert_eq!(rails[0]["state"], "usable");
+        assert_eq!(rails[1]["state"], "paused");
+        assert_eq!(rails[1]["peer"], "node-b");
+        assert_eq!(rails[1]["remote"], "10.0.0.2:9000");
+        assert_eq!(rails[1]["bytes"], 3 << 20);
+        assert_eq!(rails[1]["failures"], 2);
         server.abort();
     }
 

@@ -275,6 +275,7 @@ impl Master {
             journal.epoch_changed = true;
         }
         self.clients.clear();
+        self.rails.clear();
         for (id, segment) in &mut self.segments {
             segment.dead_since = Some(now);
             self.awaiting_owner.insert(*id);

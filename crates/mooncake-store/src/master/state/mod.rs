@@ -5,10 +5,12 @@
 //! - [`writes`]: the two phases of a write, each step named by its [`WriteId`];
 //! - [`space`]: allocation, and space parked until nobody can still touch it;
 //! - [`reservations`]: space reserved ahead of need, for puts in one round trip;
+//! - [`rails`]: what each live client's engine last said about its rails (never logged);
 //! - [`upkeep`]: the periodic tick: liveness, abandoned writes, eviction;
 //! - [`journal`]: the log entries of what clients saw acknowledged, and recovery from them.
 
 mod journal;
+mod rails;
 mod reads;
 mod reservations;
 mod space;
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 use mooncake_common::{Error, ErrorKind, Result};
 
 use self::journal::Journal;
+use self::rails::RailBoard;
+pub use self::rails::{NodeRails, MAX_STORED_RAILS};
 use self::reservations::Reservation;
 pub use self::reservations::{ReservationGrant, ReservedPart, MAX_RESERVATION, RESERVATION_TTL};
 use self::space::Parked;
@@ -235,6 +239,8 @@ pub struct Master {
     /// Recovered segments whose owners have not mounted them again; their replicas are not
     /// served, and are dropped when the owner does not return within the client TTL.
     awaiting_owner: HashSet<SegmentId>,
+    /// The rails live clients reported with their pings.
+    rails: RailBoard,
 }
 
 impl Master {
@@ -255,6 +261,7 @@ impl Master {
             stats: MasterStats::default(),
             journal: None,
             awaiting_owner: HashSet::new(),
+            rails: RailBoard::default(),
         })
     }
 
@@ -714,6 +721,7 @@ impl Master {
                 assert_eq!(segment.allocator.used(), 0, "allocated bytes nobody holds");
             }
         }
+        self.rails.check_invariants();
     }
 }
 

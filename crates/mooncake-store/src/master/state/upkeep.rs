@@ -94,6 +94,10 @@ impl Master {
         let owners: HashSet<ClientId> = self.segments.values().map(|s| s.client).collect();
         self.clients
             .retain(|id, c| c.ok || c.last_seen + 10 * ttl > now || owners.contains(id));
+        // A silent client's rails say nothing about the cluster now.
+        let clients = &self.clients;
+        self.rails
+            .retain(|id| clients.get(&id).is_some_and(|c| c.ok));
 
         let release = self.config.put_start_release_timeout;
         let abandoned: Vec<String> = self
