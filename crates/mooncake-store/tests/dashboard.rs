@@ -3,9 +3,11 @@
 //! `promtool check metrics` over a real scrape, and the dashboard rendered by headless
 //! Chromium, its DOM checked and a screenshot taken.
 //!
-//! The clients here speak the master's protocol without moving bytes (the master never sees
-//! bytes), so the segments can have any name. `UPDATE_SCREENSHOTS=1` makes the Chromium test
-//! write its screenshot to `docs/dashboard.png`.
+//! Most clients here speak the master's protocol without moving bytes (the master never sees
+//! bytes), so the segments can have any name, and their pings report made-up rails in every
+//! state. The Chromium test adds real store clients that move bytes to each other over TCP, and
+//! finds the rails their engines report. `UPDATE_SCREENSHOTS=1` makes it write its screenshot
+//! to `docs/dashboard.png`.
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
@@ -13,9 +15,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use mooncake_store::master::{Durability, MasterConfig, MasterServer, MasterServerConfig};
+use mooncake_common::config::Protocol;
+use mooncake_common::EngineConfig;
+use mooncake_store::client::{StoreClient, StoreConfig};
+use mooncake_store::master::{
+    Durability, MasterConfig, MasterServer, MasterServerConfig, WriteConfig, MAX_RAIL_LABEL_LEN,
+    MAX_REPORTED_RAILS,
+};
 use mooncake_store::proto;
 use mooncake_store::proto::master_client::MasterClient as RawClient;
 
@@ -28,6 +38,71 @@ const SEGMENTS: [(&str, u64); 4] = [
 ];
 /// How long Chromium may take for one page before it is killed.
 const CHROMIUM_DEADLINE: Duration = Duration::from_secs(90);
+/// Chromium's window, and so the screenshot: tall enough for every panel.
+const WINDOW: (u32, u32) = (1280, 1140);
+/// How long the real clients' rails may take to reach the dashboard (they ride on pings,
+/// every second).
+const RAILS_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A made-up rail of a raw client's report: (client, peer, local, remote, state, MiB, failures).
+type MadeUpRail = (
+    u64,
+    &'static str,
+    &'static str,
+    &'static str,
+    proto::RailState,
+    u64,
+    u64,
+);
+
+/// What the raw clients' pings report: every state, and labels that need escaping.
+const MADE_UP_RAILS: [MadeUpRail; 5] = [
+    (
+        1,
+        "rack\\b-07",
+        "eth0",
+        "eth0",
+        proto::RailState::Usable,
+        3 << 10,
+        0,
+    ),
+    (
+        1,
+        "rack\\b-07",
+        "eth1",
+        "eth1",
+        proto::RailState::Paused,
+        1 << 10,
+        7,
+    ),
+    (
+        1,
+        "edge <b>4</b>",
+        "eth0",
+        "10.0.4.2:15001",
+        proto::RailState::Usable,
+        900,
+        0,
+    ),
+    (
+        4,
+        "node \"α\"",
+        "mlx5_0",
+        "mlx5_1",
+        proto::RailState::Failed,
+        12,
+        3,
+    ),
+    (
+        4,
+        "node \"α\"",
+        "mlx5_1",
+        "mlx5_1",
+        proto::RailState::Usable,
+        2 << 10,
+        1,
+    ),
+];
 
 struct Cluster {
     master: MasterServer,
@@ -130,6 +205,100 @@ impl Cluster {
     async fn page(&self, path: &str) -> (String, String) {
         http_get(self.admin, path).await
     }
+
+    /// The raw clients ping once, reporting [`MADE_UP_RAILS`].
+    async fn report_made_up_rails(&mut self) {
+        for n in 1..=SEGMENTS.len() as u64 {
+            let rails = MADE_UP_RAILS
+                .iter()
+                .filter(|rail| rail.0 == n)
+                .map(
+                    |&(_, peer, local, remote, state, mib, failures)| proto::RailReport {
+                        peer: peer.to_owned(),
+                        local: local.to_owned(),
+                        remote: remote.to_owned(),
+                        state: state as i32,
+                        bytes: mib << 20,
+                        failures,
+                    },
+                )
+                .collect();
+            let reply = self
+                .rpc
+                .ping(proto::PingRequest {
+                    client_id: uuid(n),
+                    rails,
+                })
+                .await
+                .expect("ping")
+                .into_inner();
+            assert_eq!(reply.client_status, proto::ClientStatus::Ok as i32);
+        }
+    }
+
+    /// The dashboard's data, parsed.
+    async fn data(&self) -> serde_json::Value {
+        let (_, body) = self.page("/dashboard/data").await;
+        serde_json::from_str(&body).expect("dashboard data")
+    }
+}
+
+/// A real store client of `master` whose engine moves bytes over TCP only (same-host shared
+/// memory has no rails).
+async fn tcp_store_client(master: SocketAddr) -> Arc<StoreClient> {
+    let mut engine = EngineConfig::from_env("127.0.0.1", "P2PHANDSHAKE");
+    engine.advertised_host = Some("127.0.0.1".into());
+    engine.protocol = Protocol::Tcp;
+    engine.shared_memory = false;
+    let mut config = StoreConfig::new(engine);
+    config.master_address = master.to_string();
+    config.global_segment_size = 32 << 20;
+    config.local_buffer_size = 4 << 20;
+    config.rpc_timeout = Duration::from_secs(10);
+    StoreClient::connect(config).await.expect("store client")
+}
+
+/// Each client writes values into the other's segment and reads them back: bytes on the
+/// rails both ways.
+async fn move_bytes_between(a: &StoreClient, b: &StoreClient) {
+    for (writer, target) in [(a, b), (b, a)] {
+        let config = WriteConfig {
+            preferred_segments: vec![target.engine().segment_name().to_owned()],
+            ..WriteConfig::default()
+        };
+        for i in 0..6u8 {
+            let key = format!("rails/{}/{i}", writer.engine().segment_name());
+            let value = vec![i; (256 << 10) * (usize::from(i) + 1)];
+            writer.put(&key, &value, &config).await.expect("put");
+            let back = writer.get(&key).await.expect("get");
+            assert!(back == value, "{key} came back different");
+        }
+    }
+}
+
+/// The dashboard's rails of the node named `node`.
+fn rails_of<'a>(data: &'a serde_json::Value, node: &str) -> Vec<&'a serde_json::Value> {
+    data["rails"]
+        .as_array()
+        .expect("rails")
+        .iter()
+        .filter(|n| n["node"] == node)
+        .flat_map(|n| n["rails"].as_array().expect("a node's rails"))
+        .collect()
+}
+
+/// Whether the dashboard shows a usable rail from `from` to `to` that carried bytes.
+fn carried(data: &serde_json::Value, from: &str, to: &str) -> bool {
+    rails_of(data, from).iter().any(|rail| {
+        rail["peer"] == to && rail["state"] == "usable" && rail["bytes"].as_u64() > Some(0)
+    })
+}
+
+/// Text as Chromium serializes a text node.
+fn escaped(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// `GET path`: the response's head and body.
@@ -240,9 +409,9 @@ fn chromium(url: &str, extra: &[String], scratch: &Path) -> String {
             "--disable-sync",
             "--hide-scrollbars",
             "--mute-audio",
-            "--window-size=1280,800",
             "--virtual-time-budget=5000",
         ])
+        .arg(format!("--window-size={},{}", WINDOW.0, WINDOW.1))
         .arg(format!("--user-data-dir={}", profile.0.display()))
         .args(extra)
         .arg(url)
@@ -288,13 +457,34 @@ fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
 #[cfg_attr(not(chromium), ignore = "needs chromium (Debian's chromium)")]
 async fn chromium_renders_the_dashboard_with_the_clusters_numbers() {
     let mut cluster = Cluster::start(Durability::Memory).await;
+    let real = [
+        tcp_store_client(cluster.master.rpc_addr()).await,
+        tcp_store_client(cluster.master.rpc_addr()).await,
+    ];
+    let names = real
+        .each_ref()
+        .map(|client| client.engine().segment_name().to_owned());
+    move_bytes_between(&real[0], &real[1]).await;
+    cluster.report_made_up_rails().await;
     // Waves a second apart, so that the charts have samples to draw.
     for wave in 0..8 {
         cluster.wave(wave, 8 + 4 * (wave % 4)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let (_, before) = cluster.page("/dashboard/data").await;
-    let before: serde_json::Value = serde_json::from_str(&before).expect("dashboard data");
+    // The real clients' rails arrive with their pings.
+    let waiting = Instant::now();
+    let before = loop {
+        let data = cluster.data().await;
+        if carried(&data, &names[0], &names[1]) && carried(&data, &names[1], &names[0]) {
+            break data;
+        }
+        assert!(
+            waiting.elapsed() < RAILS_DEADLINE,
+            "the real clients' rails never showed: {}",
+            data["rails"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
 
     let scratch = TempDir::new("dashboard");
     let url = format!("http://{}/", cluster.admin);
@@ -330,7 +520,10 @@ async fn chromium_renders_the_dashboard_with_the_clusters_numbers() {
         .expect("a hit rate in percent");
     assert!((shown - hits * 100.0 / gets).abs() < 0.06, "{shown}%");
     assert_eq!(text_of(&dom, "role"), "leader");
-    assert_eq!(text_of(&dom, "clients"), SEGMENTS.len().to_string());
+    assert_eq!(
+        text_of(&dom, "clients"),
+        (SEGMENTS.len() + real.len()).to_string()
+    );
     // Text nodes as the DOM serializes them: markup in a name stays text.
     for escaped in [
         "node \"α\"",
@@ -344,6 +537,42 @@ async fn chromium_renders_the_dashboard_with_the_clusters_numbers() {
         );
     }
     assert!(!dom.contains("<b>4</b>"), "a segment name became markup");
+    // Every rail the master knows, under its node, with its state: the real clients' own
+    // and the made-up ones.
+    let nodes = before["rails"].as_array().expect("rails");
+    assert_eq!(nodes.len(), 2 + real.len(), "{}", before["rails"]);
+    for node in nodes {
+        let name = node["node"]
+            .as_str()
+            .expect("every node here has a segment");
+        let heading = format!("<span class=\"node-name\">{}</span>", escaped(name));
+        assert!(dom.contains(&heading), "{heading} in\n{dom}");
+        for rail in node["rails"].as_array().expect("a node's rails") {
+            let text = |field: &str| escaped(rail[field].as_str().expect("a rail's label"));
+            let row = format!(
+                "<tr><td class=\"name\">{}</td><td class=\"name path\">{} → {}</td>\
+                 <td><span class=\"state {state}\">{state}</span></td>",
+                text("peer"),
+                text("local"),
+                text("remote"),
+                state = text("state"),
+            );
+            assert!(dom.contains(&row), "{row} in\n{dom}");
+        }
+    }
+    for state in ["usable", "paused", "failed"] {
+        assert!(
+            dom.contains(&format!("<span class=\"state {state}\">{state}</span>")),
+            "no {state} rail in\n{dom}"
+        );
+    }
+    let total = text_of(&dom, "rails-total");
+    assert!(total.ends_with("1 paused, 1 failed"), "{total}");
+    assert!(text_of(&dom, "no-rails").starts_with("No rails reported yet"));
+    assert!(
+        dom.contains("id=\"no-rails\" class=\"note\" hidden"),
+        "the empty state shows beside rails"
+    );
     assert!(
         dom.contains("class=\"series ops\""),
         "no request chart in\n{dom}"
@@ -357,10 +586,78 @@ async fn chromium_renders_the_dashboard_with_the_clusters_numbers() {
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     // The IHDR chunk: width and height, big-endian.
     let size = |at: usize| u32::from_be_bytes([png[at], png[at + 1], png[at + 2], png[at + 3]]);
-    assert_eq!((size(16), size(20)), (1280, 800));
+    assert_eq!((size(16), size(20)), WINDOW);
     if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/dashboard.png");
         std::fs::write(&docs, &png).expect("write docs/dashboard.png");
     }
+    for client in real {
+        client.close().await;
+    }
+    cluster.master.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_cluster_says_no_rails_were_reported() {
+    let cluster = Cluster::start(Durability::Memory).await;
+    let data = cluster.data().await;
+    assert_eq!(data["rails"], serde_json::json!([]));
+    cluster.master.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_with_a_hostile_rail_report_is_answered_and_kept_bounded() {
+    let mut cluster = Cluster::start(Durability::Memory).await;
+    let megabyte = "m".repeat(1 << 20);
+    let rail = |peer: String, label: &str, state: proto::RailState| proto::RailReport {
+        peer,
+        local: label.to_owned(),
+        remote: label.to_owned(),
+        state: state as i32,
+        bytes: u64::MAX,
+        failures: u64::MAX,
+    };
+    let reports = [
+        (0..10_000)
+            .map(|i| rail(format!("peer-{i}"), "eth0", proto::RailState::Usable))
+            .collect::<Vec<_>>(),
+        vec![rail(megabyte.clone(), &megabyte, proto::RailState::Paused)],
+        // A state no version defines, and nothing else.
+        vec![proto::RailReport {
+            state: 99,
+            ..rail("peer".into(), "eth0", proto::RailState::Usable)
+        }],
+    ];
+    let expected_rails = [MAX_REPORTED_RAILS, 1, 0];
+    for (rails, expected) in reports.into_iter().zip(expected_rails) {
+        let reply = cluster
+            .rpc
+            .ping(proto::PingRequest {
+                client_id: uuid(2),
+                rails,
+            })
+            .await
+            .expect("the ping is answered")
+            .into_inner();
+        assert_eq!(reply.client_status, proto::ClientStatus::Ok as i32);
+        let (_, body) = cluster.page("/dashboard/data").await;
+        assert!(body.len() < 64 << 10, "{} bytes of data", body.len());
+        let data: serde_json::Value = serde_json::from_str(&body).expect("dashboard data");
+        let shown = rails_of(&data, SEGMENTS[1].0);
+        assert_eq!(shown.len(), expected, "{}", data["rails"]);
+        for rail in shown {
+            for field in ["peer", "local", "remote"] {
+                let label = rail[field].as_str().expect("a label");
+                assert!(
+                    label.len() <= MAX_RAIL_LABEL_LEN,
+                    "{field}: {} bytes",
+                    label.len()
+                );
+            }
+        }
+    }
+    // The master still serves everyone.
+    cluster.wave(0, 4).await;
+    assert!(cluster.data().await["keys"].as_u64() > Some(0));
     cluster.master.close().await;
 }

@@ -180,6 +180,65 @@ function renderSegments(d) {
   setText('memory-total', bytes(d.allocated_bytes) + ' of ' + bytes(d.capacity_bytes) + ' used (' + percent(total) + ') on ' + d.segments.length + (d.segments.length === 1 ? ' node' : ' nodes'));
 }
 
+const RAIL_COLUMNS = 5;
+
+function tally(count, one, many) {
+  return groupThousands(count) + ' ' + (count === 1 ? one : many);
+}
+
+// One body per node: a heading row with the node's name, then a row per rail.
+function renderRails(d) {
+  const table = $('rails');
+  for (const body of table.querySelectorAll('tbody')) body.remove();
+  $('no-rails').hidden = d.rails.length > 0;
+  table.hidden = d.rails.length === 0;
+  const states = { usable: 0, paused: 0, failed: 0 };
+  let count = 0;
+  for (const node of d.rails) {
+    const body = document.createElement('tbody');
+    const heading = document.createElement('tr');
+    heading.className = 'node-row';
+    const th = document.createElement('th');
+    th.colSpan = RAIL_COLUMNS;
+    th.scope = 'rowgroup';
+    const name = document.createElement('span');
+    name.className = 'node-name';
+    name.textContent = node.node === null ? 'clients without a segment' : node.node;
+    const note = document.createElement('span');
+    note.className = 'note';
+    note.textContent = tally(node.rails.length, 'rail', 'rails');
+    th.append(name, note);
+    heading.append(th);
+    body.append(heading);
+    for (const rail of node.rails) {
+      const row = document.createElement('tr');
+      const cell = (text, cls) => {
+        const td = document.createElement('td');
+        if (cls) td.className = cls;
+        td.textContent = text;
+        row.append(td);
+        return td;
+      };
+      cell(rail.peer, 'name');
+      cell(rail.local + ' → ' + rail.remote, 'name path');
+      const badge = document.createElement('span');
+      badge.className = 'state ' + rail.state;
+      badge.textContent = rail.state;
+      cell('').append(badge);
+      cell(bytes(rail.bytes), 'num');
+      cell(groupThousands(rail.failures), 'num' + (rail.failures > 0 ? ' failures' : ''));
+      body.append(row);
+      if (rail.state in states) states[rail.state] += 1;
+      count += 1;
+    }
+    table.append(body);
+  }
+  const troubled = [];
+  if (states.paused) troubled.push(groupThousands(states.paused) + ' paused');
+  if (states.failed) troubled.push(groupThousands(states.failed) + ' failed');
+  setText('rails-total', count ? tally(count, 'rail', 'rails') + ' on ' + tally(d.rails.length, 'node', 'nodes') + (troubled.length ? '; ' + troubled.join(', ') : '; all usable') : '');
+}
+
 function renderHa(ha) {
   $('ha').hidden = !ha;
   if (!ha) return;
@@ -193,6 +252,7 @@ function render(d) {
   renderTotals(d);
   renderCharts(d.rates);
   renderSegments(d);
+  renderRails(d);
   renderHa(d.ha);
   const status = $('status');
   status.className = 'status';

@@ -10,8 +10,9 @@
 //!
 //! On a master with a cluster token, the pages that name keys and segments need a proof of it
 //! (`x-mooncake-proof` over `GET <path>`); `/metrics`, `/health` and the dashboard stay open
-//! for scrapers, probes and people: they show nothing `/metrics` does not. Client ids, which
-//! own segments, are never shown.
+//! for scrapers, probes and people: they show nothing `/metrics` does not, but for the rails
+//! the clients report (NIC names and peers' data addresses, which engines publish in their
+//! segment descriptors anyway). Client ids, which own segments, are never shown.
 
 mod dashboard;
 mod health;
