@@ -52,7 +52,7 @@ pub enum Failure {
 }
 
 /// What a rail has done, for stats and tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RailStats {
     /// Local device or interface.
     pub local: String,

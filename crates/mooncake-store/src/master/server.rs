@@ -305,6 +305,7 @@ impl MasterServer {
                     role,
                     ha,
                     sampler,
+                    views: Arc::default(),
                     proofs: config
                         .tokens
                         .cluster

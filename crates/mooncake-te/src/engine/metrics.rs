@@ -1,6 +1,8 @@
 //! The engine's Prometheus metrics: settled requests by transport and direction, and the state
 //! of every rail. Read at scrape time from the counters the data path keeps anyway.
 
+use std::collections::HashMap;
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
@@ -91,17 +93,32 @@ fn encode_rails(
     encoder: &mut DescriptorEncoder<'_>,
     peers: &[(String, Vec<RailStats>)],
 ) -> std::fmt::Result {
-    let rails: Vec<_> = peers
+    // Two rails may share a peer and both NICs (two addresses of one device, or a peer known
+    // under two descriptors): `rail` numbers them, as a scrape with a repeated series is
+    // refused whole.
+    let mut seen: HashMap<(&str, &str, &str), usize> = HashMap::new();
+    let numbered: Vec<(&str, &RailStats, String)> = peers
         .iter()
-        .flat_map(|(peer, rails)| {
-            rails.iter().map(move |rail| {
-                let labels = [
-                    ("peer", peer.as_str()),
-                    ("local", rail.local.as_str()),
-                    ("remote", rail.remote.as_str()),
-                ];
-                (labels, rail)
-            })
+        .flat_map(|(peer, rails)| rails.iter().map(move |rail| (peer.as_str(), rail)))
+        .map(|(peer, rail)| {
+            let n = seen
+                .entry((peer, rail.local.as_str(), rail.remote.as_str()))
+                .or_default();
+            let number = n.to_string();
+            *n += 1;
+            (peer, rail, number)
+        })
+        .collect();
+    let rails: Vec<_> = numbered
+        .iter()
+        .map(|(peer, rail, number)| {
+            let labels = [
+                ("peer", *peer),
+                ("local", rail.local.as_str()),
+                ("remote", rail.remote.as_str()),
+                ("rail", number.as_str()),
+            ];
+            (labels, *rail)
         })
         .collect();
     let gauge_of = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
@@ -159,4 +176,55 @@ fn encode_rails(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use mooncake_transport::rail::RailStats;
+    use prometheus_client::encoding::DescriptorEncoder;
+
+    use super::encode_rails;
+
+    struct Rails(Vec<(String, Vec<RailStats>)>);
+
+    impl std::fmt::Debug for Rails {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Rails")
+        }
+    }
+
+    impl prometheus_client::collector::Collector for Rails {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+            encode_rails(&mut encoder, &self.0)
+        }
+    }
+
+    #[test]
+    fn rails_with_one_peer_and_the_same_nics_are_distinct_series() {
+        let rail = |bytes| RailStats {
+            local: "eth0".into(),
+            remote: "eth1".into(),
+            bytes,
+            ..RailStats::default()
+        };
+        let peers = vec![
+            ("10.0.0.2:1".to_owned(), vec![rail(1), rail(2)]),
+            ("10.0.0.2:1".to_owned(), vec![rail(3)]),
+        ];
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(Rails(peers)));
+        let text = crate::metrics::TextFormat::Prometheus
+            .render(&registry)
+            .expect("encodes");
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("mooncake_engine_rail_bytes_total{"))
+            .map(|l| l.rsplit_once(' ').map_or(l, |(labels, _)| labels))
+            .collect();
+        assert_eq!(series.len(), 3, "{text}");
+        let mut unique = series.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 3, "{text}");
+    }
 }

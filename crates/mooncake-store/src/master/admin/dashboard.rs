@@ -3,16 +3,17 @@
 //! what `/metrics` shows openly (segment names, counts, rates) and never keys or client ids;
 //! the rails the clients report with their pings are shown by node, named by its segments.
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
 use super::super::service::Role;
-use super::super::NodeRails;
+use super::super::{MasterStats, NodeRails, SegmentReport};
 use super::sampler::{Rates, Totals};
 use super::{segments_by_name, Admin, Master};
 
@@ -147,16 +148,62 @@ struct HaSnapshot {
     failovers: u64,
 }
 
+/// How long one read of the master's state serves the dashboard's polls.
+const STATE_VIEW_TTL: Duration = Duration::from_secs(1);
+
+/// What the dashboard reads under the master's state lock.
+struct StateView {
+    stats: MasterStats,
+    segments: Vec<SegmentReport>,
+    rails: Vec<NodeRails>,
+    applied: u64,
+}
+
+/// The dashboard's reads of the master's state: at most one a second however many pages poll
+/// (counting soft-pinned objects walks them all), each on a blocking thread, so that a lock
+/// held long (a snapshot of a large pool) never holds up the async workers.
+#[derive(Default)]
+pub(crate) struct StateViews {
+    latest: tokio::sync::Mutex<Option<(Instant, Arc<StateView>)>>,
+}
+
+impl StateViews {
+    async fn get(&self, state: &Arc<Mutex<Master>>) -> Option<Arc<StateView>> {
+        let mut latest = self.latest.lock().await;
+        if let Some((at, view)) = latest.as_ref() {
+            if at.elapsed() < STATE_VIEW_TTL {
+                return Some(view.clone());
+            }
+        }
+        let state = state.clone();
+        let view = tokio::task::spawn_blocking(move || {
+            let master = Master::lock(&state);
+            StateView {
+                stats: master.stats(Instant::now()),
+                segments: master.segments(),
+                rails: master.rails_by_node(),
+                applied: master.last_seq(),
+            }
+        })
+        .await
+        .ok()?;
+        let view = Arc::new(view);
+        *latest = Some((Instant::now(), view.clone()));
+        Some(view)
+    }
+}
+
 async fn data(State(admin): State<Admin>) -> Response {
-    let (stats, segments, rails, applied) = {
-        let master = Master::lock(&admin.state);
-        (
-            master.stats(Instant::now()),
-            master.segments(),
-            master.rails_by_node(),
-            master.last_seq(),
-        )
+    let Some(view) = admin.views.get(&admin.state).await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
+    let StateView {
+        stats,
+        segments,
+        rails,
+        applied,
+    } = &*view;
+    let applied = *applied;
     let role = admin.role.borrow().clone();
     let totals = Totals::of(&admin.counters);
     let snapshot = Snapshot {
@@ -177,7 +224,7 @@ async fn data(State(admin): State<Admin>) -> Response {
         hits: totals.hits,
         put_bytes: totals.put_bytes,
         get_bytes: totals.get_bytes,
-        segments: segments_by_name(&segments)
+        segments: segments_by_name(segments)
             .into_iter()
             .map(|(name, (used, capacity))| SegmentUse {
                 name: name.to_owned(),
@@ -185,7 +232,7 @@ async fn data(State(admin): State<Admin>) -> Response {
                 capacity,
             })
             .collect(),
-        rails: rails.into_iter().map(NodeRailsView::from).collect(),
+        rails: rails.iter().cloned().map(NodeRailsView::from).collect(),
         rates: admin.sampler.rates(),
         ha: admin.ha.as_ref().map(|ha| {
             let view = ha.snapshot();

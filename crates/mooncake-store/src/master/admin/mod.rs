@@ -51,6 +51,8 @@ pub(super) struct Admin {
     pub(super) proofs: Option<Arc<ProofChecker>>,
     /// Recent rates of the counters, for the dashboard.
     pub(super) sampler: Arc<Sampler>,
+    /// The dashboard's recent read of the master's state.
+    pub(super) views: Arc<dashboard::StateViews>,
 }
 
 /// The admin routes.
@@ -132,6 +134,7 @@ mod test_support {
             ha: None,
             proofs: None,
             sampler: Arc::default(),
+            views: Arc::default(),
         }
     }
 
