@@ -358,27 +358,9 @@ async fn a_scrape_passes_promtool_check_metrics() {
     assert!(metrics.contains("\nmaster_get_replica_list_failures_total 9\n"));
     assert!(metrics.contains("\nmaster_log_entries_total "), "{metrics}");
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    let mut stdin = promtool.stdin.take().expect("promtool's stdin");
-    std::io::Write::write_all(&mut stdin, metrics.as_bytes()).expect("feed promtool");
-    drop(stdin);
-    let checked = promtool.wait_with_output().expect("promtool's verdict");
-    let findings = format!(
-        "{}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
-    assert!(
-        checked.status.success() && findings.trim().is_empty(),
-        "promtool: {}\n{findings}\n--- scrape:\n{metrics}",
-        checked.status
-    );
+    if let Err(findings) = mooncake_testkit::promtool::check_metrics(&metrics) {
+        panic!("{findings}\n--- scrape:\n{metrics}");
+    }
     cluster.master.close().await;
 }
 

@@ -288,26 +288,9 @@ mod tests {
     #[test]
     #[cfg_attr(not(promtool), ignore = "needs promtool (Debian's prometheus)")]
     fn the_classic_format_passes_promtool() {
-        use std::io::Write as _;
-        use std::process::{Command, Stdio};
-
         let text = TextFormat::Prometheus.render(&demo_registry()).unwrap();
-        let mut promtool = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = promtool.stdin.take().unwrap();
-        stdin.write_all(text.as_bytes()).unwrap();
-        drop(stdin);
-        let checked = promtool.wait_with_output().unwrap();
-        let findings = String::from_utf8_lossy(&checked.stdout).into_owned()
-            + &String::from_utf8_lossy(&checked.stderr);
-        assert!(
-            checked.status.success() && findings.trim().is_empty(),
-            "{findings}\n{text}"
-        );
+        if let Err(findings) = mooncake_testkit::promtool::check_metrics(&text) {
+            panic!("{findings}\n{text}");
+        }
     }
 }

@@ -7,12 +7,14 @@
 //! - [`mooncake_py`]: Mooncake's own Python client and `mooncake_master` from the pinned wheel,
 //!   for differential tests, and [`mooncake_scenarios`], what its client does against a master;
 //! - [`probe::declare_servers`]: for build scripts, which of those this host can run;
+//! - [`promtool::check_metrics`]: what `promtool` says of a metrics page;
 //! - [`rss_kib`]: this process's resident memory, for tests that print what a load costs.
 
 mod etcd;
 pub mod mooncake_py;
 pub mod mooncake_scenarios;
 pub mod probe;
+pub mod promtool;
 mod redis;
 
 pub use etcd::{etcd_installed, EtcdCluster};

@@ -377,23 +377,9 @@ mod tests {
         for family in ["master_log_entries_total", "master_ha_is_leader 1"] {
             assert!(metrics.contains(family), "{family} in\n{metrics}");
         }
-        let mut promtool = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = promtool.stdin.take().unwrap();
-        std::io::Write::write_all(&mut stdin, metrics.as_bytes()).unwrap();
-        drop(stdin);
-        let checked = promtool.wait_with_output().unwrap();
-        let findings = String::from_utf8_lossy(&checked.stderr).into_owned()
-            + &String::from_utf8_lossy(&checked.stdout);
-        assert!(
-            checked.status.success() && findings.trim().is_empty(),
-            "{findings}\n{metrics}"
-        );
+        if let Err(findings) = mooncake_testkit::promtool::check_metrics(&metrics) {
+            panic!("{findings}\n{metrics}");
+        }
         server.abort();
         stop.cancel();
         tracker.close();
