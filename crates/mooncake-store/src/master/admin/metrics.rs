@@ -270,34 +270,9 @@ mod tests {
     use super::super::super::ha::HaStatus;
     use super::super::super::log::disk::DiskLog;
     use super::super::super::log::SnapshotPolicy;
-    use super::super::test_support::{admin, get, get_with, serve};
+    use super::super::test_support::{admin, get, get_with, master_with, serve};
     use super::*;
-    use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
     use crate::master::MasterConfig;
-
-    fn master_with(names: &[&str]) -> Master {
-        let mut master = Master::new(MasterConfig::default()).unwrap();
-        let (now, client) = (Instant::now(), ClientId(1));
-        for (i, name) in names.iter().enumerate() {
-            let spec = SegmentSpec {
-                id: SegmentId(i as u128 + 1),
-                name: (*name).into(),
-                base: 0x1000_0000 * (i as u64 + 1),
-                size: 64 << 20,
-                te_endpoint: "127.0.0.1:1".into(),
-                protocol: "tcp".into(),
-                host_id: "host".into(),
-            };
-            master.mount_segment(now, client, spec).unwrap();
-        }
-        let config = WriteConfig::default();
-        for i in 0..25 {
-            let key = format!("key/{i:02}");
-            let grant = master.put_start(now, client, &key, 1024, &config).unwrap();
-            master.put_end(now, client, &key, grant.write).unwrap();
-        }
-        master
-    }
 
     #[tokio::test]
     async fn segment_names_are_escaped_once_and_each_sample_is_one_line() {

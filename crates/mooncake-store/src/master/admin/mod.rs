@@ -108,10 +108,38 @@ fn segments_by_name(segments: &[SegmentReport]) -> BTreeMap<&str, (u64, u64)> {
 #[cfg(test)]
 mod test_support {
     use std::net::SocketAddr;
+    use std::time::Instant;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
+    use crate::master::MasterConfig;
+
+    /// A master with a 64 MiB segment of each name and 25 objects of 1 KiB (`key/00`...).
+    pub(super) fn master_with(names: &[&str]) -> Master {
+        let mut master = Master::new(MasterConfig::default()).unwrap();
+        let (now, client) = (Instant::now(), ClientId(1));
+        for (i, name) in names.iter().enumerate() {
+            let spec = SegmentSpec {
+                id: SegmentId(i as u128 + 1),
+                name: (*name).into(),
+                base: 0x1000_0000 * (i as u64 + 1),
+                size: 64 << 20,
+                te_endpoint: "127.0.0.1:1".into(),
+                protocol: "tcp".into(),
+                host_id: "host".into(),
+            };
+            master.mount_segment(now, client, spec).unwrap();
+        }
+        let config = WriteConfig::default();
+        for i in 0..25 {
+            let key = format!("key/{i:02}");
+            let grant = master.put_start(now, client, &key, 1024, &config).unwrap();
+            master.put_end(now, client, &key, grant.write).unwrap();
+        }
+        master
+    }
 
     /// The admin routes of `master` served on a loopback port, and the server's task.
     pub(super) async fn serve(admin: Admin) -> (SocketAddr, tokio::task::JoinHandle<()>) {

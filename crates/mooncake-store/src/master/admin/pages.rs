@@ -127,37 +127,17 @@ pub(super) async fn segments_detail(State(admin): State<Admin>) -> Json<serde_js
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Instant;
 
     use mooncake_common::auth::{ClusterToken, ProofChecker};
 
-    use super::super::test_support::{admin, get, get_with, serve};
+    use super::super::test_support::{admin, get, get_with, master_with, serve};
     use super::*;
     use crate::access::PROOF_HEADER;
-    use crate::master::types::{ClientId, SegmentId, SegmentSpec, WriteConfig};
     use crate::master::MasterConfig;
 
     #[tokio::test]
     async fn all_keys_come_in_pages() {
-        let mut master = Master::new(MasterConfig::default()).unwrap();
-        let (now, client) = (Instant::now(), ClientId(1));
-        let spec = SegmentSpec {
-            id: SegmentId(1),
-            name: "node-1".into(),
-            base: 0x1000_0000,
-            size: 64 << 20,
-            te_endpoint: "127.0.0.1:1".into(),
-            protocol: "tcp".into(),
-            host_id: "host".into(),
-        };
-        master.mount_segment(now, client, spec).unwrap();
-        let config = WriteConfig::default();
-        for i in 0..25 {
-            let key = format!("key/{i:02}");
-            let grant = master.put_start(now, client, &key, 1024, &config).unwrap();
-            master.put_end(now, client, &key, grant.write).unwrap();
-        }
-        let (addr, server) = serve(admin(master)).await;
+        let (addr, server) = serve(admin(master_with(&["node-1"]))).await;
 
         let mut keys = Vec::new();
         let mut path = "/get_all_keys?limit=10".to_owned();
