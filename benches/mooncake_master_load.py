@@ -69,12 +69,17 @@ class Values:
 
     def __init__(self):
         self.doubled = {}
+        self.lock = threading.Lock()
 
     def get(self, size, i):
         doubled = self.doubled.get(size)
         if doubled is None:
-            once = os.urandom(size)
-            doubled = self.doubled[size] = once + once
+            # Threads meet a new size together: one of them draws its bytes, once.
+            with self.lock:
+                doubled = self.doubled.get(size)
+                if doubled is None:
+                    once = os.urandom(size)
+                    doubled = self.doubled[size] = once + once
         off = i % size
         return memoryview(doubled)[off : off + size]
 
@@ -164,8 +169,16 @@ class Client:
                 latencies.extend(local)
                 errors += errs
                 for key, i in sample:
-                    if self.store.get(key) != self.values.expected(size, i):
-                        mismatch(key, "bytes read back differ from those put")
+                    data = self.store.get(key)
+                    if len(data) == 0:
+                        # Not found (evicted, or the get failed): lost, not wrong.
+                        errors += 1
+                        continue
+                    if len(data) != size:
+                        mismatch(key, f"{len(data)} bytes read back, {size} put")
+                    if data != self.values.expected(size, i):
+                        first = next(n for n, (a, b) in enumerate(zip(data, self.values.expected(size, i))) if a != b)
+                        mismatch(key, f"bytes read back differ from those put, from byte {first}")
                     verified += 1
         self.clear()
         return summary(latencies, elapsed, errors, verified)
