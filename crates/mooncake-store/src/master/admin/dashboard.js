@@ -60,6 +60,15 @@ function meanNote(rates) {
   return 'last ' + seconds + ' s';
 }
 
+/** A table cell of `text` (as text, never markup) appended to `row`. */
+function appendCell(row, text, cls) {
+  const td = document.createElement('td');
+  if (cls) td.className = cls;
+  td.textContent = text;
+  row.append(td);
+  return td;
+}
+
 function svg(name, attrs) {
   const node = document.createElementNS(SVG_NS, name);
   for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
@@ -154,13 +163,7 @@ function renderSegments(d) {
   for (const s of d.segments) {
     const share = s.capacity ? s.used / s.capacity : 0;
     const row = document.createElement('tr');
-    const cell = (text, cls) => {
-      const td = document.createElement('td');
-      if (cls) td.className = cls;
-      td.textContent = text;
-      row.append(td);
-      return td;
-    };
+    const cell = (text, cls) => appendCell(row, text, cls);
     cell(s.name, 'name');
     const bar = cell('', 'bar-col');
     const track = document.createElement('div');
@@ -212,13 +215,7 @@ function renderRails(d) {
     body.append(heading);
     for (const rail of node.rails) {
       const row = document.createElement('tr');
-      const cell = (text, cls) => {
-        const td = document.createElement('td');
-        if (cls) td.className = cls;
-        td.textContent = text;
-        row.append(td);
-        return td;
-      };
+      const cell = (text, cls) => appendCell(row, text, cls);
       cell(rail.peer, 'name');
       cell(rail.local + ' → ' + rail.remote, 'name path');
       const badge = document.createElement('span');
