@@ -191,6 +191,19 @@ test('store metrics count puts, gets and removes per key with their bytes, and t
   })
 })
 
+test('puts that never start (a closed client) are counted as failed puts', async (t) => {
+  await withStore(async (store) => {
+    await store.close()
+    await t.throwsAsync(store.put(`metrics-${process.pid}/closed`, Buffer.alloc(1000, 9)))
+    await t.throwsAsync(store.putFrom(`metrics-${process.pid}/closed-zero-copy`, Buffer.alloc(1000, 9)))
+    const text = store.metrics()
+    t.is(value(text, 'mooncake_client_requests_total', { op: 'put' }), 2)
+    t.is(value(text, 'mooncake_client_failures_total', { op: 'put' }), 2)
+    t.is(value(text, 'mooncake_client_bytes_total', { op: 'put' }), 0)
+    t.is(value(text, 'mooncake_engine_transfers_total', { op: 'write' }) ?? 0, 0)
+  })
+})
+
 withPromtool('store metrics pass promtool check metrics', async (t) => {
   await withStore(async (store) => {
     await storeLoad(store)
