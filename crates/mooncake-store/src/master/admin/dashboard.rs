@@ -162,16 +162,29 @@ struct StateView {
 /// The dashboard's reads of the master's state: at most one a second however many pages poll
 /// (counting soft-pinned objects walks them all), each on a blocking thread, so that a lock
 /// held long (a snapshot of a large pool) never holds up the async workers.
-#[derive(Default)]
 pub(crate) struct StateViews {
+    ttl: Duration,
     latest: tokio::sync::Mutex<Option<(Instant, Arc<StateView>)>>,
 }
 
+impl Default for StateViews {
+    fn default() -> Self {
+        Self::with_ttl(STATE_VIEW_TTL)
+    }
+}
+
 impl StateViews {
+    fn with_ttl(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            latest: tokio::sync::Mutex::new(None),
+        }
+    }
+
     async fn get(&self, state: &Arc<Mutex<Master>>) -> Option<Arc<StateView>> {
         let mut latest = self.latest.lock().await;
         if let Some((at, view)) = latest.as_ref() {
-            if at.elapsed() < STATE_VIEW_TTL {
+            if at.elapsed() < self.ttl {
                 return Some(view.clone());
             }
         }
@@ -253,7 +266,7 @@ mod tests {
     use std::time::Instant;
 
     use super::super::super::ha::HaStatus;
-    use super::super::test_support::{admin, get, serve};
+    use super::super::test_support::{admin, get, master_with, serve};
     use super::*;
     use crate::master::types::{
         ClientId, RailReport, RailState, SegmentId, SegmentSpec, WriteConfig,
@@ -406,5 +419,24 @@ mod tests {
             assert!(data["ha"].get(field).is_some(), "{field} in {body}");
         }
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn polls_share_one_read_of_the_state_until_it_is_old() {
+        let state = Arc::new(Mutex::new(master_with(&["node-1"])));
+        let remove_one = || {
+            let mut master = Master::lock(&state);
+            master.remove(Instant::now(), "key/00", true).unwrap();
+        };
+
+        let shared = StateViews::with_ttl(Duration::from_secs(3600));
+        let first = shared.get(&state).await.expect("a view");
+        assert_eq!(first.stats.keys, 25);
+        remove_one();
+        let again = shared.get(&state).await.expect("a view");
+        assert!(Arc::ptr_eq(&first, &again), "the state was read again");
+
+        let fresh = StateViews::with_ttl(Duration::ZERO);
+        assert_eq!(fresh.get(&state).await.expect("a view").stats.keys, 24);
     }
 }
